@@ -1,0 +1,251 @@
+"""Corpus -> train.bin / val.bin / test.bin + meta.json (DESIGN §6).
+
+Inputs (--input):
+  * a text file: one document, split by fraction at line boundaries;
+  * a folder: if it holds train.*, valid.* (or val.*) and test.* files, those are the splits;
+    otherwise every file in it (sorted by name) is one document and documents are split by
+    fraction;
+  * a JSONL file (.jsonl, .jsonl.xz, .jsonl.gz): one document per record's --text-field,
+    read through `datasets`; a folder of them works like a folder of text files;
+  * a Hugging Face dataset name (needs network access).
+
+Documents are joined by one separator: byte 0x00 in byte corpora, the tokenizer's EOS id in
+token corpora (counted as one byte for bits per byte). Sentencepiece tokenizers are trained
+on the train split only, with byte-exact settings (identity normalisation, byte fallback, no
+dummy prefix, no whitespace collapsing), on lines that keep their newline, so that no piece
+reaches past a newline; every document is checked to decode back to its exact bytes.
+
+Examples:
+  python data_prep/prepare.py --input corpora/tinyshakespeare.txt --out data/shakespeare
+  python data_prep/prepare.py --input enwiki_wv100M --out data/enwiki_bpe --tokenizer bpe --vocab-size 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hlm import HLMError
+
+SPLIT_ALIASES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
+JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".json")
+
+
+class PrepareError(HLMError):
+    pass
+
+
+def _is_jsonl(path: Path) -> bool:
+    return any(path.name.endswith(s) for s in JSONL_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    return path.name.split(".")[0]
+
+
+def read_documents(path: Path, text_field: str) -> list[bytes]:
+    """All documents of one file: a JSONL file gives one per record, any other file one."""
+    if _is_jsonl(path):
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        if text_field not in ds.column_names:
+            raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
+        return [t.encode("utf-8") for t in ds[text_field]]
+    return [path.read_bytes()]
+
+
+def split_by_fraction(docs: list[bytes], val_frac: float, test_frac: float) -> dict[str, list[bytes]]:
+    """One document: cut train | val | test at line boundaries. Several: cut the document list."""
+    if len(docs) == 1:
+        data = docs[0]
+        cuts = []
+        for frac in (1 - val_frac - test_frac, 1 - test_frac):
+            pos = int(len(data) * frac)
+            nl = data.find(b"\n", pos)
+            cuts.append(nl + 1 if 0 <= nl < len(data) - 1 else pos)
+        a, b = cuts
+        return {"train": [data[:a]], "val": [data[a:b]], "test": [data[b:]]}
+    n = len(docs)
+    n_val, n_test = max(1, round(n * val_frac)), max(1, round(n * test_frac))
+    if n - n_val - n_test < 1:
+        raise PrepareError(f"only {n} documents: too few to split into train/val/test")
+    return {"train": docs[: n - n_val - n_test], "val": docs[n - n_val - n_test : n - n_test],
+            "test": docs[n - n_test :]}
+
+
+def load_splits(inp: str, text_field: str, val_frac: float, test_frac: float) -> tuple[dict, list[Path]]:
+    """Documents per split, and the source files read."""
+    path = Path(inp)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise PrepareError(f"input folder {path} has no files")
+        named = {}
+        for split, aliases in SPLIT_ALIASES.items():
+            hits = [f for f in files if _stem(f) in aliases]
+            if len(hits) == 1:
+                named[split] = hits[0]
+        if len(named) == 3:
+            return {s: read_documents(f, text_field) for s, f in named.items()}, list(named.values())
+        docs = [d for f in tqdm(files, desc="reading", unit="file") for d in read_documents(f, text_field)]
+        return split_by_fraction(docs, val_frac, test_frac), files
+    if path.is_file():
+        return split_by_fraction(read_documents(path, text_field), val_frac, test_frac), [path]
+    if "/" in inp and not inp.startswith((".", "/")) and not path.exists():
+        import datasets
+
+        ds = datasets.load_dataset(inp, split="train")
+        docs = [t.encode("utf-8") for t in ds[text_field]]
+        return split_by_fraction(docs, val_frac, test_frac), []
+    raise PrepareError(f"input not found: {inp}")
+
+
+def sha256_of(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def decode_utf8(doc: bytes, where: str) -> str:
+    try:
+        return doc.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{where}: invalid UTF-8 at byte {e.start}; a text tokenizer needs text "
+                           "(prepare without --tokenizer to model raw bytes)") from None
+
+
+def train_sentencepiece(docs: list[str], kind: str, vocab_size: int, out_file: Path, threads: int) -> None:
+    import sentencepiece as spm
+
+    def lines():
+        for doc in docs:
+            yield from doc.splitlines(keepends=True)
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=proto, model_type=kind, vocab_size=vocab_size,
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_by_whitespace=True, allow_whitespace_only_pieces=True,
+        split_digits=False, character_coverage=1.0, max_sentence_length=1 << 16, input_sentence_size=4_000_000,
+        shuffle_input_sentence=True, max_sentencepiece_length=16, num_threads=threads, minloglevel=2,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
+    out_file.write_bytes(proto.getvalue())
+
+
+def encode_documents(tok, docs: list[str], sep: int, threads: int, name: str) -> np.ndarray:
+    """Encode line by line (what the tokenizer was trained on) and check each document round-trips."""
+    out, failures = [], 0
+    for i, doc in enumerate(tqdm(docs, desc=f"encoding {name}", unit="doc", disable=len(docs) < 2)):
+        lines = doc.splitlines(keepends=True)
+        ids = [t for line_ids in tok.encode_batch(lines, threads) for t in line_ids]
+        if tok.decode(ids) != doc.encode("utf-8"):
+            failures += 1
+        if i:
+            out.append(np.array([sep], dtype=np.int64))
+        out.append(np.array(ids, dtype=np.int64))
+    if failures:
+        raise PrepareError(f"tokenizer does not round-trip: {failures} of {len(docs)} {name} documents "
+                           "decode to different bytes")
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def write_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
+    """Write all files into a temporary folder beside `folder`, then swap it in."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, content in files.items():
+            if isinstance(content, np.ndarray):
+                content.tofile(tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    splits, files = load_splits(args.input, args.text_field, args.val_fraction, args.test_fraction)
+    for name, docs in splits.items():
+        if not any(docs):
+            raise PrepareError(f"split '{name}' is empty: the input is too short")
+    meta = {"source": {"input": str(args.input), "sha256": sha256_of(files) if files else None},
+            "splits": {}}
+    out: dict[str, bytes | np.ndarray] = {}
+    if args.tokenizer is None:
+        meta.update(kind="bytes", dtype="uint8", vocab_size=256, tokenizer=None, separator_id=0,
+                    doc_separator="byte 0x00 between documents")
+        for name, docs in splits.items():
+            data = b"\x00".join(docs)
+            out[f"{name}.bin"] = np.frombuffer(data, dtype=np.uint8)
+            meta["splits"][name] = {"documents": len(docs), "tokens": len(data), "bytes": len(data)}
+    else:
+        from hlm.tokenizers import SentencePieceTokenizer
+
+        texts = {name: [decode_utf8(d, f"{name} document {i}") for i, d in enumerate(docs)]
+                 for name, docs in splits.items()}
+        with tempfile.TemporaryDirectory() as tmpdir:
+            model_file = Path(tmpdir) / "tokenizer.model"
+            print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}", file=sys.stderr)
+            train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
+            tok = SentencePieceTokenizer(model_file)
+            out["tokenizer.model"] = model_file.read_bytes()
+        dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+        meta.update(kind="tokens", dtype=dtype, vocab_size=tok.vocab_size, tokenizer="tokenizer.model",
+                    tokenizer_type=args.tokenizer, separator_id=tok.eos_id,
+                    doc_separator="EOS token between documents (counts as one byte)")
+        for name, docs in texts.items():
+            ids = encode_documents(tok, docs, tok.eos_id, args.threads, name)
+            out[f"{name}.bin"] = ids.astype(dtype)
+            nbytes = sum(len(d) for d in splits[name]) + len(docs) - 1
+            meta["splits"][name] = {"documents": len(docs), "tokens": int(len(ids)), "bytes": nbytes}
+    out["meta.json"] = json.dumps(meta, indent=2).encode()
+    write_atomic(Path(args.out), out)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="text file, folder, JSONL file or HF dataset name")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", choices=["bpe", "unigram"], default=None, help="omit for raw bytes")
+    p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    try:
+        meta = prepare(args)
+    except (PrepareError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{k} {v['tokens']:,} tokens / {v['bytes']:,} bytes" for k, v in meta["splits"].items())
+    print(f"wrote {args.out}: {meta['kind']}, vocab {meta['vocab_size']}; {sizes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Checkpoints: atomic writes, `weights_only` loads, and rebuilding a model from one file.
+
+A checkpoint holds the model weights, the optimizer, the step, the resolved config, RNG
+states, training time, the corpus meta, the bytes covered by each id, and (for token
+models) the tokenizer file itself, so eval.py and sample.py need nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from hlm import HLMError
+from hlm.config import Config, ConfigError, config_from_dict
+from hlm.models import build_model
+
+
+class CheckpointError(HLMError):
+    """A checkpoint that is missing, unreadable or does not fit the model asked for."""
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt or foreign files raise many different types
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_same_model(saved: dict, current: dict, path: str | Path) -> None:
+    """Raise if the model config saved in a checkpoint differs from the current one."""
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diff)
+        raise CheckpointError(f"checkpoint {path} was trained with a different model ({details})")
+
+
+def load_state(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild the model of a checkpoint in eval mode; returns (model, config, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not an hlm checkpoint (no model/config entries)")
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: saved config is not valid here: {e}") from None
+    model = build_model(cfg.model)
+    load_state(model, ckpt["model"], path)
+    return model.to(device).eval(), cfg, ckpt
+
+
+def tokenizer_from_checkpoint(ckpt: dict):
+    """The tokenizer stored in a token model's checkpoint, or None for byte models."""
+    blob = ckpt.get("tokenizer")
+    if blob is None:
+        return None
+    from hlm.tokenizers import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(model_proto=blob.numpy().tobytes())
+
+
+def file_tensor(path: str | Path) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor, so it can live inside a weights_only checkpoint."""
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+

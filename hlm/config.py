@@ -1,0 +1,175 @@
+"""YAML experiment files -> typed dataclasses, with `section.key=value` overrides.
+
+Every key is checked: an unknown key or a value of the wrong type fails at load time with
+the key named, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hlm import HLMError
+
+
+class ConfigError(HLMError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder written by data_prep/prepare.py
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step (per rank)
+    max_steps: int = 1000
+    time_budget_s: float = 0.0  # > 0: stop and finish the schedule after this many seconds of training
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_frac: float = 0.2  # wsd: share of the run spent in the final linear decay
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "bf16"  # autocast dtype on CUDA: bf16 | fp32 (CPU always runs fp32)
+    compile: bool | None = None  # None: on for CUDA, off for CPU
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    ckpt_interval: int = 1000
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    init_from: str = ""  # start from the weights of this checkpoint (new optimizer and schedule)
+    patch_size: int = 1  # patch-level training: K tokens per patch (1 = off)
+    patch_fraction: float = 0.0  # share of the token budget consumed in patch mode
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 200  # steps between validation passes (0 = only at the end)
+    batches: int = 20  # validation batches per pass
+    batch_size: int = 0  # 0: same as train.batch_size
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "log": LogConfig}
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to `tp` where lossless (int -> float), else raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, values: dict, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}.{key}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _check_type(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form section.key=value")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override '{override}': key must be section.key")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a Config from a plain dict (a parsed YAML file or a checkpoint's saved config)."""
+    from hlm.models import model_config_class
+
+    unknown = set(raw) - set(SECTIONS) - {"model"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    model_raw = dict(raw.get("model") or {})
+    family = model_raw.get("family", "gpt")
+    model_cls = model_config_class(family)
+    sections = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    return Config(model=build_dataclass(model_cls, model_raw, "model"), **sections)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file and apply `section.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,128 @@
+"""Reading prepared corpora (DESIGN §6): memory-mapped `.bin` splits, their `meta.json`, the
+bytes each token covers, and a stateless window sampler that makes resume exact and gives
+every rank different data.
+
+Document rule (written to meta.json by data_prep): documents are joined by one separator,
+the byte 0x00 in byte corpora and the tokenizer's EOS id in token corpora. The separator
+counts as one byte in every model's bits-per-byte denominator, so byte and token corpora
+of one source have the same byte count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hlm import HLMError
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(HLMError):
+    """A data folder or file that cannot be used; the message says which and why."""
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"no meta.json in {folder}: prepare the corpus with data_prep/prepare.py first")
+    return json.loads(meta_path.read_text())
+
+
+def token_byte_lengths(meta: dict, folder: str | Path) -> np.ndarray:
+    """Bytes covered by each id [V]: 1 for every byte id; for tokens, the token's bytes, and 1
+    for the document separator (EOS)."""
+    if meta["kind"] == "bytes":
+        return np.ones(meta["vocab_size"], dtype=np.int64)
+    from hlm.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(Path(folder) / meta["tokenizer"])
+    lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
+    lengths[meta["separator_id"]] = 1
+    return lengths
+
+
+class Split:
+    """One split of a prepared corpus, read through `numpy.memmap` (opened per read, which
+    keeps resident memory flat on long runs)."""
+
+    def __init__(self, folder: str | Path, name: str):
+        self.folder = Path(folder)
+        self.meta = read_meta(folder)
+        if name not in self.meta["splits"]:
+            raise DataError(f"split '{name}' not in {self.folder} (has: {', '.join(self.meta['splits'])})")
+        self.name = name
+        self.path = self.folder / f"{name}.bin"
+        if not self.path.is_file():
+            raise DataError(f"missing {self.path}")
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
+
+    def memmap(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r")
+
+    def windows(self, starts: np.ndarray, length: int) -> torch.Tensor:
+        """Token windows [len(starts), length] as int64."""
+        data = self.memmap()
+        return torch.from_numpy(np.stack([data[s : s + length].astype(np.int64) for s in starts]))
+
+
+class WindowSampler:
+    """Random windows of `length` tokens without replacement within an epoch.
+
+    The windows of optimizer step s, micro-step m on rank r are a pure function of
+    (seed, s, m, r): a checkpoint needs only the step to resume the exact stream, and ranks
+    take disjoint slots of each epoch's permutation.
+    """
+
+    def __init__(self, n_tokens: int, length: int, batch_size: int, grad_accum: int,
+                 rank: int = 0, world: int = 1, seed: int = 0):
+        stride = length - 1
+        self.n_windows = (n_tokens - 1) // stride - 1
+        if self.n_windows < 1:
+            raise DataError(f"corpus too short: {n_tokens} tokens, need at least {2 * stride + 1} "
+                            f"for windows of {length}")
+        self.length, self.stride = length, stride
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.rank, self.world, self.seed = rank, world, seed
+        self._epoch, self._perm, self._shift = -1, None, 0
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, int]:
+        if epoch != self._epoch:
+            g = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._perm, self._shift = epoch, g.permutation(self.n_windows), int(g.integers(self.stride))
+        return self._perm, self._shift
+
+    def starts(self, step: int, micro: int) -> np.ndarray:
+        first = ((step * self.grad_accum + micro) * self.world + self.rank) * self.batch_size
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for j, g in enumerate(range(first, first + self.batch_size)):
+            perm, shift = self._epoch_order(g // self.n_windows)
+            out[j] = shift + perm[g % self.n_windows] * self.stride
+        return out
+
+
+def eval_windows(n_tokens: int, block: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows covering a stream of `n_tokens` (which starts with one context-only separator)
+    so that every target 1..n_tokens-1 is scored exactly once.
+
+    Returns (start, length, n_scored): the window is tokens [start, start+length) and its last
+    `n_scored` targets count. Without `stride` windows do not overlap; with it, each window
+    after the first scores only its last `stride` targets and sees `block - stride` of context.
+    """
+    stride = stride or block
+    if not 0 < stride <= block:
+        raise DataError(f"stride must be in 1..{block}, got {stride}")
+    out, scored = [], 0  # `scored`: targets 1..scored are done
+    n_targets = n_tokens - 1
+    while scored < n_targets:
+        new = min(stride if scored else block, n_targets - scored)
+        end = scored + new + 1  # exclusive token end
+        start = max(0, end - block - 1)
+        out.append((start, end - start, new))
+        scored += new
+    return out

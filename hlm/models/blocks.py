@@ -1,0 +1,168 @@
+"""Building blocks shared by every model family: RMSNorm, rotary embeddings, causal
+attention through `F.scaled_dot_product_attention`, the MLP, a pre-norm block, a stack of
+blocks, a KV cache, and GPT-2-style initialisation."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ModelOutput(NamedTuple):
+    """What every model returns (DESIGN §4): `loss` to backpropagate, `nll[B, T]` in nats per
+    target without auxiliary terms, and scalar tensors to log (`metrics`)."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables; `forward(start, length)` returns (cos, sin) of shape [T, D/2]."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dimension; x is [B, H, T, D]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: [layers, B, H, max_len, D]."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__()
+        assert d_model % n_head == 0, "d_model must be divisible by n_head"
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # query i may see keys 0..past+i
+                keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(mlp_ratio * d_model)
+        self.fc = nn.Linear(d_model, hidden, bias=False)
+        self.proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head)
+        self.mlp_norm = RMSNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """A stack of causal blocks with its own rotary table; positions start at `cache.pos`."""
+
+    def __init__(self, n_layer: int, d_model: int, n_head: int, max_len: int, mlp_ratio: float = 4.0,
+                 rope_theta: float = 10000.0):
+        super().__init__()
+        self.n_head = n_head
+        self.rotary = Rotary(d_model // n_head, max_len, rope_theta)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio) for _ in range(n_layer))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        start = cache.pos if cache is not None else 0
+        cos, sin = self.rotary(start, x.size(1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += x.size(1)
+        return x
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        head_dim = self.rotary.cos.size(1) * 2
+        return KVCache(len(self.blocks), batch, self.n_head, max_len, head_dim, device, dtype)
+
+
+def init_weights(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 initialisation: N(0, std) for linears and embeddings, and std/sqrt(2·n_layer) for
+    the projections that write into the residual stream."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        scaled = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
+        nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer) if scaled else std)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample one id per row from logits [B, V]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

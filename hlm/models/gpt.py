@@ -1,0 +1,92 @@
+"""GPT decoder over bytes (vocab 256) or subword tokens: the baseline of every comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, init_weights, sample_next
+
+
+@dataclass
+class GPTConfig:
+    family: str = "gpt"
+    vocab_size: int = 256  # 256 for bytes; the tokenizer's vocabulary for token corpora
+    block_size: int = 1024  # context length in tokens (bytes for byte models)
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    mlp_ratio: float = 4.0
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.transformer = Transformer(cfg.n_layer, cfg.d_model, cfg.n_head, cfg.block_size,
+                                       cfg.mlp_ratio, cfg.rope_theta)
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layer, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def hidden(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """Final normed states for input embeddings x [B, T, D]."""
+        return self.norm(self.transformer(x, cache))
+
+    def logits(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """Next-token logits [B, T, V] for ids [B, T] (continuing `cache` when given)."""
+        return self.head(self.hidden(self.embed(idx), cache))
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        logits = self.logits(inputs)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        nll = nll.view_as(targets)
+        return ModelOutput(nll.mean(), nll, {})
+
+    @torch.no_grad()
+    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
+                        top_k: int | None = None, generator: torch.Generator | None = None
+                        ) -> Iterator[torch.Tensor]:
+        """Yield one new id per row [B] at a time, decoding with a KV cache. When the context
+        fills up, the cache is rebuilt from the last half of the window."""
+        T = self.cfg.block_size
+        ids = prompt[:, -T:]
+        param = next(self.parameters())
+        cache = self.transformer.new_cache(ids.size(0), T, param.device, param.dtype)
+        logits = self.logits(ids, cache)[:, -1]
+        for _ in range(max_new):
+            nxt = sample_next(logits, temperature, top_k, generator)
+            yield nxt
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if cache.pos >= T:
+                ids = ids[:, -(T // 2):]
+                cache = self.transformer.new_cache(ids.size(0), T, param.device, param.dtype)
+                logits = self.logits(ids, cache)[:, -1]
+            else:
+                logits = self.logits(nxt[:, None], cache)[:, -1]
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None
+                 ) -> bytes | torch.Tensor:
+        """Continue `prompt` by `max_new` ids. A `bytes` prompt (byte models) returns bytes of the
+        continuation; a LongTensor [B, T] returns the prompt with the continuation appended."""
+        as_bytes = isinstance(prompt, (bytes, bytearray))
+        device = next(self.parameters()).device
+        ids = torch.tensor([list(prompt)], device=device) if as_bytes else prompt
+        new = list(self.generate_stream(ids, max_new, temperature, top_k, generator))
+        out = torch.stack(new, dim=1) if new else ids[:, :0]
+        if as_bytes:
+            return bytes(out[0].tolist())
+        return torch.cat([ids, out], dim=1)

@@ -1,0 +1,368 @@
+"""The one training loop for every model family (DESIGN §8).
+
+Single process or `torchrun` (DDP: NCCL on CUDA, gloo on CPU). Each optimizer step runs
+`grad_accum` micro-batches per rank, skipping the gradient all-reduce on all but the last.
+The learning rate is warmup (in steps) times a decay over training progress, where progress
+is step/max_steps or, with `train.time_budget_s`, the larger of that and the share of the
+time budget spent, so a wall-clock-limited run still finishes its schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
+
+from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_state, save_atomic
+from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
+from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
+from hlm.models import build_model
+
+LN2 = math.log(2)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Pick the device and join the process group when launched by torchrun."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    if "RANK" not in os.environ:
+        return Runtime(torch.device(device))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return Runtime(torch.device("cuda", local_rank), rank, local_rank, world)
+    dist.init_process_group("gloo")
+    return Runtime(torch.device("cpu"), rank, local_rank, world)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 datasheet peak of the GPU, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2.25e15)):
+        if key in name:
+            return flops
+    return None
+
+
+def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
+    """Warmup over the first steps, then cosine, warmup-stable-decay or constant over progress."""
+    warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
+    p = min(max(progress, 0.0), 1.0)
+    if tc.schedule == "cosine":
+        decay = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    elif tc.schedule == "wsd":
+        start = 1.0 - tc.decay_frac
+        decay = 1.0 if p <= start else 1.0 - (1.0 - tc.min_lr_ratio) * (p - start) / tc.decay_frac
+    elif tc.schedule == "constant":
+        decay = 1.0
+    else:
+        raise ConfigError(f"train.schedule: unknown schedule '{tc.schedule}' (cosine, wsd, constant)")
+    return tc.lr * warm * decay
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA); weight decay on matrices and embeddings, not on gains or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+
+
+def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast) -> int:
+    """Model FLOPs of one forward+backward on `batch`, counted by FlopCounterMode (matmuls and
+    attention; attention is counted as full, not halved for the causal mask)."""
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            out = model(batch)
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        tc = cfg.train
+        if tc.grad_accum < 1 or tc.batch_size < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        self.rt = rt = setup_runtime(tc.device)
+        self.out_dir = Path(tc.out_dir)
+        self.data_dir = Path(cfg.data.path)
+        self.train_split = Split(self.data_dir, "train")
+        self.val_split = Split(self.data_dir, "val")
+        self.meta = self.train_split.meta
+        if self.meta["vocab_size"] > getattr(cfg.model, "vocab_size", 256):
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary "
+                              f"({self.meta['vocab_size']}) in {self.data_dir}")
+        self.token_nbytes = torch.from_numpy(token_byte_lengths(self.meta, self.data_dir)).to(rt.device)
+
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        self.raw_model = build_model(cfg.model).to(rt.device)
+        self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
+        self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
+        self._restore()
+
+        use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        self.window = cfg.model.block_size + 1
+        self.sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
+                                     rt.rank, rt.world, tc.seed)
+        probe = self._batch(self.sampler, self.train_split, 0, 0)
+        self.flops_per_step = count_flops(self.raw_model, probe, self.autocast) * tc.grad_accum * rt.world
+        self.peak = peak_flops(rt.device)
+
+        model = self.raw_model
+        if tc.compile if tc.compile is not None else rt.device.type == "cuda":
+            model = torch.compile(model)
+        if rt.world > 1:
+            model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        self.model = model
+        self.writer = None
+        if rt.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            if cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out_dir / "tb"))
+
+    # ----- state -----
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "ckpt.pt"
+
+    def _restore(self) -> None:
+        tc = self.cfg.train
+        model_cfg = config_to_dict(self.cfg)["model"]
+        if tc.resume and self.ckpt_path.is_file():
+            ckpt = load_checkpoint(self.ckpt_path, self.rt.device)
+            check_same_model(ckpt["config"]["model"], model_cfg, self.ckpt_path)
+            load_state(self.raw_model, ckpt["model"], self.ckpt_path)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step, self.train_time = ckpt["step"], ckpt["train_time"]
+            self.tokens_seen, self.bytes_seen = ckpt["tokens_seen"], ckpt["bytes_seen"]
+            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+            if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+            self._trim_metrics()
+        elif tc.init_from:
+            ckpt = load_checkpoint(tc.init_from, self.rt.device)
+            check_same_model(ckpt["config"]["model"], model_cfg, tc.init_from)
+            load_state(self.raw_model, ckpt["model"], tc.init_from)
+
+    def _trim_metrics(self) -> None:
+        """Drop metric records logged after the checkpoint we resume from."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.rt.master and path.is_file():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def save(self) -> None:
+        if not self.rt.master:
+            return
+        ckpt = {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "train_time": self.train_time,
+            "tokens_seen": self.tokens_seen,
+            "bytes_seen": self.bytes_seen,
+            "config": config_to_dict(self.cfg),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.rt.device.type == "cuda" else None},
+            "data_meta": self.meta,
+            "token_nbytes": self.token_nbytes.cpu(),
+            "tokenizer": file_tensor(self.data_dir / self.meta["tokenizer"]) if self.meta.get("tokenizer") else None,
+        }
+        save_atomic(ckpt, self.ckpt_path)
+
+    # ----- data -----
+    def _batch(self, sampler: WindowSampler, split: Split, step: int, micro: int) -> torch.Tensor:
+        x = split.windows(sampler.starts(step, micro), sampler.length)
+        if self.rt.device.type == "cuda":
+            return x.pin_memory().to(self.rt.device, non_blocking=True)
+        return x
+
+    # ----- logging -----
+    def log(self, record: dict) -> None:
+        if not self.rt.master:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "kind"):
+                    self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.rt.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    # ----- evaluation -----
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Bits per byte on the first `eval.batches` x batch windows of val (the same windows every
+        time, split across ranks)."""
+        ec = self.cfg.eval
+        bs = ec.batch_size or self.cfg.train.batch_size
+        stride = self.window - 1
+        n_windows = (self.val_split.n_tokens - 1) // stride
+        if n_windows < 1:
+            raise DataError(f"val split too short for windows of {self.window} tokens")
+        starts = np.arange(min(n_windows, ec.batches * bs)) * stride
+        starts = starts[self.rt.rank :: self.rt.world]
+        self.model.eval()
+        sums = torch.zeros(3, device=self.rt.device, dtype=torch.float64)
+        for i in range(0, len(starts), bs):
+            x = self.val_split.windows(starts[i : i + bs], self.window).to(self.rt.device)
+            with self.autocast:
+                out = self.raw_model(x)
+            sums += torch.stack([out.nll.double().sum(), self.token_nbytes[x[:, 1:]].sum().double(),
+                                 torch.tensor(out.nll.numel(), device=self.rt.device, dtype=torch.float64)])
+        self.model.train()
+        nll, nbytes, ntok = self.all_sum(sums).tolist()
+        return {"bpb": nll / (LN2 * nbytes), "loss": nll / ntok, "bytes": int(nbytes)}
+
+    # ----- main loop -----
+    def fit(self) -> dict:
+        cfg, tc, rt = self.cfg, self.cfg.train, self.rt
+        self.model.train()
+        last_val: dict = {}
+        window_stats = torch.zeros(2, device=rt.device, dtype=torch.float64)  # nll sum, bytes sum
+        window_targets = 0
+        t_log, steps_since_log, t_train = time.perf_counter(), 0, None
+        metrics_acc: dict[str, torch.Tensor] = {}
+        if rt.master:
+            print(f"model: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M parameters, "
+                  f"{self.flops_per_step / 1e9:.2f} GFLOP per step, world size {rt.world}", flush=True)
+        while not self._done():
+            t0 = time.perf_counter()
+            lr = lr_at(tc, self.step, self.progress())
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(tc.grad_accum):
+                x = self._batch(self.sampler, self.train_split, self.step, micro)
+                sync = rt.world == 1 or micro == tc.grad_accum - 1
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    with self.autocast:
+                        out = self.model(x)
+                    (out.loss / tc.grad_accum).backward()
+                window_stats += torch.stack([out.nll.detach().double().sum(),
+                                             self.token_nbytes[x[:, 1:]].sum().double()])
+                window_targets += out.nll.numel()
+                for k, v in out.metrics.items():
+                    metrics_acc[k] = metrics_acc.get(k, 0) + v.detach().float() / tc.grad_accum
+            if tc.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps_since_log += 1
+            if t_train is None:  # the first step carries compilation: keep it out of the clock
+                t_train = time.perf_counter()
+                t_log, steps_since_log = t_train, 0
+                window_stats.zero_()
+                window_targets = 0
+                metrics_acc = {}
+            else:
+                self.train_time += time.perf_counter() - t0
+
+            if self.step % cfg.log.interval == 0 or self._done():
+                if steps_since_log:
+                    self._log_train(lr, grad_norm if tc.grad_clip > 0 else None, window_stats, window_targets,
+                                    metrics_acc, steps_since_log, time.perf_counter() - t_log)
+                window_stats.zero_()
+                window_targets, steps_since_log, metrics_acc = 0, 0, {}
+                t_log = time.perf_counter()
+            if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or self._done():
+                last_val = self.validate()
+                self.log({"kind": "val", "step": self.step, **last_val})
+                if rt.master:
+                    print(f"step {self.step} | val bpb {last_val['bpb']:.4f} | val loss {last_val['loss']:.4f}",
+                          flush=True)
+                t_log = time.perf_counter()
+            if self.step % tc.ckpt_interval == 0 or self._done():
+                self.save()
+                t_log = time.perf_counter()
+        if self.writer is not None:
+            self.writer.close()
+        return {"step": self.step, "train_time": self.train_time, **{f"val_{k}": v for k, v in last_val.items()}}
+
+    def progress(self) -> float:
+        tc = self.cfg.train
+        p = self.step / max(1, tc.max_steps)
+        if tc.time_budget_s > 0:
+            p = max(p, self.train_time / tc.time_budget_s)
+        return p
+
+    def _done(self) -> bool:
+        return self.progress() >= 1.0
+
+    def _log_train(self, lr, grad_norm, stats, n_targets, metrics, steps, dt) -> None:
+        tc, rt = self.cfg.train, self.rt
+        stats = self.all_sum(stats.clone())
+        n_targets *= rt.world
+        nll, nbytes = stats.tolist()
+        self.tokens_seen += n_targets
+        self.bytes_seen += int(nbytes)
+        rec = {"kind": "train", "step": self.step, "loss": nll / n_targets, "bpb": nll / (LN2 * nbytes), "lr": lr,
+               "tokens_per_s": n_targets / dt, "bytes_per_s": nbytes / dt, "step_time_s": dt / steps,
+               "tokens_seen": self.tokens_seen, "train_time_s": self.train_time}
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)
+        if self.peak:
+            rec["mfu"] = self.flops_per_step * steps / dt / self.peak
+        if rt.device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+        rec.update({k: float(v) / steps for k, v in metrics.items()})
+        self.log(rec)
+        if not rt.master:
+            return
+        remaining = (1.0 - self.progress()) / max(self.progress(), 1e-9) * self.train_time
+        parts = [f"step {self.step}/{tc.max_steps}", f"loss {rec['loss']:.4f}", f"bpb {rec['bpb']:.4f}",
+                 f"lr {lr:.2e}", f"{rec['bytes_per_s'] / 1e3:.1f}k B/s", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
+        if "mfu" in rec:
+            parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+        if "peak_mem_gib" in rec:
+            parts.append(f"mem {rec['peak_mem_gib']:.1f}GiB")
+        parts.append(f"eta {remaining:.0f}s")
+        print(" | ".join(parts), flush=True)
+
+
+def train(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
