@@ -47,6 +47,10 @@ class GPT(nn.Module):
         """Next-token logits [B, T, V] for ids [B, T] (continuing `cache` when given)."""
         return self.head(self.hidden(self.embed(idx), cache))
 
+    def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, T, V] of the next id after each position of idx [B, T]."""
+        return F.log_softmax(self.logits(idx).float(), dim=-1)
+
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         inputs, targets = idx[:, :-1], idx[:, 1:]
         logits = self.logits(inputs)
