@@ -201,14 +201,17 @@ class PrefixState:
                torch.where(c == CJK, ~single_space,
                            (p == BREAK) | ((p == SPACE) & (pp == SPACE))))))
 
-    def next_starts(self, nxt: torch.Tensor) -> torch.Tensor:
-        """Would byte nxt[b, t, k] at position t+1 start a new word? nxt: [B, T, K] -> bool [B, T, K]."""
-        classes = _CLASSES.to(nxt.device)
+    def next_starts(self, nxt: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """Would byte nxt[b, t, k] at position t+1 start a new word? nxt: [B, T, K] -> bool [B, T, K].
+        With `last`, only for the last position: nxt [B, K] -> [B, K]."""
+        p, pp, p_joiner, open_char, cut = self.p, self.pp, self.p_joiner, self.open_char, self.cut
+        if last:
+            p, pp, p_joiner, open_char, cut = (v[:, -1] for v in (p, pp, p_joiner, open_char, cut))
         nxt = nxt.long()
         cont = (nxt >= 0x80) & (nxt <= 0xBF)
-        char_start = ~(cont & self.open_char[..., None])
-        natural = self._natural(classes[nxt], self.p[..., None], self.pp[..., None], self.p_joiner[..., None])
-        return char_start & (natural | self.cut[..., None])
+        char_start = ~(cont & open_char[..., None])
+        natural = self._natural(_CLASSES.to(nxt.device)[nxt], p[..., None], pp[..., None], p_joiner[..., None])
+        return char_start & (natural | cut[..., None])
 
 
 def word_starts(x: torch.Tensor, max_word_bytes: int = 64) -> torch.Tensor:
