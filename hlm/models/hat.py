@@ -197,9 +197,13 @@ class HAT(nn.Module):
         within = torch.cat([logits[..., :256].masked_fill(start_mask, float("-inf")), logits[..., 256:]], dim=-1)
         return F.log_softmax(within, dim=-1), F.log_softmax(logits[..., :256], dim=-1)
 
-    def _first_logprobs(self, word_out: torch.Tensor, start_mask: torch.Tensor) -> torch.Tensor:
+    def _first_state(self, word_out: torch.Tensor) -> torch.Tensor:
+        """Decoder-width state [..., d_byte] that predicts the next word's first byte from a word's output."""
+        return self.first_norm(self.first_byte(word_out))
+
+    def _first_logprobs(self, first_state: torch.Tensor, start_mask: torch.Tensor) -> torch.Tensor:
         """Log-probs [..., 256] of the first byte of the next word, over bytes that start a word."""
-        logits = _wide(self.head(self.first_norm(self.first_byte(word_out))))[..., :256]
+        logits = _wide(self.head(first_state))[..., :256]
         return F.log_softmax(logits.masked_fill(~start_mask, float("-inf")), dim=-1)
 
     # ----- training and scoring -----
@@ -211,7 +215,8 @@ class HAT(nn.Module):
         words_out = self.backbone_norm(self.backbone(self._word_vectors(h_norm, word)))
         within, plain = self._byte_logprobs(self._decode(h, self._contexts(words_out, word)), start_mask)
         # first byte of word w+1 from the backbone output of word w (used where y starts a word)
-        own = words_out.gather(1, word.clamp(max=S - 1)[..., None].expand(*word.shape, words_out.size(-1)))
+        first_states = self._first_state(words_out)
+        own = first_states.gather(1, word.clamp(max=S - 1)[..., None].expand(*word.shape, first_states.size(-1)))
         first = self._first_logprobs(own, start_mask)
         new_word = start_mask.gather(2, y[..., None]).squeeze(-1)
         nll_within = -within.gather(2, torch.where(new_word, EOW, y)[..., None]).squeeze(-1)
@@ -219,7 +224,7 @@ class HAT(nn.Module):
         nll_words = nll_within + torch.where(new_word, nll_first, torch.zeros_like(nll_first))
         overflow = word >= S - 1
         nll = torch.where(overflow, -plain.gather(2, y[..., None]).squeeze(-1), nll_words)
-        metrics = {"overflow_frac": overflow.float().mean(), "bytes_per_word": 1.0 / new_word.float().mean()}
+        metrics = {"overflow_frac": overflow.float().mean(), "words_per_byte": new_word.float().mean()}
         return ModelOutput(nll.mean(), nll, metrics)
 
     def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
@@ -234,7 +239,7 @@ class HAT(nn.Module):
         words_out = self.backbone_norm(self.backbone(word_in))
         within, plain = self._byte_logprobs(self._decode(h, self._contexts(words_out, word)), start_mask)
         partial = self.pool.prefixes(h_norm, word_first, self.cfg.max_word_bytes)
-        first = self._first_logprobs(self._backbone_if_ended(word_in, partial, word), start_mask)
+        first = self._first_logprobs(self._first_state(self._backbone_if_ended(word_in, partial, word)), start_mask)
         words_lp = torch.where(start_mask, within[..., EOW:] + first, within[..., :256])
         return torch.where((word >= S - 1)[..., None], plain, words_lp)
 
@@ -360,7 +365,7 @@ class _RowState:
         self.table = torch.cat([self.table, out], dim=1)
         self.n_words += 1
         self.current = None
-        return _wide(m.head(m.first_norm(m.first_byte(out[0, 0]))))[:256]
+        return _wide(m.head(m._first_state(out[0, 0])))[:256]
 
     def advance(self, byte: int) -> None:
         m = self.model

@@ -1,0 +1,139 @@
+"""HAT: causality, a proper next-byte distribution equal to teacher forcing (also at word ends
+and in overflow), cached generation, training on the fixture, compile == eager."""
+
+import codecs
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.prepare import main as prepare_main
+from hlm.config import ConfigError, load_config
+from hlm.models import build_model
+from hlm.models.hat import HAT, HATConfig
+from hlm.splitter import word_starts
+from hlm.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENWIKI = ROOT / "tests" / "fixtures" / "enwiki_wv_test_head64k.txt"
+TEXT = "Gary Kildall (May 19, 1942 – July 11, 1994) was an American. Naïve 日本語 text\n\nfoo bar.".encode()
+
+
+def tiny(**kw) -> HAT:
+    torch.manual_seed(0)
+    cfg = dict(block_size=48, max_words=16, max_word_bytes=8, d_byte=16, n_head_byte=2, n_enc_layer=1,
+               n_dec_layer=1, d_model=16, n_head=2, n_layer=2)
+    return HAT(HATConfig(**{**cfg, **kw})).double().eval()
+
+
+def windows(length: int) -> torch.Tensor:
+    """Rows that start mid-word and mid-character, plus random bytes."""
+    g = torch.Generator().manual_seed(0)
+    rows = [list(TEXT[:length]), list(TEXT[7 : 7 + length]), list(TEXT[38 : 38 + length]),
+            torch.randint(0, 256, (length,), generator=g).tolist()]
+    return torch.tensor(rows)
+
+
+def test_smoke_config_builds_a_hat():
+    cfg = load_config(ROOT / "configs" / "smoke" / "hat.yaml")
+    assert isinstance(build_model(cfg.model), HAT)
+    with pytest.raises(ConfigError, match="max_words"):
+        HAT(HATConfig(max_words=1))
+
+
+@pytest.mark.parametrize("max_words", [64, 6])  # 64: no overflow; 6: most of each window is in overflow
+def test_causal(max_words):
+    model = tiny(max_words=max_words)
+    idx = windows(49)
+    with torch.no_grad():
+        base = model(idx).nll
+        for j in (1, 5, 17, 30, 48):
+            other = idx.clone()
+            other[:, j] = (other[:, j] + 101) % 256
+            assert torch.equal(model(other).nll[:, : j - 1], base[:, : j - 1])
+
+
+@pytest.mark.parametrize("max_words", [64, 6])
+def test_next_logprobs_proper_and_equal_teacher_forcing(max_words):
+    model = tiny(max_words=max_words)
+    idx = windows(49)
+    with torch.no_grad():
+        out = model(idx)
+        lp = model.next_logprobs(idx[:, :-1])
+    assert lp.shape == (4, 48, 256)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4, 48, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(-lp.gather(2, idx[:, 1:, None]).squeeze(-1), out.nll, rtol=0, atol=1e-10)
+    starts = word_starts(idx, 8)[:, 1:]
+    assert starts.any() and (~starts).any()  # both word-starting and word-continuing targets are checked
+    assert (out.metrics["overflow_frac"] > 0.5) == (max_words == 6)
+    assert (out.metrics["overflow_frac"] == 0) == (max_words == 64)
+
+
+@pytest.mark.parametrize("prefix", [b"an American", b"an American.", "Naïve 日".encode(), "日".encode()[:2], b"a  "])
+def test_every_next_byte_equals_teacher_forcing(prefix):
+    """p(b | prefix) from next_logprobs == exp(-nll) of prefix + b, for all 256 b: at word ends (EOW +
+    first byte), inside words, inside a multi-byte character, and after a run of spaces."""
+    model = tiny()
+    x = torch.tensor([list(prefix)])
+    ext = torch.cat([x.expand(256, -1), torch.arange(256)[:, None]], dim=1)
+    with torch.no_grad():
+        lp = model.next_logprobs(x)[0, -1]
+        nll = model(ext).nll[:, -1]
+    torch.testing.assert_close(lp, -nll, rtol=0, atol=1e-10)
+
+
+def test_generation_matches_teacher_forcing():
+    """The cached sampler (backbone once per word) draws from next_logprobs: the log-prob it reports
+    for each sampled byte equals teacher forcing on the generated text."""
+    model = tiny()
+    prompt = list(b"Gary Kildall was")
+    g = torch.Generator().manual_seed(1)
+    pairs = list(model._stream_row(torch.tensor([prompt]), 30, 1.0, None, g, False))
+    full = torch.tensor([prompt + [b for b, _ in pairs]])
+    with torch.no_grad():
+        nll = model(full).nll[0, len(prompt) - 1 :]
+    torch.testing.assert_close(torch.tensor([lp for _, lp in pairs], dtype=torch.float64), -nll, rtol=0, atol=1e-9)
+
+
+def test_generated_text_is_utf8():
+    """With utf8=True every continuation is a valid UTF-8 prefix (here from an untrained model, over
+    window restarts: 120 new bytes with a 48-byte context), for every row of a batch."""
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(b"Hello, w", 120, generator=g, utf8=True)
+    assert len(out) == 120
+    codecs.getincrementaldecoder("utf-8")().decode(b"Hello, w" + out, final=False)
+    rows = model.generate(torch.tensor([list(b"ab cd"), list(b"xy zw")]), 10, generator=g, utf8=True)
+    assert rows.shape == (2, 15)
+
+
+def test_compile_matches_eager():
+    """One graph (fullgraph: no breaks, no host syncs) with the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = HAT(HATConfig(block_size=32, max_words=12, max_word_bytes=8, d_byte=16, n_head_byte=2, n_enc_layer=1,
+                          n_dec_layer=1, d_model=16, n_head=2, n_layer=1))
+    idx = windows(33)
+    eager = model(idx)
+    eager.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(idx)
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.nll, eager.nll, rtol=0, atol=1e-5)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_on_fixture(tmp_path):
+    data = tmp_path / "data"
+    prepare_main(["--input", str(ENWIKI), "--out", str(data)])
+    cfg = load_config(ROOT / "configs" / "smoke" / "hat.yaml",
+                      [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=30",
+                       "eval.interval=0", "log.tensorboard=false", "log.interval=5"])
+    train(cfg)
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < 0.75 * losses[0]
+    assert all("overflow_frac" in r for r in records if r["kind"] == "train")
