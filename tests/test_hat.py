@@ -11,7 +11,9 @@ from data_prep.prepare import main as prepare_main
 from hlm.config import ConfigError, load_config
 from hlm.models import build_model
 from hlm.models.hat import HAT, HATConfig
-from hlm.splitter import word_starts
+from hlm.next_word import main as next_word_main
+from hlm.next_word import word_hits
+from hlm.splitter import split_words, word_starts
 from hlm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +139,41 @@ def test_loss_falls_on_fixture(tmp_path):
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert losses[-1] < 0.75 * losses[0]
     assert all("overflow_frac" in r for r in records if r["kind"] == "train")
+
+
+def oracle_logprobs(x: torch.Tensor) -> torch.Tensor:
+    """Log-probs that put (almost) all mass on the true next byte; a space after the last byte."""
+    nxt = torch.cat([x[:, 1:], torch.full_like(x[:, :1], 0x20)], dim=1)
+    return torch.nn.functional.one_hot(nxt, 256).double().mul(10).log_softmax(-1)
+
+
+def test_next_word_hits_counts_exact_greedy_words():
+    text = b"Hello, world! The cat sat on it.\n\nEnd of story"
+    x = torch.tensor([list(text)])
+    words = split_words(text)
+    n_scored = len(words) - 2  # not the first word (no known start), not the last (no known end)
+    lp = oracle_logprobs(x)
+    assert [int(v) for v in word_hits(lp, x)] == [n_scored, n_scored]
+    # a wrong byte inside " cat" and a missing end after " sat" (greedy would continue the word)
+    wrong = lp.clone()
+    cat = text.index(b"cat")
+    wrong[0, cat, ord("o")] = 20.0  # after " c" the model prefers "o"
+    sat_end = text.index(b"sat") + 2
+    wrong[0, sat_end, ord("s")] = 20.0  # after " sat" it prefers "s" (continues the word)
+    assert [int(v) for v in word_hits(wrong, x)] == [n_scored - 2, n_scored]
+    # an error in the first, unscored word changes nothing
+    first = lp.clone()
+    first[0, 1, ord("z")] = 20.0
+    assert [int(v) for v in word_hits(first, x)] == [n_scored, n_scored]
+
+
+def test_next_word_cli(tmp_path, capsys):
+    data = tmp_path / "data"
+    prepare_main(["--input", str(ENWIKI), "--out", str(data)])
+    cfg = load_config(ROOT / "configs" / "smoke" / "hat.yaml",
+                      [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=2",
+                       "eval.interval=0", "log.tensorboard=false"])
+    train(cfg)
+    assert next_word_main([str(tmp_path / "run" / "ckpt.pt"), "--data", str(data), "--max-bytes", "2000"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert 0.0 <= float(row[2]) <= 1.0 and int(row[3].replace(",", "")) > 100
