@@ -161,13 +161,15 @@ class HAT(nn.Module):
         nn.init.normal_(self.first_word, std=cfg.init_std)
 
     # ----- pieces -----
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Word index of every byte [B, T], first byte of its word [B, T], and whether byte v at
-        t+1 would start a new word [B, T, 256]."""
+    def _split(self, x: torch.Tensor, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Word index of every byte [B, T], first byte of its word [B, T], and (with_mask) whether
+        byte v at t+1 would start a new word [B, T, 256]."""
         state = PrefixState(x, self.cfg.max_word_bytes)
         word = state.starts.long().cumsum(1) - 1
         pos = torch.arange(x.size(1), device=x.device).expand_as(x)
         word_first = torch.cummax(torch.where(state.starts, pos, 0), dim=1).values
+        if not with_mask:
+            return word, word_first, None
         start_mask = state.next_starts(torch.arange(256, device=x.device).expand(*x.shape, 256))
         return word, word_first, start_mask
 
@@ -323,7 +325,7 @@ class HAT(nn.Module):
     def _fit_window(self, ids: list[int]) -> list[int]:
         """The longest tail of ids (halving) whose words stay out of overflow."""
         while len(ids) > 1:
-            word, _, _ = self._split(torch.tensor([ids]))
+            word, _, _ = self._split(torch.tensor([ids]), with_mask=False)
             if int(word[0, -1]) < self.cfg.max_words - 1:
                 break
             ids = ids[-(len(ids) // 2) :]
@@ -339,7 +341,7 @@ class _RowState:
         self.model = model
         param = next(model.parameters())
         x = torch.tensor([ids], device=param.device)
-        word, word_first, _ = model._split(x)
+        word, word_first, _ = model._split(x, with_mask=False)
         self.enc_cache = model.encoder.new_cache(1, cfg.block_size, param.device, param.dtype)
         self.dec_cache = model.decoder.new_cache(1, cfg.block_size, param.device, param.dtype)
         self.backbone_cache = model.backbone.new_cache(1, cfg.max_words, param.device, param.dtype)
