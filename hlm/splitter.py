@@ -148,8 +148,20 @@ def split_words(data: bytes, max_word_bytes: int = 64) -> list[bytes]:
 
 # ----- vectorised implementation -----
 
-_CLASSES = torch.tensor([byte_class(b) for b in range(256)], dtype=torch.int64)
-_LEADS = torch.tensor([lead_length(b) for b in range(256)], dtype=torch.int64)
+def byte_classes(x: torch.Tensor) -> torch.Tensor:
+    """`byte_class` of every element of a byte tensor (comparisons only: fuses under compile and
+    needs no lookup table on the device)."""
+    alnum = ((x >= 0x30) & (x <= 0x39)) | ((x >= 0x41) & (x <= 0x5A)) | ((x >= 0x61) & (x <= 0x7A)) | (x >= 0x80)
+    punct = ((x > 0x20) & (x < 0x7F) & ~alnum) | (x == 0xC2) | (x == 0xE2)
+    cls = torch.where(punct, PUNCT, torch.where(alnum, ALNUM, BREAK))
+    cls = torch.where((x >= 0xE3) & (x <= 0xE9), CJK, cls)
+    return torch.where(x == 0x20, SPACE, cls)
+
+
+def lead_lengths(x: torch.Tensor) -> torch.Tensor:
+    """`lead_length` of every element of a byte tensor."""
+    return torch.where((x >= 0xC2) & (x <= 0xDF), 2,
+           torch.where((x >= 0xE0) & (x <= 0xEF), 3, torch.where((x >= 0xF0) & (x <= 0xF4), 4, 1)))
 
 
 def _shift(x: torch.Tensor, k: int, fill) -> torch.Tensor:
@@ -163,12 +175,11 @@ class PrefixState:
 
     def __init__(self, x: torch.Tensor, max_word_bytes: int):
         check_max_word_bytes(max_word_bytes)
-        classes, leads = _CLASSES.to(x.device), _LEADS.to(x.device)
         x = x.long()
         B, T = x.shape
         pos = torch.arange(T, device=x.device).expand(B, T)
         cont = (x >= 0x80) & (x <= 0xBF)
-        lead = leads[x]
+        lead = lead_lengths(x)
         lead1, lead2, lead3 = _shift(lead, 1, 1), _shift(lead, 2, 1), _shift(lead, 3, 1)
         cont1, cont2 = _shift(cont, 1, False), _shift(cont, 2, False)
         # byte t continues a character (see `characters`)
@@ -177,8 +188,8 @@ class PrefixState:
         # first byte of the character that contains byte t; its class; is that character still open?
         first = torch.cummax(torch.where(char_start, pos, 0), dim=1).values
         first_byte = x.gather(1, first)
-        self.open_char = pos - first + 1 < leads[first_byte]
-        cls = classes[first_byte]
+        self.open_char = pos - first + 1 < lead_lengths(first_byte)
+        cls = byte_classes(first_byte)
         self.p = cls
         self.pp = _shift(cls, 1, NONE)
         self.p_joiner = (x == ord("'")) | (x == ord("."))
@@ -210,7 +221,7 @@ class PrefixState:
         nxt = nxt.long()
         cont = (nxt >= 0x80) & (nxt <= 0xBF)
         char_start = ~(cont & open_char[..., None])
-        natural = self._natural(_CLASSES.to(nxt.device)[nxt], p[..., None], pp[..., None], p_joiner[..., None])
+        natural = self._natural(byte_classes(nxt), p[..., None], pp[..., None], p_joiner[..., None])
         return char_start & (natural | cut[..., None])
 
 
@@ -228,32 +239,29 @@ def next_byte_starts(x: torch.Tensor, max_word_bytes: int = 64) -> torch.Tensor:
 
 # ----- strict UTF-8, for sampling -----
 
-def utf8_allowed_next(tail: bytes) -> list[bool]:
-    """For each byte value, whether it keeps `tail` a valid UTF-8 prefix. `tail` is read from its
-    last incomplete character; a tail that is already invalid counts as a character boundary."""
-    pending = b""
-    for k in range(1, min(3, len(tail)) + 1):
+def _second_byte_range(lead: int) -> tuple[int, int]:
+    """Allowed second byte after a lead byte (no overlongs, no surrogates, nothing past U+10FFFF)."""
+    return {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
+
+
+def _open_character(tail: bytes) -> bytes:
+    """The valid but incomplete character at the end of `tail`, or b"" at a character boundary."""
+    for k in (1, 2, 3):
         piece = tail[-k:]
-        if lead_length(piece[0]) > k and all(is_continuation(b) for b in piece[1:]):
-            pending = piece
-            break
-    return _allowed_after(pending) if _is_valid_prefix(pending) else _allowed_after(b"")
+        if len(piece) < k or lead_length(piece[0]) <= k:
+            continue
+        lo, hi = _second_byte_range(piece[0])
+        if k == 1 or (lo <= piece[1] <= hi and all(is_continuation(b) for b in piece[2:])):
+            return piece
+    return b""
 
 
-def _is_valid_prefix(data: bytes) -> bool:
-    import codecs
-
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-_ALLOWED_CACHE: dict[bytes, list[bool]] = {}
-
-
-def _allowed_after(pending: bytes) -> list[bool]:
-    if pending not in _ALLOWED_CACHE:
-        _ALLOWED_CACHE[pending] = [_is_valid_prefix(pending + bytes([b])) for b in range(256)]
-    return _ALLOWED_CACHE[pending]
+def utf8_allowed_next(tail: bytes) -> list[bool]:
+    """For each byte value, whether it keeps `tail` a valid UTF-8 prefix (strict: no overlong
+    forms, surrogates or code points past U+10FFFF). A `tail` that ends in an invalid sequence
+    counts as a character boundary."""
+    open_char = _open_character(tail)
+    if not open_char:
+        return [b < 0x80 or 0xC2 <= b <= 0xF4 for b in range(256)]
+    lo, hi = _second_byte_range(open_char[0]) if len(open_char) == 1 else (0x80, 0xBF)
+    return [lo <= b <= hi for b in range(256)]

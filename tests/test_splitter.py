@@ -1,6 +1,5 @@
 """The causal word splitter: reference properties, and vectorised == reference."""
 
-import codecs
 
 import pytest
 import torch
@@ -8,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hlm import HLMError
-from hlm.splitter import next_byte_starts, split_words, utf8_allowed_next, word_starts
+from hlm.splitter import (
+    byte_class,
+    byte_classes,
+    lead_length,
+    lead_lengths,
+    next_byte_starts,
+    split_words,
+    utf8_allowed_next,
+    word_starts,
+)
 
 # arbitrary bytes, UTF-8 text (all scripts), and mixtures of both with spaces and newlines
 chunks = st.one_of(st.binary(max_size=12), st.text(max_size=12).map(str.encode),
@@ -49,6 +57,12 @@ def valid_characters(data: bytes) -> list[tuple[int, int]]:
 ])
 def test_documented_examples(text, words):
     assert split_words(text) == words
+
+
+def test_tensor_tables_match_reference():
+    values = torch.arange(256)
+    assert byte_classes(values).tolist() == [byte_class(b) for b in range(256)]
+    assert lead_lengths(values).tolist() == [lead_length(b) for b in range(256)]
 
 
 def test_long_words_are_cut_at_character_starts():
@@ -98,10 +112,21 @@ def test_vectorised_equals_reference(rows, m):
 @SETTINGS
 @given(st.text(max_size=10).map(str.encode), st.lists(st.integers(0, 255), max_size=20))
 def test_utf8_mask_keeps_output_decodable(prompt, choices):
-    """Bytes chosen only where utf8_allowed_next allows them keep a UTF-8 text a valid UTF-8 prefix."""
+    """Bytes chosen only where utf8_allowed_next allows them never reach a dead end, and closing
+    the last character with allowed bytes gives text that a strict decoder accepts."""
+    boundary = utf8_allowed_next(b"")
     out = prompt
     for c in choices:
         allowed = [b for b, ok in enumerate(utf8_allowed_next(out)) if ok]
         assert len(allowed) >= 16  # F4 allows only 80-8F next
         out += bytes([allowed[c % len(allowed)]])
-    codecs.getincrementaldecoder("utf-8")().decode(out, final=False)
+    while utf8_allowed_next(out) != boundary:
+        out += bytes([utf8_allowed_next(out).index(True)])
+    out.decode("utf-8")
+
+
+def test_utf8_mask_is_strict():
+    assert utf8_allowed_next(b"\xed") == [0x80 <= b <= 0x9F for b in range(256)]  # no surrogates
+    assert utf8_allowed_next(b"\xe0") == [0xA0 <= b <= 0xBF for b in range(256)]  # no overlongs
+    assert utf8_allowed_next(b"\xf4\x8f") == [0x80 <= b <= 0xBF for b in range(256)]
+    assert utf8_allowed_next(b"ok\xff")[0x80] is False  # after an invalid byte: a character boundary
