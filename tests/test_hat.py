@@ -40,6 +40,8 @@ def test_smoke_config_builds_a_hat():
     assert isinstance(build_model(cfg.model), HAT)
     with pytest.raises(ConfigError, match="max_words"):
         HAT(HATConfig(max_words=1))
+    with pytest.raises(ConfigError, match="model.max_word_bytes"):
+        HAT(HATConfig(max_word_bytes=3))
 
 
 @pytest.mark.parametrize("max_words", [64, 6])  # 64: no overflow; 6: most of each window is in overflow
