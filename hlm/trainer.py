@@ -362,7 +362,7 @@ class Trainer:
         self.log(rec)
         if not rt.master:
             return
-        remaining = (1.0 - self.progress()) / max(self.progress(), 1e-9) * self.train_time
+        remaining = max(0.0, 1.0 - self.progress()) / max(self.progress(), 1e-9) * self.train_time
         parts = [f"step {self.step}/{tc.max_steps}", f"loss {rec['loss']:.4f}", f"bpb {rec['bpb']:.4f}",
                  f"lr {lr:.2e}", f"{rec['bytes_per_s'] / 1e3:.1f}k B/s", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
         if "mfu" in rec:
