@@ -341,7 +341,7 @@ class Trainer:
         if grad_norm is not None:
             rec["grad_norm"] = float(grad_norm)
         if self.peak:
-            rec["mfu"] = self.flops_per_step * steps / dt / self.peak
+            rec["mfu"] = self.flops_per_step * steps / dt / (self.peak * rt.world)  # flops_per_step is all ranks'
         if rt.device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
         rec.update({k: float(v) / steps for k, v in metrics.items()})
