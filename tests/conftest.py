@@ -69,9 +69,10 @@ def read_meta(folder: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def byte_corpus(tmp_path_factory) -> Path:
-    """The Shakespeare fixture as a byte corpus."""
+    """The Shakespeare fixture as a byte corpus, made through the prepare.py CLI."""
     out = tmp_path_factory.mktemp("corpora") / "shakespeare_bytes"
-    assert prepare("--input", SHAKESPEARE, "--out", out) == 0
+    proc = run_cli("data_prep/prepare.py", "--input", SHAKESPEARE, "--out", out)
+    assert proc.returncode == 0, proc.stderr.decode()
     return out
 
 
