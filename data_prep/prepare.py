@@ -59,10 +59,17 @@ def read_documents(path: Path, text_field: str) -> list[bytes]:
         import datasets
 
         datasets.disable_progress_bars()
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        try:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise PrepareError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from None
         if text_field not in ds.column_names:
             raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
-        return [t.encode("utf-8") for t in ds[text_field]]
+        texts = ds[text_field]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
+        return [t.encode("utf-8") for t in texts]
     return [path.read_bytes()]
 
 

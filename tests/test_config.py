@@ -42,6 +42,11 @@ def test_override_creates_missing_section(tmp_path):
     assert cfg.train.max_steps == 5
 
 
+def test_override_into_an_empty_section(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, "model:\n  family: gpt\ntrain:\n"), ["train.max_steps=5"])
+    assert cfg.train.max_steps == 5
+
+
 def test_int_accepted_for_float():
     cfg = load_config(SMOKE_BYTE, ["train.lr=1", "model.mlp_ratio=2"])
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
@@ -113,7 +118,8 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("text", ["model: [unclosed\n", "- a\n- b\n"])
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "- a\n- b\n", "model: 3\n",
+                                  "model:\n  family: gpt\ntrain: 5\n"])
 def test_not_a_yaml_mapping(tmp_path, text):
     with pytest.raises(ConfigError):
         load_config(write_yaml(tmp_path, text))

@@ -141,6 +141,18 @@ def test_jsonl_tokens_documents_separated_by_eos(tmp_path):
     assert meta["splits"]["train"]["bytes"] == len(b"\x00".join(t.encode() for t in JSONL_TEXTS[:36]))
 
 
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"text": "a"}\n{"text": null}\n{"text": "b"}\n', "record 1"),
+    ('{"text": "a"}\n{"text": \n', "JSON"),
+])
+def test_jsonl_bad_records(tmp_path, capsys, content, needle):
+    src = tmp_path / "corpus.jsonl"
+    src.write_text(content)
+    out = tmp_path / "c"
+    assert_one_line_error(prepare("--input", src, "--out", out), capsys.readouterr().err, needle)
+    assert not out.exists()
+
+
 def test_jsonl_missing_field(tmp_path, capsys):
     src = tmp_path / "corpus.jsonl"
     write_jsonl(src, JSONL_TEXTS)
