@@ -134,6 +134,8 @@ class Trainer:
         use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.window = cfg.model.block_size + 1
+        if self.val_split.n_tokens < self.window:  # fail now, not at the first validation
+            raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
         self.sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
                                      rt.rank, rt.world, tc.seed)
         probe = self._batch(self.sampler, self.train_split, 0, 0)
@@ -237,8 +239,6 @@ class Trainer:
         bs = ec.batch_size or self.cfg.train.batch_size
         stride = self.window - 1
         n_windows = (self.val_split.n_tokens - 1) // stride
-        if n_windows < 1:
-            raise DataError(f"val split too short for windows of {self.window} tokens")
         starts = np.arange(min(n_windows, ec.batches * bs)) * stride
         starts = starts[self.rt.rank :: self.rt.world]
         self.model.eval()

@@ -83,8 +83,9 @@ def test_sample_bpe_model(bpe_run):
     prompt = "Café — "
     proc = run_cli("sample.py", bpe_run / "ckpt.pt", "--prompt", prompt, "--max-bytes", "30", "--top-k", "5")
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.startswith(prompt.encode())
-    assert len(proc.stdout) == len(prompt.encode()) + 30 + 1
+    assert proc.stdout.startswith(prompt.encode()) and proc.stdout.endswith(b"\n")
+    # tokens are cut to --max-bytes; control tokens (the separator) print no bytes
+    assert len(prompt.encode()) + 1 < len(proc.stdout) <= len(prompt.encode()) + 30 + 1
 
 
 def test_bpe_checkpoint_carries_its_tokenizer(bpe_run, bpe_corpus):
@@ -169,3 +170,8 @@ def test_eval_token_model_on_invalid_utf8(capsys, bpe_run, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"valid text \xff\xfe then more")
     assert_one_line_error(*run_main(capsys, "eval", bpe_run / "ckpt.pt", "--text", bad), "UTF-8")
+
+
+def test_eval_corrupt_meta(capsys, byte_run, tmp_path):
+    (tmp_path / "meta.json").write_text("{ not json")
+    assert_one_line_error(*run_main(capsys, "eval", byte_run / "ckpt.pt", "--data", tmp_path), "meta.json")

@@ -98,6 +98,16 @@ def test_generate_bytes_beyond_context():
     assert model.generate(b"hello", max_new=0) == b""
 
 
+def test_prompt_longer_than_context():
+    """Only the last block_size ids of a long prompt condition the continuation."""
+    model = tiny_gpt(block_size=16)
+    prompt = random_ids(256, (1, 40))
+    out = model.generate(prompt, max_new=5, temperature=0)
+    tail = model.generate(prompt[:, -16:], max_new=5, temperature=0)
+    assert out.shape == (1, 45) and torch.equal(out[:, :40], prompt)
+    assert torch.equal(out[:, 40:], tail[:, 16:])
+
+
 def test_top_k_one_is_greedy():
     model = tiny_gpt()
     prompt = random_ids(256, (1, 6))

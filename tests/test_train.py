@@ -9,13 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, SMOKE_BYTE, TINY_MODEL, assert_one_line_error, load_cli, prepare
+from conftest import QUIET, SHAKESPEARE, SMOKE_BYTE, TINY_MODEL, assert_one_line_error, load_cli, prepare
 
 from hlm.checkpoint import load_checkpoint
 from hlm.config import ConfigError, TrainConfig, load_config
 from hlm.data import DataError, WindowSampler
 from hlm.trainer import Trainer, lr_at
 
+SHAKESPEARE_HEAD = SHAKESPEARE.read_bytes()[:5000]
 TIMING_KEYS = {"tokens_per_s", "bytes_per_s", "step_time_s", "train_time_s"}
 
 
@@ -186,3 +187,55 @@ def test_train_corpus_too_short(tmp_path, capsys):
     assert prepare("--input", src, "--out", tmp_path / "c") == 0
     rc, err = run_train(capsys, f"data.path={tmp_path / 'c'}", f"train.out_dir={tmp_path / 'run'}")
     assert_one_line_error(rc, err, "too short")
+
+
+def test_train_val_split_too_short_fails_before_training(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.txt").write_bytes(SHAKESPEARE_HEAD)
+    (src / "valid.txt").write_bytes(b"too short\n")
+    (src / "test.txt").write_bytes(b"too short\n")
+    assert prepare("--input", src, "--out", tmp_path / "c") == 0
+    out = tmp_path / "run"
+    rc, err = run_train(capsys, f"data.path={tmp_path / 'c'}", f"train.out_dir={out}")
+    assert_one_line_error(rc, err, "val split too short")
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_init_from_loads_weights_with_a_fresh_schedule(tmp_path, byte_corpus, capsys):
+    first = tmp_path / "first"
+    Trainer(tiny_config(byte_corpus, first, "train.max_steps=2", "eval.interval=0")).fit()
+    saved = load_checkpoint(first / "ckpt.pt")["model"]
+    trainer = Trainer(tiny_config(byte_corpus, tmp_path / "second", f"train.init_from={first / 'ckpt.pt'}"))
+    assert trainer.step == 0
+    assert all(torch.equal(saved[k], v) for k, v in trainer.raw_model.state_dict().items())
+    rc, err = run_train(capsys, f"data.path={byte_corpus}", f"train.out_dir={tmp_path / 'third'}",
+                        f"train.init_from={first / 'ckpt.pt'}", "model.d_model=64")
+    assert_one_line_error(rc, err, "different model", "d_model")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous checkpoint intact and no temporary file."""
+    from hlm import checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+
+    def dying_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_resume_from_a_corrupt_checkpoint(tmp_path, byte_corpus, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    rc, err = run_train(capsys, f"data.path={byte_corpus}", f"train.out_dir={out}")
+    assert_one_line_error(rc, err, "cannot read checkpoint")
