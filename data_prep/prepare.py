@@ -182,6 +182,9 @@ def write_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
     """Write all files into a temporary folder beside `folder`, then swap it in."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         for name, content in files.items():
             if isinstance(content, np.ndarray):
@@ -221,9 +224,10 @@ def prepare(args: argparse.Namespace) -> dict:
         texts = {name: [decode_utf8(d, f"{name} document {i}") for i, d in enumerate(docs)]
                  for name, docs in splits.items()}
         with tempfile.TemporaryDirectory() as tmpdir:
-            model_file = Path(tmpdir) / "tokenizer.model"
-            print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}", file=sys.stderr)
-            train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
+            model_file = Path(args.tokenizer_model or Path(tmpdir) / "tokenizer.model")
+            if not args.tokenizer_model:
+                print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}", file=sys.stderr)
+                train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
             tok = SentencePieceTokenizer(model_file)
             out["tokenizer.model"] = model_file.read_bytes()
         dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", choices=["bpe", "unigram"], default=None, help="omit for raw bytes")
     p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--tokenizer-model", help="reuse this sentencepiece .model instead of training one "
+                   "(give --tokenizer too, naming its type)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")

@@ -254,6 +254,35 @@ class Trainer:
         return {"bpb": nll / (LN2 * nbytes), "loss": nll / ntok, "bytes": int(nbytes)}
 
     # ----- main loop -----
+    def train_step(self) -> tuple[float, torch.Tensor | None, torch.Tensor, int, dict[str, torch.Tensor]]:
+        """One optimizer step over grad_accum micro-batches. Returns the lr, the gradient norm,
+        [nll sum, bytes] of the targets seen, their count and the model's metrics, all left on
+        the device (no host sync)."""
+        tc = self.cfg.train
+        lr = lr_at(tc, self.step, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
+        n_targets, metrics = 0, {}
+        for micro in range(tc.grad_accum):
+            x = self._batch(self.sampler, self.train_split, self.step, micro)
+            sync = self.rt.world == 1 or micro == tc.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self.autocast:
+                    out = self.model(x)
+                (out.loss / tc.grad_accum).backward()
+            stats += torch.stack([out.nll.detach().double().sum(), self.token_nbytes[x[:, 1:]].sum().double()])
+            n_targets += out.nll.numel()
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0) + v.detach().float() / tc.grad_accum
+        grad_norm = None
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, grad_norm, stats, n_targets, metrics
+
     def fit(self) -> dict:
         cfg, tc, rt = self.cfg, self.cfg.train, self.rt
         self.model.train()
@@ -267,26 +296,11 @@ class Trainer:
                   f"{self.flops_per_step / 1e9:.2f} GFLOP per step, world size {rt.world}", flush=True)
         while not self._done():
             t0 = time.perf_counter()
-            lr = lr_at(tc, self.step, self.progress())
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(tc.grad_accum):
-                x = self._batch(self.sampler, self.train_split, self.step, micro)
-                sync = rt.world == 1 or micro == tc.grad_accum - 1
-                with contextlib.nullcontext() if sync else self.model.no_sync():
-                    with self.autocast:
-                        out = self.model(x)
-                    (out.loss / tc.grad_accum).backward()
-                window_stats += torch.stack([out.nll.detach().double().sum(),
-                                             self.token_nbytes[x[:, 1:]].sum().double()])
-                window_targets += out.nll.numel()
-                for k, v in out.metrics.items():
-                    metrics_acc[k] = metrics_acc.get(k, 0) + v.detach().float() / tc.grad_accum
-            if tc.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            lr, grad_norm, stats, n_targets, metrics = self.train_step()
+            window_stats += stats
+            window_targets += n_targets
+            for k, v in metrics.items():
+                metrics_acc[k] = metrics_acc.get(k, 0) + v
             steps_since_log += 1
             if t_train is None:  # the first step carries compilation: keep it out of the clock
                 t_train = time.perf_counter()
@@ -299,7 +313,7 @@ class Trainer:
 
             if self.step % cfg.log.interval == 0 or self._done():
                 if steps_since_log:
-                    self._log_train(lr, grad_norm if tc.grad_clip > 0 else None, window_stats, window_targets,
+                    self._log_train(lr, grad_norm, window_stats, window_targets,
                                     metrics_acc, steps_since_log, time.perf_counter() - t_log)
                 window_stats.zero_()
                 window_targets, steps_since_log, metrics_acc = 0, 0, {}

@@ -1,0 +1,90 @@
+"""Training throughput of any config: `python bench.py CONFIG [section.key=value ...] [--steps N]`.
+
+Builds the model exactly as train.py does (same data, compile, autocast), runs warm-up steps,
+then times --steps optimizer steps with the device synchronised at both ends. Prints one
+markdown row: bytes/s, tokens/s, model TFLOP/s (FlopCounterMode), MFU against the datasheet
+peak (989 TFLOP/s dense bf16 for H100/H200) and against the matmul rate measured on the lent
+H200 (791 TFLOP/s), and peak memory. `--json FILE` appends the row as JSON.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hlm import HLMError
+from hlm.config import load_config
+from hlm.trainer import Trainer
+
+MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the lent H200 (DESIGN §8)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"], help="force one attention backend")
+    args = p.parse_args(argv)
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    attention = sdpa_kernel(backends[args.sdpa]) if args.sdpa else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as tmp, attention:
+        try:
+            cfg = load_config(args.config, [*args.overrides, f"train.out_dir={tmp}", "train.resume=false",
+                                            "log.tensorboard=false"])
+            trainer = Trainer(cfg)
+        except HLMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        dev = trainer.rt.device
+        for _ in range(args.warmup):
+            trainer.train_step()
+        sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        stats = torch.zeros(2, device=dev, dtype=torch.float64)
+        n_targets = 0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            _, _, s, n, _ = trainer.train_step()
+            stats += s
+            n_targets += n
+        sync(dev)
+        dt = time.perf_counter() - t0
+    flops = trainer.flops_per_step * args.steps / dt
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    row = {"config": args.config, "overrides": args.overrides, "sdpa": args.sdpa, "device": device_name,
+           "step_s": dt / args.steps, "bytes_per_s": stats[1].item() / dt,
+           "tokens_per_s": n_targets / dt, "tflops": flops / 1e12,
+           "mfu": flops / trainer.peak if trainer.peak else None, "mfu_measured_peak": flops / MEASURED_MATMUL_FLOPS,
+           "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+           "params_m": sum(q.numel() for q in trainer.raw_model.parameters()) / 1e6,
+           "torch": torch.__version__}
+    mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "-"
+    mem = f"{row['peak_mem_gib']:.1f}" if row["peak_mem_gib"] else "-"
+    print("| config | bytes/s | tokens/s | TFLOP/s | MFU (989) | MFU (791 measured) | step s | mem GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    name = " ".join([args.config, *args.overrides, args.sdpa or ""]).strip()
+    print(f"| {name} | {row['bytes_per_s']:,.0f} | {row['tokens_per_s']:,.0f} | "
+          f"{row['tflops']:.1f} | {mfu} | {100 * row['mfu_measured_peak']:.1f}% | {row['step_s']:.3f} | {mem} |")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
