@@ -17,6 +17,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SHAKESPEARE = FIXTURES / "tinyshakespeare_head32k.txt"
 ENWIKI = FIXTURES / "enwiki_wv_test_head64k.txt"  # multi-byte UTF-8
 SMOKE_BYTE = ROOT / "configs" / "smoke" / "byte_gpt.yaml"
+SMOKE_BPE = ROOT / "configs" / "smoke" / "bpe_gpt.yaml"  # vocab 512
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -78,9 +79,9 @@ def byte_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bpe_corpus(tmp_path_factory) -> Path:
-    """The multi-byte UTF-8 enwiki fixture as a sentencepiece BPE token corpus (vocab 400)."""
+    """The multi-byte UTF-8 enwiki fixture as a sentencepiece BPE token corpus (vocab 512)."""
     out = tmp_path_factory.mktemp("corpora") / "enwiki_bpe"
-    assert prepare("--input", ENWIKI, "--out", out, "--tokenizer", "bpe", "--vocab-size", "400",
+    assert prepare("--input", ENWIKI, "--out", out, "--tokenizer", "bpe", "--vocab-size", "512",
                    "--threads", "1") == 0
     return out
 
@@ -96,10 +97,8 @@ def byte_run(tmp_path_factory, byte_corpus) -> Path:
 
 @pytest.fixture(scope="session")
 def bpe_run(tmp_path_factory, bpe_corpus) -> Path:
-    """A tiny token GPT trained on the BPE corpus through the train.py CLI."""
+    """The BPE smoke config (40 steps) trained on the BPE corpus through the train.py CLI."""
     out = tmp_path_factory.mktemp("runs") / "bpe_gpt"
-    vocab = read_meta(bpe_corpus)["vocab_size"]
-    proc = run_cli("train.py", SMOKE_BYTE, f"data.path={bpe_corpus}", f"train.out_dir={out}",
-                   f"model.vocab_size={vocab}", *TINY_MODEL, *QUIET, "train.max_steps=10", "eval.interval=0")
+    proc = run_cli("train.py", SMOKE_BPE, f"data.path={bpe_corpus}", f"train.out_dir={out}", *QUIET)
     assert proc.returncode == 0, proc.stderr.decode()
     return out

@@ -40,7 +40,7 @@ def test_eval_byte_and_bpe_models_on_the_same_text(byte_run, bpe_run, tmp_path):
     byte_row, bpe_row = json.loads(out.read_text())
     assert byte_row["bytes"] == bpe_row["bytes"] == 6000
     assert byte_row["tokens"] == 6000 and bpe_row["tokens"] < 6000
-    assert "V=400" in bpe_row["model"] and "V=256" in byte_row["model"]
+    assert "V=512" in bpe_row["model"] and "V=256" in byte_row["model"]
     table = proc.stdout.decode()
     assert table.count("ckpt.pt") == 2
 

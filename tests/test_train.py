@@ -43,6 +43,14 @@ def test_loss_falls_on_the_fixture(byte_run):
     assert any((byte_run / "tb").iterdir())  # tensorboard on by default
 
 
+def test_loss_falls_for_the_bpe_model(bpe_run):
+    train, val = records(bpe_run, "train"), records(bpe_run, "val")
+    assert [r["step"] for r in val] == [20, 40]
+    assert val[-1]["bpb"] < val[0]["bpb"] < train[0]["bpb"]
+    assert val[-1]["loss"] < math.log(512) - 1.0  # a uniform guess over the 512 tokens costs log(512) nats
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+
+
 class Interrupted(Exception):
     pass
 
