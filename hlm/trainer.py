@@ -225,6 +225,11 @@ class Trainer:
                 if isinstance(v, (int, float)) and k not in ("step", "kind"):
                     self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
 
+    def from_rank0(self, value: float) -> float:
+        t = torch.tensor([value], device=self.rt.device, dtype=torch.float64)
+        dist.broadcast(t, 0)
+        return t.item()
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.rt.world > 1:
             dist.all_reduce(t)
@@ -310,6 +315,8 @@ class Trainer:
                 metrics_acc = {}
             else:
                 self.train_time += time.perf_counter() - t0
+                if tc.time_budget_s > 0 and rt.world > 1:  # one clock for all ranks: same lr, same last step
+                    self.train_time = self.from_rank0(self.train_time)
 
             if self.step % cfg.log.interval == 0 or self._done():
                 if steps_since_log:

@@ -4,6 +4,8 @@ sync, average gradients (2 ranks x batch 4 == 1 process x batch 8), and rank 0 w
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -18,7 +20,7 @@ from hlm.trainer import Trainer
 # Runs the real Trainer under torchrun and records, per rank, the window starts it trained on
 # and its final weights.
 WORKER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, time
     import torch, torch.distributed as dist
     from hlm.config import load_config
     from hlm.data import WindowSampler
@@ -33,6 +35,9 @@ WORKER = textwrap.dedent("""
         return out
 
     WindowSampler.starts = recording_starts
+    if os.environ["RANK"] == "1" and "CLOCK_SKEW" in os.environ:  # rank 1's clock runs fast
+        clock, skew = time.perf_counter, float(os.environ["CLOCK_SKEW"])
+        time.perf_counter = lambda: skew * clock()
     out_dir = sys.argv[1]
     trainer = Trainer(load_config(sys.argv[2], sys.argv[3:]))
     trainer.fit()
@@ -46,22 +51,23 @@ WORKER = textwrap.dedent("""
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, byte_corpus):
-    import subprocess
-    import sys
-
-    tmp = tmp_path_factory.mktemp("ddp")
+def torchrun(tmp, overrides: list[str], **env) -> None:
     worker = tmp / "worker.py"
     worker.write_text(WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(tmp), str(SMOKE_BYTE), *overrides],
+                          cwd=ROOT, env={**cli_env(), **env}, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, byte_corpus):
+    tmp = tmp_path_factory.mktemp("ddp")
     run_dir = tmp / "run"
     overrides = [f"data.path={byte_corpus}", f"train.out_dir={run_dir}", *TINY_MODEL, *QUIET,
                  f"train.max_steps={STEPS}", "train.batch_size=4", "train.grad_accum=2", "train.warmup_steps=1",
                  "eval.interval=2", "eval.batches=3", "eval.batch_size=4", "log.interval=1"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(tmp), str(SMOKE_BYTE), *overrides],
-                          cwd=ROOT, env=cli_env(), capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    torchrun(tmp, overrides)
     return tmp, run_dir, overrides
 
 
@@ -110,3 +116,15 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path):
     assert [r["bytes"] for r in val_ddp] == [r["bytes"] for r in val_single]
     for a, b in zip(val_ddp, val_single, strict=True):
         assert a["bpb"] == pytest.approx(b["bpb"], rel=1e-5)
+
+
+def test_time_budget_is_one_clock_for_all_ranks(tmp_path, byte_corpus):
+    """With train.time_budget_s, ranks whose clocks disagree must still stop at the same step with
+    the same learning rates (otherwise one rank waits forever in the next all-reduce)."""
+    torchrun(tmp_path, [f"data.path={byte_corpus}", f"train.out_dir={tmp_path / 'run'}", *TINY_MODEL, *QUIET,
+                        "train.max_steps=100000", "train.time_budget_s=1.0", "train.batch_size=2",
+                        "eval.interval=0", "eval.batches=1", "log.interval=1000"], CLOCK_SKEW="3")
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    steps = [len(json.loads((tmp_path / f"starts{r}.json").read_text())["starts"]) for r in range(2)]
+    assert steps[0] == steps[1] > 2
