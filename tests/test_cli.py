@@ -175,3 +175,13 @@ def test_eval_token_model_on_invalid_utf8(capsys, bpe_run, tmp_path):
 def test_eval_corrupt_meta(capsys, byte_run, tmp_path):
     (tmp_path / "meta.json").write_text("{ not json")
     assert_one_line_error(*run_main(capsys, "eval", byte_run / "ckpt.pt", "--data", tmp_path), "meta.json")
+
+
+def test_bench_runs_on_cpu(byte_corpus, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = load_cli("bench").main([str(SMOKE_BYTE), f"data.path={byte_corpus}", "--steps", "2", "--warmup", "1",
+                                 "--json", str(out)])
+    assert rc == 0
+    assert "| config | bytes/s |" in capsys.readouterr().out
+    row = json.loads(out.read_text())
+    assert row["bytes_per_s"] > 0 and row["tokens_per_s"] == row["bytes_per_s"]

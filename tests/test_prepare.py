@@ -73,6 +73,22 @@ def test_unigram_prepares_and_round_trips(tmp_path):
     assert b"".join(parts[s] for s in SPLITS) == SHAKESPEARE.read_bytes()
 
 
+def test_reuse_a_tokenizer_model(tmp_path, bpe_corpus):
+    """--tokenizer-model encodes a new corpus with an existing tokenizer (same ids for the same text)."""
+    out = tmp_path / "c"
+    assert prepare("--input", SHAKESPEARE, "--out", out, "--tokenizer", "bpe",
+                   "--tokenizer-model", bpe_corpus / "tokenizer.model", "--threads", "1") == 0
+    assert (out / "tokenizer.model").read_bytes() == (bpe_corpus / "tokenizer.model").read_bytes()
+    assert b"".join(split_bytes(out)[s] for s in SPLITS) == SHAKESPEARE.read_bytes()
+
+
+def test_missing_tokenizer_model(tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = prepare("--input", SHAKESPEARE, "--out", out, "--tokenizer", "bpe", "--tokenizer-model", tmp_path / "no.model")
+    assert_one_line_error(rc, capsys.readouterr().err, "no.model")
+    assert not out.exists()
+
+
 def test_folder_with_named_splits(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
