@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ENWIKI, SHAKESPEARE, assert_one_line_error, prepare, read_meta
+from conftest import ENWIKI, ROOT, SHAKESPEARE, assert_one_line_error, prepare, read_meta
 
 from data_prep.prepare import split_by_fraction
 from hlm.data import SPLITS, token_byte_lengths
@@ -211,7 +211,9 @@ def test_missing_input(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_missing_relative_input_is_not_a_hub_name(tmp_path, capsys):
+def test_missing_relative_input_is_not_a_hub_name(tmp_path, capsys, monkeypatch):
+    """A missing path under an existing folder is reported as missing, not looked up on the Hub."""
+    monkeypatch.chdir(ROOT)
     out = tmp_path / "c"
     rc = prepare("--input", "tests/fixtures/no_such_file.txt", "--out", out)
     assert_one_line_error(rc, capsys.readouterr().err, "not found")
