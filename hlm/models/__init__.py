@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch.nn as nn
 
 from hlm.models.gpt import GPT, GPTConfig
+from hlm.models.hat import HAT, HATConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "gpt": (GPTConfig, GPT),
+    "hat": (HATConfig, HAT),
 }
 
 

@@ -1,0 +1,182 @@
+"""HAT: causality, a proper next-byte distribution equal to teacher forcing (also at word ends
+and in overflow), cached generation, training on the fixture, compile == eager."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.prepare import main as prepare_main
+from hlm.config import ConfigError, load_config
+from hlm.models import build_model
+from hlm.models.hat import HAT, HATConfig
+from hlm.next_word import main as next_word_main
+from hlm.next_word import word_hits
+from hlm.splitter import split_words, utf8_allowed_next, word_starts
+from hlm.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENWIKI = ROOT / "tests" / "fixtures" / "enwiki_wv_test_head64k.txt"
+TEXT = "Gary Kildall (May 19, 1942 – July 11, 1994) was an American. Naïve 日本語 text\n\nfoo bar.".encode()
+
+
+def tiny(**kw) -> HAT:
+    torch.manual_seed(0)
+    cfg = dict(block_size=48, max_words=16, max_word_bytes=8, d_byte=16, n_head_byte=2, n_enc_layer=1,
+               n_dec_layer=1, d_model=16, n_head=2, n_layer=2)
+    return HAT(HATConfig(**{**cfg, **kw})).double().eval()
+
+
+def windows(length: int) -> torch.Tensor:
+    """Rows that start mid-word and mid-character, plus random bytes."""
+    g = torch.Generator().manual_seed(0)
+    rows = [list(TEXT[:length]), list(TEXT[7 : 7 + length]), list(TEXT[38 : 38 + length]),
+            torch.randint(0, 256, (length,), generator=g).tolist()]
+    return torch.tensor(rows)
+
+
+def test_smoke_config_builds_a_hat():
+    cfg = load_config(ROOT / "configs" / "smoke" / "hat.yaml")
+    assert isinstance(build_model(cfg.model), HAT)
+    with pytest.raises(ConfigError, match="max_words"):
+        HAT(HATConfig(max_words=1))
+    with pytest.raises(ConfigError, match="model.max_word_bytes"):
+        HAT(HATConfig(max_word_bytes=3))
+
+
+@pytest.mark.parametrize("max_words", [64, 6])  # 64: no overflow; 6: most of each window is in overflow
+def test_causal(max_words):
+    model = tiny(max_words=max_words)
+    idx = windows(49)
+    with torch.no_grad():
+        base = model(idx).nll
+        for j in (1, 5, 17, 30, 48):
+            other = idx.clone()
+            other[:, j] = (other[:, j] + 101) % 256
+            assert torch.equal(model(other).nll[:, : j - 1], base[:, : j - 1])
+
+
+@pytest.mark.parametrize("max_words", [64, 6])
+def test_next_logprobs_proper_and_equal_teacher_forcing(max_words):
+    model = tiny(max_words=max_words)
+    idx = windows(49)
+    with torch.no_grad():
+        out = model(idx)
+        lp = model.next_logprobs(idx[:, :-1])
+    assert lp.shape == (4, 48, 256)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4, 48, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(-lp.gather(2, idx[:, 1:, None]).squeeze(-1), out.nll, rtol=0, atol=1e-10)
+    starts = word_starts(idx, 8)[:, 1:]
+    assert starts.any() and (~starts).any()  # both word-starting and word-continuing targets are checked
+    assert (out.metrics["overflow_frac"] > 0.5) == (max_words == 6)
+    assert (out.metrics["overflow_frac"] == 0) == (max_words == 64)
+
+
+@pytest.mark.parametrize("prefix", [b"an American", b"an American.", "Naïve 日".encode(), "日".encode()[:2], b"a  "])
+def test_every_next_byte_equals_teacher_forcing(prefix):
+    """p(b | prefix) from next_logprobs == exp(-nll) of prefix + b, for all 256 b: at word ends (EOW +
+    first byte), inside words, inside a multi-byte character, and after a run of spaces."""
+    model = tiny()
+    x = torch.tensor([list(prefix)])
+    ext = torch.cat([x.expand(256, -1), torch.arange(256)[:, None]], dim=1)
+    with torch.no_grad():
+        lp = model.next_logprobs(x)[0, -1]
+        nll = model(ext).nll[:, -1]
+    torch.testing.assert_close(lp, -nll, rtol=0, atol=1e-10)
+
+
+def test_generation_matches_teacher_forcing():
+    """The cached sampler (backbone once per word) draws from next_logprobs: the log-prob it reports
+    for each sampled byte equals teacher forcing on the generated text."""
+    model = tiny()
+    prompt = list(b"Gary Kildall was")
+    g = torch.Generator().manual_seed(1)
+    pairs = list(model._stream_row(torch.tensor([prompt]), 30, 1.0, None, g, False))
+    full = torch.tensor([prompt + [b for b, _ in pairs]])
+    with torch.no_grad():
+        nll = model(full).nll[0, len(prompt) - 1 :]
+    torch.testing.assert_close(torch.tensor([lp for _, lp in pairs], dtype=torch.float64), -nll, rtol=0, atol=1e-9)
+
+
+def test_generated_text_is_utf8():
+    """With utf8=True every continuation is a valid UTF-8 prefix (here from an untrained model, over
+    window restarts: 120 new bytes with a 48-byte context), for every row of a batch."""
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    out = b"Hello, w" + model.generate(b"Hello, w", 120, generator=g, utf8=True)
+    assert len(out) == 128
+    while utf8_allowed_next(out) != utf8_allowed_next(b""):  # close the last character, if open
+        out += bytes([utf8_allowed_next(out).index(True)])
+    out.decode("utf-8")
+    rows = model.generate(torch.tensor([list(b"ab cd"), list(b"xy zw")]), 10, generator=g, utf8=True)
+    assert rows.shape == (2, 15)
+
+
+def test_compile_matches_eager():
+    """One graph (fullgraph: no breaks, no host syncs) with the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = HAT(HATConfig(block_size=32, max_words=12, max_word_bytes=8, d_byte=16, n_head_byte=2, n_enc_layer=1,
+                          n_dec_layer=1, d_model=16, n_head=2, n_layer=1))
+    idx = windows(33)
+    eager = model(idx)
+    eager.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(idx)
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.nll, eager.nll, rtol=0, atol=1e-5)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_on_fixture(tmp_path):
+    data = tmp_path / "data"
+    prepare_main(["--input", str(ENWIKI), "--out", str(data)])
+    cfg = load_config(ROOT / "configs" / "smoke" / "hat.yaml",
+                      [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=30",
+                       "eval.interval=0", "log.tensorboard=false", "log.interval=5"])
+    train(cfg)
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < 0.75 * losses[0]
+    assert all("overflow_frac" in r for r in records if r["kind"] == "train")
+
+
+def oracle_logprobs(x: torch.Tensor) -> torch.Tensor:
+    """Log-probs that put (almost) all mass on the true next byte; a space after the last byte."""
+    nxt = torch.cat([x[:, 1:], torch.full_like(x[:, :1], 0x20)], dim=1)
+    return torch.nn.functional.one_hot(nxt, 256).double().mul(10).log_softmax(-1)
+
+
+def test_next_word_hits_counts_exact_greedy_words():
+    text = b"Hello, world! The cat sat on it.\n\nEnd of story"
+    x = torch.tensor([list(text)])
+    words = split_words(text)
+    n_scored = len(words) - 2  # not the first word (no known start), not the last (no known end)
+    lp = oracle_logprobs(x)
+    assert [int(v) for v in word_hits(lp, x)] == [n_scored, n_scored]
+    # a wrong byte inside " cat" and a missing end after " sat" (greedy would continue the word)
+    wrong = lp.clone()
+    cat = text.index(b"cat")
+    wrong[0, cat, ord("o")] = 20.0  # after " c" the model prefers "o"
+    sat_end = text.index(b"sat") + 2
+    wrong[0, sat_end, ord("s")] = 20.0  # after " sat" it prefers "s" (continues the word)
+    assert [int(v) for v in word_hits(wrong, x)] == [n_scored - 2, n_scored]
+    # an error in the first, unscored word changes nothing
+    first = lp.clone()
+    first[0, 1, ord("z")] = 20.0
+    assert [int(v) for v in word_hits(first, x)] == [n_scored, n_scored]
+
+
+def test_next_word_cli(tmp_path, capsys):
+    data = tmp_path / "data"
+    prepare_main(["--input", str(ENWIKI), "--out", str(data)])
+    cfg = load_config(ROOT / "configs" / "smoke" / "hat.yaml",
+                      [f"data.path={data}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=2",
+                       "eval.interval=0", "log.tensorboard=false"])
+    train(cfg)
+    assert next_word_main([str(tmp_path / "run" / "ckpt.pt"), "--data", str(data), "--max-bytes", "2000"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert 0.0 <= float(row[2]) <= 1.0 and int(row[3].replace(",", "")) > 100
