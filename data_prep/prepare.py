@@ -59,10 +59,17 @@ def read_documents(path: Path, text_field: str) -> list[bytes]:
         import datasets
 
         datasets.disable_progress_bars()
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        try:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise PrepareError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from None
         if text_field not in ds.column_names:
             raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
-        return [t.encode("utf-8") for t in ds[text_field]]
+        texts = ds[text_field]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
+        return [t.encode("utf-8") for t in texts]
     return [path.read_bytes()]
 
 
@@ -74,7 +81,11 @@ def split_by_fraction(docs: list[bytes], val_frac: float, test_frac: float) -> d
         for frac in (1 - val_frac - test_frac, 1 - test_frac):
             pos = int(len(data) * frac)
             nl = data.find(b"\n", pos)
-            cuts.append(nl + 1 if 0 <= nl < len(data) - 1 else pos)
+            if 0 <= nl < len(data) - 1:
+                pos = nl + 1
+            while pos < len(data) and data[pos] & 0xC0 == 0x80:  # never cut inside a UTF-8 character
+                pos += 1
+            cuts.append(pos)
         a, b = cuts
         return {"train": [data[:a]], "val": [data[a:b]], "test": [data[b:]]}
     n = len(docs)
@@ -103,7 +114,7 @@ def load_splits(inp: str, text_field: str, val_frac: float, test_frac: float) ->
         return split_by_fraction(docs, val_frac, test_frac), files
     if path.is_file():
         return split_by_fraction(read_documents(path, text_field), val_frac, test_frac), [path]
-    if "/" in inp and not inp.startswith((".", "/")) and not path.exists():
+    if "/" in inp and not inp.startswith((".", "/")) and not path.parent.exists():  # owner/name
         import datasets
 
         ds = datasets.load_dataset(inp, split="train")
@@ -137,13 +148,16 @@ def train_sentencepiece(docs: list[str], kind: str, vocab_size: int, out_file: P
             yield from doc.splitlines(keepends=True)
 
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=proto, model_type=kind, vocab_size=vocab_size,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, split_by_whitespace=True, allow_whitespace_only_pieces=True,
-        split_digits=False, character_coverage=1.0, max_sentence_length=1 << 16, input_sentence_size=4_000_000,
-        shuffle_input_sentence=True, max_sentencepiece_length=16, num_threads=threads, minloglevel=2,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=proto, model_type=kind, vocab_size=vocab_size,
+            byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, split_by_whitespace=True, allow_whitespace_only_pieces=True,
+            split_digits=False, character_coverage=1.0, max_sentence_length=1 << 16, input_sentence_size=4_000_000,
+            shuffle_input_sentence=True, max_sentencepiece_length=16, num_threads=threads, minloglevel=2,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
+    except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus's characters + 256 byte pieces
+        raise PrepareError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
     out_file.write_bytes(proto.getvalue())
 
 

@@ -103,6 +103,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -135,7 +140,9 @@ def _apply_override(raw: dict, override: str) -> None:
         raise ConfigError(f"override '{override}': key must be section.key")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`train:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override '{override}': '{part}' is not a section")
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
@@ -148,7 +155,9 @@ def config_from_dict(raw: dict) -> Config:
     unknown = set(raw) - set(SECTIONS) - {"model"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-    model_raw = dict(raw.get("model") or {})
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"model: expected a mapping, got {model_raw!r}")
     family = model_raw.get("family", "gpt")
     model_cls = model_config_class(family)
     sections = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}

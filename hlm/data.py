@@ -30,7 +30,10 @@ def read_meta(folder: str | Path) -> dict:
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"no meta.json in {folder}: prepare the corpus with data_prep/prepare.py first")
-    return json.loads(meta_path.read_text())
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
 
 
 def token_byte_lengths(meta: dict, folder: str | Path) -> np.ndarray:

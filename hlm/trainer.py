@@ -134,6 +134,8 @@ class Trainer:
         use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.window = cfg.model.block_size + 1
+        if self.val_split.n_tokens < self.window:  # fail now, not at the first validation
+            raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
         self.sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
                                      rt.rank, rt.world, tc.seed)
         probe = self._batch(self.sampler, self.train_split, 0, 0)
@@ -223,6 +225,11 @@ class Trainer:
                 if isinstance(v, (int, float)) and k not in ("step", "kind"):
                     self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
 
+    def from_rank0(self, value: float) -> float:
+        t = torch.tensor([value], device=self.rt.device, dtype=torch.float64)
+        dist.broadcast(t, 0)
+        return t.item()
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.rt.world > 1:
             dist.all_reduce(t)
@@ -237,8 +244,6 @@ class Trainer:
         bs = ec.batch_size or self.cfg.train.batch_size
         stride = self.window - 1
         n_windows = (self.val_split.n_tokens - 1) // stride
-        if n_windows < 1:
-            raise DataError(f"val split too short for windows of {self.window} tokens")
         starts = np.arange(min(n_windows, ec.batches * bs)) * stride
         starts = starts[self.rt.rank :: self.rt.world]
         self.model.eval()
@@ -310,6 +315,8 @@ class Trainer:
                 metrics_acc = {}
             else:
                 self.train_time += time.perf_counter() - t0
+                if tc.time_budget_s > 0 and rt.world > 1:  # one clock for all ranks: same lr, same last step
+                    self.train_time = self.from_rank0(self.train_time)
 
             if self.step % cfg.log.interval == 0 or self._done():
                 if steps_since_log:
@@ -355,7 +362,7 @@ class Trainer:
         if grad_norm is not None:
             rec["grad_norm"] = float(grad_norm)
         if self.peak:
-            rec["mfu"] = self.flops_per_step * steps / dt / self.peak
+            rec["mfu"] = self.flops_per_step * steps / dt / (self.peak * rt.world)  # flops_per_step is all ranks'
         if rt.device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
         rec.update({k: float(v) / steps for k, v in metrics.items()})

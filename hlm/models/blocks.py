@@ -45,9 +45,14 @@ class Rotary(nn.Module):
         return self.cos[start : start + length], self.sin[start : start + length]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 to fp32 for softmax-like math, leaving fp64 (exactness tests) in fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dimension; x is [B, H, T, D]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
 

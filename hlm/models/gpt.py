@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, init_weights, sample_next
+from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, at_least_fp32, init_weights, sample_next
 
 
 @dataclass
@@ -49,12 +49,12 @@ class GPT(nn.Module):
 
     def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, T, V] of the next id after each position of idx [B, T]."""
-        return F.log_softmax(self.logits(idx).float(), dim=-1)
+        return F.log_softmax(at_least_fp32(self.logits(idx)), dim=-1)
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         inputs, targets = idx[:, :-1], idx[:, 1:]
         logits = self.logits(inputs)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten(), reduction="none")
         nll = nll.view_as(targets)
         return ModelOutput(nll.mean(), nll, {})
 

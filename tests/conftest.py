@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny prepared corpora and one tiny trained byte model, made once per session,
+plus helpers that run the CLIs in-process (fast) or as subprocesses (the real entry points)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+SHAKESPEARE = FIXTURES / "tinyshakespeare_head32k.txt"
+ENWIKI = FIXTURES / "enwiki_wv_test_head64k.txt"  # multi-byte UTF-8
+SMOKE_BYTE = ROOT / "configs" / "smoke" / "byte_gpt.yaml"
+SMOKE_BPE = ROOT / "configs" / "smoke" / "bpe_gpt.yaml"  # vocab 512
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# A model smaller than the smoke config, for tests that train several times.
+TINY_MODEL = ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32"]
+QUIET = ["log.tensorboard=false"]
+
+
+def load_cli(name: str):
+    """Import a top-level script (train.py, eval.py, sample.py) as a module without shadowing builtins."""
+    spec = importlib.util.spec_from_file_location(f"hlm_cli_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python <args>` from the repo root as a user would; output captured as bytes."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=cli_env(), capture_output=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(rc: int, stderr: str | bytes, *needles: str) -> None:
+    """A bad input must end in a non-zero exit and a single `error: ...` line, never a traceback."""
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", "replace")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def prepare(*args: str | Path) -> int:
+    from data_prep.prepare import main
+
+    return main([str(a) for a in args])
+
+
+def read_meta(folder: Path) -> dict:
+    return json.loads((folder / "meta.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def byte_corpus(tmp_path_factory) -> Path:
+    """The Shakespeare fixture as a byte corpus, made through the prepare.py CLI."""
+    out = tmp_path_factory.mktemp("corpora") / "shakespeare_bytes"
+    proc = run_cli("data_prep/prepare.py", "--input", SHAKESPEARE, "--out", out)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_corpus(tmp_path_factory) -> Path:
+    """The multi-byte UTF-8 enwiki fixture as a sentencepiece BPE token corpus (vocab 512)."""
+    out = tmp_path_factory.mktemp("corpora") / "enwiki_bpe"
+    assert prepare("--input", ENWIKI, "--out", out, "--tokenizer", "bpe", "--vocab-size", "512",
+                   "--threads", "1") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def byte_run(tmp_path_factory, byte_corpus) -> Path:
+    """A run directory of the byte smoke config, trained through the train.py CLI (40 steps)."""
+    out = tmp_path_factory.mktemp("runs") / "byte_gpt"
+    proc = run_cli("train.py", SMOKE_BYTE, f"data.path={byte_corpus}", f"train.out_dir={out}")
+    assert proc.returncode == 0, proc.stderr.decode()
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_run(tmp_path_factory, bpe_corpus) -> Path:
+    """The BPE smoke config (40 steps) trained on the BPE corpus through the train.py CLI."""
+    out = tmp_path_factory.mktemp("runs") / "bpe_gpt"
+    proc = run_cli("train.py", SMOKE_BPE, f"data.path={bpe_corpus}", f"train.out_dir={out}", *QUIET)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return out
