@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch.nn as nn
 
 from hlm.models.gpt import GPT, GPTConfig
+from hlm.models.hourglass import Hourglass, HourglassConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "gpt": (GPTConfig, GPT),
+    "hourglass": (HourglassConfig, Hourglass),
 }
 
 

@@ -1,6 +1,7 @@
 """Building blocks shared by every model family: RMSNorm, rotary embeddings, causal
-attention through `F.scaled_dot_product_attention`, the MLP, a pre-norm block, a stack of
-blocks, a KV cache, and GPT-2-style initialisation."""
+attention through `F.scaled_dot_product_attention` (optionally local: a sliding window, via
+FlexAttention on CUDA), the MLP, a pre-norm block, a stack of blocks, a KV cache, and
+GPT-2-style initialisation."""
 
 from __future__ import annotations
 
@@ -69,11 +70,61 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def window_keep(n_query: int, n_key: int, window: int, device) -> torch.Tensor:
+    """Boolean mask [n_query, n_key] for the last `n_query` of `n_key` positions: query i sees
+    key j iff j <= i and i - j < window (window 0: no window, plain causal)."""
+    i = torch.arange(n_key - n_query, n_key, device=device)[:, None]
+    j = torch.arange(n_key, device=device)[None, :]
+    keep = j <= i
+    return keep & (i - j < window) if window > 0 else keep
+
+
+_BLOCK_MASKS: dict = {}
+_COMPILED_FLEX = None
+
+
+def _flex_window_attention(q, k, v, window: int) -> torch.Tensor:
+    """Sliding-window causal attention with a FlexAttention block mask (cached per length,
+    window and device), so only the key blocks inside the window are computed."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = q.size(2)
+    key = (T, window, str(q.device))
+    if key not in _BLOCK_MASKS:
+        def sliding_window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        _BLOCK_MASKS[key] = create_block_mask(sliding_window, None, None, T, T, device=q.device)
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=_BLOCK_MASKS[key])
+    if _COMPILED_FLEX is None:  # eager callers (evaluation, generation) still get the fused kernel
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX(q, k, v, block_mask=_BLOCK_MASKS[key])
+
+
+def local_causal_attention(q, k, v, window: int, backend: str = "auto") -> torch.Tensor:
+    """Causal attention where query i sees keys i-window+1..i; q, k, v are [B, H, T, D].
+
+    backend "flex" (FlexAttention; what "auto" picks on CUDA) or "sdpa" (an explicit boolean
+    mask; what "auto" picks elsewhere). Both compute the same function."""
+    T = q.size(2)
+    if window <= 0 or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if backend == "flex" or (backend == "auto" and q.device.type == "cuda"):
+        return _flex_window_attention(q, k, v, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_keep(T, T, window, q.device))
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int):
+    """Causal multi-head attention with rotary positions; `window > 0` makes it local (each
+    position sees itself and the window-1 positions before it)."""
+
+    def __init__(self, d_model: int, n_head: int, window: int = 0):
         super().__init__()
         assert d_model % n_head == 0, "d_model must be divisible by n_head"
         self.n_head = n_head
+        self.window = window
         self.head_dim = d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
@@ -83,14 +134,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = local_causal_attention(q, k, v, self.window)
         else:
             past = cache.pos
             k, v = cache.update(layer, k, v)
-            if T == 1:
+            if T == 1 and (self.window <= 0 or past < self.window):
                 y = F.scaled_dot_product_attention(q, k, v)
-            else:  # query i may see keys 0..past+i
-                keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            else:  # query i may see keys 0..past+i (within the window)
+                keep = window_keep(T, past + T, self.window, x.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -109,10 +160,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0):
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0, window: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head)
+        self.attn = CausalSelfAttention(d_model, n_head, window)
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio)
 
@@ -122,14 +173,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of causal blocks with its own rotary table; positions start at `cache.pos`."""
+    """A stack of causal blocks with its own rotary table; positions start at `cache.pos`.
+    `window > 0` gives every block local attention over that many positions."""
 
     def __init__(self, n_layer: int, d_model: int, n_head: int, max_len: int, mlp_ratio: float = 4.0,
-                 rope_theta: float = 10000.0):
+                 rope_theta: float = 10000.0, window: int = 0):
         super().__init__()
         self.n_head = n_head
         self.rotary = Rotary(d_model // n_head, max_len, rope_theta)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio, window) for _ in range(n_layer))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
