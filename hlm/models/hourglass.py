@@ -79,6 +79,11 @@ class HourglassConfig:
     init_std: float = 0.02
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 when it is in a lower precision (bf16 autocast); fp64 stays fp64 (tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
     """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
     ws = torch.zeros_like(x, dtype=torch.bool)
@@ -104,12 +109,13 @@ def pool_groups(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tens
     value is 1, and the gradient reaches the boundaries through the count (as in the paper's
     pooling matrix), which is how gumbel boundaries learn from the LM loss."""
     B, T, D = h.shape
-    count = b.float().cumsum(1) - b.float()
+    acc = at_least_fp32(h).dtype  # sums in fp32 even under bf16 autocast
+    count = b.to(acc).cumsum(1) - b.to(acc)
     weight = 1 + (count - count.detach())
     slot = count.detach().round().long().clamp(max=max_groups)
     slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
-    sums = h.new_zeros(B * (max_groups + 1), D, dtype=torch.float32)
-    sums.index_add_(0, slot, (h.float() * weight[..., None]).flatten(0, 1))
+    sums = h.new_zeros(B * (max_groups + 1), D, dtype=acc)
+    sums.index_add_(0, slot, (h.to(acc) * weight[..., None]).flatten(0, 1))
     sizes = weight.new_zeros(B * (max_groups + 1)).index_add_(0, slot, weight.flatten())
     means = sums.view(B, max_groups + 1, D) / sizes.view(B, max_groups + 1, 1).clamp(min=1)
     return means[:, :max_groups].to(h.dtype)
@@ -170,7 +176,7 @@ class Hourglass(nn.Module):
             return ((t + 1) % cfg.fixed_stride == 0).float().expand(x.shape), None
         if cfg.boundaries == "whitespace":
             return whitespace_boundaries(x).float(), None
-        logits = self.predictor(h).squeeze(-1).float()
+        logits = at_least_fp32(self.predictor(h).squeeze(-1))
         if cfg.boundaries == "gumbel" and self.training:
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
             soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / cfg.gumbel_temperature)
@@ -223,12 +229,13 @@ class Hourglass(nn.Module):
         if boundary_targets is not None:
             boundary_targets = boundary_targets[:, :-1]
         logits, aux, metrics = self._run(inputs, boundary_targets)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+        nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten(), reduction="none")
+        nll = nll.view_as(targets)
         return ModelOutput(nll.mean() + self.cfg.aux_weight * aux, nll, metrics)
 
     def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
-        return F.log_softmax(self._run(idx)[0].float(), dim=-1)
+        return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
 
     @torch.no_grad()
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
