@@ -220,23 +220,41 @@ def test_compile_matches_eager():
 
 # ----- local attention (blocks.py) -----
 
-def test_local_attention_backends_agree_and_match_a_loop():
+@pytest.mark.parametrize("T,window", [(40, 8), (300, 130)])  # one tile; full, partial and incomplete tiles
+def test_local_attention_backends_agree_and_match_a_loop(T, window):
     g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(2, 2, 40, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.float64, generator=g) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention warns that it is slow
-        flex = local_causal_attention(q, k, v, 8, backend="flex")
-    sdpa = local_causal_attention(q, k, v, 8, backend="sdpa")
+        flex = local_causal_attention(q, k, v, window, backend="flex")
+    sdpa = local_causal_attention(q, k, v, window, backend="sdpa")
     torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-12)
     ref = torch.zeros_like(q)
-    for i in range(40):
-        lo = max(0, i - 7)
+    for i in range(T):
+        lo = max(0, i - window + 1)
         w = torch.softmax(q[:, :, i : i + 1] @ k[:, :, lo : i + 1].transpose(-1, -2) / 8**0.5, -1)
         ref[:, :, i : i + 1] = w @ v[:, :, lo : i + 1]
     torch.testing.assert_close(sdpa, ref, rtol=0, atol=1e-12)
     assert window_keep(3, 5, 2, "cpu").tolist() == [[False, True, True, False, False],
                                                     [False, False, True, True, False],
                                                     [False, False, False, True, True]]
+
+
+def test_compiled_flex_path_matches_sdpa(monkeypatch):
+    """The torch.compile + FlexAttention path (what CUDA training runs), forced on CPU: forward
+    only, since compiled FlexAttention has no CPU backward. Rotary q/k computed inside the
+    graph once hit an inductor layout bug here; the flex branch makes its inputs contiguous."""
+    import hlm.models.blocks as blocks
+
+    torch.manual_seed(11)
+    stack = Transformer(1, 32, 2, 256, window=40).eval()
+    x = torch.randn(2, 256, 32)
+    with torch.no_grad():
+        ref = stack(x)
+        sdpa_only = blocks.local_causal_attention
+        monkeypatch.setattr(blocks, "local_causal_attention", lambda q, k, v, w: sdpa_only(q, k, v, w, "flex"))
+        out = torch.compile(stack, fullgraph=True)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_windowed_transformer_kv_cache_matches_full_forward():

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 class ModelOutput(NamedTuple):
@@ -79,40 +80,53 @@ def window_keep(n_query: int, n_key: int, window: int, device) -> torch.Tensor:
     return keep & (i - j < window) if window > 0 else keep
 
 
-_BLOCK_MASKS: dict = {}
-_COMPILED_FLEX = None
+FLEX_BLOCK = 128  # FlexAttention tile: the flex path needs the length to be a multiple of it
 
 
-def _flex_window_attention(q, k, v, window: int) -> torch.Tensor:
-    """Sliding-window causal attention with a FlexAttention block mask (cached per length,
-    window and device), so only the key blocks inside the window are computed."""
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLOCK) -> BlockMask:
+    """FlexAttention BlockMask for sliding-window causal attention over T positions, built from
+    block-level arithmetic so torch.compile traces it without a graph break. Tiles entirely
+    inside the window skip the mask function ("full" blocks); a last, incomplete key tile is
+    always masked."""
+    n = -(-T // block)
+    qb = torch.arange(n, device=device)[:, None]
+    kb = torch.arange(n, device=device)[None, :]
+    lo, hi = (qb - kb) * block - (block - 1), (qb - kb) * block + (block - 1)  # range of q - k in the tile
+    any_visible = (hi >= 0) & (lo <= window - 1)
+    all_visible = (lo >= 0) & (hi <= window - 1) & (kb < T // block)
+    partial = any_visible & ~all_visible
 
-    T = q.size(2)
-    key = (T, window, str(q.device))
-    if key not in _BLOCK_MASKS:
-        def sliding_window(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    def as_blocks(keep):
+        count = keep.sum(-1, dtype=torch.int32)[None, None]
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
+        return count, order
 
-        _BLOCK_MASKS[key] = create_block_mask(sliding_window, None, None, T, T, device=q.device)
-    if torch.compiler.is_compiling() or q.device.type != "cuda":
-        return flex_attention(q, k, v, block_mask=_BLOCK_MASKS[key])
-    if _COMPILED_FLEX is None:  # eager callers (evaluation, generation) still get the fused kernel
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX(q, k, v, block_mask=_BLOCK_MASKS[key])
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    kv_num, kv_idx = as_blocks(partial)
+    full_num, full_idx = as_blocks(all_visible)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=sliding_window,
+                                    seq_lengths=(T, T))
 
 
 def local_causal_attention(q, k, v, window: int, backend: str = "auto") -> torch.Tensor:
     """Causal attention where query i sees keys i-window+1..i; q, k, v are [B, H, T, D].
 
-    backend "flex" (FlexAttention; what "auto" picks on CUDA) or "sdpa" (an explicit boolean
-    mask; what "auto" picks elsewhere). Both compute the same function."""
+    backend "flex": FlexAttention with a block-sparse mask (only tiles inside the window are
+    computed); "sdpa": an explicit boolean mask. "auto" takes flex inside torch.compile on
+    CUDA when T is a multiple of 128 (eager FlexAttention would be slow; other lengths work
+    but are not the tuned path), sdpa otherwise.
+    Both compute the same function."""
     T = q.size(2)
     if window <= 0 or window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if backend == "flex" or (backend == "auto" and q.device.type == "cuda"):
-        return _flex_window_attention(q, k, v, window)
+    if backend == "auto":
+        compiled_cuda = q.device.type == "cuda" and torch.compiler.is_compiling()
+        backend = "flex" if compiled_cuda and T % FLEX_BLOCK == 0 else "sdpa"
+    if backend == "flex":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, window, q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_keep(T, T, window, q.device))
 
 
