@@ -124,6 +124,25 @@ def test_causal_in_eval(boundaries, max_groups):
         assert not torch.equal(a[:, j - 1 :], c[:, j - 1 :])  # the perturbation does reach later bytes
 
 
+@pytest.mark.parametrize("boundaries", ["fixed", "whitespace"])
+def test_groups_carry_context_beyond_the_byte_window(boundaries):
+    """With byte_window 8 (one pre and one post layer), byte j can reach positions past j + 14
+    only through the pooled groups and the shortened layers."""
+    model = tiny(boundaries).double().eval()
+    x = text_batch(2, 49, seed=12)
+    a, c = assert_causal(model, x, 10)
+    assert not torch.equal(a[:, 26:], c[:, 26:])
+    model.cfg.boundaries, model.cfg.fixed_stride = "fixed", 64  # no boundary: every byte reads the null group
+    a, c = assert_causal(model, x, 10)
+    assert torch.equal(a[:, 26:], c[:, 26:])
+
+
+def test_gumbel_boundaries_learn_from_the_lm_loss():
+    model = tiny("gumbel", aux_weight=0.0)
+    model(text_batch(2, 49, seed=13)).loss.backward()
+    assert model.predictor[1].weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("boundaries", TARGET_BOUNDARIES)
 def test_reference_segmentation_never_feeds_evaluation(boundaries, monkeypatch):
     """Look-ahead targets (as a Unigram segmentation is) change before the perturbed byte. The
