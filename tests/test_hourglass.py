@@ -20,6 +20,7 @@ from hlm.models.gpt import GPT, GPTConfig
 from hlm.models.hourglass import (
     BOUNDARY_TYPES,
     TARGET_BOUNDARIES,
+    CachedDecoder,
     Hourglass,
     HourglassConfig,
     HourglassError,
@@ -186,6 +187,25 @@ def test_next_logprobs_equal_teacher_forcing_and_prefixes(boundaries):
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones_like(nll), rtol=0, atol=1e-12)
     for k in (1, 9, 30):  # what generation sees after a prefix of k bytes
         torch.testing.assert_close(model.next_logprobs(x[:, :k])[:, -1], logp[:, k - 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_groups", [16, 3])
+@pytest.mark.parametrize("boundaries", BOUNDARY_TYPES)
+def test_cached_decoder_matches_the_full_forward(boundaries, max_groups):
+    """Byte by byte through the KV-cached decoder (past block_size, so the window restarts) and
+    the full model on the same window give the same next-byte distribution."""
+    model = tiny(boundaries, max_groups=max_groups).double().eval()
+    seq = text_batch(1, 110, seed=14)
+    dec = CachedDecoder(model, seq[:, :5])
+    restarts = 0
+    for t in range(5, 110):
+        window = dec.ids.size(1)
+        assert torch.equal(dec.ids, seq[:, t - window : t])
+        ref = model.next_logprobs(dec.ids)[:, -1]
+        torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
+        dec.push(int(seq[0, t]))
+        restarts += dec.ids.size(1) < window
+    assert restarts == 3  # at 48 bytes, then every 24
 
 
 def test_generate_streams_bytes_matching_greedy_argmax():

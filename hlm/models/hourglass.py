@@ -31,6 +31,11 @@ the `max_groups`-th of a window are dropped, so later bytes keep reading the las
 fits (causal: it only depends on the count so far); `group_cap_hit` logs how often it happens.
 Pooling is `index_add_` into [B, max_groups + 1] slots (the last one collects the bytes that
 do not fit); upsampling is `gather`. Nothing of size [B, T, S] is ever built.
+
+Generation (`CachedDecoder`) keeps KV caches for the pre, shortened and post layers and a
+running sum of the open group; a group enters the shortened layers when its last byte
+arrives, so a new byte costs one position of each byte stack (plus one shortened position
+when it closes a group).
 """
 
 from __future__ import annotations
@@ -241,15 +246,15 @@ class Hourglass(nn.Module):
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
                         top_k: int | None = None, generator: torch.Generator | None = None
                         ) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time. Each byte recomputes the whole model on the
-        last `block_size` bytes (no cache: boundaries, pooling and the shortened layers are
-        rerun), so a byte costs one forward over the window."""
-        ids = prompt
+        """Yield one new byte per row [B] at a time (eval mode), decoding each row with KV caches
+        for the three stacks (`CachedDecoder`). When the context fills up, the caches are rebuilt
+        from the last half of the window, as in gpt.py."""
+        rows = [CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))]
         for _ in range(max_new):
-            logits = self._run(ids[:, -self.cfg.block_size:])[0][:, -1]
-            nxt = sample_next(logits, temperature, top_k, generator)
+            nxt = sample_next(torch.cat([row.logits for row in rows]), temperature, top_k, generator)
             yield nxt
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            for row, byte in zip(rows, nxt.tolist(), strict=True):
+                row.push(byte)
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
@@ -266,3 +271,63 @@ class Hourglass(nn.Module):
         if as_bytes:
             return bytes(out[0].tolist())
         return torch.cat([ids, out], dim=1)
+
+
+class CachedDecoder:
+    """Incremental decoding of one sequence: the byte layers and the shortened layers keep KV
+    caches, the open group keeps a running sum, and a group enters the shortened layers the
+    moment its last byte arrives. `logits` [1, V] always predicts the next byte, equal to the
+    full forward on the bytes since the last (re)start of the window."""
+
+    def __init__(self, model: Hourglass, ids: torch.Tensor):
+        if not ids.size(1):
+            raise HourglassError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
+        self.model = model
+        self.prefill(ids[:, -model.cfg.block_size :])
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        m, G = self.model, self.model.max_groups
+        p = next(m.parameters())
+        self.ids = ids
+        self.pre = m.pre.new_cache(1, m.cfg.block_size, p.device, p.dtype)
+        self.post = m.post.new_cache(1, m.cfg.block_size, p.device, p.dtype)
+        self.short = m.short.new_cache(1, G + 1, p.device, p.dtype)
+        residual = m.pre(m.embed(ids), self.pre)
+        b = m.boundaries(ids, residual)[0].round()
+        n_groups = min(int(b.sum()), G)
+        short_in = torch.cat([m.null_group.expand(1, 1, -1), pool_groups(residual, b, G)[:, :n_groups]], dim=1)
+        short = m.short(m.down_norm(short_in), self.short)
+        self.last_group = short[:, -1:]
+        self.n_groups = n_groups
+        closed = torch.nonzero(b[0]).flatten()
+        open_from = int(closed[-1]) + 1 if len(closed) else 0
+        self.open_sum = at_least_fp32(residual[:, open_from:]).sum(1, keepdim=True)
+        self.open_len = ids.size(1) - open_from
+        h = m.post(upsample_groups(short, b, G) + residual, self.post)
+        self.logits = m.head(m.norm(h[:, -1]))
+
+    def push(self, byte: int) -> None:
+        """Append one byte and update `logits`."""
+        m, cfg = self.model, self.model.cfg
+        if self.pre.pos >= cfg.block_size:
+            self.prefill(torch.cat([self.ids, self.ids.new_tensor([[byte]])], dim=1)[:, -(cfg.block_size // 2) :])
+            return
+        x = self.ids.new_tensor([[byte]])
+        self.ids = torch.cat([self.ids, x], dim=1)
+        h = m.pre(m.embed(x), self.pre)
+        if cfg.boundaries == "fixed":
+            closes = self.pre.pos % cfg.fixed_stride == 0
+        elif cfg.boundaries == "whitespace":
+            closes = bool(whitespace_boundaries(self.ids[:, -2:])[0, -1])  # the rule reads the previous byte
+        else:
+            closes = bool(m.boundaries(x, h)[0][0, 0])
+        self.open_sum = self.open_sum + at_least_fp32(h)
+        self.open_len += 1
+        if closes and self.n_groups < m.max_groups:
+            group = (self.open_sum / self.open_len).to(h.dtype)
+            self.last_group = m.short(m.down_norm(group), self.short)
+            self.n_groups += 1
+        if closes:
+            self.open_sum, self.open_len = torch.zeros_like(self.open_sum), 0
+        out = m.post(self.last_group + h, self.post)
+        self.logits = m.head(m.norm(out[:, -1]))
