@@ -80,7 +80,7 @@ def window_keep(n_query: int, n_key: int, window: int, device) -> torch.Tensor:
     return keep & (i - j < window) if window > 0 else keep
 
 
-FLEX_BLOCK = 128  # FlexAttention tile: the flex path needs the length to be a multiple of it
+FLEX_BLOCK = 128  # FlexAttention tile size; "auto" takes flex only for lengths that are a multiple of it
 
 
 def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLOCK) -> BlockMask:
@@ -115,8 +115,7 @@ def local_causal_attention(q, k, v, window: int, backend: str = "auto") -> torch
 
     backend "flex": FlexAttention with a block-sparse mask (only tiles inside the window are
     computed); "sdpa": an explicit boolean mask. "auto" takes flex inside torch.compile on
-    CUDA when T is a multiple of 128 (eager FlexAttention would be slow; other lengths work
-    but are not the tuned path), sdpa otherwise.
+    CUDA when T is a multiple of 128 (eager FlexAttention would be slow), sdpa otherwise.
     Both compute the same function."""
     T = q.size(2)
     if window <= 0 or window >= T:
