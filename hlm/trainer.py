@@ -97,12 +97,12 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
-def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast, side: dict | None = None) -> int:
+def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast, **forward_kwargs) -> int:
     """Model FLOPs of one forward+backward on `batch`, counted by FlopCounterMode (matmuls and
     attention; attention is counted as full, not halved for the causal mask)."""
     with FlopCounterMode(display=False) as counter:
         with autocast:
-            out = model(batch, **(side or {}))
+            out = model(batch, **forward_kwargs)
         out.loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -140,8 +140,9 @@ class Trainer:
         self.window = cfg.model.block_size + 1
         self.sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
                                      rt.rank, rt.world, tc.seed)
-        probe, probe_side = self._batch(self.sampler, self.train_split, 0, 0)
-        self.flops_per_step = count_flops(self.raw_model, probe, self.autocast, probe_side) * tc.grad_accum * rt.world
+        probe = self._batch(self.sampler, self.train_split, 0, 0)
+        probe_side = self._side_batch(self.sampler, self.train_split, 0, 0)
+        self.flops_per_step = count_flops(self.raw_model, probe, self.autocast, **probe_side) * tc.grad_accum * rt.world
         self.peak = peak_flops(rt.device)
 
         model = self.raw_model
@@ -210,16 +211,21 @@ class Trainer:
         save_atomic(ckpt, self.ckpt_path)
 
     # ----- data -----
-    def _batch(self, sampler: WindowSampler, split: Split, step: int, micro: int
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Token windows [B, T+1] and the same windows of the model's side files (by keyword)."""
+    def _batch(self, sampler: WindowSampler, split: Split, step: int, micro: int) -> torch.Tensor:
+        x = split.windows(sampler.starts(step, micro), sampler.length)
+        if self.rt.device.type == "cuda":
+            return x.pin_memory().to(self.rt.device, non_blocking=True)
+        return x
+
+    def _side_batch(self, sampler: WindowSampler, split: Split, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The same windows as `_batch` of the model's side files, as forward keyword arguments."""
+        if not self.side_inputs:
+            return {}
         starts = sampler.starts(step, micro)
-        x = split.windows(starts, sampler.length)
         side = {key: split.windows(starts, sampler.length, stem) for key, stem in self.side_inputs.items()}
         if self.rt.device.type == "cuda":
-            x = x.pin_memory().to(self.rt.device, non_blocking=True)
             side = {k: v.pin_memory().to(self.rt.device, non_blocking=True) for k, v in side.items()}
-        return x, side
+        return side
 
     # ----- logging -----
     def log(self, record: dict) -> None:
@@ -280,7 +286,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(tc.grad_accum):
-                x, side = self._batch(self.sampler, self.train_split, self.step, micro)
+                x = self._batch(self.sampler, self.train_split, self.step, micro)
+                side = self._side_batch(self.sampler, self.train_split, self.step, micro)
                 sync = rt.world == 1 or micro == tc.grad_accum - 1
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     with self.autocast:
