@@ -68,9 +68,21 @@ class Split:
     def memmap(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r")
 
-    def windows(self, starts: np.ndarray, length: int) -> torch.Tensor:
-        """Token windows [len(starts), length] as int64."""
-        data = self.memmap()
+    def side_path(self, stem: str) -> Path:
+        """A per-token uint8 file aligned with this split (`<split>.<stem>.bin`, e.g. boundary
+        targets written by data_prep/boundaries.py), checked to have one byte per token."""
+        path = self.folder / f"{self.name}.{stem}.bin"
+        if not path.is_file():
+            raise DataError(f"missing {path}: the model needs it (see data_prep/boundaries.py)")
+        if path.stat().st_size != self.n_tokens:
+            raise DataError(f"{path} has {path.stat().st_size} entries but {self.path} has {self.n_tokens} "
+                            "tokens: prepare it again for this corpus")
+        return path
+
+    def windows(self, starts: np.ndarray, length: int, stem: str | None = None) -> torch.Tensor:
+        """Token windows [len(starts), length] as int64; with `stem`, the same windows of the
+        aligned side file `<split>.<stem>.bin` instead."""
+        data = np.memmap(self.side_path(stem), dtype=np.uint8, mode="r") if stem else self.memmap()
         return torch.from_numpy(np.stack([data[s : s + length].astype(np.int64) for s in starts]))
 
 

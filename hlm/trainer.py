@@ -97,12 +97,12 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
-def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast) -> int:
+def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast, **forward_kwargs) -> int:
     """Model FLOPs of one forward+backward on `batch`, counted by FlopCounterMode (matmuls and
     attention; attention is counted as full, not halved for the causal mask)."""
     with FlopCounterMode(display=False) as counter:
         with autocast:
-            out = model(batch)
+            out = model(batch, **forward_kwargs)
         out.loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -127,6 +127,10 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.raw_model = build_model(cfg.model).to(rt.device)
+        # per-token side files a model trains on (keyword -> `<split>.<stem>.bin`), e.g. hourglass boundary targets
+        self.side_inputs: dict[str, str] = getattr(self.raw_model, "side_inputs", {})
+        for stem in self.side_inputs.values():
+            self.train_split.side_path(stem)
         self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
         self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
         self._restore()
@@ -139,7 +143,8 @@ class Trainer:
         self.sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
                                      rt.rank, rt.world, tc.seed)
         probe = self._batch(self.sampler, self.train_split, 0, 0)
-        self.flops_per_step = count_flops(self.raw_model, probe, self.autocast) * tc.grad_accum * rt.world
+        probe_side = self._side_batch(self.sampler, self.train_split, 0, 0)
+        self.flops_per_step = count_flops(self.raw_model, probe, self.autocast, **probe_side) * tc.grad_accum * rt.world
         self.peak = peak_flops(rt.device)
 
         model = self.raw_model
@@ -214,6 +219,16 @@ class Trainer:
             return x.pin_memory().to(self.rt.device, non_blocking=True)
         return x
 
+    def _side_batch(self, sampler: WindowSampler, split: Split, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The same windows as `_batch` of the model's side files, as forward keyword arguments."""
+        if not self.side_inputs:
+            return {}
+        starts = sampler.starts(step, micro)
+        side = {key: split.windows(starts, sampler.length, stem) for key, stem in self.side_inputs.items()}
+        if self.rt.device.type == "cuda":
+            side = {k: v.pin_memory().to(self.rt.device, non_blocking=True) for k, v in side.items()}
+        return side
+
     # ----- logging -----
     def log(self, record: dict) -> None:
         if not self.rt.master:
@@ -271,10 +286,11 @@ class Trainer:
         n_targets, metrics = 0, {}
         for micro in range(tc.grad_accum):
             x = self._batch(self.sampler, self.train_split, self.step, micro)
+            side = self._side_batch(self.sampler, self.train_split, self.step, micro)
             sync = self.rt.world == 1 or micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast:
-                    out = self.model(x)
+                    out = self.model(x, **side)
                 (out.loss / tc.grad_accum).backward()
             stats += torch.stack([out.nll.detach().double().sum(), self.token_nbytes[x[:, 1:]].sum().double()])
             n_targets += out.nll.numel()

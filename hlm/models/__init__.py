@@ -9,10 +9,12 @@ import torch.nn as nn
 
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.models.hat import HAT, HATConfig
+from hlm.models.hourglass import Hourglass, HourglassConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "gpt": (GPTConfig, GPT),
     "hat": (HATConfig, HAT),
+    "hourglass": (HourglassConfig, Hourglass),
 }
 
 

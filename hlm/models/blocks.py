@@ -1,6 +1,7 @@
 """Building blocks shared by every model family: RMSNorm, rotary embeddings, causal
-attention through `F.scaled_dot_product_attention`, the MLP, a pre-norm block, a stack of
-blocks, a KV cache, and GPT-2-style initialisation."""
+attention through `F.scaled_dot_product_attention` (optionally local: a sliding window, via
+FlexAttention on CUDA), the MLP, a pre-norm block, a stack of blocks, a KV cache, and
+GPT-2-style initialisation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 class ModelOutput(NamedTuple):
@@ -74,11 +76,73 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def window_keep(n_query: int, n_key: int, window: int, device) -> torch.Tensor:
+    """Boolean mask [n_query, n_key] for the last `n_query` of `n_key` positions: query i sees
+    key j iff j <= i and i - j < window (window 0: no window, plain causal)."""
+    i = torch.arange(n_key - n_query, n_key, device=device)[:, None]
+    j = torch.arange(n_key, device=device)[None, :]
+    keep = j <= i
+    return keep & (i - j < window) if window > 0 else keep
+
+
+FLEX_BLOCK = 128  # FlexAttention tile size; "auto" takes flex only for lengths that are a multiple of it
+
+
+def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLOCK) -> BlockMask:
+    """FlexAttention BlockMask for sliding-window causal attention over T positions, built from
+    block-level arithmetic so torch.compile traces it without a graph break. Tiles entirely
+    inside the window skip the mask function ("full" blocks); a last, incomplete key tile is
+    always masked."""
+    n = -(-T // block)
+    qb = torch.arange(n, device=device)[:, None]
+    kb = torch.arange(n, device=device)[None, :]
+    lo, hi = (qb - kb) * block - (block - 1), (qb - kb) * block + (block - 1)  # range of q - k in the tile
+    any_visible = (hi >= 0) & (lo <= window - 1)
+    all_visible = (lo >= 0) & (hi <= window - 1) & (kb < T // block)
+    partial = any_visible & ~all_visible
+
+    def as_blocks(keep):
+        count = keep.sum(-1, dtype=torch.int32)[None, None]
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
+        return count, order
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    kv_num, kv_idx = as_blocks(partial)
+    full_num, full_idx = as_blocks(all_visible)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=sliding_window,
+                                    seq_lengths=(T, T))
+
+
+def local_causal_attention(q, k, v, window: int, backend: str = "auto") -> torch.Tensor:
+    """Causal attention where query i sees keys i-window+1..i; q, k, v are [B, H, T, D].
+
+    backend "flex": FlexAttention with a block-sparse mask (only tiles inside the window are
+    computed); "sdpa": an explicit boolean mask. "auto" takes flex inside torch.compile on
+    CUDA when T is a multiple of 128 (eager FlexAttention would be slow), sdpa otherwise.
+    Both compute the same function."""
+    T = q.size(2)
+    if window <= 0 or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if backend == "auto":
+        compiled_cuda = q.device.type == "cuda" and torch.compiler.is_compiling()
+        backend = "flex" if compiled_cuda and T % FLEX_BLOCK == 0 else "sdpa"
+    if backend == "flex":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, window, q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_keep(T, T, window, q.device))
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int):
+    """Causal multi-head attention with rotary positions; `window > 0` makes it local (each
+    position sees itself and the window-1 positions before it)."""
+
+    def __init__(self, d_model: int, n_head: int, window: int = 0):
         super().__init__()
         assert d_model % n_head == 0, "d_model must be divisible by n_head"
         self.n_head = n_head
+        self.window = window
         self.head_dim = d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
@@ -92,14 +156,14 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         elif cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = local_causal_attention(q, k, v, self.window)
         else:
             past = cache.pos
             k, v = cache.update(layer, k, v)
-            if T == 1:
+            if T == 1 and (self.window <= 0 or past < self.window):
                 y = F.scaled_dot_product_attention(q, k, v)
-            else:  # query i may see keys 0..past+i
-                keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            else:  # query i may see keys 0..past+i (within the window)
+                keep = window_keep(T, past + T, self.window, x.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -118,10 +182,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0):
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0, window: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head)
+        self.attn = CausalSelfAttention(d_model, n_head, window)
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio)
 
@@ -132,14 +196,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of causal blocks with its own rotary table; positions start at `cache.pos`."""
+    """A stack of causal blocks with its own rotary table; positions start at `cache.pos`.
+    `window > 0` gives every block local attention over that many positions."""
 
     def __init__(self, n_layer: int, d_model: int, n_head: int, max_len: int, mlp_ratio: float = 4.0,
-                 rope_theta: float = 10000.0):
+                 rope_theta: float = 10000.0, window: int = 0):
         super().__init__()
         self.n_head = n_head
         self.rotary = Rotary(d_model // n_head, max_len, rope_theta)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio, window) for _ in range(n_layer))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:

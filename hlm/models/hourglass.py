@@ -1,0 +1,333 @@
+"""Hourglass transformer with dynamic token pooling (Nawrot et al. 2023, "Efficient
+Transformers with Dynamic Token Pooling").
+
+    bytes -> embedding -> n_pre byte layers -> boundaries -> mean of each group
+          -> [null group] + groups -> n_short shortened layers -> upsample -> + residual
+          -> n_post byte layers -> byte head
+
+Boundary convention: `b[t] = 1` means byte t is the LAST byte of its group. Byte t belongs
+to group `sum(b[:t])` (exclusive count) and reads back shortened position `sum(b[:t+1])`
+(inclusive count), where position 0 is the learned null group and position k the k-th
+completed group: the most recent group that ends at or before t. No byte ever reads a group
+holding a later byte, which is the autoregressive shift.
+
+Boundary sources (`boundaries`):
+  fixed       every `fixed_stride` bytes of the window.
+  whitespace  byte t closes a group iff it is ASCII whitespace (0x09-0x0D, 0x20) and byte t-1
+              is not, or it is the document separator 0x00. UTF-8 continuation and lead bytes
+              are >= 0x80, so a group never splits a multi-byte character; a run of
+              whitespace closes once (its later bytes open the next word).
+  unigram,    an MLP on the pre-layer states predicts b[t] (logit > 0); it is trained with
+  entropy     BCE toward per-byte targets written by data_prep/boundaries.py (a sentencepiece
+              Unigram segmentation / spikes of a small byte GPT's next-byte entropy). The
+              predicted boundaries drive pooling in training and evaluation alike: the
+              targets look ahead and are never a model input.
+  gumbel      the same MLP, trained end to end: relaxed Bernoulli sample with temperature,
+              hard threshold with a straight-through gradient, and a Binomial(T, prior) prior
+              on the number of boundaries per window. Evaluation uses the mode (p > 0.5).
+
+Static shapes: the shortened layers always see `max_groups + 1` positions. Boundaries past
+the `max_groups`-th of a window are dropped, so later bytes keep reading the last group that
+fits (causal: it only depends on the count so far); `group_cap_hit` logs how often it happens.
+Pooling is `index_add_` into [B, max_groups + 1] slots (the last one collects the bytes that
+do not fit); upsampling is `gather`. Nothing of size [B, T, S] is ever built.
+
+Generation (`CachedDecoder`) keeps KV caches for the pre, shortened and post layers and a
+running sum of the open group; a group enters the shortened layers when its last byte
+arrives, so a new byte costs one position of each byte stack (plus one shortened position
+when it closes a group).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hlm import HLMError
+from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, init_weights, sample_next
+
+BOUNDARY_TYPES = ("fixed", "whitespace", "unigram", "entropy", "gumbel")
+TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
+WHITESPACE_BYTES = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)
+
+
+class HourglassError(HLMError):
+    """An hourglass config or input that cannot be used."""
+
+
+@dataclass
+class HourglassConfig:
+    family: str = "hourglass"
+    vocab_size: int = 256
+    block_size: int = 2048  # context length in bytes
+    n_pre: int = 2  # byte layers before pooling
+    n_short: int = 8  # layers on the shortened sequence
+    n_post: int = 2  # byte layers after upsampling
+    n_head: int = 12
+    d_model: int = 768
+    mlp_ratio: float = 4.0
+    byte_window: int = 0  # local attention window of the byte layers (0: full causal)
+    boundaries: str = "whitespace"  # fixed | whitespace | unigram | entropy | gumbel
+    fixed_stride: int = 4  # fixed: bytes per group
+    max_groups: int = 0  # groups per window the shortened layers see (0: block_size // 4)
+    boundary_targets: str = ""  # unigram/entropy: target files <split>.boundaries.<name>.bin ("": boundaries)
+    predictor_ratio: float = 4.0  # boundary MLP width / d_model
+    aux_weight: float = 1.0  # weight of the BCE or prior loss in `loss`
+    gumbel_temperature: float = 0.5
+    prior: float = 0.2  # gumbel: target boundary rate (bytes per group = 1 / prior)
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 when it is in a lower precision (bf16 autocast); fp64 stays fp64 (tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
+    """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
+    ws = torch.zeros_like(x, dtype=torch.bool)
+    for byte in WHITESPACE_BYTES:
+        ws |= x == byte
+    after_word = F.pad(~ws[:, :-1], (1, 0), value=True)
+    return (ws & after_word) | (x == 0)
+
+
+def binomial_log_prob(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
+    """log Binomial(n, p) at (possibly fractional, differentiable) counts k."""
+    k = k.float()
+    return (math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+            + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def pool_groups(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
+    """Mean of each group's byte vectors: h [B, T, D], boundaries b [B, T] (0/1 values, may
+    carry a straight-through gradient) -> [B, max_groups, D]. Group g holds the bytes with
+    sum(b[:t]) == g; bytes of group >= max_groups are dropped; empty groups are zero.
+
+    Each byte enters with weight 1 + (c - c.detach()), c = its exclusive boundary count: the
+    value is 1, and the gradient reaches the boundaries through the count (as in the paper's
+    pooling matrix), which is how gumbel boundaries learn from the LM loss."""
+    B, T, D = h.shape
+    acc = at_least_fp32(h).dtype  # sums in fp32 even under bf16 autocast
+    count = b.to(acc).cumsum(1) - b.to(acc)
+    weight = 1 + (count - count.detach())
+    slot = count.detach().round().long().clamp(max=max_groups)
+    slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
+    sums = h.new_zeros(B * (max_groups + 1), D, dtype=acc)
+    sums.index_add_(0, slot, (h.to(acc) * weight[..., None]).flatten(0, 1))
+    sizes = weight.new_zeros(B * (max_groups + 1)).index_add_(0, slot, weight.flatten())
+    means = sums.view(B, max_groups + 1, D) / sizes.view(B, max_groups + 1, 1).clamp(min=1)
+    return means[:, :max_groups].to(h.dtype)
+
+
+def upsample_groups(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
+    """Byte t takes short[:, min(sum(b[:t+1]), max_groups)]: short is [B, max_groups + 1, D]
+    with the null group at 0, so each byte sees the last group completed at or before it."""
+    B, T = b.shape
+    index = b.detach().round().long().cumsum(1).clamp(max=max_groups)
+    return short.gather(1, index[..., None].expand(B, T, short.size(-1)))
+
+
+class Hourglass(nn.Module):
+    def __init__(self, cfg: HourglassConfig):
+        super().__init__()
+        if cfg.boundaries not in BOUNDARY_TYPES:
+            raise HourglassError(f"model.boundaries: unknown '{cfg.boundaries}' (one of {', '.join(BOUNDARY_TYPES)})")
+        if cfg.boundaries == "fixed" and cfg.fixed_stride < 1:
+            raise HourglassError("model.fixed_stride must be >= 1")
+        if cfg.boundaries == "gumbel" and not 0 < cfg.prior < 1:
+            raise HourglassError("model.prior must be in (0, 1)")
+        self.cfg = cfg
+        self.max_groups = cfg.max_groups or max(1, cfg.block_size // 4)
+        d, h = cfg.d_model, cfg.n_head
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.pre = Transformer(cfg.n_pre, d, h, cfg.block_size, cfg.mlp_ratio, cfg.rope_theta, cfg.byte_window)
+        self.short = Transformer(cfg.n_short, d, h, self.max_groups + 1, cfg.mlp_ratio, cfg.rope_theta)
+        self.post = Transformer(cfg.n_post, d, h, cfg.block_size, cfg.mlp_ratio, cfg.rope_theta, cfg.byte_window)
+        self.null_group = nn.Parameter(torch.zeros(d))
+        self.down_norm = RMSNorm(d)
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.learned = cfg.boundaries in TARGET_BOUNDARIES + ("gumbel",)
+        if self.learned:
+            width = int(cfg.predictor_ratio * d)
+            self.predictor = nn.Sequential(RMSNorm(d), nn.Linear(d, width), nn.GELU(), nn.Linear(width, 1))
+        init_weights(self, cfg.n_pre + cfg.n_short + cfg.n_post, cfg.init_std)
+        nn.init.normal_(self.null_group, std=cfg.init_std)
+        if self.learned:  # start at p = 0.5 everywhere
+            nn.init.zeros_(self.predictor[1].bias)
+            nn.init.zeros_(self.predictor[3].bias)
+
+    @property
+    def side_inputs(self) -> dict[str, str]:
+        """Per-byte files the trainer reads beside each split (`<split>.<stem>.bin`, aligned with
+        the split) and passes to forward under the given keyword, for training only."""
+        if self.cfg.boundaries not in TARGET_BOUNDARIES:
+            return {}
+        return {"boundary_targets": f"boundaries.{self.cfg.boundary_targets or self.cfg.boundaries}"}
+
+    def boundaries(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Boundaries b [B, T] (float 0/1; straight-through for gumbel in training) for byte ids x
+        and pre-layer states h, and the predictor's logits (None for fixed / whitespace)."""
+        cfg = self.cfg
+        if cfg.boundaries == "fixed":
+            t = torch.arange(x.size(1), device=x.device)
+            return ((t + 1) % cfg.fixed_stride == 0).float().expand(x.shape), None
+        if cfg.boundaries == "whitespace":
+            return whitespace_boundaries(x).float(), None
+        logits = at_least_fp32(self.predictor(h).squeeze(-1))
+        if cfg.boundaries == "gumbel" and self.training:
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / cfg.gumbel_temperature)
+            hard = (soft > 0.5).float()
+            return hard + soft - soft.detach(), logits
+        return (logits > 0).float(), logits
+
+    def _run(self, x: torch.Tensor, boundary_targets: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [B, T, V] for byte ids x [B, T], the auxiliary loss and the metrics."""
+        cfg, G = self.cfg, self.max_groups
+        B, T = x.shape
+        residual = self.pre(self.embed(x))
+        b, logits = self.boundaries(x, residual)
+        pooled = pool_groups(residual, b, G)
+        short = torch.cat([self.null_group.to(pooled.dtype).expand(B, 1, -1), pooled], dim=1)
+        short = self.short(self.down_norm(short))
+        h = self.post(upsample_groups(short, b, G) + residual)
+        out_logits = self.head(self.norm(h))
+
+        hard = b.detach().round()  # straight-through values are 0/1 only up to rounding
+        n_bound = hard.sum(1)
+        aux = torch.zeros((), device=x.device)
+        metrics = {
+            "boundary_rate": hard.mean(),
+            "bytes_per_group": B * T / n_bound.clamp(max=G).sum().clamp(min=1),
+            "group_cap_hit": (n_bound > G).float().mean(),
+            "bytes_past_cap": (hard.cumsum(1) > G).float().mean(),
+        }
+        if cfg.boundaries == "gumbel":
+            aux = -binomial_log_prob(b.sum(1), T, cfg.prior).mean() / T
+        elif cfg.boundaries in TARGET_BOUNDARIES and boundary_targets is not None:
+            target = boundary_targets.float()
+            aux = F.binary_cross_entropy_with_logits(logits, target)
+            hits = (hard * target).sum()
+            metrics["predictor_precision"] = hits / hard.sum().clamp(min=1)
+            metrics["predictor_recall"] = hits / target.sum().clamp(min=1)
+            metrics["target_rate"] = target.mean()
+        if self.learned:
+            metrics["aux_loss"] = aux.detach()
+        return out_logits, aux, metrics
+
+    def forward(self, idx: torch.Tensor, boundary_targets: torch.Tensor | None = None) -> ModelOutput:
+        """idx [B, T+1] byte ids; boundary_targets [B, T+1] 0/1 (unigram / entropy training only:
+        a BCE target for the predictor, never an input to the LM path)."""
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        if self.training and self.cfg.boundaries in TARGET_BOUNDARIES and boundary_targets is None:
+            raise HourglassError(f"boundaries '{self.cfg.boundaries}' trains on per-byte targets: prepare them with "
+                                 "data_prep/boundaries.py and train through hlm's trainer")
+        if boundary_targets is not None:
+            boundary_targets = boundary_targets[:, :-1]
+        logits, aux, metrics = self._run(inputs, boundary_targets)
+        nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten(), reduction="none")
+        nll = nll.view_as(targets)
+        return ModelOutput(nll.mean() + self.cfg.aux_weight * aux, nll, metrics)
+
+    def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
+        return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
+
+    @torch.no_grad()
+    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
+                        top_k: int | None = None, generator: torch.Generator | None = None
+                        ) -> Iterator[torch.Tensor]:
+        """Yield one new byte per row [B] at a time (eval mode), decoding each row with KV caches
+        for the three stacks (`CachedDecoder`). When the context fills up, the caches are rebuilt
+        from the last half of the window, as in gpt.py."""
+        rows = [CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))]
+        for _ in range(max_new):
+            nxt = sample_next(torch.cat([row.logits for row in rows]), temperature, top_k, generator)
+            yield nxt
+            for row, byte in zip(rows, nxt.tolist(), strict=True):
+                row.push(byte)
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
+        """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
+        LongTensor [B, T] in, the prompt with the continuation appended out."""
+        as_bytes = isinstance(prompt, (bytes, bytearray))
+        device = next(self.parameters()).device
+        ids = torch.tensor([list(prompt)], device=device) if as_bytes else prompt
+        if ids.size(1) == 0:
+            raise HourglassError("generate needs a non-empty prompt (start with the separator byte 0x00)")
+        new = list(self.generate_stream(ids, max_new, temperature, top_k, generator))
+        out = torch.stack(new, dim=1) if new else ids[:, :0]
+        if as_bytes:
+            return bytes(out[0].tolist())
+        return torch.cat([ids, out], dim=1)
+
+
+class CachedDecoder:
+    """Incremental decoding of one sequence: the byte layers and the shortened layers keep KV
+    caches, the open group keeps a running sum, and a group enters the shortened layers the
+    moment its last byte arrives. `logits` [1, V] always predicts the next byte, equal to the
+    full forward on the bytes since the last (re)start of the window."""
+
+    def __init__(self, model: Hourglass, ids: torch.Tensor):
+        if not ids.size(1):
+            raise HourglassError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
+        self.model = model
+        self.prefill(ids[:, -model.cfg.block_size :])
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        m, G = self.model, self.model.max_groups
+        p = next(m.parameters())
+        self.ids = ids
+        self.pre = m.pre.new_cache(1, m.cfg.block_size, p.device, p.dtype)
+        self.post = m.post.new_cache(1, m.cfg.block_size, p.device, p.dtype)
+        self.short = m.short.new_cache(1, G + 1, p.device, p.dtype)
+        residual = m.pre(m.embed(ids), self.pre)
+        b = m.boundaries(ids, residual)[0].round()
+        n_groups = min(int(b.sum()), G)
+        short_in = torch.cat([m.null_group.expand(1, 1, -1), pool_groups(residual, b, G)[:, :n_groups]], dim=1)
+        short = m.short(m.down_norm(short_in), self.short)
+        self.last_group = short[:, -1:]
+        self.n_groups = n_groups
+        closed = torch.nonzero(b[0]).flatten()
+        open_from = int(closed[-1]) + 1 if len(closed) else 0
+        self.open_sum = at_least_fp32(residual[:, open_from:]).sum(1, keepdim=True)
+        self.open_len = ids.size(1) - open_from
+        h = m.post(upsample_groups(short, b, G) + residual, self.post)
+        self.logits = m.head(m.norm(h[:, -1]))
+
+    def push(self, byte: int) -> None:
+        """Append one byte and update `logits`."""
+        m, cfg = self.model, self.model.cfg
+        if self.pre.pos >= cfg.block_size:
+            self.prefill(torch.cat([self.ids, self.ids.new_tensor([[byte]])], dim=1)[:, -(cfg.block_size // 2) :])
+            return
+        x = self.ids.new_tensor([[byte]])
+        self.ids = torch.cat([self.ids, x], dim=1)
+        h = m.pre(m.embed(x), self.pre)
+        if cfg.boundaries == "fixed":
+            closes = self.pre.pos % cfg.fixed_stride == 0
+        elif cfg.boundaries == "whitespace":
+            closes = bool(whitespace_boundaries(self.ids[:, -2:])[0, -1])  # the rule reads the previous byte
+        else:
+            closes = bool(m.boundaries(x, h)[0][0, 0])
+        self.open_sum = self.open_sum + at_least_fp32(h)
+        self.open_len += 1
+        if closes and self.n_groups < m.max_groups:
+            group = (self.open_sum / self.open_len).to(h.dtype)
+            self.last_group = m.short(m.down_norm(group), self.short)
+            self.n_groups += 1
+        if closes:
+            self.open_sum, self.open_len = torch.zeros_like(self.open_sum), 0
+        out = m.post(self.last_group + h, self.post)
+        self.logits = m.head(m.norm(out[:, -1]))
