@@ -216,3 +216,25 @@ def test_native_byte_model_matches_teacher_forcing():
     assert torch.allclose(rows[:, 1:256], lp[:, 1:], atol=0) and torch.isneginf(rows[:, 0]).all()
     assert torch.allclose(rows[:, 256], lp[:, 0], atol=0)
     assert abs(blm.logprob(x, eot=True) - float(lp[torch.arange(4), torch.tensor(list(x) + [0])].sum())) < 1e-12
+
+
+def test_prompt_boundary_covers_give_the_exact_next_byte():
+    """Drawing a cover ∝ Q and continuing with token sampling yields the exact next-byte distribution
+    (canonical model): checked analytically from the covers and the model's next-token distributions."""
+    tok = BPETokenizer.from_merges(random_merges(2))
+    blm = ByteLM(OracleLM(tok, markov_source(2)), tok)
+    for prompt in [b"", b"a", b"ab", b"cab", b"bca"]:
+        expect = blm.next_byte_logprobs(prompt).exp()
+        covers = blm.covers()
+        weights = torch.softmax(torch.tensor([c[3] for c in covers], dtype=torch.float64), 0)
+        got = torch.zeros(257, dtype=torch.float64)
+        for (node, token, consumed, _), w in zip(covers, weights, strict=True):
+            if token is not None:
+                got[tok.token_bytes(token)[consumed]] += w
+                continue
+            q = blm.runner.logprobs(blm.tracker.trie.path(node)).exp()
+            for t in range(tok.vocab_size):
+                if tok.token_bytes(t):
+                    got[tok.token_bytes(t)[0]] += w * q[t]
+            got[256] += w * q[tok.eos_id]
+        assert torch.allclose(got, expect, atol=1e-12), prompt

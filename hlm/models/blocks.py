@@ -44,6 +44,10 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape [B, 1, T, D/2] for explicit positions [B, T] (tree-shaped inputs)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dimension; x is [B, H, T, D]."""
@@ -78,11 +82,16 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask` (bool [B, 1, T, T], True = may attend) replaces the causal mask, e.g. for a token
+        tree where each node sees only its ancestors; it cannot be combined with a cache."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             past = cache.pos
@@ -116,8 +125,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -131,11 +141,16 @@ class Transformer(nn.Module):
         self.rotary = Rotary(d_model // n_head, max_len, rope_theta)
         self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio) for _ in range(n_layer))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        start = cache.pos if cache is not None else 0
-        cos, sin = self.rotary(start, x.size(1))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal by default; with `attn_mask` [B, 1, T, T] and `positions` [B, T], any attention pattern
+        (a tree of token paths with position = depth)."""
+        if positions is not None:
+            cos, sin = self.rotary.at(positions)
+        else:
+            cos, sin = self.rotary(cache.pos if cache is not None else 0, x.size(1))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, attn_mask)
         if cache is not None:
             cache.pos += x.size(1)
         return x

@@ -1,0 +1,108 @@
+"""Batched tree evaluation equals the byte-by-byte recursion (research note T8), on an hlm GPT with a
+sentencepiece BPE tokenizer, in fp64; the KV-cached path equals recomputation; prompt-boundary sampling."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlm.bytes import ByteLM, Ensemble, NativeByteLM, sample_bytes, sample_prompt_boundary
+from hlm.bytes.exact_eval import exact_bpb
+from hlm.models.gpt import GPT, GPTConfig
+from hlm.tokenizers import SentencePieceTokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DOCS = [b"The cat's  whiskers, 1234.\n", "Caf\u00e9 na\u00efve \u65e5\u672c \U0001f600 end".encode(), b"a"]
+
+
+@pytest.fixture(scope="module")
+def sp_bpe(tmp_path_factory):
+    from data_prep.prepare import train_sentencepiece
+
+    text = (FIXTURES / "enwiki_wv_test_head64k.txt").read_text()[:20000]
+    path = tmp_path_factory.mktemp("sp") / "bpe.model"
+    train_sentencepiece([text], "bpe", 500, path, 1)
+    return SentencePieceTokenizer(path)
+
+
+def tiny_gpt(vocab: int, block: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, d_model=32, init_std=0.5)
+    return GPT(cfg).double().eval()
+
+
+def test_batched_tree_pass_equals_sequential(sp_bpe):
+    model = tiny_gpt(sp_bpe.vocab_size)
+    res = exact_bpb(model, sp_bpe, DOCS + [b"\xff bad utf-8"], start_id=sp_bpe.eos_id, batch_size=2)
+    assert res["docs_skipped"] == 1 and res["docs"] == len(DOCS)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    for doc, out in zip(DOCS, res["per_doc"], strict=True):
+        rows = blm.prefix_logprobs(doc)
+        seq = -rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        assert torch.allclose(out["per_byte_nll"], seq, atol=1e-9, rtol=0)
+        ids = [sp_bpe.eos_id] + sp_bpe.encode(doc) + [sp_bpe.eos_id]
+        with torch.no_grad():
+            lp = torch.log_softmax(model.logits(torch.tensor([ids[:-1]]))[0], -1)
+        canon = -float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+        assert abs(out["nll_canon"] - canon) < 1e-9
+        assert out["nll_conv"] <= canon + 1e-9
+    assert res["bpb_gap"] > 0
+    windowed = exact_bpb(model, sp_bpe, DOCS, start_id=sp_bpe.eos_id, batch_size=3)
+    assert abs(windowed["bpb_conv"] - res["bpb_conv"]) < 1e-12
+    small = exact_bpb(tiny_gpt(sp_bpe.vocab_size, block=8), sp_bpe, DOCS, start_id=sp_bpe.eos_id)
+    assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
+
+
+def test_kv_cache_path_equals_recomputation(sp_bpe):
+    model = tiny_gpt(sp_bpe.vocab_size, block=16, seed=1)
+    cached = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    plain = ByteLM(lambda ids: model.logits(ids[:, -16:]), sp_bpe, start_id=sp_bpe.eos_id)
+    assert cached.runner.cached_gpt and not plain.runner.cached_gpt
+    doc = DOCS[0]  # short enough that the context never slides
+    assert torch.allclose(cached.prefix_logprobs(doc[:12]), plain.prefix_logprobs(doc[:12]), atol=1e-10)
+    long_doc = doc * 3  # longer than the context: the cached path slides, and stays normalised
+    rows = cached.prefix_logprobs(long_doc)
+    assert torch.allclose(rows.exp().sum(-1), torch.ones(len(long_doc) + 1, dtype=torch.float64), atol=1e-12)
+
+
+def test_sampling(sp_bpe):
+    model = tiny_gpt(sp_bpe.vocab_size)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    g = torch.Generator().manual_seed(0)
+    out = bytes(sample_bytes(blm, b"The ca", 20, temperature=0.7, top_k=20, generator=g))
+    assert len(out) <= 20
+    greedy = bytes(sample_bytes(blm, b"The ca", 5, temperature=0))
+    first = int(blm.next_byte_logprobs(b"The ca").argmax())
+    assert first == 256 and greedy == b"" or greedy[:1] == bytes([first])
+    pieces = list(sample_prompt_boundary(blm, b"The ca", 30, generator=torch.Generator().manual_seed(1)))
+    assert sum(len(p) for p in pieces) <= 30 and all(isinstance(p, bytes) for p in pieces)
+
+
+def test_prompt_boundary_cover_weights_sum_to_prefix_probability(sp_bpe):
+    """The covers drawn by prompt-boundary sampling carry exactly P_v(prompt): their total equals the
+    product of the unnormalised next-byte terms, i.e. log of Σ covers == Σ log (P(s[:i+1]) / P(s[:i]))."""
+    import math
+
+    model = tiny_gpt(sp_bpe.vocab_size, seed=3)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    total = None
+    for prompt in [b"Th", b"The", b"The c"]:
+        blm._goto(prompt)
+        weights = torch.tensor([c[3] for c in blm.covers()], dtype=torch.float64)
+        total = float(torch.logsumexp(weights, 0))
+        assert math.isfinite(total)
+    assert total < 0
+
+
+def test_ensemble_of_token_and_byte_model(sp_bpe):
+    class Bytes(torch.nn.Module):
+        def next_logprobs(self, idx):
+            return torch.log_softmax(torch.sin(idx.double()[..., None] * torch.arange(256)), -1)
+
+    tok_lm = ByteLM(tiny_gpt(sp_bpe.vocab_size), sp_bpe, start_id=sp_bpe.eos_id)
+    byte_lm = NativeByteLM(Bytes())
+    ens = Ensemble([tok_lm, byte_lm], "mixture")
+    x = DOCS[0][:10]
+    expect = torch.logaddexp(tok_lm.prefix_logprobs(x), byte_lm.prefix_logprobs(x)) - torch.log(torch.tensor(2.0))
+    assert torch.allclose(ens.prefix_logprobs(x), expect.double(), atol=1e-12)
+    assert ens.logprob(x, eot=True) > min(tok_lm.logprob(x, eot=True), byte_lm.logprob(x, eot=True))
