@@ -18,6 +18,7 @@ they do not round-trip, and the cost relative to canonical scoring.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-bytes", action="store_true", help="exact converted bpb for token models")
     p.add_argument("--ensemble", choices=["mixture", "product"], help="also score the ensemble of all checkpoints")
     p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per checkpoint")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="processes planning the exact conversion")
     args = p.parse_args(argv)
     try:
         if args.data:
@@ -83,7 +86,8 @@ def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:
 
     dev = torch.device(args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-    res = exact_bpb(model, tok, docs, ckpt["data_meta"]["separator_id"], dev, args.batch_size, autocast=autocast)
+    res = exact_bpb(model, tok, docs, ckpt["data_meta"]["separator_id"], dev, args.batch_size, autocast=autocast,
+                    workers=args.workers)
     res.pop("per_doc")
     return res
 

@@ -47,8 +47,8 @@ def test_batched_tree_pass_equals_sequential(sp_bpe):
         assert abs(out["nll_canon"] - canon) < 1e-9
         assert out["nll_conv"] <= canon + 1e-9
     assert res["bpb_gap"] > 0
-    windowed = exact_bpb(model, sp_bpe, DOCS, start_id=sp_bpe.eos_id, batch_size=3)
-    assert abs(windowed["bpb_conv"] - res["bpb_conv"]) < 1e-12
+    segmented = exact_bpb(model, sp_bpe, DOCS, start_id=sp_bpe.eos_id, batch_size=3, workers=2, segment_bytes=5)
+    assert abs(segmented["bpb_conv"] - res["bpb_conv"]) < 1e-12 and segmented["nodes"] == res["nodes"]
     small = exact_bpb(tiny_gpt(sp_bpe.vocab_size, block=8), sp_bpe, DOCS, start_id=sp_bpe.eos_id)
     assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
 

@@ -48,19 +48,31 @@ class VocabIndex:
             mat[k, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
         self.byte_at = mat
         self.lengths = torch.tensor([len(b) for b in self.sorted_bytes])
+        self._ranges: dict[bytes, tuple[int, int]] = {}
+        self._strict: dict[bytes, tuple[int, int]] = {}
 
     def range(self, u: bytes) -> tuple[int, int]:
-        lo = bisect.bisect_left(self.sorted_bytes, u)
-        succ = u.rstrip(b"\xff")
-        if not succ:
-            return lo, len(self.sorted_bytes)
-        succ = succ[:-1] + bytes([succ[-1] + 1])
-        return lo, bisect.bisect_left(self.sorted_bytes, succ, lo)
+        hit = self._ranges.get(u)
+        if hit is None:
+            lo = bisect.bisect_left(self.sorted_bytes, u)
+            succ = u.rstrip(b"\xff")
+            if succ:
+                succ = succ[:-1] + bytes([succ[-1] + 1])
+            hi = bisect.bisect_left(self.sorted_bytes, succ, lo) if succ else len(self.sorted_bytes)
+            if len(self._ranges) > 1_000_000:
+                self._ranges.clear()
+            hit = self._ranges[u] = (lo, hi)
+        return hit
 
     def strict_range(self, u: bytes) -> tuple[int, int]:
         """Tokens whose bytes start with u and are longer than u."""
-        lo, hi = self.range(u)
-        return bisect.bisect_right(self.sorted_bytes, u, lo, hi), hi
+        hit = self._strict.get(u)
+        if hit is None:
+            lo, hi = self.range(u)
+            if len(self._strict) > 1_000_000:
+                self._strict.clear()
+            hit = self._strict[u] = (bisect.bisect_right(self.sorted_bytes, u, lo, hi), hi)
+        return hit
 
 
 class ConversionRules:

@@ -12,12 +12,16 @@ token NLL on the same windows, so bpb_canon and bpb_conv differ only by the conv
 
 Each document is scored from the start symbol with its end of text (counted as one byte, like
 the separator of canonical eval). Windows of a long document are non-overlapping stretches of
-the trunk; a node sees only its window.
+the trunk; a node sees only its window. Planning is Python; for sentencepiece tokenizers long
+documents are cut at pretoken boundaries (a space after a non-space, where the cover state is
+a single node) and planned in parallel worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -46,7 +50,8 @@ class DocPlan:
 
 
 def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
-    """Walk the cover recursion over x without a model and record what each byte's probability needs."""
+    """Walk the cover recursion over x without a model and record what each byte's probability needs:
+    numerator terms (covers of x[:m+1]) and normaliser terms (all continuations of x[:m], and EOS)."""
     tracker = CoverTracker(rules, start_id)
     index, trie = rules.index, tracker.trie
     plan = DocPlan(len(x), [-1], [start_id], [0], [(None, False)])
@@ -67,10 +72,11 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     for m, b in enumerate(x):
         record(m, b)
         for e in tracker.advance(b):
+            p = local[trie.parent[e]]
             local[e] = len(plan.parent)
-            plan.parent.append(local[trie.parent[e]])
+            plan.parent.append(p)
             plan.token.append(trie.token[e])
-            plan.depth.append(plan.depth[local[trie.parent[e]]] + 1)
+            plan.depth.append(plan.depth[p] + 1)
             plan.mask_key.append((trie.last_token(e), trie.mid[e]))
     record(len(x), None)
     child = {(p, t): i for i, (p, t) in enumerate(zip(plan.parent, plan.token, strict=True))}
@@ -83,6 +89,88 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     return plan
 
 
+def segment_points(x: bytes, rules: ConversionRules, segment_bytes: int) -> list[int]:
+    """Cut positions where every cover restarts (sentencepiece: a space after a non-space)."""
+    if rules.rule != "whitespace" or rules.marginal or getattr(rules.tok, "add_dummy_prefix", False):
+        return []
+    cuts, last = [], 0
+    for m in range(segment_bytes, len(x)):
+        if m - last >= segment_bytes and x[m] == 0x20 and x[m - 1] != 0x20:
+            cuts.append(m)
+            last = m
+    return cuts
+
+
+def stitch(parts: list[DocPlan]) -> DocPlan:
+    """Join plans of consecutive segments: each segment's root is the previous segment's last trunk node."""
+    out = parts[0]
+    for part in parts[1:]:
+        root = out.trunk[-1]
+        shift = len(out.parent) - 1
+
+        def node(v: int, root: int = root, shift: int = shift) -> int:
+            return root if v == 0 else v + shift
+
+        base_depth, base_pos = out.depth[root], out.n_bytes
+        if any(v != root for m, v in out.eos if m == base_pos):
+            raise MissingCoverError(f"several exact nodes at the cut at byte {base_pos}: cannot plan in segments")
+        for v in range(1, len(part.parent)):
+            out.parent.append(node(part.parent[v]))
+            out.token.append(part.token[v])
+            out.depth.append(part.depth[v] + base_depth)
+            out.mask_key.append(part.mask_key[v])
+        out.trunk.extend(node(v) for v in part.trunk[1:])
+        out.num.extend((m + base_pos, node(v), lo, hi) for m, v, lo, hi in part.num)
+        out.den.extend((m + base_pos, node(v), lo, hi) for m, v, lo, hi in part.den if m > 0)
+        out.eos.extend((m + base_pos, node(v)) for m, v in part.eos if m > 0)
+        out.n_bytes += part.n_bytes
+    return out
+
+
+_WORKER: dict = {}
+
+
+def _plan_segment(args: tuple[int, bytes]) -> tuple[int, DocPlan | None]:
+    doc, x = args
+    try:
+        return doc, plan_document(x, _WORKER["rules"], _WORKER["start_id"])
+    except HLMError:
+        return doc, None
+
+
+def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1,
+                   segment_bytes: int = 1 << 14) -> tuple[list[DocPlan], int]:
+    """Plans of the documents that round-trip and can be tracked, and the count of the others."""
+    jobs, n_parts, skipped = [], {}, 0
+    for d, x in enumerate(docs):
+        try:
+            ok = rules.tok.decode(rules.tok.encode(x)) == x
+        except HLMError:
+            ok = False
+        if not ok:
+            skipped += 1
+            continue
+        cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
+        n_parts[d] = len(cuts) - 1
+        jobs.extend((d, x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    _WORKER.update(rules=rules, start_id=start_id)
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_plan_segment, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+    else:
+        results = [_plan_segment(job) for job in jobs]
+    parts: dict[int, list[DocPlan | None]] = {}
+    for d, plan in results:
+        parts.setdefault(d, []).append(plan)
+    plans = []
+    for d in sorted(parts):
+        if any(p is None for p in parts[d]) or len(parts[d]) != n_parts[d]:
+            skipped += 1
+        else:
+            plans.append(stitch(parts[d]))
+    return plans, skipped
+
+
 def _windows(plan: DocPlan, block: int) -> list[list[int]]:
     """Split the nodes into windows of at most `block` positions: stretches of the trunk with the
     off-trunk nodes that hang from them."""
@@ -93,117 +181,139 @@ def _windows(plan: DocPlan, block: int) -> list[list[int]]:
     spill = max(d - plan.depth[plan.trunk[a]] for d, a in zip(plan.depth, anchor, strict=True))
     stride = block - spill
     if stride < 1:
-        raise MissingCoverError(f"off-trunk paths of {spill} tokens do not fit a context of {block}")
+        raise HLMError(f"off-trunk paths of {spill} tokens do not fit a context of {block}")
     groups: dict[int, list[int]] = {}
     for v, a in enumerate(anchor):
         groups.setdefault(a // stride, []).append(v)
     return [groups[k] for k in sorted(groups)]
 
 
+class _Flat:
+    """All documents' nodes and terms as flat tensors over global node ids and global byte positions."""
+
+    def __init__(self, plans: list[DocPlan]):
+        self.offset, n_nodes, n_pos = [], 0, 0
+        parent, token, q_node, q_lo, q_hi, self.mask_key = [], [], [], [], [], []
+        num_pos, num_q, den_pos, den_q, eos_pos, eos_node, end_pos, end_node, trunk_end = ([] for _ in range(9))
+        queries: dict[tuple[int, int, int], int] = {}
+
+        def query(v: int, lo: int, hi: int) -> int:
+            key = (v, lo, hi)
+            if key not in queries:
+                queries[key] = len(q_node)
+                q_node.append(v)
+                q_lo.append(lo)
+                q_hi.append(hi)
+            return queries[key]
+
+        for plan in plans:
+            self.offset.append(n_nodes)
+            parent.extend(p + n_nodes if p >= 0 else -1 for p in plan.parent)
+            token.extend(plan.token)
+            self.mask_key.extend(plan.mask_key)
+            for m, v, lo, hi in plan.num:
+                num_pos.append(m + n_pos)
+                num_q.append(query(v + n_nodes, lo, hi))
+            for m, v, lo, hi in plan.den:
+                den_pos.append(m + n_pos)
+                den_q.append(query(v + n_nodes, lo, hi))
+            for m, v in plan.eos:
+                eos_pos.append(m + n_pos)
+                eos_node.append(v + n_nodes)
+                if m == plan.n_bytes:
+                    end_pos.append(m + n_pos)
+                    end_node.append(v + n_nodes)
+            trunk_end.append(plan.trunk[-1] + n_nodes)
+            n_nodes += len(plan.parent)
+            n_pos += plan.n_bytes + 1
+        self.n_nodes, self.n_pos = n_nodes, n_pos
+        self.parent, self.token = parent, token
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)
+
+        self.q_node, self.q_lo, self.q_hi = t(q_node), t(q_lo), t(q_hi)
+        self.num_pos, self.num_q, self.den_pos, self.den_q = t(num_pos), t(num_q), t(den_pos), t(den_q)
+        self.eos_pos, self.eos_node, self.end_pos, self.end_node = t(eos_pos), t(eos_node), t(end_pos), t(end_node)
+        self.trunk_end = t(trunk_end)
+        self.child_parent = t([max(p, 0) for p in parent])
+        self.child_token = t(token)
+
+
 @torch.no_grad()
 def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.device = "cpu",
-              batch_size: int = 8, chunk_rows: int = 2048, autocast=None) -> dict:
+              batch_size: int = 8, chunk_rows: int = 2048, autocast=None, workers: int = 1,
+              segment_bytes: int = 1 << 14) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
-    import contextlib
-
     autocast = autocast or contextlib.nullcontext()
+    device = torch.device(device)
     rules = ConversionRules(tok)
-    index = rules.index
-    perm = index.perm.to(device)
-    block = model.cfg.block_size
-    eos = tok.eos_id
+    perm = rules.index.perm.to(device)
     t0 = time.perf_counter()
-    plans, skipped = [], 0
-    for x in docs:
-        try:
-            if tok.decode(tok.encode(x)) != x:
-                raise MissingCoverError("round trip")
-            plans.append(plan_document(x, rules, start_id))
-        except HLMError:  # no round trip, text the tokenizer cannot take, or untrackable covers
-            skipped += 1
+    plans, skipped = plan_documents(docs, rules, start_id, workers, segment_bytes)
     t_plan = time.perf_counter() - t0
-    windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, block)]
-    # per document: next-token log-probs needed at each node
-    point = [torch.zeros(len(p.parent), dtype=torch.float64) for p in plans]  # log q(token(v) | parent(v))
-    eos_lp = [torch.zeros(len(p.parent), dtype=torch.float64) for p in plans]
-    range_lp: list[dict[tuple[int, int, int], float]] = [{} for _ in plans]
-    needs = []
-    for plan in plans:
-        want: dict[int, list[tuple[int, int]]] = {}
-        for _, v, lo, hi in plan.num + plan.den:
-            want.setdefault(v, []).append((lo, hi))
-        needs.append(want)
+    flat = _Flat(plans)
+    q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
+    child_parent, child_token = flat.child_parent.to(device), flat.child_token.to(device)
+    is_child = torch.tensor([p >= 0 for p in flat.parent], device=device)
+    range_lp = torch.full((len(flat.q_node),), float("-inf"), dtype=torch.float64, device=device)
+    point_lp = torch.zeros(flat.n_nodes, dtype=torch.float64, device=device)
+    eos_lp = torch.full((flat.n_nodes,), float("-inf"), dtype=torch.float64, device=device)
+    row_of = torch.full((flat.n_nodes,), -1, dtype=torch.int64, device=device)
+    windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        length = max(len(w) for _, w in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.int64)
-        pos = torch.zeros(len(batch), length, dtype=torch.int64)
-        mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
-        rows = []  # (batch row, position, doc, node)
-        for r, (d, nodes) in enumerate(batch):
-            plan = plans[d]
-            where = {v: k for k, v in enumerate(nodes)}
-            base = plan.depth[nodes[0]]
-            for k, v in enumerate(nodes):
-                ids[r, k], pos[r, k] = plan.token[v], plan.depth[v] - base
-                p = where.get(plan.parent[v])
-                if p is not None:
-                    mask[r, 0, k] = mask[r, 0, p]
-                mask[r, 0, k, k] = True
-                rows.append((r, k, d, v))
-            mask[r, 0, len(nodes) :, :] = torch.eye(length, dtype=torch.bool)[len(nodes) :]
+        ids, pos, mask, rows, nodes = _pack(batch, plans, flat)
         with autocast:
             logits = model.logits(ids.to(device), attn_mask=mask.to(device), positions=pos.to(device))
+        logits = logits.flatten(0, 1)
         for c in range(0, len(rows), chunk_rows):
-            chunk = rows[c : c + chunk_rows]
-            r_idx = torch.tensor([r for r, _, _, _ in chunk], device=device)
-            k_idx = torch.tensor([k for _, k, _, _ in chunk], device=device)
-            rows_logits = logits[r_idx, k_idx]
-            if rows_logits.dtype in (torch.bfloat16, torch.float16):
-                rows_logits = rows_logits.float()
-            lp = F.log_softmax(rows_logits, dim=-1)[:, : tok.vocab_size]
-            valid = torch.stack([rules.next_mask(*plans[d].mask_key[v]) for _, _, d, v in chunk]).to(device)
+            g = nodes[c : c + chunk_rows].to(device)
+            out = logits[rows[c : c + chunk_rows].to(device)]
+            lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
+            lp = lp[:, : tok.vocab_size]
+            keys = [flat.mask_key[v] for v in nodes[c : c + chunk_rows].tolist()]
+            valid = torch.stack([rules.next_mask(*k) for k in keys]).to(device)
             csum = F.pad((lp.double().exp() * valid)[:, perm].cumsum(dim=1), (1, 0))
-            _gather_chunk(chunk, lp, csum, plans, needs, point, eos_lp, range_lp, eos)
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    return _combine(plans, point, eos_lp, range_lp, skipped, t_plan, time.perf_counter() - t0)
+            row_of[g] = torch.arange(len(g), device=device)
+            if tok.eos_id is not None:
+                eos_lp[g] = lp[:, tok.eos_id].double()
+            sel = torch.nonzero(row_of[q_node] >= 0).flatten()
+            j = row_of[q_node[sel]]
+            sums = csum[j, q_hi[sel]] - csum[j, q_lo[sel]]
+            range_lp[sel] = sums.clamp_min(1e-300).log()
+            kids = torch.nonzero((row_of[child_parent] >= 0) & is_child).flatten()
+            point_lp[kids] = lp[row_of[child_parent[kids]], child_token[kids]].double()
+            row_of[g] = -1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return _combine(plans, flat, point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), skipped, t_plan,
+                    time.perf_counter() - t0)
 
 
-def _gather_chunk(chunk, lp, csum, plans, needs, point, eos_lp, range_lp, eos) -> None:
-    """Pull the scalars each node contributes: its children's log-probs, its EOS, its range sums."""
-    lp_cpu_rows = {}
-    for j, (_, _, d, v) in enumerate(chunk):
-        lp_cpu_rows.setdefault(d, []).append((j, v))
-    for d, items in lp_cpu_rows.items():
+def _pack(batch, plans: list[DocPlan], flat: _Flat):
+    """Token ids, positions (depth within the window), ancestor masks, and the flat row / global node of
+    every real position of a batch of windows."""
+    length = max(len(w) for _, w in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.int64)
+    pos = torch.zeros(len(batch), length, dtype=torch.int64)
+    mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
+    rows, nodes = [], []
+    for r, (d, window) in enumerate(batch):
         plan = plans[d]
-        js = torch.tensor([j for j, _ in items], device=lp.device)
-        eos_lp[d][[v for _, v in items]] = lp[js, eos].double().cpu() if eos is not None else float("-inf")
-        for j, v in items:
-            want = needs[d].get(v, ())
-            if want:
-                lo = torch.tensor([a for a, _ in want], device=csum.device)
-                hi = torch.tensor([b for _, b in want], device=csum.device)
-                sums = (csum[j, hi] - csum[j, lo]).clamp_min(1e-300).log().cpu().tolist()
-                for (a, b), s in zip(want, sums, strict=True):
-                    range_lp[d][(v, a, b)] = s
-        children = [(c, v, j) for j, v in items for c in _children(plan, v)]
-        if children:
-            rows = torch.tensor([j for _, _, j in children], device=lp.device)
-            toks = torch.tensor([plan.token[c] for c, _, _ in children], device=lp.device)
-            point[d][[c for c, _, _ in children]] = lp[rows, toks].double().cpu()
-
-
-def _children(plan: DocPlan, v: int) -> list[int]:
-    kids = plan.__dict__.setdefault("_kids", None)
-    if kids is None:
-        kids = [[] for _ in plan.parent]
-        for c, p in enumerate(plan.parent):
-            if p >= 0:
-                kids[p].append(c)
-        plan._kids = kids
-    return kids[v]
+        where = {v: k for k, v in enumerate(window)}
+        base = plan.depth[window[0]]
+        for k, v in enumerate(window):
+            ids[r, k], pos[r, k] = plan.token[v], plan.depth[v] - base
+            p = where.get(plan.parent[v])
+            if p is not None:
+                mask[r, 0, k] = mask[r, 0, p]
+            mask[r, 0, k, k] = True
+            rows.append(r * length + k)
+            nodes.append(v + flat.offset[d])
+        mask[r, 0, len(window) :, :] = torch.eye(length, dtype=torch.bool)[len(window) :]
+    return ids, pos, mask, torch.tensor(rows), torch.tensor(nodes)
 
 
 def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -213,36 +323,31 @@ def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> 
     return total.log() + safe
 
 
-def _combine(plans, point, eos_lp, range_lp, skipped, t_plan, seconds) -> dict:
-    nll_canon = nll_conv = 0.0
-    n_bytes = 0
-    per_doc = []
+def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, t_plan, seconds) -> dict:
+    step = point_lp.tolist()
+    logq = [0.0] * flat.n_nodes
+    for v, p in enumerate(flat.parent):
+        if p >= 0:
+            logq[v] = logq[p] + step[v]
+    logq = torch.tensor(logq, dtype=torch.float64)
+    num = _scatter_logsumexp(torch.cat([flat.num_pos, flat.end_pos]),
+                             torch.cat([logq[flat.q_node[flat.num_q]] + range_lp[flat.num_q],
+                                        logq[flat.end_node] + eos_lp[flat.end_node]]), flat.n_pos)
+    den = _scatter_logsumexp(torch.cat([flat.den_pos, flat.eos_pos]),
+                             torch.cat([logq[flat.q_node[flat.den_q]] + range_lp[flat.den_q],
+                                        logq[flat.eos_node] + eos_lp[flat.eos_node]]), flat.n_pos)
+    per_byte = den - num
+    canon = -(logq[flat.trunk_end] + eos_lp[flat.trunk_end])
+    per_doc, start = [], 0
     for d, plan in enumerate(plans):
-        logq = torch.zeros(len(plan.parent), dtype=torch.float64)
-        for v in range(1, len(plan.parent)):
-            logq[v] = logq[plan.parent[v]] + point[d][v]
-        n = plan.n_bytes
-        size = n + 1
-        num_idx = torch.tensor([m for m, _, _, _ in plan.num], dtype=torch.int64)
-        num_val = torch.tensor([logq[v] + range_lp[d][(v, lo, hi)] for _, v, lo, hi in plan.num],
-                               dtype=torch.float64)
-        end = [(m, v) for m, v in plan.eos if m == n]
-        num_idx = torch.cat([num_idx, torch.full((len(end),), n, dtype=torch.int64)])
-        num_val = torch.cat([num_val, torch.stack([logq[v] + eos_lp[d][v] for _, v in end])])
-        den_idx = torch.tensor([m for m, _, _, _ in plan.den] + [m for m, _ in plan.eos], dtype=torch.int64)
-        den_val = torch.cat([torch.tensor([logq[v] + range_lp[d][(v, lo, hi)] for _, v, lo, hi in plan.den],
-                                          dtype=torch.float64),
-                             torch.stack([logq[v] + eos_lp[d][v] for _, v in plan.eos])])
-        per_byte = _scatter_logsumexp(den_idx, den_val, size) - _scatter_logsumexp(num_idx, num_val, size)
-        conv = float(per_byte.sum())
-        canon = -float(logq[plan.trunk[-1]] + eos_lp[d][plan.trunk[-1]])
-        nll_conv += conv
-        nll_canon += canon
-        n_bytes += n + 1
-        per_doc.append({"bytes": n, "nll_canon": canon, "nll_conv": conv, "per_byte_nll": per_byte})
-    bpb_canon = nll_canon / (LN2 * max(n_bytes, 1))
-    bpb_conv = nll_conv / (LN2 * max(n_bytes, 1))
+        doc_bytes = per_byte[start : start + plan.n_bytes + 1]
+        per_doc.append({"bytes": plan.n_bytes, "nll_canon": float(canon[d]), "nll_conv": float(doc_bytes.sum()),
+                        "per_byte_nll": doc_bytes})
+        start += plan.n_bytes + 1
+    n_bytes = flat.n_pos
+    bpb_canon = float(canon.sum()) / (LN2 * max(n_bytes, 1))
+    bpb_conv = float(per_byte.sum()) / (LN2 * max(n_bytes, 1))
     return {"bpb_canon": bpb_canon, "bpb_conv": bpb_conv, "bpb_gap": bpb_canon - bpb_conv, "bytes": n_bytes,
-            "docs": len(plans), "docs_skipped": skipped, "nodes": sum(len(p.parent) for p in plans),
+            "docs": len(plans), "docs_skipped": skipped, "nodes": flat.n_nodes,
             "tokens": sum(len(p.trunk) for p in plans), "seconds": seconds, "seconds_planning": t_plan,
             "bytes_per_s": n_bytes / max(seconds, 1e-9), "per_doc": per_doc}
