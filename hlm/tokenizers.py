@@ -93,10 +93,12 @@ class _ConversionMixin:
         if a not in cache:
             nodes, parent_rank = self._left_spines()
             best = torch.full((self.vocab_size + 1,), float("inf"), dtype=torch.float64)
+            table = self._merges_from_left()
             for x, limit in self._right_spine(a):
-                for y, r in self._merges_from_left().get(x, ()):
-                    if r < limit and r < best[y]:
-                        best[y] = r
+                if x in table:
+                    ys, ranks = table[x]
+                    keep = ranks < limit
+                    best.scatter_reduce_(0, ys[keep], ranks[keep], "amin")
             cross = best[nodes]
             invalid = ((cross <= parent_rank) & cross.isfinite()).any(dim=1)
             if len(cache) > 4096:
@@ -138,8 +140,8 @@ class _ConversionMixin:
             node, limit = (h[1], h[2]) if h is not None else (None, limit)
         return out
 
-    def _merges_from_left(self) -> dict[int, list[tuple[int, float]]]:
-        """For each token x, the tokens y that merge with it on their left, with the merge's rank."""
+    def _merges_from_left(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """For each token x, the tokens y that merge with it on their left and the merges' ranks."""
         if getattr(self, "_left_merges", None) is None:
             table: dict[int, list[tuple[int, float]]] = {}
             for data in self._bytes:
@@ -148,7 +150,9 @@ class _ConversionMixin:
                     r = None if left is None or right is None else self._rank(data[:k], data[k:])
                     if r is not None:
                         table.setdefault(left, []).append((right, float(r)))
-            self._left_merges = table
+            self._left_merges = {x: (torch.tensor([y for y, _ in pairs], dtype=torch.int64),
+                                     torch.tensor([r for _, r in pairs], dtype=torch.float64))
+                                 for x, pairs in table.items()}
         return self._left_merges
 
     def _left_spines(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,31 @@ def test_batched_tree_pass_equals_sequential(sp_bpe):
     assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
 
 
+def test_dummy_prefix_tokenizer(tmp_path):
+    """A sentencepiece model that adds a leading '▁': the text is scored after that space, exactly."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter((FIXTURES / "enwiki_wv_test_head64k.txt").read_text()[:20000].splitlines(True)),
+        model_writer=proto, model_type="bpe", vocab_size=400, byte_fallback=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        character_coverage=1.0, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    tok = SentencePieceTokenizer(model_proto=proto.getvalue())
+    assert tok.add_dummy_prefix and tok.decode(tok.encode(b"Hello")) == b" Hello"
+    model = tiny_gpt(tok.vocab_size, seed=4)
+    res = exact_bpb(model, tok, DOCS[:2], start_id=tok.eos_id)
+    blm = ByteLM(model, tok, start_id=tok.eos_id)
+    assert res["docs_skipped"] == 0
+    for doc, out in zip(DOCS[:2], res["per_doc"], strict=True):
+        rows = blm.prefix_logprobs(doc)
+        assert torch.allclose(rows.exp().sum(-1), torch.ones(len(doc) + 1, dtype=torch.float64), atol=1e-12)
+        seq = -rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        assert torch.allclose(out["per_byte_nll"], seq, atol=1e-9, rtol=0)
+
+
 def test_kv_cache_path_equals_recomputation(sp_bpe):
     model = tiny_gpt(sp_bpe.vocab_size, block=16, seed=1)
     cached = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)

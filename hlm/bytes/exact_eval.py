@@ -51,7 +51,8 @@ class DocPlan:
 
 def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     """Walk the cover recursion over x without a model and record what each byte's probability needs:
-    numerator terms (covers of x[:m+1]) and normaliser terms (all continuations of x[:m], and EOS)."""
+    numerator terms (covers of x[:m+1]) and normaliser terms (all continuations of x[:m], and EOS).
+    With a dummy-prefix tokenizer, x must start with that space."""
     tracker = CoverTracker(rules, start_id)
     index, trie = rules.index, tracker.trie
     plan = DocPlan(len(x), [-1], [start_id], [0], [(None, False)])
@@ -81,7 +82,8 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     record(len(x), None)
     child = {(p, t): i for i, (p, t) in enumerate(zip(plan.parent, plan.token, strict=True))}
     plan.trunk = [0]
-    for t in rules.tok.encode(x):
+    dummy = getattr(rules.tok, "add_dummy_prefix", False)  # x starts with the space the tokenizer adds
+    for t in rules.tok.encode(x[1:] if dummy else x):
         node = child.get((plan.trunk[-1], t))
         if node is None:
             raise MissingCoverError("the canonical encoding is not among the tracked exact nodes")
@@ -142,9 +144,10 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
                    segment_bytes: int = 1 << 14) -> tuple[list[DocPlan], int]:
     """Plans of the documents that round-trip and can be tracked, and the count of the others."""
     jobs, n_parts, skipped = [], {}, 0
+    dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
     for d, x in enumerate(docs):
         try:
-            ok = rules.tok.decode(rules.tok.encode(x)) == x
+            ok = rules.tok.decode(rules.tok.encode(x)) == dummy + x
         except HLMError:
             ok = False
         if not ok:
@@ -152,7 +155,7 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
             continue
         cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
         n_parts[d] = len(cuts) - 1
-        jobs.extend((d, x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+        jobs.extend((d, dummy + x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
     _WORKER.update(rules=rules, start_id=start_id)
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -167,8 +170,17 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
         if any(p is None for p in parts[d]) or len(parts[d]) != n_parts[d]:
             skipped += 1
         else:
-            plans.append(stitch(parts[d]))
+            plans.append(_drop_first_byte(parts[d][0]) if dummy else stitch(parts[d]))
     return plans, skipped
+
+
+def _drop_first_byte(plan: DocPlan) -> DocPlan:
+    """Condition on the dummy-prefix space the tokenizer adds: the text's bytes start after it."""
+    plan.num = [(m - 1, v, lo, hi) for m, v, lo, hi in plan.num if m > 0]
+    plan.den = [(m - 1, v, lo, hi) for m, v, lo, hi in plan.den if m > 0]
+    plan.eos = [(m - 1, v) for m, v in plan.eos if m > 0]
+    plan.n_bytes -= 1
+    return plan
 
 
 def _windows(plan: DocPlan, block: int) -> list[list[int]]:
