@@ -9,6 +9,7 @@ temperature and top-k applied to the 257 next-byte outcomes. Output goes to stdo
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -42,10 +43,16 @@ def main(argv: list[str] | None = None) -> int:
             ids = torch.tensor([[ckpt["data_meta"]["separator_id"]] + list(prompt)], device=args.device)
             stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen)
             pieces = (bytes([int(nxt)]) for nxt in stream)
+        t0, written = time.perf_counter(), 0
         for piece in pieces:
             out.write(piece)
             out.flush()
+            written += len(piece)
+        seconds = time.perf_counter() - t0
         out.write(b"\n")
+        mode = "byte-level" if args.byte_level else "prompt-boundary" if tokenized else "native bytes"
+        print(f"{written} bytes in {seconds:.2f}s ({written / max(seconds, 1e-9):,.0f} bytes/s, {mode})",
+              file=sys.stderr)
     except HLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -131,3 +131,25 @@ def test_ensemble_of_token_and_byte_model(sp_bpe):
     expect = torch.logaddexp(tok_lm.prefix_logprobs(x), byte_lm.prefix_logprobs(x)) - torch.log(torch.tensor(2.0))
     assert torch.allclose(ens.prefix_logprobs(x), expect.double(), atol=1e-12)
     assert ens.logprob(x, eot=True) > min(tok_lm.logprob(x, eot=True), byte_lm.logprob(x, eot=True))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
+def test_batched_equals_sequential_on_regex_tokenizers(name):
+    """T8 with a lookahead pretokenizer (several exact nodes per byte at times) on hard strings."""
+    from hlm.tokenizers import load_tokenizer
+
+    shared = Path(__file__).parents[1].parent / "shared" / "tokenizers"
+    tok = load_tokenizer(shared / "gpt2" if name == "gpt2" else shared / "tiktoken" / f"{name}.tiktoken")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=16, init_std=0.5)
+    model = GPT(cfg).double().eval()
+    docs = ["a  b\t\n\n  c", "I'VE 12345 caf\u00e9 \U0001f44d\u200d x", "x'r  \n"]
+    docs = [d.encode() for d in docs]
+    res = exact_bpb(model, tok, docs, start_id=tok.eos_id)
+    blm = ByteLM(model, tok)
+    for doc, out in zip(docs, res["per_doc"], strict=True):
+        rows = blm.prefix_logprobs(doc)
+        assert torch.allclose(rows.exp().sum(-1), torch.ones(len(doc) + 1, dtype=torch.float64), atol=1e-12)
+        seq = -rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        assert torch.allclose(out["per_byte_nll"], seq, atol=1e-9, rtol=0)
+        assert out["nll_conv"] <= out["nll_canon"] + 1e-9

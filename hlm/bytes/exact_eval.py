@@ -207,16 +207,12 @@ class _Flat:
         self.offset, n_nodes, n_pos = [], 0, 0
         parent, token, q_node, q_lo, q_hi, self.mask_key = [], [], [], [], [], []
         num_pos, num_q, den_pos, den_q, eos_pos, eos_node, end_pos, end_node, trunk_end = ([] for _ in range(9))
-        queries: dict[tuple[int, int, int], int] = {}
 
         def query(v: int, lo: int, hi: int) -> int:
-            key = (v, lo, hi)
-            if key not in queries:
-                queries[key] = len(q_node)
-                q_node.append(v)
-                q_lo.append(lo)
-                q_hi.append(hi)
-            return queries[key]
+            q_node.append(v)
+            q_lo.append(lo)
+            q_hi.append(hi)
+            return len(q_node) - 1
 
         for plan in plans:
             self.offset.append(n_nodes)
@@ -248,8 +244,29 @@ class _Flat:
         self.num_pos, self.num_q, self.den_pos, self.den_q = t(num_pos), t(num_q), t(den_pos), t(den_q)
         self.eos_pos, self.eos_node, self.end_pos, self.end_node = t(eos_pos), t(eos_node), t(end_pos), t(end_node)
         self.trunk_end = t(trunk_end)
-        self.child_parent = t([max(p, 0) for p in parent])
         self.child_token = t(token)
+        self.by_node = _csr(self.q_node, n_nodes)  # queries of each node
+        kids = t([v for v, p in enumerate(parent) if p >= 0])
+        self.kids = kids
+        self.kid_parent = t([p for p in parent if p >= 0])
+        self.by_parent = _csr(self.kid_parent, n_nodes)  # children of each node
+
+
+def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, start, count): the items with key k are order[start[k] : start[k] + count[k]]."""
+    order = torch.argsort(keys, stable=True)
+    count = torch.bincount(keys, minlength=n)
+    start = torch.cumsum(count, 0) - count
+    return order, start, count
+
+
+def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.Tensor) -> torch.Tensor:
+    """Indices of the items of every node in `nodes` (all tensors on one device)."""
+    order, start, count = csr
+    lens = count[nodes]
+    total = int(lens.sum())
+    first = torch.repeat_interleave(start[nodes] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+    return order[first + torch.arange(total, device=nodes.device)]
 
 
 @torch.no_grad()
@@ -267,8 +284,9 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
     t_plan = time.perf_counter() - t0
     flat = _Flat(plans)
     q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
-    child_parent, child_token = flat.child_parent.to(device), flat.child_token.to(device)
-    is_child = torch.tensor([p >= 0 for p in flat.parent], device=device)
+    by_node = tuple(x.to(device) for x in flat.by_node)
+    by_parent = tuple(x.to(device) for x in flat.by_parent)
+    kids_all, kid_parent, child_token = flat.kids.to(device), flat.kid_parent.to(device), flat.child_token.to(device)
     range_lp = torch.full((len(flat.q_node),), float("-inf"), dtype=torch.float64, device=device)
     point_lp = torch.zeros(flat.n_nodes, dtype=torch.float64, device=device)
     eos_lp = torch.full((flat.n_nodes,), float("-inf"), dtype=torch.float64, device=device)
@@ -291,12 +309,13 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
             row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
                 eos_lp[g] = lp[:, tok.eos_id].double()
-            sel = torch.nonzero(row_of[q_node] >= 0).flatten()
+            sel = _select(by_node, g)
             j = row_of[q_node[sel]]
             sums = csum[j, q_hi[sel]] - csum[j, q_lo[sel]]
             range_lp[sel] = sums.clamp_min(1e-300).log()
-            kids = torch.nonzero((row_of[child_parent] >= 0) & is_child).flatten()
-            point_lp[kids] = lp[row_of[child_parent[kids]], child_token[kids]].double()
+            k = _select(by_parent, g)
+            kids = kids_all[k]
+            point_lp[kids] = lp[row_of[kid_parent[k]], child_token[kids]].double()
             row_of[g] = -1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
