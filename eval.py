@@ -102,14 +102,19 @@ def ensemble_row(docs: list[bytes], source: str, args) -> dict:
     members = [byte_lm_from_checkpoint(path, args.device)[0] for path in args.checkpoints]
     ens = Ensemble(members, args.ensemble, args.weights)
     t0 = time.perf_counter()
-    nll, n_bytes = 0.0, 0
+    nll = torch.zeros(len(members) + 1, dtype=torch.float64)
+    n_bytes = 0
     for doc in docs:
-        nll -= ens.logprob(doc, eot=True)
+        rows = [m.prefix_logprobs(doc) for m in members]
+        targets = torch.tensor(list(doc) + [256])
+        picked = torch.arange(len(targets))
+        nll -= torch.stack([r[picked, targets].double().sum() for r in rows + [ens.combine(rows)]])
         n_bytes += len(doc) + 1
     seconds = time.perf_counter() - t0
+    bpb = (nll / (math.log(2) * n_bytes)).tolist()
     return {"checkpoint": f"ensemble ({args.ensemble})", "model": " + ".join(args.checkpoints), "source": source,
-            "bpb": nll / (math.log(2) * n_bytes), "ppl_token": float("nan"), "bytes": n_bytes, "tokens": n_bytes,
-            "seconds": seconds, "bytes_per_s": n_bytes / seconds, "stride": None}
+            "bpb": bpb[-1], "members_bpb": bpb[:-1], "ppl_token": float("nan"), "bytes": n_bytes,
+            "tokens": n_bytes, "seconds": seconds, "bytes_per_s": n_bytes / seconds, "stride": None}
 
 
 def truncate(docs: list[bytes], limit: int) -> list[bytes]:
@@ -136,6 +141,11 @@ def print_table(rows: list[dict]) -> None:
     if rows:
         print(f"\nsource: {rows[0]['source']}; stride {rows[0]['stride']} tokens (equal to the context: "
               "every byte scored once)")
+    for r in rows:
+        if "members_bpb" in r:
+            members = ", ".join(f"{b:.4f}" for b in r["members_bpb"])
+            print(f"\n{r['checkpoint']}: {r['bpb']:.4f} bits/byte; members alone, scored the same way (byte by "
+                  f"byte, each document with its end of text): {members}")
     exact = [r for r in rows if "exact" in r]
     if exact:
         print("\nexact byte-level conversion (same windows for both columns; end of text counted as one byte)\n")

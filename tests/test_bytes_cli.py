@@ -45,7 +45,9 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path):
     exact = rows[0]["exact"]
     assert exact["docs_skipped"] == 0 and exact["bpb_conv"] <= exact["bpb_canon"] + 1e-9
     assert "exact" not in rows[1]  # byte model: nothing to convert
-    assert rows[2]["checkpoint"] == "ensemble (mixture)" and rows[2]["bpb"] > 0
+    ens = rows[2]
+    assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2
+    assert 0 < ens["bpb"] <= sum(ens["members_bpb"]) / 2 + 1e-9  # Jensen: a mixture beats the mean member
     assert b"bpb_conv" in r.stdout
 
 
