@@ -199,6 +199,7 @@ class BPETokenizer(_ConversionMixin):
         self.name = name
         self.boundary_rule = "regex" if pattern else "none"
         self.add_dummy_prefix = False
+        self.ignore_merges = False
         self._id_of = {}
         for i, b in enumerate(self._bytes):
             if b and b not in self._id_of:
@@ -244,8 +245,11 @@ class BPETokenizer(_ConversionMixin):
         return [data[i : i + 1] for i in range(len(data))]
 
     def encode_piece(self, data: bytes) -> list[int]:
-        """BPE of one pretoken (no pretokenizer, no special tokens)."""
+        """BPE of one pretoken (no pretokenizer, no special tokens). With `ignore_merges` (Llama-3 style
+        tokenizer.json) a pretoken that is itself a token is emitted whole."""
         hit = self._piece_cache.get(data)
+        if hit is None and self.ignore_merges and data in self._id_of:
+            hit = [self._id_of[data]]
         if hit is None:
             hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)]
             if len(self._piece_cache) > 200_000:
@@ -258,6 +262,8 @@ class BPETokenizer(_ConversionMixin):
 
     def encode(self, data: bytes) -> list[int]:
         """Ordinary text encoding: special-token strings in the text are encoded as plain text."""
+        if self.add_dummy_prefix:
+            data = b" " + data
         if self._regex is None:
             return self.encode_piece(data)
         try:
@@ -453,9 +459,60 @@ def load_tiktoken_file(path: Path) -> BPETokenizer:
     return BPETokenizer.from_ranks(ranks, pattern, specials, name=name)
 
 
+def load_hf_tokenizer_json(path: Path) -> BPETokenizer:
+    """A Hugging Face `tokenizer.json` holding a byte-level BPE (GPT-2, Llama-3 style): vocab, merges,
+    a ByteLevel or Split+ByteLevel pretokenizer, added tokens as specials. Normalizers and
+    Metaspace/Unigram/WordPiece models are refused: they do not map bytes to ids exactly."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json is supported, not {model.get('type')}")
+    if spec.get("normalizer") is not None:
+        raise TokenizerError(f"{path}: a normalizer changes the bytes; exact byte conversion needs none")
+    pattern, prefix_space = _hf_pretokenizer(spec.get("pre_tokenizer"), path)
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+
+    def raw(s: str) -> bytes:
+        try:
+            return bytes(decoder[c] for c in s)
+        except KeyError:
+            raise TokenizerError(f"{path}: token {s!r} is not in GPT-2's byte-level alphabet") from None
+
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    size = max(list(model["vocab"].values()) + list(specials.values())) + 1
+    token_bytes = [b""] * size
+    for s, i in model["vocab"].items():
+        if s not in specials:
+            token_bytes[i] = raw(s)
+    pair_rank = {}
+    for k, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        pair_rank[(raw(left), raw(right))] = k
+    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>", "</s>") if s in specials), None)
+    bos = next((specials[s] for s in ("<|begin_of_text|>", "<s>") if s in specials), None)
+    tok = BPETokenizer(token_bytes, lambda a, b: pair_rank.get((a, b)), pattern, specials, eos, bos, name="hf")
+    tok.ignore_merges = bool(model.get("ignore_merges"))
+    tok.add_dummy_prefix = prefix_space
+    return tok
+
+
+def _hf_pretokenizer(spec: dict | None, path: Path) -> tuple[str, bool]:
+    """(regex, add_prefix_space) of a ByteLevel or Sequence[Split(regex), ByteLevel] pretokenizer."""
+    if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return GPT2_PATTERN, bool(spec.get("add_prefix_space"))
+    if spec and spec.get("type") == "Sequence":
+        parts = spec.get("pretokenizers", [])
+        if (len(parts) == 2 and parts[0].get("type") == "Split" and "Regex" in parts[0].get("pattern", {})
+                and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
+                and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+            return parts[0]["pattern"]["Regex"], bool(parts[1].get("add_prefix_space"))
+    kind = spec.get("type") if spec else None
+    raise TokenizerError(f"{path}: unsupported pretokenizer {kind!r} (need ByteLevel, or Split + ByteLevel)")
+
+
 def load_tokenizer(path: str | Path):
     """Load a tokenizer by its kind: sentencepiece `.model`, GPT-2 folder (encoder.json + vocab.bpe),
-    or a tiktoken `.tiktoken` rank file."""
+    a tiktoken `.tiktoken` rank file, or a Hugging Face `tokenizer.json` (file or folder)."""
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"tokenizer not found: {path}")
@@ -465,6 +522,10 @@ def load_tokenizer(path: str | Path):
         return load_gpt2_folder(path)
     if path.suffix == ".tiktoken":
         return load_tiktoken_file(path)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return load_hf_tokenizer_json(path / "tokenizer.json")
+    if path.suffix == ".json":
+        return load_hf_tokenizer_json(path)
     raise TokenizerError(f"unknown tokenizer format: {path}")
 
 

@@ -139,3 +139,23 @@ def test_cover_invariants_on_hard_strings(which, gpt2, cl100k, sp_bpe):
                 shared += 1
             assert canon[:shared] == anchor_paths[0][:shared]
         assert torch.is_tensor(tracker.mask(tracker.exact[0]))
+
+
+def test_hf_tokenizer_json(tmp_path, gpt2):
+    """A byte-level BPE tokenizer.json (built here from GPT-2's files) encodes like the GPT-2 folder."""
+    import json
+
+    vocab = json.loads((SHARED / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
+    merges = [line for line in (SHARED / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if line]
+    spec = {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "added_tokens": [{"id": 50256, "content": "<|endoftext|>"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == 50256 and tok.token_bytes(50256) == b""
+    for x in sample_text()[:40]:
+        assert tok.encode(x) == gpt2.encode(x)
+    spec["pre_tokenizer"] = {"type": "Metaspace"}
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(HLMError, match="pretokenizer"):
+        load_tokenizer(tmp_path / "bad.json")

@@ -252,6 +252,9 @@ def as_byte_lm(model, tokenizer=None, start_id: int | None = None, marginal: boo
     if tokenizer is not None:
         return ByteLM(_hf_logits(model) or model, tokenizer, start_id, marginal)
     if hasattr(model, "next_logprobs"):
+        vocab = getattr(getattr(model, "cfg", None), "vocab_size", 256)
+        if vocab != 256:
+            raise HLMError(f"a model over {vocab} token ids needs its tokenizer to become a byte LM")
         return NativeByteLM(model)
     if callable(model):
         return CallableByteLM(model)
