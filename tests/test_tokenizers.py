@@ -159,3 +159,25 @@ def test_hf_tokenizer_json(tmp_path, gpt2):
     (tmp_path / "bad.json").write_text(json.dumps(spec))
     with pytest.raises(HLMError, match="pretokenizer"):
         load_tokenizer(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("which", ["toy", "sp"])
+def test_pairwise_valid_sequences_are_canonical(which, sp_bpe):
+    """Bigram criterion (§1.4 fact 3): reachable tokens with pair-valid neighbours inside one pretoken form
+    exactly the BPE encoding of their bytes."""
+    rng = random.Random(1)
+    if which == "toy":
+        tok = BPETokenizer.from_merges([(b"a", b"b"), (b"b", b"a"), (b"ab", b"a"), (b"a", b"a"), (b"aa", b"b"),
+                                        (b"ba", b"b"), (b"ab", b"ab"), (b"b", b"b"), (b"aab", b"a")])
+    else:
+        tok = sp_bpe
+    reach = tok.reachable_mask()
+    inner = reach & torch.tensor([tok.token_bytes(i)[:1] != b" " for i in range(tok.vocab_size)])
+    for _ in range(300):
+        seq = [rng.choice(torch.nonzero(reach).flatten().tolist())]
+        for _ in range(rng.randint(1, 4)):
+            options = torch.nonzero(inner & tok.pair_valid_mask(seq[-1])).flatten().tolist()
+            if not options:
+                break
+            seq.append(rng.choice(options))
+        assert tok.encode_piece(tok.decode(seq)) == seq, [tok.token_bytes(t) for t in seq]

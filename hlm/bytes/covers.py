@@ -47,7 +47,6 @@ class VocabIndex:
         for k, b in enumerate(self.sorted_bytes):
             mat[k, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
         self.byte_at = mat
-        self.lengths = torch.tensor([len(b) for b in self.sorted_bytes])
         self._ranges: dict[bytes, tuple[int, int]] = {}
         self._strict: dict[bytes, tuple[int, int]] = {}
 
