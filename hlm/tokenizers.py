@@ -311,14 +311,18 @@ class SentencePieceTokenizer(_ConversionMixin):
 
     @staticmethod
     def _trainer_facts(model_proto: bytes | None, path) -> tuple[str, bool, str]:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
-        m = pb.ModelProto()
-        m.ParseFromString(model_proto if model_proto is not None else Path(path).read_bytes())
-        kind = pb.TrainerSpec.ModelType.Name(m.trainer_spec.model_type).lower()
-        norm = m.normalizer_spec
-        rule = norm.name if not norm.remove_extra_whitespaces else f"{norm.name}+remove_extra_whitespaces"
-        return kind, bool(norm.add_dummy_prefix), rule
+        """(model type, add_dummy_prefix, normalization) read from the serialized ModelProto directly,
+        so that protobuf need not be installed."""
+        proto = model_proto if model_proto is not None else Path(path).read_bytes()
+        top = _proto_fields(proto)
+        trainer = _proto_fields(top.get(2, [b""])[-1])
+        norm = _proto_fields(top.get(3, [b""])[-1])
+        kind = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(trainer.get(3, [1])[-1], "unknown")
+        name = norm.get(1, [b"nmt_nfkc"])[-1].decode("utf-8", "replace")
+        dummy = bool(norm.get(3, [1])[-1])
+        if norm.get(4, [1])[-1]:
+            name += "+remove_extra_whitespaces"
+        return kind, dummy, name
 
     def _piece_bytes(self, i: int) -> bytes:
         if self.sp.is_control(i) or self.sp.is_unknown(i):
@@ -397,6 +401,39 @@ class SentencePieceTokenizer(_ConversionMixin):
 
     def decode(self, ids) -> bytes:
         return b"".join(self._bytes[i] for i in ids)
+
+
+def _proto_fields(buf: bytes) -> dict[int, list]:
+    """Top-level fields of a protobuf message: number -> values (ints for varints, bytes otherwise)."""
+    out: dict[int, list] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            n = varint()
+            value, i = buf[i : i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i : i + n], i + n
+        else:
+            raise TokenizerError(f"unreadable sentencepiece model (protobuf wire type {wire})")
+        out.setdefault(number, []).append(value)
+    return out
 
 
 def _utf8_len(lead: int) -> int:
