@@ -275,9 +275,12 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
               segment_bytes: int = 1 << 14) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
+    if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
+        raise HLMError("exact byte-level eval needs an hlm token GPT (logits with attn_mask/positions)")
     autocast = autocast or contextlib.nullcontext()
     device = torch.device(device)
     rules = ConversionRules(tok)
+    masks = _MaskTable(rules, device)
     perm = rules.index.perm.to(device)
     t0 = time.perf_counter()
     plans, skipped = plan_documents(docs, rules, start_id, workers, segment_bytes)
@@ -303,8 +306,7 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
             out = logits[rows[c : c + chunk_rows].to(device)]
             lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
             lp = lp[:, : tok.vocab_size]
-            keys = [flat.mask_key[v] for v in nodes[c : c + chunk_rows].tolist()]
-            valid = torch.stack([rules.next_mask(*k) for k in keys]).to(device)
+            valid = masks.rows([flat.mask_key[v] for v in nodes[c : c + chunk_rows].tolist()])
             csum = F.pad((lp.double().exp() * valid)[:, perm].cumsum(dim=1), (1, 0))
             row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
@@ -321,6 +323,24 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
         torch.cuda.synchronize(device)
     return _combine(plans, flat, point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), skipped, t_plan,
                     time.perf_counter() - t0)
+
+
+class _MaskTable:
+    """Validity masks kept on the device, one row per distinct (last token, mid-character) key."""
+
+    def __init__(self, rules: ConversionRules, device: torch.device):
+        self.rules, self.device = rules, device
+        self.row: dict[tuple[int | None, bool], int] = {}
+        self.table = torch.zeros(0, rules.tok.vocab_size, dtype=torch.bool, device=device)
+
+    def rows(self, keys: list[tuple[int | None, bool]]) -> torch.Tensor:
+        new = list(dict.fromkeys(k for k in keys if k not in self.row))
+        if new:
+            fresh = torch.stack([self.rules.next_mask(*k) for k in new]).to(self.device)
+            base = len(self.row)
+            self.row.update((k, base + i) for i, k in enumerate(new))
+            self.table = torch.cat([self.table, fresh])
+        return self.table[torch.tensor([self.row[k] for k in keys], device=self.device)]
 
 
 def _pack(batch, plans: list[DocPlan], flat: _Flat):
