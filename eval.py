@@ -12,8 +12,9 @@ table compares models with different vocabularies on identical text. Prints a ma
 (hlm/bytes/exact_eval.py): bpb_canon and bpb_conv on the same windows (each document from the
 separator, with its end of text counted as one byte), their gap, documents skipped because
 they do not round-trip, and the cost relative to canonical scoring.
---ensemble: also score the step-by-step mixture/product of all checkpoints as byte LMs
-(byte-by-byte, one model call per byte and member: use --max-bytes).
+--ensemble: also score the step-by-step mixture/product of all checkpoints as byte LMs, and
+each member scored the same way (token models through the batched tree pass with full
+next-byte distributions: memory grows with the text, so use --max-bytes up to ~1e6).
 """
 
 import argparse
@@ -93,28 +94,45 @@ def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:
 
 
 def ensemble_row(docs: list[bytes], source: str, args) -> dict:
-    """bpb of the step-by-step ensemble of every checkpoint (each document with its end of text)."""
+    """bpb of the step-by-step ensemble of every checkpoint, and of each member scored the same way
+    (full next-byte distributions: token models through one batched tree pass, byte models directly;
+    each document with its end of text). Documents some token model cannot round-trip are left out."""
     import math
     import time
 
-    from hlm.bytes import Ensemble, byte_lm_from_checkpoint
+    from hlm.bytes import ByteLM, Ensemble, byte_lm_from_checkpoint
+    from hlm.bytes.exact_eval import exact_prefix_logprobs
 
-    members = [byte_lm_from_checkpoint(path, args.device)[0] for path in args.checkpoints]
-    ens = Ensemble(members, args.ensemble, args.weights)
+    dev = torch.device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
     t0 = time.perf_counter()
+    members, rows = [], []
+    for path in args.checkpoints:
+        blm, model, _, _ = byte_lm_from_checkpoint(path, args.device)
+        members.append(blm)
+        if isinstance(blm, ByteLM):
+            rows.append(exact_prefix_logprobs(model, blm.tok, docs, blm.start_id, dev, args.batch_size,
+                                              autocast=autocast, workers=args.workers))
+        else:
+            rows.append([blm.prefix_logprobs(doc) for doc in docs])
+    ens = Ensemble(members, args.ensemble, args.weights)
     nll = torch.zeros(len(members) + 1, dtype=torch.float64)
-    n_bytes = 0
-    for doc in docs:
-        rows = [m.prefix_logprobs(doc) for m in members]
+    n_bytes = skipped = 0
+    for d, doc in enumerate(docs):
+        doc_rows = [r[d] for r in rows]
+        if any(r is None for r in doc_rows):
+            skipped += 1
+            continue
         targets = torch.tensor(list(doc) + [256])
         picked = torch.arange(len(targets))
-        nll -= torch.stack([r[picked, targets].double().sum() for r in rows + [ens.combine(rows)]])
+        nll -= torch.stack([r[picked, targets].double().sum() for r in doc_rows + [ens.combine(doc_rows)]])
         n_bytes += len(doc) + 1
     seconds = time.perf_counter() - t0
-    bpb = (nll / (math.log(2) * n_bytes)).tolist()
+    bpb = (nll / (math.log(2) * max(n_bytes, 1))).tolist()
     return {"checkpoint": f"ensemble ({args.ensemble})", "model": " + ".join(args.checkpoints), "source": source,
-            "bpb": bpb[-1], "members_bpb": bpb[:-1], "ppl_token": float("nan"), "bytes": n_bytes,
-            "tokens": n_bytes, "seconds": seconds, "bytes_per_s": n_bytes / seconds, "stride": None}
+            "bpb": bpb[-1], "members_bpb": bpb[:-1], "docs_skipped": skipped, "ppl_token": float("nan"),
+            "bytes": n_bytes, "tokens": n_bytes, "seconds": seconds, "bytes_per_s": n_bytes / max(seconds, 1e-9),
+            "stride": None}
 
 
 def truncate(docs: list[bytes], limit: int) -> list[bytes]:
@@ -144,8 +162,9 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "members_bpb" in r:
             members = ", ".join(f"{b:.4f}" for b in r["members_bpb"])
-            print(f"\n{r['checkpoint']}: {r['bpb']:.4f} bits/byte; members alone, scored the same way (byte by "
-                  f"byte, each document with its end of text): {members}")
+            print(f"\n{r['checkpoint']}: {r['bpb']:.4f} bits/byte; members alone, scored the same way (exact "
+                  f"byte-level, each document with its end of text): {members}; documents left out: "
+                  f"{r['docs_skipped']}")
     exact = [r for r in rows if "exact" in r]
     if exact:
         print("\nexact byte-level conversion (same windows for both columns; end of text counted as one byte)\n")

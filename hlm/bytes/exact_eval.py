@@ -45,7 +45,7 @@ class DocPlan:
     mask_key: list[tuple[int | None, bool]] = field(default_factory=list)
     trunk: list[int] = field(default_factory=list)  # canonical path, root first
     num: list[tuple[int, int, int, int]] = field(default_factory=list)  # (byte position, node, lo, hi)
-    den: list[tuple[int, int, int, int]] = field(default_factory=list)
+    den: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # (..., len of the remainder)
     eos: list[tuple[int, int]] = field(default_factory=list)  # (byte position, exact node)
 
 
@@ -63,7 +63,7 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
             u = tracker.remainder(a)
             lo, hi = index.strict_range(u)
             if lo < hi:
-                plan.den.append((m, local[a], lo, hi))
+                plan.den.append((m, local[a], lo, hi, len(u)))
             if next_byte is not None:
                 lo, hi = index.range(u + bytes([next_byte]))
                 if lo < hi:
@@ -123,7 +123,7 @@ def stitch(parts: list[DocPlan]) -> DocPlan:
             out.mask_key.append(part.mask_key[v])
         out.trunk.extend(node(v) for v in part.trunk[1:])
         out.num.extend((m + base_pos, node(v), lo, hi) for m, v, lo, hi in part.num)
-        out.den.extend((m + base_pos, node(v), lo, hi) for m, v, lo, hi in part.den if m > 0)
+        out.den.extend((m + base_pos, node(v), lo, hi, k) for m, v, lo, hi, k in part.den if m > 0)
         out.eos.extend((m + base_pos, node(v)) for m, v in part.eos if m > 0)
         out.n_bytes += part.n_bytes
     return out
@@ -146,11 +146,7 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
     jobs, n_parts, skipped = [], {}, 0
     dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
     for d, x in enumerate(docs):
-        try:
-            ok = rules.tok.decode(rules.tok.encode(x)) == dummy + x
-        except HLMError:
-            ok = False
-        if not ok:
+        if not _round_trips(rules.tok, x):
             skipped += 1
             continue
         cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
@@ -177,7 +173,7 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
 def _drop_first_byte(plan: DocPlan) -> DocPlan:
     """Condition on the dummy-prefix space the tokenizer adds: the text's bytes start after it."""
     plan.num = [(m - 1, v, lo, hi) for m, v, lo, hi in plan.num if m > 0]
-    plan.den = [(m - 1, v, lo, hi) for m, v, lo, hi in plan.den if m > 0]
+    plan.den = [(m - 1, v, lo, hi, k) for m, v, lo, hi, k in plan.den if m > 0]
     plan.eos = [(m - 1, v) for m, v in plan.eos if m > 0]
     plan.n_bytes -= 1
     return plan
@@ -207,6 +203,7 @@ class _Flat:
         self.offset, n_nodes, n_pos = [], 0, 0
         parent, token, q_node, q_lo, q_hi, self.mask_key = [], [], [], [], [], []
         num_pos, num_q, den_pos, den_q, eos_pos, eos_node, end_pos, end_node, trunk_end = ([] for _ in range(9))
+        den_k = []
 
         def query(v: int, lo: int, hi: int) -> int:
             q_node.append(v)
@@ -222,9 +219,10 @@ class _Flat:
             for m, v, lo, hi in plan.num:
                 num_pos.append(m + n_pos)
                 num_q.append(query(v + n_nodes, lo, hi))
-            for m, v, lo, hi in plan.den:
+            for m, v, lo, hi, k in plan.den:
                 den_pos.append(m + n_pos)
                 den_q.append(query(v + n_nodes, lo, hi))
+                den_k.append(k)
             for m, v in plan.eos:
                 eos_pos.append(m + n_pos)
                 eos_node.append(v + n_nodes)
@@ -242,6 +240,7 @@ class _Flat:
 
         self.q_node, self.q_lo, self.q_hi = t(q_node), t(q_lo), t(q_hi)
         self.num_pos, self.num_q, self.den_pos, self.den_q = t(num_pos), t(num_q), t(den_pos), t(den_q)
+        self.den_k = t(den_k)
         self.eos_pos, self.eos_node, self.end_pos, self.end_node = t(eos_pos), t(eos_node), t(end_pos), t(end_node)
         self.trunk_end = t(trunk_end)
         self.child_token = t(token)
@@ -275,17 +274,66 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
               segment_bytes: int = 1 << 14) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
-    if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
-        raise HLMError("exact byte-level eval needs an hlm token GPT (logits with attn_mask/positions)")
-    autocast = autocast or contextlib.nullcontext()
-    device = torch.device(device)
-    rules = ConversionRules(tok)
-    masks = _MaskTable(rules, device)
-    perm = rules.index.perm.to(device)
     t0 = time.perf_counter()
+    rules = ConversionRules(tok)
     plans, skipped = plan_documents(docs, rules, start_id, workers, segment_bytes)
     t_plan = time.perf_counter() - t0
     flat = _Flat(plans)
+    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast)
+    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, t_plan, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def exact_prefix_logprobs(model, tok, docs: list[bytes], start_id: int, device: str | torch.device = "cpu",
+                          batch_size: int = 8, chunk_rows: int = 2048, autocast=None,
+                          workers: int = 1) -> list[torch.Tensor | None]:
+    """For each document, the full next-byte distributions [len+1, 257] after each of its prefixes (what
+    `ByteLM.prefix_logprobs` gives byte by byte), from one batched tree pass; None for documents that do
+    not round-trip. Memory grows with 256 values per cover and byte: meant for ensembles on modest text."""
+    rules = ConversionRules(tok)
+    keep = [d for d, x in enumerate(docs) if _round_trips(rules.tok, x)]
+    plans, _ = plan_documents([docs[d] for d in keep], rules, start_id, workers)
+    flat = _Flat(plans)
+    point_lp, eos_lp, _, bins_lp = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
+                                              full=True)
+    logq = _log_prefix_probs(flat, point_lp)
+    scores = torch.full((flat.n_pos, 257), float("-inf"), dtype=torch.float64)
+    values = logq[flat.q_node[flat.den_q]][:, None] + bins_lp
+    index = flat.den_pos[:, None].expand(-1, 256)
+    top = scores[:, :256].scatter_reduce(0, index, values, "amax")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    shifted = (values - safe.gather(0, index)).exp()
+    total = torch.zeros(flat.n_pos, 256, dtype=torch.float64).scatter_add_(0, index, shifted)
+    scores[:, :256] = total.log() + safe
+    scores[:, 256] = _scatter_logsumexp(flat.eos_pos, logq[flat.eos_node] + eos_lp[flat.eos_node], flat.n_pos)
+    scores = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    out: list[torch.Tensor | None] = [None] * len(docs)
+    start = 0
+    for d, plan in zip(keep, plans, strict=True):
+        out[d] = scores[start : start + plan.n_bytes + 1]
+        start += plan.n_bytes + 1
+    return out
+
+
+def _round_trips(tok, x: bytes) -> bool:
+    dummy = b" " if getattr(tok, "add_dummy_prefix", False) else b""
+    try:
+        return tok.decode(tok.encode(x)) == dummy + x
+    except HLMError:
+        return False
+
+
+def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device, batch_size: int,
+               chunk_rows: int, autocast, full: bool = False):
+    """Score every node of every plan; returns (log q(token | parent) per node, log q(EOS | node) per node,
+    log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query)."""
+    if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
+        raise HLMError("exact byte-level eval needs an hlm token GPT (logits with attn_mask/positions)")
+    tok = rules.tok
+    autocast = autocast or contextlib.nullcontext()
+    device = torch.device(device)
+    masks = _MaskTable(rules, device)
+    perm = rules.index.perm.to(device)
     q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
     by_node = tuple(x.to(device) for x in flat.by_node)
     by_parent = tuple(x.to(device) for x in flat.by_parent)
@@ -294,10 +342,17 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
     point_lp = torch.zeros(flat.n_nodes, dtype=torch.float64, device=device)
     eos_lp = torch.full((flat.n_nodes,), float("-inf"), dtype=torch.float64, device=device)
     row_of = torch.full((flat.n_nodes,), -1, dtype=torch.int64, device=device)
+    bins_lp = bounds = den_of_query = None
+    if full:
+        table, which = _next_byte_bounds(rules.index, flat)
+        bounds, which = table.to(device), which.to(device)
+        den_of_query = torch.full((len(flat.q_node),), -1, dtype=torch.int64)
+        den_of_query[flat.den_q] = torch.arange(len(flat.den_q))
+        den_of_query = den_of_query.to(device)
+        bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
     windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
     for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
-        ids, pos, mask, rows, nodes = _pack(batch, plans, flat)
+        ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
         with autocast:
             logits = model.logits(ids.to(device), attn_mask=mask.to(device), positions=pos.to(device))
         logits = logits.flatten(0, 1)
@@ -313,16 +368,36 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
                 eos_lp[g] = lp[:, tok.eos_id].double()
             sel = _select(by_node, g)
             j = row_of[q_node[sel]]
-            sums = csum[j, q_hi[sel]] - csum[j, q_lo[sel]]
-            range_lp[sel] = sums.clamp_min(1e-300).log()
+            range_lp[sel] = (csum[j, q_hi[sel]] - csum[j, q_lo[sel]]).clamp_min(1e-300).log()
+            if full:
+                dq = den_of_query[sel]
+                has = dq >= 0
+                edges = csum[j[has, None], bounds[which[dq[has]]]]
+                bins_lp[dq[has]] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
             k = _select(by_parent, g)
             kids = kids_all[k]
             point_lp[kids] = lp[row_of[kid_parent[k]], child_token[kids]].double()
             row_of[g] = -1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return _combine(plans, flat, point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), skipped, t_plan,
-                    time.perf_counter() - t0)
+    return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
+
+
+def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each distinct normaliser range (tokens longer than a remainder u), the 257 sorted-vocabulary
+    edges that split it by the byte after u; and which edge row each normaliser query uses."""
+    import numpy as np
+
+    rows, which, seen = [], [], {}
+    columns = index.byte_at.numpy()
+    for lo, hi, k in zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(), flat.den_k.tolist(),
+                         strict=True):
+        key = (lo, hi, k)
+        if key not in seen:
+            seen[key] = len(rows)
+            rows.append(lo + np.searchsorted(columns[lo:hi, k], np.arange(257), side="left"))
+        which.append(seen[key])
+    return torch.as_tensor(np.stack(rows)), torch.tensor(which, dtype=torch.int64)
 
 
 class _MaskTable:
@@ -374,13 +449,18 @@ def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> 
     return total.log() + safe
 
 
-def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, t_plan, seconds) -> dict:
+def _log_prefix_probs(flat: _Flat, point_lp: torch.Tensor) -> torch.Tensor:
+    """log Q(node): the sum of token log-probs along each node's path (parents come first)."""
     step = point_lp.tolist()
     logq = [0.0] * flat.n_nodes
     for v, p in enumerate(flat.parent):
         if p >= 0:
             logq[v] = logq[p] + step[v]
-    logq = torch.tensor(logq, dtype=torch.float64)
+    return torch.tensor(logq, dtype=torch.float64)
+
+
+def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, t_plan, seconds) -> dict:
+    logq = _log_prefix_probs(flat, point_lp)
     num = _scatter_logsumexp(torch.cat([flat.num_pos, flat.end_pos]),
                              torch.cat([logq[flat.q_node[flat.num_q]] + range_lp[flat.num_q],
                                         logq[flat.end_node] + eos_lp[flat.end_node]]), flat.n_pos)
