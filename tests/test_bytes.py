@@ -140,6 +140,22 @@ def test_inequalities_with_a_leaky_model(seed):
     assert max(gaps) > 1e-3  # the leak is really removed somewhere
 
 
+def test_gap_is_the_leaked_mass():
+    """T3: NLL_canon - NLL_conv = -Σ_i log(1 - λ_i), λ_i the share of P_v(x[:i]) leaked to invalid tokens."""
+    tok = BPETokenizer.from_merges(random_merges(6))
+    lm = OracleLM(tok, markov_source(6), leak=0.1)
+    blm = ByteLM(lm, tok)
+    for x in [b"abcab", b"cc", b"bacab"]:
+        leak = 0.0
+        for i in range(len(x) + 1):
+            blm.next_byte_logprobs(x[:i])
+            prefix = torch.logsumexp(torch.tensor([c[3] for c in blm.covers()], dtype=torch.float64), 0)
+            kept = torch.logsumexp(blm.unnormalized_scores(), 0)
+            leak -= float(kept - prefix)  # log(1 - λ_i) = log(kept mass / prefix mass)
+        gap = canonical_nll(lm, tok, x) + blm.logprob(x, eot=True)
+        assert abs(gap - leak) < 1e-10 and gap > 1e-3
+
+
 def test_canonical_model_all_three_agree():
     """T2/T4: a model with canonical-only support has NLL_conv == NLL_canon == NLL_marg."""
     tok = BPETokenizer.from_merges(random_merges(5))

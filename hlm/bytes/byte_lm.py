@@ -152,6 +152,14 @@ class ByteLM(ByteLMBase):
         return hit
 
     def _distribution(self) -> torch.Tensor:
+        scores = self.unnormalized_scores()
+        total = torch.logsumexp(scores, 0)
+        if not torch.isfinite(total):
+            raise HLMError(f"the model gives zero probability to every continuation of {self.text[-40:]!r}")
+        return scores - total
+
+    def unnormalized_scores(self) -> torch.Tensor:
+        """log P_v(s + b) for each byte b and log P_v(s + end), before local renormalisation (§2b)."""
         scores = torch.full((257,), float("-inf"), dtype=torch.float64)
         for a in self.tracker.anchors:
             u = self.tracker.remainder(a)
@@ -165,10 +173,7 @@ class ByteLM(ByteLMBase):
             for e in self.tracker.exact:
                 end = torch.tensor(self._logq[e] + float(self._lp[e][self.eos_id]), dtype=torch.float64)
                 scores[END] = torch.logaddexp(scores[END], end)
-        total = torch.logsumexp(scores, 0)
-        if not torch.isfinite(total):
-            raise HLMError(f"the model gives zero probability to every continuation of {self.text[-40:]!r}")
-        return scores - total
+        return scores
 
     def next_byte_logprobs(self, prefix: bytes) -> torch.Tensor:
         self._goto(bytes(prefix))

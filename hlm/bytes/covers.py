@@ -86,6 +86,9 @@ class ConversionRules:
         self.index = index or VocabIndex(tok)
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
         self._masks: dict[tuple[int | None, bool], torch.Tensor] = {}
+        if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
+            tok._left_spines()
+            tok._merges_from_left()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
