@@ -166,6 +166,47 @@ def test_canonical_model_all_three_agree():
         assert abs(-ByteLM(lm, tok, marginal=True).logprob(x, eot=True) - canon) < 1e-10
 
 
+def test_canonical_bigram_model_all_three_agree():
+    """T2: a bigram LM whose support is reachable tokens with pair-valid neighbours (plus EOS) puts no mass
+    on non-canonical sequences, so NLL_conv == NLL_canon == NLL_marg (brute force)."""
+    tok = BPETokenizer.from_merges(random_merges(7, n=9))
+    g = torch.Generator().manual_seed(7)
+    weights = torch.rand(tok.vocab_size, tok.vocab_size, generator=g, dtype=torch.float64)
+    alphabet = torch.tensor([set(tok.token_bytes(i)) <= set(ALPHABET) for i in range(tok.vocab_size)])
+    alphabet &= torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
+    table = torch.full_like(weights, float("-inf"))
+    for prev in range(tok.vocab_size):
+        ok = alphabet & tok.reachable_mask()
+        if prev != tok.eos_id:
+            ok = ok & tok.pair_valid_mask(prev)
+        ok[tok.eos_id] = prev != tok.eos_id
+        table[prev] = torch.where(ok, weights[prev], torch.tensor(float("-inf"), dtype=torch.float64))
+
+    class Bigram(torch.nn.Module):
+        def forward(self, ids):
+            return table[ids]
+
+    lm = Bigram()
+    for x in [b"abcabc", b"aab", b"cbacc", b"b"]:
+        seq = [tok.eos_id] + tok.encode(x) + [tok.eos_id]
+        lp = torch.log_softmax(table, -1)
+        canon = -sum(float(lp[seq[k], seq[k + 1]]) for k in range(len(seq) - 1))
+        assert abs(-ByteLM(lm, tok).logprob(x, eot=True) - canon) < 1e-10
+        assert abs(marginal_nll(_Wrapped(lm), tok, x) - canon) < 1e-10
+        assert abs(-ByteLM(lm, tok, marginal=True).logprob(x, eot=True) - canon) < 1e-10
+
+
+class _Wrapped(torch.nn.Module):
+    """Log-probs of a logits model, as `marginal_nll` expects."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):
+        return torch.log_softmax(self.inner(ids), -1)
+
+
 def test_single_tokenization_agrees_with_token_nll():
     """T9: without merges every string has one tokenization: all NLLs equal the plain token NLL."""
     tok = BPETokenizer.from_merges([])
