@@ -399,9 +399,6 @@ class SentencePieceTokenizer(_ConversionMixin):
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads)
 
-    def decode(self, ids) -> bytes:
-        return b"".join(self._bytes[i] for i in ids)
-
 
 def _proto_fields(buf: bytes) -> dict[int, list]:
     """Top-level fields of a protobuf message: number -> values (ints for varints, bytes otherwise)."""
