@@ -11,9 +11,9 @@ Validity ("which t may follow E") comes from `ConversionRules`:
 - raw byte BPE (`from_merges`): reachable tokens and pair-valid neighbours: exact (§1.4 fact 3);
 - sentencepiece BPE: the same inside a whitespace pretoken, a free start after a space that
   follows a non-space; inside a character only byte-fallback continuation pieces. A byte piece
-  that starts a character is accepted before the character is complete and dropped when the
-  character turns out to be a piece: exact on the nodes, and exact next-byte distributions
-  except for mass a model leaks to such byte pieces;
+  that starts a character is accepted before the character is complete (a valid prefix as long
+  as some character with those bytes is not a piece, practically always) and dropped when the
+  character turns out to be a piece: exact;
 - regex pretokenizers (GPT-2, cl100k): the last token is checked for reachability only, and
   every node ending on a character boundary is checked against the tokenizer itself (the
   tail since the last stable pretoken, continued by a set of probe characters, §1.4
