@@ -337,6 +337,16 @@ class SentencePieceTokenizer(_ConversionMixin):
         hit = self._id_of.get(data)
         return hit if hit is not None or len(data) != 1 else self._byte_piece.get(data)
 
+    def reachable_mask(self) -> torch.Tensor:
+        """As for any BPE, minus byte pieces for bytes that never occur in UTF-8 (C0, C1, F5-FF)."""
+        if getattr(self, "_reachable", None) is None:
+            mask = super().reachable_mask().clone()
+            for b, t in self._byte_piece.items():
+                if b[0] in (0xC0, 0xC1) or b[0] >= 0xF5:
+                    mask[t] = False
+            self._reachable = mask
+        return self._reachable
+
     def check_exact(self) -> None:
         """Refuse tokenizers whose encoding the cover recursion cannot follow exactly."""
         if self.model_type != "bpe":

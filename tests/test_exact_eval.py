@@ -168,3 +168,68 @@ def test_batched_full_distributions_equal_sequential(sp_bpe):
         assert torch.equal(torch.isinf(got), torch.isinf(ref))
         # prefix sums lose relative precision on tiny masses: compare probabilities
         assert torch.allclose(got.exp(), ref.exp(), atol=1e-12, rtol=0)
+
+
+def test_brute_force_on_sentencepiece(sp_bpe):
+    """T7: on a real sentencepiece BPE, each next-byte distribution equals brute force over every token
+    sequence, with validity decided by sentencepiece itself (a sequence is valid if it is a prefix of the
+    encoding of its text, completed to a whole character when it ends inside one)."""
+    import itertools
+    import math
+
+    tok = sp_bpe
+    model = tiny_gpt(tok.vocab_size, seed=6)
+    by_bytes: dict[bytes, list[int]] = {}
+    for i in range(tok.vocab_size):
+        if tok.token_bytes(i):
+            by_bytes.setdefault(tok.token_bytes(i), []).append(i)
+
+    def valid(seq: list[int]) -> bool:
+        text = tok.decode(seq)
+        try:
+            text.decode("utf-8")
+            return tok.encode(text) == seq
+        except UnicodeDecodeError as e:
+            if e.reason != "unexpected end of data":
+                return False
+            lead = text[e.start]
+            need = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - (len(text) - e.start)
+        for tail in itertools.product(range(0x80, 0xC0), repeat=need):
+            completion = text + bytes(tail)
+            try:
+                completion.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if tok.encode(completion)[: len(seq)] == seq:
+                return True
+        return False
+
+    def segmentations(data: bytes):
+        if not data:
+            yield []
+            return
+        for k in range(1, len(data) + 1):
+            for t in by_bytes.get(data[:k], ()):
+                for rest in segmentations(data[k:]):
+                    yield [t] + rest
+
+    def log_q(path: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model.logits(torch.tensor([[tok.eos_id] + path]))[0, -1], -1)
+
+    blm = ByteLM(model, tok, start_id=tok.eos_id)
+    for s in [b"", b"Th", b"of t", b"a  ", "\u00e9".encode(), "\u65e5".encode()[:2], "\u65e5".encode(), b"19"]:
+        mass = torch.zeros(257, dtype=torch.float64)
+        for i in range(len(s) + 1):
+            for prefix in segmentations(s[:i]):
+                if not valid(prefix):
+                    continue
+                lp = log_q(prefix)
+                logq = sum(float(log_q(prefix[:k])[prefix[k]]) for k in range(len(prefix)))
+                if i == len(s):
+                    mass[256] += math.exp(logq + float(lp[tok.eos_id]))
+                for t in range(tok.vocab_size):
+                    b = tok.token_bytes(t)
+                    if len(b) > len(s) - i and b.startswith(s[i:]) and valid(prefix + [t]):
+                        mass[b[len(s) - i]] += math.exp(logq + float(lp[t]))
+        assert torch.allclose(blm.next_byte_logprobs(s).exp(), mass / mass.sum(), atol=1e-12, rtol=0), s

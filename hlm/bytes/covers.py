@@ -10,10 +10,10 @@ and score them in one batched pass.
 Validity ("which t may follow E") comes from `ConversionRules`:
 - raw byte BPE (`from_merges`): reachable tokens and pair-valid neighbours: exact (§1.4 fact 3);
 - sentencepiece BPE: the same inside a whitespace pretoken, a free start after a space that
-  follows a non-space; inside a character only byte-fallback continuation pieces. A byte piece
-  that starts a character is accepted before the character is complete (a valid prefix as long
-  as some character with those bytes is not a piece, practically always) and dropped when the
-  character turns out to be a piece: exact;
+  follows a non-space; inside a character only the byte-fallback pieces that continue it into
+  valid UTF-8 and do not complete a character that is a piece. A byte piece may start any
+  character with a legal lead byte (a valid prefix as long as some character with those bytes
+  is not a piece, practically always): exact;
 - regex pretokenizers (GPT-2, cl100k): the last token is checked for reachability only, and
   every node ending on a character boundary is checked against the tokenizer itself (the
   tail since the last stable pretoken, continued by a set of probe characters, §1.4
@@ -96,14 +96,14 @@ class ConversionRules:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
             byte_piece = torch.zeros(tok.vocab_size, dtype=torch.bool)
-            self.byte_pieces = set(tok._byte_piece.values())
-            byte_piece[list(self.byte_pieces)] = True
+            byte_piece[list(tok._byte_piece.values())] = True
             cont = torch.tensor([bool(f) and 0x80 <= f[0] < 0xC0 for f in first])
             self.continuation_pieces = byte_piece & cont & tok.reachable_mask()
 
-    def next_mask(self, last: int | None, mid_char: bool) -> torch.Tensor:
-        """Bool[V]: tokens t such that (node + [t]) may be valid, for a node ending in token `last`."""
-        key = (last, mid_char)
+    def next_mask(self, last: int | None, partial: bytes) -> torch.Tensor:
+        """Bool[V]: tokens t such that (node + [t]) may be valid, for a node ending in token `last` whose
+        text ends with the incomplete character `partial` (b"" on a character boundary)."""
+        key = (last, partial)
         mask = self._masks.get(key)
         if mask is not None:
             return mask
@@ -114,8 +114,11 @@ class ConversionRules:
             mask = tok.reachable_mask()
         elif self.rule == "none":
             mask = tok.reachable_mask() if last is None else tok.reachable_mask() & tok.pair_valid_mask(last)
-        elif mid_char:
-            mask = self.continuation_pieces
+        elif partial:
+            mask = self.continuation_pieces.clone()
+            for b, t in tok._byte_piece.items():
+                if mask[t] and not _continues_char(partial + b, tok):
+                    mask[t] = False
         else:
             mask = tok.reachable_mask() & ~self.continuation_pieces
             if last is not None:
@@ -127,14 +130,23 @@ class ConversionRules:
         return mask
 
 
+def _continues_char(data: bytes, tok) -> bool:
+    """Is data a valid UTF-8 character or prefix of one, and if complete, a character that is not a piece?"""
+    try:
+        return data.decode("utf-8") and data not in tok._id_of
+    except UnicodeDecodeError as e:
+        return e.start == 0 and e.reason == "unexpected end of data"
+
+
 class CoverTrie:
     """Token paths as a trie; node 0 is the start symbol. Each node records where its text ends."""
 
     def __init__(self, start_id: int):
-        self.parent, self.token, self.pos, self.mid = [-1], [start_id], [0], [False]
+        self.parent, self.token, self.pos, self.mid = [-1], [start_id], [0], [b""]
         self.children: list[dict[int, int]] = [{}]
 
-    def child(self, node: int, token: int, pos: int, mid: bool) -> int:
+    def child(self, node: int, token: int, pos: int, mid: bytes) -> int:
+        """The node for `node + [token]`; `mid` is the incomplete character its text ends with (or b"")."""
         hit = self.children[node].get(token)
         if hit is None:
             hit = len(self.parent)
@@ -208,7 +220,8 @@ class CoverTracker:
                 continue
             t = self.tok.token_id(u)
             if t is not None and self.mask(a)[t]:
-                candidates.append(self.trie.child(a, t, m, not at_boundary))
+                partial = b"" if at_boundary else bytes(self.text[self._char_start :])
+                candidates.append(self.trie.child(a, t, m, partial))
             if self.index.strict_range(u)[0] < hi:
                 anchors.append(a)
         exact = self._filter(candidates, at_boundary)
@@ -231,17 +244,9 @@ class CoverTracker:
         return self._char_need == 0
 
     def _filter(self, candidates: list[int], at_boundary: bool) -> list[int]:
-        if self.rules.marginal or not at_boundary or self.rules.rule == "none":
+        """Regex pretokenizers: keep the candidates the tokenizer itself produces (others are exact already)."""
+        if self.rules.marginal or not at_boundary or self.rules.rule != "regex":
             return candidates
-        if self.rules.rule == "whitespace":
-            char = bytes(self.text[self._char_start :])
-            keep = []
-            for c in candidates:
-                t = self.trie.token[c]
-                if t in self.rules.byte_pieces and len(char) > 1 and char in self.tok._id_of:
-                    continue
-                keep.append(c)
-            return keep
         return self._regex_filter(candidates)
 
     def _regex_filter(self, candidates: list[int]) -> list[int]:
