@@ -233,3 +233,30 @@ def test_brute_force_on_sentencepiece(sp_bpe):
                     if len(b) > len(s) - i and b.startswith(s[i:]) and valid(prefix + [t]):
                         mass[b[len(s) - i]] += math.exp(logq + float(lp[t]))
         assert torch.allclose(blm.next_byte_logprobs(s).exp(), mass / mass.sum(), atol=1e-12, rtol=0), s
+
+
+def test_tree_windows_match_plain_causal_calls(sp_bpe):
+    """With a context of 8 tokens each document spans many windows: every node's next-token distribution
+    from the tree pass equals a plain causal call on its path inside its window."""
+    from hlm.bytes.covers import ConversionRules
+    from hlm.bytes.exact_eval import _Flat, _tree_pass, _windows, plan_documents
+
+    model = tiny_gpt(sp_bpe.vocab_size, block=8, seed=7)
+    rules = ConversionRules(sp_bpe)
+    plans, _ = plan_documents(DOCS[:2], rules, sp_bpe.eos_id)
+    flat = _Flat(plans)
+    _, eos_lp, _, _ = _tree_pass(model, rules, plans, flat, "cpu", 3, 7, None)
+    checked = 0
+    for d, plan in enumerate(plans):
+        for window in _windows(plan, 8):
+            members = set(window)
+            for v in window:
+                path, u = [], v
+                while u in members:
+                    path.append(plan.token[u])
+                    u = plan.parent[u]
+                with torch.no_grad():
+                    lp = torch.log_softmax(model.logits(torch.tensor([path[::-1]]))[0, -1], -1)
+                assert abs(float(lp[sp_bpe.eos_id]) - float(eos_lp[flat.offset[d] + v])) < 1e-10
+                checked += 1
+    assert checked == flat.n_nodes

@@ -186,6 +186,7 @@ def _windows(plan: DocPlan, block: int) -> list[list[int]]:
     anchor = [0] * len(plan.parent)
     for v in range(1, len(plan.parent)):
         anchor[v] = on_trunk[v] if v in on_trunk else anchor[plan.parent[v]]
+    plan.__dict__["anchor"], plan.__dict__["on_trunk"] = anchor, on_trunk
     spill = max(d - plan.depth[plan.trunk[a]] for d, a in zip(plan.depth, anchor, strict=True))
     stride = block - spill
     if stride < 1:
@@ -323,6 +324,7 @@ def _round_trips(tok, x: bytes) -> bool:
         return False
 
 
+@torch.no_grad()
 def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device, batch_size: int,
                chunk_rows: int, autocast, full: bool = False):
     """Score every node of every plan; returns (log q(token | parent) per node, log q(EOS | node) per node,
@@ -420,7 +422,8 @@ class _MaskTable:
 
 def _pack(batch, plans: list[DocPlan], flat: _Flat):
     """Token ids, positions (depth within the window), ancestor masks, and the flat row / global node of
-    every real position of a batch of windows."""
+    every real position of a batch of windows. A node sees the window's trunk up to its anchor (the
+    trunk node it hangs from) plus its own short off-trunk chain."""
     length = max(len(w) for _, w in batch)
     ids = torch.zeros(len(batch), length, dtype=torch.int64)
     pos = torch.zeros(len(batch), length, dtype=torch.int64)
@@ -428,17 +431,25 @@ def _pack(batch, plans: list[DocPlan], flat: _Flat):
     rows, nodes = [], []
     for r, (d, window) in enumerate(batch):
         plan = plans[d]
-        where = {v: k for k, v in enumerate(window)}
+        n = len(window)
         base = plan.depth[window[0]]
+        depth = torch.tensor([plan.depth[v] - base for v in window])
+        trunk = torch.tensor([v in plan.on_trunk for v in window])
+        anchor_depth = torch.tensor([plan.depth[plan.trunk[plan.anchor[v]]] - base for v in window])
+        ids[r, :n] = torch.tensor([plan.token[v] for v in window])
+        pos[r, :n] = depth
+        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= anchor_depth[:, None])
+        where = {v: k for k, v in enumerate(window)}
+        pairs = []
         for k, v in enumerate(window):
-            ids[r, k], pos[r, k] = plan.token[v], plan.depth[v] - base
-            p = where.get(plan.parent[v])
-            if p is not None:
-                mask[r, 0, k] = mask[r, 0, p]
-            mask[r, 0, k, k] = True
-            rows.append(r * length + k)
-            nodes.append(v + flat.offset[d])
-        mask[r, 0, len(window) :, :] = torch.eye(length, dtype=torch.bool)[len(window) :]
+            while v not in plan.on_trunk:  # the off-trunk chain above (and including) this node
+                pairs.append((k, where[v]))
+                v = plan.parent[v]
+        if pairs:
+            mask[r, 0, [k for k, _ in pairs], [j for _, j in pairs]] = True
+        mask[r, 0, torch.arange(length), torch.arange(length)] = True
+        rows.extend(range(r * length, r * length + n))
+        nodes.extend(v + flat.offset[d] for v in window)
     return ids, pos, mask, torch.tensor(rows), torch.tensor(nodes)
 
 
