@@ -198,58 +198,49 @@ def _windows(plan: DocPlan, block: int) -> list[list[int]]:
 
 
 class _Flat:
-    """All documents' nodes and terms as flat tensors over global node ids and global byte positions."""
+    """All documents' nodes and terms as flat tensors over global node ids and global byte positions.
+    Queries are the num terms then the den terms (each a range of the sorted vocabulary at a node)."""
 
     def __init__(self, plans: list[DocPlan]):
-        self.offset, n_nodes, n_pos = [], 0, 0
-        parent, token, q_node, q_lo, q_hi, self.mask_key = [], [], [], [], [], []
-        num_pos, num_q, den_pos, den_q, eos_pos, eos_node, end_pos, end_node, trunk_end = ([] for _ in range(9))
-        den_k = []
-
-        def query(v: int, lo: int, hi: int) -> int:
-            q_node.append(v)
-            q_lo.append(lo)
-            q_hi.append(hi)
-            return len(q_node) - 1
-
+        self.offset, self.parent, self.token, self.mask_key = [], [], [], []
+        nums, dens, eoss, trunk_end = [], [], [], []
+        n_nodes = n_pos = 0
         for plan in plans:
             self.offset.append(n_nodes)
-            parent.extend(p + n_nodes if p >= 0 else -1 for p in plan.parent)
-            token.extend(plan.token)
+            self.parent.extend(p + n_nodes if p >= 0 else -1 for p in plan.parent)
+            self.token.extend(plan.token)
             self.mask_key.extend(plan.mask_key)
-            for m, v, lo, hi in plan.num:
-                num_pos.append(m + n_pos)
-                num_q.append(query(v + n_nodes, lo, hi))
-            for m, v, lo, hi, k in plan.den:
-                den_pos.append(m + n_pos)
-                den_q.append(query(v + n_nodes, lo, hi))
-                den_k.append(k)
-            for m, v in plan.eos:
-                eos_pos.append(m + n_pos)
-                eos_node.append(v + n_nodes)
-                if m == plan.n_bytes:
-                    end_pos.append(m + n_pos)
-                    end_node.append(v + n_nodes)
+            shift = torch.tensor([n_pos, n_nodes], dtype=torch.int64)
+            nums.append(_table(plan.num, 4) + torch.cat([shift, torch.zeros(2, dtype=torch.int64)]))
+            dens.append(_table(plan.den, 5) + torch.cat([shift, torch.zeros(3, dtype=torch.int64)]))
+            eos = _table(plan.eos, 2)
+            eoss.append(torch.cat([eos + shift, (eos[:, :1] == plan.n_bytes).long()], dim=1))
             trunk_end.append(plan.trunk[-1] + n_nodes)
             n_nodes += len(plan.parent)
             n_pos += plan.n_bytes + 1
         self.n_nodes, self.n_pos = n_nodes, n_pos
-        self.parent, self.token = parent, token
-
-        def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64)
-
-        self.q_node, self.q_lo, self.q_hi = t(q_node), t(q_lo), t(q_hi)
-        self.num_pos, self.num_q, self.den_pos, self.den_q = t(num_pos), t(num_q), t(den_pos), t(den_q)
-        self.den_k = t(den_k)
-        self.eos_pos, self.eos_node, self.end_pos, self.end_node = t(eos_pos), t(eos_node), t(end_pos), t(end_node)
-        self.trunk_end = t(trunk_end)
-        self.child_token = t(token)
+        num = torch.cat(nums) if nums else torch.zeros(0, 4, dtype=torch.int64)
+        den = torch.cat(dens) if dens else torch.zeros(0, 5, dtype=torch.int64)
+        eos = torch.cat(eoss) if eoss else torch.zeros(0, 3, dtype=torch.int64)
+        self.q_node = torch.cat([num[:, 1], den[:, 1]])
+        self.q_lo = torch.cat([num[:, 2], den[:, 2]])
+        self.q_hi = torch.cat([num[:, 3], den[:, 3]])
+        self.num_pos, self.num_q = num[:, 0], torch.arange(len(num))
+        self.den_pos, self.den_q, self.den_k = den[:, 0], torch.arange(len(num), len(num) + len(den)), den[:, 4]
+        self.eos_pos, self.eos_node = eos[:, 0], eos[:, 1]
+        at_end = eos[:, 2].bool()
+        self.end_pos, self.end_node = eos[at_end, 0], eos[at_end, 1]
+        self.trunk_end = torch.tensor(trunk_end, dtype=torch.int64)
+        self.child_token = torch.tensor(self.token, dtype=torch.int64)
         self.by_node = _csr(self.q_node, n_nodes)  # queries of each node
-        kids = t([v for v, p in enumerate(parent) if p >= 0])
-        self.kids = kids
-        self.kid_parent = t([p for p in parent if p >= 0])
+        parent = torch.tensor(self.parent, dtype=torch.int64)
+        self.kids = torch.nonzero(parent >= 0).flatten()
+        self.kid_parent = parent[self.kids]
         self.by_parent = _csr(self.kid_parent, n_nodes)  # children of each node
+
+
+def _table(rows: list[tuple], width: int) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros(0, width, dtype=torch.int64)
 
 
 def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
