@@ -2,13 +2,24 @@
 
   python eval.py runs/a/ckpt.pt runs/b/ckpt.pt --data data/enwiki --split test --json out.json
   python eval.py runs/a/ckpt.pt --text some_file.txt --stride 512
+  python eval.py runs/bpe/ckpt.pt --data data/enwiki_bpe --split val --exact-bytes
+  python eval.py runs/bpe/ckpt.pt runs/byte/ckpt.pt --data data/enwiki --ensemble mixture --max-bytes 20000
 
 Each checkpoint encodes the bytes with its own tokenizer (bytes for byte models), so the
 table compares models with different vocabularies on identical text. Prints a markdown table.
+
+--exact-bytes (token models): also the exact byte-level conversion in one batched tree pass
+(hlm/bytes/exact_eval.py): bpb_canon and bpb_conv on the same windows (each document from the
+separator, with its end of text counted as one byte), their gap, documents skipped because
+they do not round-trip, and the cost relative to canonical scoring.
+--ensemble: also score the step-by-step mixture/product of all checkpoints as byte LMs, and
+each member scored the same way (token models through the batched tree pass with full
+next-byte distributions: memory grows with the text, so use --max-bytes up to ~1e6).
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=None, help="score only the first N bytes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--exact-bytes", action="store_true", help="exact converted bpb for token models")
+    p.add_argument("--ensemble", choices=["mixture", "product"], help="also score the ensemble of all checkpoints")
+    p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per checkpoint")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="processes planning the exact conversion")
     args = p.parse_args(argv)
     try:
         if args.data:
@@ -50,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             ids = encode_stream(docs, tok, ckpt["data_meta"]["separator_id"])
             res = evaluate(model, ids, ckpt["token_nbytes"], cfg.model.block_size, args.stride,
                            args.batch_size, args.device)
-            rows.append({"checkpoint": ckpt_path, "model": describe(cfg), "source": source, **res})
+            row = {"checkpoint": ckpt_path, "model": describe(cfg), "source": source, **res}
+            if args.exact_bytes and tok is not None:
+                row["exact"] = exact_row(model, tok, docs, ckpt, args)
+                row["exact"]["cost_vs_canonical"] = row["exact"]["seconds"] / res["seconds"]
+            rows.append(row)
+        if args.ensemble:
+            rows.append(ensemble_row(docs, source, args))
     except HLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -58,6 +80,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:
+    from hlm.bytes.exact_eval import exact_bpb
+
+    dev = torch.device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+    res = exact_bpb(model, tok, docs, ckpt["data_meta"]["separator_id"], dev, args.batch_size, autocast=autocast,
+                    workers=args.workers)
+    res.pop("per_doc")
+    return res
+
+
+def ensemble_row(docs: list[bytes], source: str, args) -> dict:
+    """bpb of the step-by-step ensemble of every checkpoint, and of each member scored the same way
+    (full next-byte distributions: token models through one batched tree pass, byte models directly;
+    each document with its end of text). Documents some token model cannot round-trip are left out."""
+    import math
+    import time
+
+    from hlm.bytes import ByteLM, Ensemble, byte_lm_from_checkpoint
+    from hlm.bytes.exact_eval import exact_prefix_logprobs
+
+    dev = torch.device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+    t0 = time.perf_counter()
+    members, rows = [], []
+    for path in args.checkpoints:
+        blm, model, _, _ = byte_lm_from_checkpoint(path, args.device)
+        members.append(blm)
+        if isinstance(blm, ByteLM):
+            rows.append(exact_prefix_logprobs(model, blm.tok, docs, blm.start_id, dev, args.batch_size,
+                                              autocast=autocast, workers=args.workers))
+        else:
+            rows.append([blm.prefix_logprobs(doc) for doc in docs])
+    ens = Ensemble(members, args.ensemble, args.weights)
+    nll = torch.zeros(len(members) + 1, dtype=torch.float64)
+    n_bytes = skipped = 0
+    for d, doc in enumerate(docs):
+        doc_rows = [r[d] for r in rows]
+        if any(r is None for r in doc_rows):
+            skipped += 1
+            continue
+        targets = torch.tensor(list(doc) + [256])
+        picked = torch.arange(len(targets))
+        nll -= torch.stack([r[picked, targets].double().sum() for r in doc_rows + [ens.combine(doc_rows)]])
+        n_bytes += len(doc) + 1
+    seconds = time.perf_counter() - t0
+    bpb = (nll / (math.log(2) * max(n_bytes, 1))).tolist()
+    return {"checkpoint": f"ensemble ({args.ensemble})", "model": " + ".join(args.checkpoints), "source": source,
+            "bpb": bpb[-1], "members_bpb": bpb[:-1], "docs_skipped": skipped, "ppl_token": float("nan"),
+            "bytes": n_bytes, "tokens": n_bytes, "seconds": seconds, "bytes_per_s": n_bytes / max(seconds, 1e-9),
+            "stride": None}
 
 
 def truncate(docs: list[bytes], limit: int) -> list[bytes]:
@@ -84,6 +159,23 @@ def print_table(rows: list[dict]) -> None:
     if rows:
         print(f"\nsource: {rows[0]['source']}; stride {rows[0]['stride']} tokens (equal to the context: "
               "every byte scored once)")
+    for r in rows:
+        if "members_bpb" in r:
+            members = ", ".join(f"{b:.4f}" for b in r["members_bpb"])
+            print(f"\n{r['checkpoint']}: {r['bpb']:.4f} bits/byte; members alone, scored the same way (exact "
+                  f"byte-level, each document with its end of text): {members}; documents left out: "
+                  f"{r['docs_skipped']}")
+    exact = [r for r in rows if "exact" in r]
+    if exact:
+        print("\nexact byte-level conversion (same windows for both columns; end of text counted as one byte)\n")
+        print("| checkpoint | bpb_canon | bpb_conv | gap | docs | skipped (no round trip) | tree nodes / tokens "
+              "| seconds | cost vs canonical |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in exact:
+            e = r["exact"]
+            print(f"| {r['checkpoint']} | {e['bpb_canon']:.4f} | {e['bpb_conv']:.4f} | {e['bpb_gap']:.5f} | "
+                  f"{e['docs']} | {e['docs_skipped']} | {e['nodes'] / max(e['tokens'], 1):.2f} | "
+                  f"{e['seconds']:.2f} | {e['cost_vs_canonical']:.1f}x |")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,16 +1,20 @@
 """Continue a prompt from a checkpoint: `python sample.py CKPT --prompt "The meaning of" --max-bytes 200`.
 
-Byte models stream bytes as they are sampled; token models sample tokens until the
-continuation has --max-bytes bytes. Output goes to stdout as raw bytes.
+Byte models stream bytes as they are sampled. Token models use exact prompt-boundary sampling
+(hlm/bytes/sampling.py): the prompt may end anywhere, even mid-word; one cover of the prompt is
+drawn with its exact probability, then tokens are sampled as usual (temperature and top-k on
+tokens). --byte-level samples any model byte by byte through its exact byte-level view, with
+temperature and top-k applied to the 257 next-byte outcomes. Output goes to stdout as raw bytes.
 """
 
 import argparse
 import sys
+import time
 
 import torch
 
 from hlm import HLMError
-from hlm.checkpoint import load_model, tokenizer_from_checkpoint
+from hlm.bytes import byte_lm_from_checkpoint, sample_bytes, sample_prompt_boundary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,29 +25,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--byte-level", action="store_true", help="sample byte by byte (byte-level temperature/top-k)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     out = sys.stdout.buffer
     try:
-        model, cfg, ckpt = load_model(args.checkpoint, args.device)
-        tok = tokenizer_from_checkpoint(ckpt)
-        sep = ckpt["data_meta"]["separator_id"]
+        blm, model, _, ckpt = byte_lm_from_checkpoint(args.checkpoint, args.device)
+        tokenized = hasattr(blm, "tracker")
         prompt = args.prompt.encode("utf-8")
-        ids = [sep] + (tok.encode(prompt) if tok is not None else list(prompt))
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
-        stream = model.generate_stream(torch.tensor([ids], device=args.device), args.max_bytes,
-                                       args.temperature, args.top_k, gen)
         out.write(prompt)
-        written = 0
-        for nxt in stream:
-            piece = tok.token_bytes(int(nxt)) if tok is not None else bytes([int(nxt)])
-            piece = piece[: args.max_bytes - written]
+        if args.byte_level:
+            pieces = (bytes([b]) for b in sample_bytes(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen))
+        elif tokenized:
+            pieces = sample_prompt_boundary(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen)
+        else:
+            ids = torch.tensor([[ckpt["data_meta"]["separator_id"]] + list(prompt)], device=args.device)
+            stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen)
+            pieces = (bytes([int(nxt)]) for nxt in stream)
+        t0, written = time.perf_counter(), 0
+        for piece in pieces:
             out.write(piece)
             out.flush()
             written += len(piece)
-            if written >= args.max_bytes:
-                break
+        seconds = time.perf_counter() - t0
         out.write(b"\n")
+        mode = "byte-level" if args.byte_level else "prompt-boundary" if tokenized else "native bytes"
+        print(f"{written} bytes in {seconds:.2f}s ({written / max(seconds, 1e-9):,.0f} bytes/s, {mode})",
+              file=sys.stderr)
     except HLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

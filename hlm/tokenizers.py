@@ -1,26 +1,285 @@
 """Tokenizers as byte-exact maps between bytes and ids.
 
 Every tokenizer here exposes `encode(bytes) -> list[int]`, `decode(ids) -> bytes`,
-`token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id` (DESIGN §9).
+`token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id` (DESIGN §9). For exact
+byte-level conversion (hlm.bytes) they also expose `encode_piece` (the BPE of one pretoken,
+without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` (canonical
+adjacency inside one pretoken) and `boundary_rule`, which says how pretoken boundaries are
+decided: "none" (one pretoken: raw byte BPE), "whitespace" (sentencepiece: a new piece starts
+at a space that follows a non-space) or "regex" (GPT-2 / cl100k pretokenizer with lookahead).
+
+Three BPE flavours share one merge loop: pair ranks (`from_merges`), concatenation ranks
+(tiktoken, GPT-2 folders) and sentencepiece piece scores over characters with byte fallback.
+In every flavour the lowest-ranked mergeable adjacent pair merges first, leftmost on ties.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
+
+import torch
 
 from hlm import HLMError
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+TIKTOKEN_SPECIALS = {
+    "gpt2": (GPT2_PATTERN, {"<|endoftext|>": 50256}),
+    "cl100k_base": (CL100K_PATTERN, {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                                     "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}),
+}
 
 
 class TokenizerError(HLMError):
     """Input a text tokenizer cannot take, or a tokenizer file that cannot be used."""
 
 
-class SentencePieceTokenizer:
+def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], int | None]) -> list[bytes]:
+    """Merge adjacent parts, lowest rank first and leftmost on ties, until no pair merges."""
+    parts = list(parts)
+    while len(parts) > 1:
+        best, at = None, -1
+        for i in range(len(parts) - 1):
+            r = rank(parts[i], parts[i + 1])
+            if r is not None and (best is None or r < best):
+                best, at = r, i
+        if best is None:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+class _ConversionMixin:
+    """Validity helpers shared by the BPE tokenizers (see research/byte_conversion.md §1.4)."""
+
+    vocab_size: int
+    _bytes: list[bytes]
+    _id_of: dict[bytes, int]
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._bytes[i]
+
+    def decode(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self._bytes[i] for i in ids)
+
+    def token_id(self, data: bytes) -> int | None:
+        """The non-special token whose bytes are exactly `data`, if any."""
+        return self._id_of.get(data)
+
+    def reachable_mask(self) -> torch.Tensor:
+        """Tokens the BPE can emit: `encode_piece(token_bytes(t)) == [t]` (special tokens: False)."""
+        if getattr(self, "_reachable", None) is None:
+            self._reachable = torch.tensor([bool(b) and self.encode_piece(b) == [i] for i, b in enumerate(self._bytes)])
+        return self._reachable
+
+    def pair_valid(self, a: int, b: int) -> bool:
+        """Is `[a, b]` the BPE of `bytes(a) + bytes(b)` inside one pretoken? (reachability aside)"""
+        return self.encode_piece(self._bytes[a] + self._bytes[b]) == [a, b]
+
+    def pair_valid_mask(self, a: int) -> torch.Tensor:
+        """`pair_valid(a, t)` for every t, from the merge histories of a's right edge and t's left edge:
+        [a, t] fails only if some merge across the boundary fires before both sides finish (a's side
+        wins ties, being further left). Exact when every merge ranks after the merges that built its
+        parts, as in trained vocabularies; tests check it against `pair_valid`."""
+        cache = self.__dict__.setdefault("_pair_masks", {})
+        if a not in cache:
+            nodes, parent_rank = self._left_spines()
+            best = torch.full((self.vocab_size + 1,), float("inf"), dtype=torch.float64)
+            table = self._merges_from_left()
+            for x, limit in self._right_spine(a):
+                if x in table:
+                    ys, ranks = table[x]
+                    keep = ranks < limit
+                    best.scatter_reduce_(0, ys[keep], ranks[keep], "amin")
+            cross = best[nodes]
+            invalid = ((cross <= parent_rank) & cross.isfinite()).any(dim=1)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[a] = ~invalid & self._has_bytes()
+        return cache[a]
+
+    def _has_bytes(self) -> torch.Tensor:
+        if getattr(self, "_nonempty", None) is None:
+            self._nonempty = torch.tensor([bool(b) for b in self._bytes])
+        return self._nonempty
+
+    def _history(self, t: int) -> tuple[int, int, float] | None:
+        """(left child, right child, rank) of the last merge when BPE builds token t alone; None for atoms."""
+        memo = self.__dict__.setdefault("_history_memo", {})
+        if t not in memo:
+            parts = self._atoms(self._bytes[t])
+            last = None
+            while len(parts) > 1:
+                best, at = None, -1
+                for i in range(len(parts) - 1):
+                    r = self._rank(parts[i], parts[i + 1])
+                    if r is not None and (best is None or r < best):
+                        best, at = r, i
+                if best is None:
+                    break
+                last = (parts[at], parts[at + 1], best)
+                parts[at : at + 2] = [parts[at] + parts[at + 1]]
+            ok = last is not None and len(parts) == 1
+            memo[t] = (self.token_id(last[0]), self.token_id(last[1]), float(last[2])) if ok else None
+        return memo[t]
+
+    def _right_spine(self, a: int) -> list[tuple[int, float]]:
+        """Nodes on the right edge of a's merge tree, each with the rank at which it is merged away."""
+        out, node, limit = [], a, float("inf")
+        while node is not None:
+            out.append((node, limit))
+            h = self._history(node)
+            node, limit = (h[1], h[2]) if h is not None else (None, limit)
+        return out
+
+    def _merges_from_left(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """For each token x, the tokens y that merge with it on their left and the merges' ranks."""
+        if getattr(self, "_left_merges", None) is None:
+            table: dict[int, list[tuple[int, float]]] = {}
+            for data in self._bytes:
+                for k in range(1, len(data)):
+                    left, right = self.token_id(data[:k]), self.token_id(data[k:])
+                    r = None if left is None or right is None else self._rank(data[:k], data[k:])
+                    if r is not None:
+                        table.setdefault(left, []).append((right, float(r)))
+            self._left_merges = {x: (torch.tensor([y for y, _ in pairs], dtype=torch.int64),
+                                     torch.tensor([r for _, r in pairs], dtype=torch.float64))
+                                 for x, pairs in table.items()}
+        return self._left_merges
+
+    def _left_spines(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[V, D] node ids on each token's left edge (padded with V) and the rank that merges each away."""
+        if getattr(self, "_lspines", None) is None:
+            rows = []
+            for t in range(self.vocab_size):
+                row, node, limit = [], t, float("inf")
+                while node is not None and self._bytes[t]:
+                    row.append((node, limit))
+                    h = self._history(node)
+                    node, limit = (h[0], h[2]) if h is not None else (None, limit)
+                rows.append(row)
+            depth = max(1, max(len(r) for r in rows))
+            nodes = torch.full((self.vocab_size, depth), self.vocab_size, dtype=torch.int64)
+            ranks = torch.full((self.vocab_size, depth), -float("inf"), dtype=torch.float64)
+            for t, row in enumerate(rows):
+                for d, (node, limit) in enumerate(row):
+                    nodes[t, d], ranks[t, d] = node, limit
+            self._lspines = (nodes, ranks)
+        return self._lspines
+
+
+class BPETokenizer(_ConversionMixin):
+    """Byte-level BPE: ids of the base bytes and merged tokens, then special tokens (no bytes).
+
+    `pattern` (a `regex` pattern) splits text into pretokens first, as GPT-2 and cl100k do;
+    without it the whole text is one pretoken."""
+
+    def __init__(self, token_bytes: list[bytes], rank: Callable[[bytes, bytes], int | None],
+                 pattern: str | None = None, specials: dict[str, int] | None = None,
+                 eos_id: int | None = None, bos_id: int | None = None, name: str = "bpe"):
+        self._bytes = list(token_bytes)
+        self.vocab_size = len(self._bytes)
+        self._rank = rank
+        self.pattern = pattern
+        self._regex = None
+        if pattern is not None:
+            import regex
+
+            self._regex = regex.compile(pattern)
+        self.specials = dict(specials or {})
+        self.eos_id, self.bos_id = eos_id, bos_id
+        self.name = name
+        self.boundary_rule = "regex" if pattern else "none"
+        self.add_dummy_prefix = False
+        self.ignore_merges = False
+        self._id_of = {}
+        for i, b in enumerate(self._bytes):
+            if b and b not in self._id_of:
+                self._id_of[b] = i
+        self._reachable = None
+        self._piece_cache: dict[bytes, list[int]] = {}
+
+    @classmethod
+    def from_merges(cls, merges: list[tuple[bytes, bytes]], eos: bool = True, bos: bool = False) -> BPETokenizer:
+        """Byte-level BPE without a pretokenizer: ids 0..255 are bytes, 256+i is merges[i], then eos (and bos)."""
+        token_bytes = [bytes([i]) for i in range(256)]
+        pair_rank: dict[tuple[bytes, bytes], int] = {}
+        known = set(token_bytes)
+        for i, (left, right) in enumerate(merges):
+            left, right = bytes(left), bytes(right)
+            if left not in known or right not in known:
+                raise TokenizerError(f"merge {i} ({left!r}, {right!r}) uses a token not made by earlier merges")
+            if left + right in known:
+                raise TokenizerError(f"merge {i} makes {left + right!r}, which is already a token")
+            pair_rank[(left, right)] = i
+            token_bytes.append(left + right)
+            known.add(left + right)
+        ids = len(token_bytes)
+        eos_id = ids if eos else None
+        bos_id = ids + int(eos) if bos else None
+        token_bytes += [b""] * (int(eos) + int(bos))
+        return cls(token_bytes, lambda a, b: pair_rank.get((a, b)), eos_id=eos_id, bos_id=bos_id, name="merges")
+
+    @classmethod
+    def from_ranks(cls, ranks: dict[bytes, int], pattern: str | None, specials: dict[str, int],
+                   name: str, eos: str | None = "<|endoftext|>") -> BPETokenizer:
+        """Concatenation-ranked BPE (tiktoken): any adjacent pair whose bytes form a token merges, by its rank."""
+        size = max(list(ranks.values()) + list(specials.values())) + 1
+        token_bytes = [b""] * size
+        for b, i in ranks.items():
+            token_bytes[i] = b
+        tok = cls(token_bytes, lambda a, b: ranks.get(a + b), pattern, specials,
+                  eos_id=specials.get(eos) if eos else None, name=name)
+        tok._ranks = ranks
+        return tok
+
+    def _atoms(self, data: bytes) -> list[bytes]:
+        return [data[i : i + 1] for i in range(len(data))]
+
+    def encode_piece(self, data: bytes) -> list[int]:
+        """BPE of one pretoken (no pretokenizer, no special tokens). With `ignore_merges` (Llama-3 style
+        tokenizer.json) a pretoken that is itself a token is emitted whole."""
+        hit = self._piece_cache.get(data)
+        if hit is None and self.ignore_merges and data in self._id_of:
+            hit = [self._id_of[data]]
+        if hit is None:
+            hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)]
+            if len(self._piece_cache) > 200_000:
+                self._piece_cache.clear()
+            self._piece_cache[data] = hit
+        return hit
+
+    def pretokenize(self, text: str) -> list[str]:
+        return self._regex.findall(text) if self._regex is not None else [text]
+
+    def encode(self, data: bytes) -> list[int]:
+        """Ordinary text encoding: special-token strings in the text are encoded as plain text."""
+        if self.add_dummy_prefix:
+            data = b" " + data
+        if self._regex is None:
+            return self.encode_piece(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"invalid UTF-8 at byte {e.start}: a pretokenizing tokenizer needs text") from None
+        return [t for piece in self.pretokenize(text) for t in self.encode_piece(piece.encode("utf-8"))]
+
+
+class SentencePieceTokenizer(_ConversionMixin):
     """A sentencepiece `.model` seen as bytes: pieces map to their UTF-8 bytes ('▁' is a space),
-    byte-fallback pieces `<0xAB>` to one byte, control pieces to no bytes."""
+    byte-fallback pieces `<0xAB>` to one byte, control pieces to no bytes.
+
+    For exact conversion the BPE is re-implemented over characters (highest score first,
+    characters missing from the pieces fall back to byte pieces); tests check it against
+    sentencepiece. Unigram models load but cannot be converted exactly."""
 
     def __init__(self, path: str | Path | None = None, model_proto: bytes | None = None):
         import sentencepiece as spm
@@ -37,6 +296,33 @@ class SentencePieceTokenizer:
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        self.model_type, self.add_dummy_prefix, self.normalization = self._trainer_facts(model_proto, path)
+        self.boundary_rule = "whitespace"
+        self._id_of, self._byte_piece = {}, {}
+        self._score: dict[bytes, float] = {}
+        for i, b in enumerate(self._bytes):
+            if self.sp.is_byte(i):
+                self._byte_piece[b] = i
+            elif b and not self.sp.is_unused(i):
+                self._id_of.setdefault(b, i)
+                self._score[b] = self.sp.get_score(i)
+        self._reachable = None
+        self._piece_cache: dict[bytes, list[int]] = {}
+
+    @staticmethod
+    def _trainer_facts(model_proto: bytes | None, path) -> tuple[str, bool, str]:
+        """(model type, add_dummy_prefix, normalization) read from the serialized ModelProto directly,
+        so that protobuf need not be installed."""
+        proto = model_proto if model_proto is not None else Path(path).read_bytes()
+        top = _proto_fields(proto)
+        trainer = _proto_fields(top.get(2, [b""])[-1])
+        norm = _proto_fields(top.get(3, [b""])[-1])
+        kind = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(trainer.get(3, [1])[-1], "unknown")
+        name = norm.get(1, [b"nmt_nfkc"])[-1].decode("utf-8", "replace")
+        dummy = bool(norm.get(3, [1])[-1])
+        if norm.get(4, [1])[-1]:
+            name += "+remove_extra_whitespaces"
+        return kind, dummy, name
 
     def _piece_bytes(self, i: int) -> bytes:
         if self.sp.is_control(i) or self.sp.is_unknown(i):
@@ -47,8 +333,71 @@ class SentencePieceTokenizer:
             return bytes([int(m.group(1), 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
 
-    def token_bytes(self, i: int) -> bytes:
-        return self._bytes[i]
+    def token_id(self, data: bytes) -> int | None:
+        hit = self._id_of.get(data)
+        return hit if hit is not None or len(data) != 1 else self._byte_piece.get(data)
+
+    def reachable_mask(self) -> torch.Tensor:
+        """As for any BPE, minus byte pieces for bytes that never occur in UTF-8 (C0, C1, F5-FF)."""
+        if getattr(self, "_reachable", None) is None:
+            mask = super().reachable_mask().clone()
+            for b, t in self._byte_piece.items():
+                if b[0] in (0xC0, 0xC1) or b[0] >= 0xF5:
+                    mask[t] = False
+            self._reachable = mask
+        return self._reachable
+
+    def check_exact(self) -> None:
+        """Refuse tokenizers whose encoding the cover recursion cannot follow exactly."""
+        if self.model_type != "bpe":
+            raise TokenizerError(f"sentencepiece {self.model_type} model: exact byte conversion needs a BPE model "
+                                 "(Unigram segmentations are not prefix-closed)")
+
+    def _atoms(self, data: bytes) -> list[bytes]:
+        """Characters that are pieces stay whole; other characters (and stray bytes) become bytes."""
+        out, i = [], 0
+        while i < len(data):
+            n = _utf8_len(data[i])
+            ch = data[i : i + n]
+            if n > 1 and len(ch) == n and _is_utf8(ch) and ch in self._id_of:
+                out.append(ch)
+                i += n
+            elif n == 1 and ch in self._id_of:
+                out.append(ch)
+                i += 1
+            else:
+                good = n > 1 and len(ch) == n and _is_utf8(ch)
+                out.extend(data[j : j + 1] for j in range(i, i + (n if good else 1)))
+                i += n if good else 1
+        return out
+
+    def _rank(self, a: bytes, b: bytes) -> float | None:
+        if self._is_fallback(a) or self._is_fallback(b):
+            return None
+        s = self._score.get(a + b)
+        return None if s is None else -s
+
+    def _is_fallback(self, part: bytes) -> bool:
+        return len(part) == 1 and part not in self._id_of
+
+    def encode_piece(self, data: bytes) -> list[int]:
+        hit = self._piece_cache.get(data)
+        if hit is None:
+            hit = [self._byte_piece[p] if self._is_fallback(p) else self._id_of[p]
+                   for p in bpe_merge(self._atoms(data), self._rank)]
+            if len(self._piece_cache) > 200_000:
+                self._piece_cache.clear()
+            self._piece_cache[data] = hit
+        return hit
+
+    def encode_pieces_exact(self, data: bytes) -> list[int]:
+        """The re-implemented encoding (whitespace pretokens, then BPE); equals `encode` on BPE models."""
+        out, start = [], 0
+        for i in range(1, len(data) + 1):
+            if i == len(data) or (data[i] == 0x20 and data[i - 1] != 0x20):
+                out.extend(self.encode_piece(data[start:i]))
+                start = i
+        return out
 
     def encode(self, data: bytes) -> list[int]:
         try:
@@ -60,15 +409,178 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads)
 
-    def decode(self, ids) -> bytes:
-        return b"".join(self._bytes[i] for i in ids)
+
+def _proto_fields(buf: bytes) -> dict[int, list]:
+    """Top-level fields of a protobuf message: number -> values (ints for varints, bytes otherwise)."""
+    out: dict[int, list] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            n = varint()
+            value, i = buf[i : i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i : i + n], i + n
+        else:
+            raise TokenizerError(f"unreadable sentencepiece model (protobuf wire type {wire})")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+def _utf8_len(lead: int) -> int:
+    return 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF8 else 1
+
+
+@lru_cache(maxsize=65536)
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters used in encoder.json / vocab.bpe."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def load_gpt2_folder(folder: Path) -> BPETokenizer:
+    """encoder.json + vocab.bpe: ranks are the merge order (checked against encoder.json's ids)."""
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+
+    def raw(s: str) -> bytes:
+        return bytes(decoder[c] for c in s)
+
+    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
+    ranks = {raw(c): encoder[c] for c in bytes_to_unicode().values()}
+    for left, right in merges:
+        b = raw(left) + raw(right)
+        if encoder.get(left + right) is None:
+            raise TokenizerError(f"{folder}: merge {left} {right} is not in encoder.json")
+        ranks[b] = encoder[left + right]
+    specials = {k: v for k, v in encoder.items() if k.startswith("<|")}
+    return BPETokenizer.from_ranks(ranks, GPT2_PATTERN, specials, name="gpt2")
+
+
+def load_tiktoken_file(path: Path) -> BPETokenizer:
+    """A tiktoken rank file (base64 token, rank per line); the pretokenizer comes from its name."""
+    name = path.name.removesuffix(".tiktoken")
+    if name not in TIKTOKEN_SPECIALS:
+        raise TokenizerError(f"{path}: unknown tiktoken encoding '{name}' (known: {', '.join(TIKTOKEN_SPECIALS)})")
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    pattern, specials = TIKTOKEN_SPECIALS[name]
+    return BPETokenizer.from_ranks(ranks, pattern, specials, name=name)
+
+
+def load_hf_tokenizer_json(path: Path) -> BPETokenizer:
+    """A Hugging Face `tokenizer.json` holding a byte-level BPE (GPT-2, Llama-3 style): vocab, merges,
+    a ByteLevel or Split+ByteLevel pretokenizer, added tokens as specials. Normalizers and
+    Metaspace/Unigram/WordPiece models are refused: they do not map bytes to ids exactly."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json is supported, not {model.get('type')}")
+    if spec.get("normalizer") is not None:
+        raise TokenizerError(f"{path}: a normalizer changes the bytes; exact byte conversion needs none")
+    pattern, prefix_space = _hf_pretokenizer(spec.get("pre_tokenizer"), path)
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+
+    def raw(s: str) -> bytes:
+        try:
+            return bytes(decoder[c] for c in s)
+        except KeyError:
+            raise TokenizerError(f"{path}: token {s!r} is not in GPT-2's byte-level alphabet") from None
+
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    size = max(list(model["vocab"].values()) + list(specials.values())) + 1
+    token_bytes = [b""] * size
+    for s, i in model["vocab"].items():
+        if s not in specials:
+            token_bytes[i] = raw(s)
+    pair_rank = {}
+    for k, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        pair_rank[(raw(left), raw(right))] = k
+    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>", "</s>") if s in specials), None)
+    bos = next((specials[s] for s in ("<|begin_of_text|>", "<s>") if s in specials), None)
+    tok = BPETokenizer(token_bytes, lambda a, b: pair_rank.get((a, b)), pattern, specials, eos, bos, name="hf")
+    tok.ignore_merges = bool(model.get("ignore_merges"))
+    tok.add_dummy_prefix = prefix_space
+    return tok
+
+
+def _hf_pretokenizer(spec: dict | None, path: Path) -> tuple[str, bool]:
+    """(regex, add_prefix_space) of a ByteLevel or Sequence[Split(regex), ByteLevel] pretokenizer."""
+    if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return GPT2_PATTERN, bool(spec.get("add_prefix_space"))
+    if spec and spec.get("type") == "Sequence":
+        parts = spec.get("pretokenizers", [])
+        if (len(parts) == 2 and parts[0].get("type") == "Split" and "Regex" in parts[0].get("pattern", {})
+                and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
+                and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+            return parts[0]["pattern"]["Regex"], bool(parts[1].get("add_prefix_space"))
+    kind = spec.get("type") if spec else None
+    raise TokenizerError(f"{path}: unsupported pretokenizer {kind!r} (need ByteLevel, or Split + ByteLevel)")
 
 
 def load_tokenizer(path: str | Path):
-    """Load a tokenizer file by its kind (sentencepiece `.model` for now)."""
+    """Load a tokenizer by its kind: sentencepiece `.model`, GPT-2 folder (encoder.json + vocab.bpe),
+    a tiktoken `.tiktoken` rank file, or a Hugging Face `tokenizer.json` (file or folder)."""
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"tokenizer not found: {path}")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
+    if path.is_dir() and (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+        return load_gpt2_folder(path)
+    if path.suffix == ".tiktoken":
+        return load_tiktoken_file(path)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return load_hf_tokenizer_json(path / "tokenizer.json")
+    if path.suffix == ".json":
+        return load_hf_tokenizer_json(path)
     raise TokenizerError(f"unknown tokenizer format: {path}")
+
+
+def round_trip_failures(tok, docs: Iterable[bytes]) -> list[int]:
+    """Indices of documents with `decode(encode(x)) != x` (exact byte conversion is defined only on the others)."""
+    bad = []
+    for i, doc in enumerate(docs):
+        try:
+            ok = tok.decode(tok.encode(doc)) == doc
+        except TokenizerError:
+            ok = False
+        if not ok:
+            bad.append(i)
+    return bad

@@ -46,6 +46,10 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape [B, 1, T, D/2] for explicit positions [B, T] (tree-shaped inputs)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast bf16/fp16 to fp32 for softmax-like math, leaving fp64 (exactness tests) in fp64."""
@@ -149,7 +153,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`attn_mask` (bool, True = may attend), when given, replaces the causal mask (no cache)."""
+        """`attn_mask` (bool [B, 1, T, T], True = may attend) replaces the causal mask, e.g. for a token
+        tree where each node sees only its ancestors; it cannot be combined with a cache."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -209,9 +214,10 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal over x [B, T, D] by default. With `positions` [B, T] (rotary positions) and a bool
-        `attn_mask` [B, 1, T, T] (True = may attend), any attention pattern (no cache)."""
+        `attn_mask` [B, 1, T, T] (True = may attend), any attention pattern, e.g. a tree of token paths
+        with position = depth (no cache)."""
         if positions is not None:
-            cos, sin = self.rotary.cos[positions].unsqueeze(1), self.rotary.sin[positions].unsqueeze(1)
+            cos, sin = self.rotary.at(positions)
         else:
             cos, sin = self.rotary(cache.pos if cache is not None else 0, x.size(1))
         for i, block in enumerate(self.blocks):

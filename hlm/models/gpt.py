@@ -39,13 +39,14 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def hidden(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, cache=None, attn_mask=None, positions=None) -> torch.Tensor:
         """Final normed states for input embeddings x [B, T, D]."""
-        return self.norm(self.transformer(x, cache))
+        return self.norm(self.transformer(x, cache, positions, attn_mask))
 
-    def logits(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """Next-token logits [B, T, V] for ids [B, T] (continuing `cache` when given)."""
-        return self.head(self.hidden(self.embed(idx), cache))
+    def logits(self, idx: torch.Tensor, cache=None, attn_mask=None, positions=None) -> torch.Tensor:
+        """Next-token logits [B, T, V] for ids [B, T] (continuing `cache` when given; `attn_mask` and
+        `positions` score a token tree in one pass, see Transformer.forward)."""
+        return self.head(self.hidden(self.embed(idx), cache, attn_mask, positions))
 
     def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, T, V] of the next id after each position of idx [B, T]."""

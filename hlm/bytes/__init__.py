@@ -1,0 +1,20 @@
+"""Exact byte-level views of tokenized LMs, byte-level sampling and ensembles (DESIGN §9).
+
+    from hlm.bytes import ByteLM, as_byte_lm, Ensemble
+    blm = ByteLM(token_model, tok)                 # or as_byte_lm(model, tok)
+    blm.next_byte_logprobs(b"The hist")            # Tensor[257]: bytes, then end of text
+    blm.logprob(b"The history", eot=True)
+
+covers.py: cover bookkeeping and validity rules; byte_lm.py: ByteLM, native byte models,
+as_byte_lm; exact_eval.py: batched tree pass for exact bpb; sampling.py; ensemble.py.
+"""
+
+from hlm.bytes.byte_lm import ByteLM, CallableByteLM, NativeByteLM, as_byte_lm, byte_lm_from_checkpoint
+from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError, VocabIndex
+from hlm.bytes.ensemble import Ensemble
+from hlm.bytes.exact_eval import exact_bpb, exact_prefix_logprobs
+from hlm.bytes.sampling import sample_bytes, sample_prompt_boundary
+
+__all__ = ["ByteLM", "CallableByteLM", "ConversionRules", "CoverTracker", "Ensemble", "MissingCoverError",
+           "NativeByteLM", "VocabIndex", "as_byte_lm", "byte_lm_from_checkpoint", "exact_bpb",
+           "exact_prefix_logprobs", "sample_bytes", "sample_prompt_boundary"]

@@ -1,0 +1,486 @@
+"""Exact bits per byte of a token model in one batched tree pass (research/byte_conversion.md §2c).
+
+In teacher-forced evaluation the whole text is known, so every exact node the byte-by-byte
+recursion would query is known before the model runs (`plan_document`, no model). The nodes
+form a token tree around the canonical encoding (the trunk). `exact_bpb` packs them into
+windows of the model's context (trunk tokens plus the off-trunk nodes hanging from them, each
+node attending to its ancestors, position = depth) and scores them with one forward per batch
+of windows through `GPT.logits(ids, attn_mask=..., positions=...)`. Every next-byte term is
+then a range sum over the sorted vocabulary (fp64 prefix sums of the masked next-token
+probabilities), combined per byte with a scatter logsumexp. The same pass gives the canonical
+token NLL on the same windows, so bpb_canon and bpb_conv differ only by the conversion.
+
+Each document is scored from the start symbol with its end of text (counted as one byte, like
+the separator of canonical eval). Windows of a long document are non-overlapping stretches of
+the trunk; a node sees only its window. Planning is Python; for sentencepiece tokenizers long
+documents are cut at pretoken boundaries (a space after a non-space, where the cover state is
+a single node) and planned in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hlm import HLMError
+from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
+
+LN2 = math.log(2)
+
+
+@dataclass
+class DocPlan:
+    """Nodes of one document (local ids, parents first) and the terms of every next-byte probability."""
+
+    n_bytes: int
+    parent: list[int] = field(default_factory=list)
+    token: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    mask_key: list[tuple[int | None, bool]] = field(default_factory=list)
+    trunk: list[int] = field(default_factory=list)  # canonical path, root first
+    num: list[tuple[int, int, int, int]] = field(default_factory=list)  # (byte position, node, lo, hi)
+    den: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # (..., len of the remainder)
+    eos: list[tuple[int, int]] = field(default_factory=list)  # (byte position, exact node)
+
+
+def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
+    """Walk the cover recursion over x without a model and record what each byte's probability needs:
+    numerator terms (covers of x[:m+1]) and normaliser terms (all continuations of x[:m], and EOS).
+    With a dummy-prefix tokenizer, x must start with that space."""
+    tracker = CoverTracker(rules, start_id)
+    index, trie = rules.index, tracker.trie
+    plan = DocPlan(len(x), [-1], [start_id], [0], [(None, False)])
+    local = {0: 0}
+
+    def record(m: int, next_byte: int | None) -> None:
+        for a in tracker.anchors:
+            u = tracker.remainder(a)
+            lo, hi = index.strict_range(u)
+            if lo < hi:
+                plan.den.append((m, local[a], lo, hi, len(u)))
+            if next_byte is not None:
+                lo, hi = index.range(u + bytes([next_byte]))
+                if lo < hi:
+                    plan.num.append((m, local[a], lo, hi))
+        plan.eos.extend((m, local[e]) for e in tracker.exact)
+
+    for m, b in enumerate(x):
+        record(m, b)
+        for e in tracker.advance(b):
+            p = local[trie.parent[e]]
+            local[e] = len(plan.parent)
+            plan.parent.append(p)
+            plan.token.append(trie.token[e])
+            plan.depth.append(plan.depth[p] + 1)
+            plan.mask_key.append((trie.last_token(e), trie.mid[e]))
+    record(len(x), None)
+    child = {(p, t): i for i, (p, t) in enumerate(zip(plan.parent, plan.token, strict=True))}
+    plan.trunk = [0]
+    dummy = getattr(rules.tok, "add_dummy_prefix", False)  # x starts with the space the tokenizer adds
+    for t in rules.tok.encode(x[1:] if dummy else x):
+        node = child.get((plan.trunk[-1], t))
+        if node is None:
+            raise MissingCoverError("the canonical encoding is not among the tracked exact nodes")
+        plan.trunk.append(node)
+    return plan
+
+
+def segment_points(x: bytes, rules: ConversionRules, segment_bytes: int) -> list[int]:
+    """Cut positions where every cover restarts (sentencepiece: a space after a non-space)."""
+    if rules.rule != "whitespace" or rules.marginal or getattr(rules.tok, "add_dummy_prefix", False):
+        return []
+    cuts, last = [], 0
+    for m in range(segment_bytes, len(x)):
+        if m - last >= segment_bytes and x[m] == 0x20 and x[m - 1] != 0x20:
+            cuts.append(m)
+            last = m
+    return cuts
+
+
+def stitch(parts: list[DocPlan]) -> DocPlan:
+    """Join plans of consecutive segments: each segment's root is the previous segment's last trunk node."""
+    out = parts[0]
+    for part in parts[1:]:
+        root = out.trunk[-1]
+        shift = len(out.parent) - 1
+
+        def node(v: int, root: int = root, shift: int = shift) -> int:
+            return root if v == 0 else v + shift
+
+        base_depth, base_pos = out.depth[root], out.n_bytes
+        if any(v != root for m, v in out.eos if m == base_pos):
+            raise MissingCoverError(f"several exact nodes at the cut at byte {base_pos}: cannot plan in segments")
+        for v in range(1, len(part.parent)):
+            out.parent.append(node(part.parent[v]))
+            out.token.append(part.token[v])
+            out.depth.append(part.depth[v] + base_depth)
+            out.mask_key.append(part.mask_key[v])
+        out.trunk.extend(node(v) for v in part.trunk[1:])
+        out.num.extend((m + base_pos, node(v), lo, hi) for m, v, lo, hi in part.num)
+        out.den.extend((m + base_pos, node(v), lo, hi, k) for m, v, lo, hi, k in part.den if m > 0)
+        out.eos.extend((m + base_pos, node(v)) for m, v in part.eos if m > 0)
+        out.n_bytes += part.n_bytes
+    return out
+
+
+_WORKER: dict = {}
+
+
+def _plan_segment(args: tuple[int, bytes]) -> tuple[int, DocPlan | None]:
+    doc, x = args
+    try:
+        return doc, plan_document(x, _WORKER["rules"], _WORKER["start_id"])
+    except HLMError:
+        return doc, None
+
+
+def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1,
+                   segment_bytes: int = 1 << 14) -> tuple[list[DocPlan], int]:
+    """Plans of the documents that round-trip and can be tracked, and the count of the others."""
+    jobs, n_parts, skipped = [], {}, 0
+    dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
+    for d, x in enumerate(docs):
+        if not _round_trips(rules.tok, x):
+            skipped += 1
+            continue
+        cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
+        n_parts[d] = len(cuts) - 1
+        jobs.extend((d, dummy + x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    _WORKER.update(rules=rules, start_id=start_id)
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_plan_segment, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+    else:
+        results = [_plan_segment(job) for job in jobs]
+    parts: dict[int, list[DocPlan | None]] = {}
+    for d, plan in results:
+        parts.setdefault(d, []).append(plan)
+    plans = []
+    for d in sorted(parts):
+        if any(p is None for p in parts[d]) or len(parts[d]) != n_parts[d]:
+            skipped += 1
+        else:
+            plans.append(_drop_first_byte(parts[d][0]) if dummy else stitch(parts[d]))
+    return plans, skipped
+
+
+def _drop_first_byte(plan: DocPlan) -> DocPlan:
+    """Condition on the dummy-prefix space the tokenizer adds: the text's bytes start after it."""
+    plan.num = [(m - 1, v, lo, hi) for m, v, lo, hi in plan.num if m > 0]
+    plan.den = [(m - 1, v, lo, hi, k) for m, v, lo, hi, k in plan.den if m > 0]
+    plan.eos = [(m - 1, v) for m, v in plan.eos if m > 0]
+    plan.n_bytes -= 1
+    return plan
+
+
+def _windows(plan: DocPlan, block: int) -> list[list[int]]:
+    """Split the nodes into windows of at most `block` positions: stretches of the trunk with the
+    off-trunk nodes that hang from them."""
+    on_trunk = {node: k for k, node in enumerate(plan.trunk)}
+    anchor = [0] * len(plan.parent)
+    for v in range(1, len(plan.parent)):
+        anchor[v] = on_trunk[v] if v in on_trunk else anchor[plan.parent[v]]
+    plan.__dict__["anchor"], plan.__dict__["on_trunk"] = anchor, on_trunk
+    spill = max(d - plan.depth[plan.trunk[a]] for d, a in zip(plan.depth, anchor, strict=True))
+    stride = block - spill
+    if stride < 1:
+        raise HLMError(f"off-trunk paths of {spill} tokens do not fit a context of {block}")
+    groups: dict[int, list[int]] = {}
+    for v, a in enumerate(anchor):
+        groups.setdefault(a // stride, []).append(v)
+    return [groups[k] for k in sorted(groups)]
+
+
+class _Flat:
+    """All documents' nodes and terms as flat tensors over global node ids and global byte positions.
+    Queries are the num terms then the den terms (each a range of the sorted vocabulary at a node)."""
+
+    def __init__(self, plans: list[DocPlan]):
+        self.offset, self.parent, self.token, self.mask_key = [], [], [], []
+        nums, dens, eoss, trunk_end = [], [], [], []
+        n_nodes = n_pos = 0
+        for plan in plans:
+            self.offset.append(n_nodes)
+            self.parent.extend(p + n_nodes if p >= 0 else -1 for p in plan.parent)
+            self.token.extend(plan.token)
+            self.mask_key.extend(plan.mask_key)
+            shift = torch.tensor([n_pos, n_nodes], dtype=torch.int64)
+            nums.append(_table(plan.num, 4) + torch.cat([shift, torch.zeros(2, dtype=torch.int64)]))
+            dens.append(_table(plan.den, 5) + torch.cat([shift, torch.zeros(3, dtype=torch.int64)]))
+            eos = _table(plan.eos, 2)
+            eoss.append(torch.cat([eos + shift, (eos[:, :1] == plan.n_bytes).long()], dim=1))
+            trunk_end.append(plan.trunk[-1] + n_nodes)
+            n_nodes += len(plan.parent)
+            n_pos += plan.n_bytes + 1
+        self.n_nodes, self.n_pos = n_nodes, n_pos
+        num = torch.cat(nums) if nums else torch.zeros(0, 4, dtype=torch.int64)
+        den = torch.cat(dens) if dens else torch.zeros(0, 5, dtype=torch.int64)
+        eos = torch.cat(eoss) if eoss else torch.zeros(0, 3, dtype=torch.int64)
+        self.q_node = torch.cat([num[:, 1], den[:, 1]])
+        self.q_lo = torch.cat([num[:, 2], den[:, 2]])
+        self.q_hi = torch.cat([num[:, 3], den[:, 3]])
+        self.num_pos, self.num_q = num[:, 0], torch.arange(len(num))
+        self.den_pos, self.den_q, self.den_k = den[:, 0], torch.arange(len(num), len(num) + len(den)), den[:, 4]
+        self.eos_pos, self.eos_node = eos[:, 0], eos[:, 1]
+        at_end = eos[:, 2].bool()
+        self.end_pos, self.end_node = eos[at_end, 0], eos[at_end, 1]
+        self.trunk_end = torch.tensor(trunk_end, dtype=torch.int64)
+        self.child_token = torch.tensor(self.token, dtype=torch.int64)
+        self.by_node = _csr(self.q_node, n_nodes)  # queries of each node
+        parent = torch.tensor(self.parent, dtype=torch.int64)
+        self.kids = torch.nonzero(parent >= 0).flatten()
+        self.kid_parent = parent[self.kids]
+        self.by_parent = _csr(self.kid_parent, n_nodes)  # children of each node
+
+
+def _table(rows: list[tuple], width: int) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros(0, width, dtype=torch.int64)
+
+
+def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, start, count): the items with key k are order[start[k] : start[k] + count[k]]."""
+    order = torch.argsort(keys, stable=True)
+    count = torch.bincount(keys, minlength=n)
+    start = torch.cumsum(count, 0) - count
+    return order, start, count
+
+
+def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.Tensor) -> torch.Tensor:
+    """Indices of the items of every node in `nodes` (all tensors on one device)."""
+    order, start, count = csr
+    lens = count[nodes]
+    total = int(lens.sum())
+    first = torch.repeat_interleave(start[nodes] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+    return order[first + torch.arange(total, device=nodes.device)]
+
+
+@torch.no_grad()
+def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.device = "cpu",
+              batch_size: int = 8, chunk_rows: int = 2048, autocast=None, workers: int = 1,
+              segment_bytes: int = 1 << 14) -> dict:
+    """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
+    round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
+    t0 = time.perf_counter()
+    rules = ConversionRules(tok)
+    plans, skipped = plan_documents(docs, rules, start_id, workers, segment_bytes)
+    t_plan = time.perf_counter() - t0
+    flat = _Flat(plans)
+    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast)
+    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, t_plan, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def exact_prefix_logprobs(model, tok, docs: list[bytes], start_id: int, device: str | torch.device = "cpu",
+                          batch_size: int = 8, chunk_rows: int = 2048, autocast=None,
+                          workers: int = 1) -> list[torch.Tensor | None]:
+    """For each document, the full next-byte distributions [len+1, 257] after each of its prefixes (what
+    `ByteLM.prefix_logprobs` gives byte by byte), from one batched tree pass; None for documents that do
+    not round-trip. Memory grows with 256 values per cover and byte: meant for ensembles on modest text."""
+    rules = ConversionRules(tok)
+    keep = [d for d, x in enumerate(docs) if _round_trips(rules.tok, x)]
+    plans, _ = plan_documents([docs[d] for d in keep], rules, start_id, workers)
+    flat = _Flat(plans)
+    point_lp, eos_lp, _, bins_lp = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
+                                              full=True)
+    logq = _log_prefix_probs(flat, point_lp)
+    scores = torch.full((flat.n_pos, 257), float("-inf"), dtype=torch.float64)
+    values = logq[flat.q_node[flat.den_q]][:, None] + bins_lp
+    index = flat.den_pos[:, None].expand(-1, 256)
+    top = scores[:, :256].scatter_reduce(0, index, values, "amax")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    shifted = (values - safe.gather(0, index)).exp()
+    total = torch.zeros(flat.n_pos, 256, dtype=torch.float64).scatter_add_(0, index, shifted)
+    scores[:, :256] = total.log() + safe
+    scores[:, 256] = _scatter_logsumexp(flat.eos_pos, logq[flat.eos_node] + eos_lp[flat.eos_node], flat.n_pos)
+    scores = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    out: list[torch.Tensor | None] = [None] * len(docs)
+    start = 0
+    for d, plan in zip(keep, plans, strict=True):
+        out[d] = scores[start : start + plan.n_bytes + 1]
+        start += plan.n_bytes + 1
+    return out
+
+
+def _round_trips(tok, x: bytes) -> bool:
+    dummy = b" " if getattr(tok, "add_dummy_prefix", False) else b""
+    try:
+        return tok.decode(tok.encode(x)) == dummy + x
+    except HLMError:
+        return False
+
+
+@torch.no_grad()
+def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device, batch_size: int,
+               chunk_rows: int, autocast, full: bool = False):
+    """Score every node of every plan; returns (log q(token | parent) per node, log q(EOS | node) per node,
+    log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query)."""
+    if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
+        raise HLMError("exact byte-level eval needs an hlm token GPT (logits with attn_mask/positions)")
+    tok = rules.tok
+    autocast = autocast or contextlib.nullcontext()
+    device = torch.device(device)
+    masks = _MaskTable(rules, device)
+    perm = rules.index.perm.to(device)
+    q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
+    by_node = tuple(x.to(device) for x in flat.by_node)
+    by_parent = tuple(x.to(device) for x in flat.by_parent)
+    kids_all, kid_parent, child_token = flat.kids.to(device), flat.kid_parent.to(device), flat.child_token.to(device)
+    range_lp = torch.full((len(flat.q_node),), float("-inf"), dtype=torch.float64, device=device)
+    point_lp = torch.zeros(flat.n_nodes, dtype=torch.float64, device=device)
+    eos_lp = torch.full((flat.n_nodes,), float("-inf"), dtype=torch.float64, device=device)
+    row_of = torch.full((flat.n_nodes,), -1, dtype=torch.int64, device=device)
+    bins_lp = bounds = den_of_query = None
+    if full:
+        table, which = _next_byte_bounds(rules.index, flat)
+        bounds, which = table.to(device), which.to(device)
+        den_of_query = torch.full((len(flat.q_node),), -1, dtype=torch.int64)
+        den_of_query[flat.den_q] = torch.arange(len(flat.den_q))
+        den_of_query = den_of_query.to(device)
+        bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
+    windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
+    for i in range(0, len(windows), batch_size):
+        ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
+        with autocast:
+            logits = model.logits(ids.to(device), attn_mask=mask.to(device), positions=pos.to(device))
+        logits = logits.flatten(0, 1)
+        for c in range(0, len(rows), chunk_rows):
+            g = nodes[c : c + chunk_rows].to(device)
+            out = logits[rows[c : c + chunk_rows].to(device)]
+            lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
+            lp = lp[:, : tok.vocab_size]
+            valid = masks.rows([flat.mask_key[v] for v in nodes[c : c + chunk_rows].tolist()])
+            csum = F.pad((lp.double().exp() * valid)[:, perm].cumsum(dim=1), (1, 0))
+            row_of[g] = torch.arange(len(g), device=device)
+            if tok.eos_id is not None:
+                eos_lp[g] = lp[:, tok.eos_id].double()
+            sel = _select(by_node, g)
+            j = row_of[q_node[sel]]
+            range_lp[sel] = (csum[j, q_hi[sel]] - csum[j, q_lo[sel]]).clamp_min(1e-300).log()
+            if full:
+                dq = den_of_query[sel]
+                has = dq >= 0
+                edges = csum[j[has, None], bounds[which[dq[has]]]]
+                bins_lp[dq[has]] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
+            k = _select(by_parent, g)
+            kids = kids_all[k]
+            point_lp[kids] = lp[row_of[kid_parent[k]], child_token[kids]].double()
+            row_of[g] = -1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
+
+
+def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each distinct normaliser range (tokens longer than a remainder u), the 257 sorted-vocabulary
+    edges that split it by the byte after u; and which edge row each normaliser query uses."""
+    import numpy as np
+
+    rows, which, seen = [], [], {}
+    columns = index.byte_at.numpy()
+    for lo, hi, k in zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(), flat.den_k.tolist(),
+                         strict=True):
+        key = (lo, hi, k)
+        if key not in seen:
+            seen[key] = len(rows)
+            rows.append(lo + np.searchsorted(columns[lo:hi, k], np.arange(257), side="left"))
+        which.append(seen[key])
+    return torch.as_tensor(np.stack(rows)), torch.tensor(which, dtype=torch.int64)
+
+
+class _MaskTable:
+    """Validity masks kept on the device, one row per distinct (last token, mid-character) key."""
+
+    def __init__(self, rules: ConversionRules, device: torch.device):
+        self.rules, self.device = rules, device
+        self.row: dict[tuple[int | None, bool], int] = {}
+        self.table = torch.zeros(0, rules.tok.vocab_size, dtype=torch.bool, device=device)
+
+    def rows(self, keys: list[tuple[int | None, bool]]) -> torch.Tensor:
+        new = list(dict.fromkeys(k for k in keys if k not in self.row))
+        if new:
+            fresh = torch.stack([self.rules.next_mask(*k) for k in new]).to(self.device)
+            base = len(self.row)
+            self.row.update((k, base + i) for i, k in enumerate(new))
+            self.table = torch.cat([self.table, fresh])
+        return self.table[torch.tensor([self.row[k] for k in keys], device=self.device)]
+
+
+def _pack(batch, plans: list[DocPlan], flat: _Flat):
+    """Token ids, positions (depth within the window), ancestor masks, and the flat row / global node of
+    every real position of a batch of windows. A node sees the window's trunk up to its anchor (the
+    trunk node it hangs from) plus its own short off-trunk chain."""
+    length = max(len(w) for _, w in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.int64)
+    pos = torch.zeros(len(batch), length, dtype=torch.int64)
+    mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
+    rows, nodes = [], []
+    for r, (d, window) in enumerate(batch):
+        plan = plans[d]
+        n = len(window)
+        base = plan.depth[window[0]]
+        depth = torch.tensor([plan.depth[v] - base for v in window])
+        trunk = torch.tensor([v in plan.on_trunk for v in window])
+        anchor_depth = torch.tensor([plan.depth[plan.trunk[plan.anchor[v]]] - base for v in window])
+        ids[r, :n] = torch.tensor([plan.token[v] for v in window])
+        pos[r, :n] = depth
+        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= anchor_depth[:, None])
+        where = {v: k for k, v in enumerate(window)}
+        pairs = []
+        for k, v in enumerate(window):
+            while v not in plan.on_trunk:  # the off-trunk chain above (and including) this node
+                pairs.append((k, where[v]))
+                v = plan.parent[v]
+        if pairs:
+            mask[r, 0, [k for k, _ in pairs], [j for _, j in pairs]] = True
+        mask[r, 0, torch.arange(length), torch.arange(length)] = True
+        rows.extend(range(r * length, r * length + n))
+        nodes.extend(v + flat.offset[d] for v in window)
+    return ids, pos, mask, torch.tensor(rows), torch.tensor(nodes)
+
+
+def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    top = torch.full((size,), float("-inf"), dtype=torch.float64).scatter_reduce(0, index, values, "amax")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros(size, dtype=torch.float64).index_add_(0, index, (values - safe[index]).exp())
+    return total.log() + safe
+
+
+def _log_prefix_probs(flat: _Flat, point_lp: torch.Tensor) -> torch.Tensor:
+    """log Q(node): the sum of token log-probs along each node's path (parents come first)."""
+    step = point_lp.tolist()
+    logq = [0.0] * flat.n_nodes
+    for v, p in enumerate(flat.parent):
+        if p >= 0:
+            logq[v] = logq[p] + step[v]
+    return torch.tensor(logq, dtype=torch.float64)
+
+
+def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, t_plan, seconds) -> dict:
+    logq = _log_prefix_probs(flat, point_lp)
+    num = _scatter_logsumexp(torch.cat([flat.num_pos, flat.end_pos]),
+                             torch.cat([logq[flat.q_node[flat.num_q]] + range_lp[flat.num_q],
+                                        logq[flat.end_node] + eos_lp[flat.end_node]]), flat.n_pos)
+    den = _scatter_logsumexp(torch.cat([flat.den_pos, flat.eos_pos]),
+                             torch.cat([logq[flat.q_node[flat.den_q]] + range_lp[flat.den_q],
+                                        logq[flat.eos_node] + eos_lp[flat.eos_node]]), flat.n_pos)
+    per_byte = den - num
+    canon = -(logq[flat.trunk_end] + eos_lp[flat.trunk_end])
+    per_doc, start = [], 0
+    for d, plan in enumerate(plans):
+        doc_bytes = per_byte[start : start + plan.n_bytes + 1]
+        per_doc.append({"bytes": plan.n_bytes, "nll_canon": float(canon[d]), "nll_conv": float(doc_bytes.sum()),
+                        "per_byte_nll": doc_bytes})
+        start += plan.n_bytes + 1
+    n_bytes = flat.n_pos
+    bpb_canon = float(canon.sum()) / (LN2 * max(n_bytes, 1))
+    bpb_conv = float(per_byte.sum()) / (LN2 * max(n_bytes, 1))
+    return {"bpb_canon": bpb_canon, "bpb_conv": bpb_conv, "bpb_gap": bpb_canon - bpb_conv, "bytes": n_bytes,
+            "docs": len(plans), "docs_skipped": skipped, "nodes": flat.n_nodes,
+            "tokens": sum(len(p.trunk) for p in plans), "seconds": seconds, "seconds_planning": t_plan,
+            "bytes_per_s": n_bytes / max(seconds, 1e-9), "per_doc": per_doc}

@@ -1,0 +1,81 @@
+"""Sampling from byte LMs (research/byte_conversion.md §2d).
+
+`sample_bytes`: byte by byte from any byte LM. Temperature and top-k act on the 257 next-byte
+outcomes (256 bytes and end-of-text): p_T(b) ∝ p(b)^(1/T), keeping the k most likely. This is
+not the same as token-level temperature.
+
+`sample_prompt_boundary`: exact sampling after a prompt that may end inside a token (mid-word).
+It draws one cover of the prompt with probability ∝ Q(cover) (at temperature 1: exact), emits
+the part of the cover's last token beyond the prompt, then continues at token speed with
+ordinary token sampling, where temperature and top-k act on tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from hlm.bytes.byte_lm import END, ByteLM
+from hlm.models.blocks import sample_next
+
+
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(generator.initial_seed())
+
+
+def sample_bytes(blm, prompt: bytes, max_bytes: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield sampled bytes one at a time until end-of-text or `max_bytes`."""
+    gen = _cpu_generator(generator)
+    text = bytearray(prompt)
+    for _ in range(max_bytes):
+        lp = blm.next_byte_logprobs(bytes(text)).double()
+        b = int(sample_next(lp[None], temperature, top_k, gen)[0])
+        if b == END:
+            return
+        text.append(b)
+        yield b
+
+
+def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperature: float = 1.0,
+                           top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[bytes]:
+    """Yield pieces of bytes continuing `prompt` (total at most `max_bytes`), stopping at EOS."""
+    blm._goto(bytes(prompt))
+    covers = blm.covers()
+    weights = torch.tensor([c[3] for c in covers], dtype=torch.float64)
+    pick = int(torch.multinomial(torch.softmax(weights, 0), 1, generator=_cpu_generator(generator))[0])
+    node, token, consumed, _ = covers[pick]
+    path = blm.tracker.trie.path(node)
+    written = 0
+    if token is not None:
+        path.append(token)
+        piece = blm.tok.token_bytes(token)[consumed:][:max_bytes]
+        written += len(piece)
+        yield piece
+    for t in _token_stream(blm, path, temperature, top_k, generator):
+        if written >= max_bytes or t == blm.eos_id:
+            return
+        piece = blm.tok.token_bytes(t)[: max_bytes - written]
+        written += len(piece)
+        yield piece
+
+
+def _token_stream(blm: ByteLM, path: list[int], temperature: float, top_k: int | None,
+                  generator: torch.Generator | None) -> Iterator[int]:
+    """Ordinary token sampling after `path`: the model's own KV-cached generator when it has one."""
+    model = blm.model
+    if hasattr(model, "generate_stream") and blm.runner.cached_gpt:
+        ids = torch.tensor([path], device=blm.runner.device)
+        for nxt in model.generate_stream(ids, 1 << 20, temperature, top_k, generator):
+            yield int(nxt[0])
+        return
+    path = list(path)
+    gen = _cpu_generator(generator)
+    while True:
+        lp = blm.runner.logprobs(path)
+        t = int(sample_next(lp[None], temperature, top_k, gen)[0])
+        path.append(t)
+        yield t

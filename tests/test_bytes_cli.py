@@ -1,0 +1,56 @@
+"""End to end: a tiny token GPT and byte GPT through eval.py --exact-bytes / --ensemble and sample.py
+with a prompt that ends mid-word (CLI entry points called in-process)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import eval as eval_cli
+import sample as sample_cli
+import train as train_cli
+from data_prep import prepare
+
+ROOT = Path(__file__).parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "enwiki_wv_test_head64k.txt"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    text = tmp / "corpus.txt"
+    text.write_bytes(FIXTURE.read_bytes()[:24000])
+    out = {}
+    for name, extra in (("bytes", []), ("bpe", ["--tokenizer", "bpe", "--vocab-size", "400"])):
+        assert prepare.main(["--input", str(text), "--out", str(tmp / name), "--threads", "1", *extra]) == 0
+        vocab = json.loads((tmp / name / "meta.json").read_text())["vocab_size"]
+        assert train_cli.main([str(ROOT / "configs/smoke/byte_gpt.yaml"), f"data.path={tmp / name}",
+                               f"train.out_dir={tmp / name}_run", f"model.vocab_size={vocab}", "train.max_steps=6",
+                               "train.ckpt_interval=6", "eval.interval=6"]) == 0
+        out[name] = (tmp / f"{name}_run" / "ckpt.pt", tmp / name)
+    return out
+
+
+def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
+    bpe_ckpt, bpe_data = runs["bpe"]
+    byte_ckpt, _ = runs["bytes"]
+    js = tmp_path / "out.json"
+    assert eval_cli.main([str(bpe_ckpt), str(byte_ckpt), "--data", str(bpe_data), "--split", "val", "--exact-bytes",
+                          "--max-bytes", "600", "--ensemble", "mixture", "--workers", "1", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    exact = rows[0]["exact"]
+    assert exact["docs_skipped"] == 0 and exact["bpb_conv"] <= exact["bpb_canon"] + 1e-9
+    assert "exact" not in rows[1]  # byte model: nothing to convert
+    ens = rows[2]
+    assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2
+    assert 0 < ens["bpb"] <= sum(ens["members_bpb"]) / 2 + 1e-9  # Jensen: a mixture beats the mean member
+    assert "bpb_conv" in capsys.readouterr().out
+
+
+def test_sample_mid_word_prompt(runs, capsysbinary):
+    for ckpt in (runs["bpe"][0], runs["bytes"][0]):
+        for extra in ([], ["--byte-level", "--top-k", "5"]):
+            assert sample_cli.main([str(ckpt), "--prompt", "The hist", "--max-bytes", "12", *extra]) == 0
+            out = capsysbinary.readouterr()
+            assert out.out.startswith(b"The hist") and len(out.out) <= len(b"The hist") + 12 + 1
+            assert b"bytes/s" in out.err

@@ -1,0 +1,262 @@
+"""Batched tree evaluation equals the byte-by-byte recursion (research note T8), on an hlm GPT with a
+sentencepiece BPE tokenizer, in fp64; the KV-cached path equals recomputation; prompt-boundary sampling."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlm.bytes import ByteLM, Ensemble, NativeByteLM, sample_bytes, sample_prompt_boundary
+from hlm.bytes.exact_eval import exact_bpb
+from hlm.models.gpt import GPT, GPTConfig
+from hlm.tokenizers import SentencePieceTokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DOCS = [b"The cat's  whiskers, 1234.\n", "Caf\u00e9 na\u00efve \u65e5\u672c \U0001f600 end".encode(), b"a"]
+
+
+@pytest.fixture(scope="module")
+def sp_bpe(tmp_path_factory):
+    from data_prep.prepare import train_sentencepiece
+
+    text = (FIXTURES / "enwiki_wv_test_head64k.txt").read_text()[:20000]
+    path = tmp_path_factory.mktemp("sp") / "bpe.model"
+    train_sentencepiece([text], "bpe", 500, path, 1)
+    return SentencePieceTokenizer(path)
+
+
+def tiny_gpt(vocab: int, block: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, d_model=32, init_std=0.5)
+    return GPT(cfg).double().eval()
+
+
+def test_batched_tree_pass_equals_sequential(sp_bpe):
+    model = tiny_gpt(sp_bpe.vocab_size)
+    res = exact_bpb(model, sp_bpe, DOCS + [b"\xff bad utf-8"], start_id=sp_bpe.eos_id, batch_size=2)
+    assert res["docs_skipped"] == 1 and res["docs"] == len(DOCS)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    for doc, out in zip(DOCS, res["per_doc"], strict=True):
+        rows = blm.prefix_logprobs(doc)
+        seq = -rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        assert torch.allclose(out["per_byte_nll"], seq, atol=1e-9, rtol=0)
+        ids = [sp_bpe.eos_id] + sp_bpe.encode(doc) + [sp_bpe.eos_id]
+        with torch.no_grad():
+            lp = torch.log_softmax(model.logits(torch.tensor([ids[:-1]]))[0], -1)
+        canon = -float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+        assert abs(out["nll_canon"] - canon) < 1e-9
+        assert out["nll_conv"] <= canon + 1e-9
+    assert res["bpb_gap"] > 0
+    segmented = exact_bpb(model, sp_bpe, DOCS, start_id=sp_bpe.eos_id, batch_size=3, workers=2, segment_bytes=5)
+    assert abs(segmented["bpb_conv"] - res["bpb_conv"]) < 1e-12 and segmented["nodes"] == res["nodes"]
+    small = exact_bpb(tiny_gpt(sp_bpe.vocab_size, block=8), sp_bpe, DOCS, start_id=sp_bpe.eos_id)
+    assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
+
+
+def test_dummy_prefix_tokenizer(tmp_path):
+    """A sentencepiece model that adds a leading '▁': the text is scored after that space, exactly."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter((FIXTURES / "enwiki_wv_test_head64k.txt").read_text()[:20000].splitlines(True)),
+        model_writer=proto, model_type="bpe", vocab_size=400, byte_fallback=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        character_coverage=1.0, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    tok = SentencePieceTokenizer(model_proto=proto.getvalue())
+    assert tok.add_dummy_prefix and tok.decode(tok.encode(b"Hello")) == b" Hello"
+    model = tiny_gpt(tok.vocab_size, seed=4)
+    res = exact_bpb(model, tok, DOCS[:2], start_id=tok.eos_id)
+    blm = ByteLM(model, tok, start_id=tok.eos_id)
+    assert res["docs_skipped"] == 0
+    for doc, out in zip(DOCS[:2], res["per_doc"], strict=True):
+        rows = blm.prefix_logprobs(doc)
+        assert torch.allclose(rows.exp().sum(-1), torch.ones(len(doc) + 1, dtype=torch.float64), atol=1e-12)
+        seq = -rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        assert torch.allclose(out["per_byte_nll"], seq, atol=1e-9, rtol=0)
+
+
+def test_kv_cache_path_equals_recomputation(sp_bpe):
+    model = tiny_gpt(sp_bpe.vocab_size, block=16, seed=1)
+    cached = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    plain = ByteLM(lambda ids: model.logits(ids[:, -16:]), sp_bpe, start_id=sp_bpe.eos_id)
+    assert cached.runner.cached_gpt and not plain.runner.cached_gpt
+    doc = DOCS[0]  # short enough that the context never slides
+    assert torch.allclose(cached.prefix_logprobs(doc[:12]), plain.prefix_logprobs(doc[:12]), atol=1e-10)
+    long_doc = doc * 3  # longer than the context: the cached path slides, and stays normalised
+    rows = cached.prefix_logprobs(long_doc)
+    assert torch.allclose(rows.exp().sum(-1), torch.ones(len(long_doc) + 1, dtype=torch.float64), atol=1e-12)
+
+
+def test_sampling(sp_bpe):
+    model = tiny_gpt(sp_bpe.vocab_size)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    g = torch.Generator().manual_seed(0)
+    out = bytes(sample_bytes(blm, b"The ca", 20, temperature=0.7, top_k=20, generator=g))
+    assert len(out) <= 20
+    greedy = bytes(sample_bytes(blm, b"The ca", 5, temperature=0))
+    first = int(blm.next_byte_logprobs(b"The ca").argmax())
+    assert first == 256 and greedy == b"" or greedy[:1] == bytes([first])
+    pieces = list(sample_prompt_boundary(blm, b"The ca", 30, generator=torch.Generator().manual_seed(1)))
+    assert sum(len(p) for p in pieces) <= 30 and all(isinstance(p, bytes) for p in pieces)
+
+
+def test_prompt_boundary_cover_weights_sum_to_prefix_probability(sp_bpe):
+    """The covers drawn by prompt-boundary sampling carry exactly P_v(prompt): their total equals the
+    product of the unnormalised next-byte terms, i.e. log of Σ covers == Σ log (P(s[:i+1]) / P(s[:i]))."""
+    import math
+
+    model = tiny_gpt(sp_bpe.vocab_size, seed=3)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    total = None
+    for prompt in [b"Th", b"The", b"The c"]:
+        blm._goto(prompt)
+        weights = torch.tensor([c[3] for c in blm.covers()], dtype=torch.float64)
+        total = float(torch.logsumexp(weights, 0))
+        assert math.isfinite(total)
+    assert total < 0
+
+
+def test_ensemble_of_token_and_byte_model(sp_bpe):
+    class Bytes(torch.nn.Module):
+        def next_logprobs(self, idx):
+            return torch.log_softmax(torch.sin(idx.double()[..., None] * torch.arange(256)), -1)
+
+    tok_lm = ByteLM(tiny_gpt(sp_bpe.vocab_size), sp_bpe, start_id=sp_bpe.eos_id)
+    byte_lm = NativeByteLM(Bytes())
+    ens = Ensemble([tok_lm, byte_lm], "mixture")
+    x = DOCS[0][:10]
+    expect = torch.logaddexp(tok_lm.prefix_logprobs(x), byte_lm.prefix_logprobs(x)) - torch.log(torch.tensor(2.0))
+    assert torch.allclose(ens.prefix_logprobs(x), expect.double(), atol=1e-12)
+    assert ens.logprob(x, eot=True) > min(tok_lm.logprob(x, eot=True), byte_lm.logprob(x, eot=True))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
+def test_batched_equals_sequential_on_regex_tokenizers(name):
+    """T8 with a lookahead pretokenizer (several exact nodes per byte at times) on hard strings."""
+    from hlm.tokenizers import load_tokenizer
+
+    shared = Path(__file__).parents[1].parent / "shared" / "tokenizers"
+    tok = load_tokenizer(shared / "gpt2" if name == "gpt2" else shared / "tiktoken" / f"{name}.tiktoken")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=16, init_std=0.5)
+    model = GPT(cfg).double().eval()
+    docs = ["a  b\t\n\n  c", "I'VE 12345 caf\u00e9 \U0001f44d\u200d x", "x'r  \n"]
+    docs = [d.encode() for d in docs]
+    res = exact_bpb(model, tok, docs, start_id=tok.eos_id)
+    blm = ByteLM(model, tok)
+    for doc, out in zip(docs, res["per_doc"], strict=True):
+        rows = blm.prefix_logprobs(doc)
+        assert torch.allclose(rows.exp().sum(-1), torch.ones(len(doc) + 1, dtype=torch.float64), atol=1e-12)
+        seq = -rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        assert torch.allclose(out["per_byte_nll"], seq, atol=1e-9, rtol=0)
+        assert out["nll_conv"] <= out["nll_canon"] + 1e-9
+
+
+def test_batched_full_distributions_equal_sequential(sp_bpe):
+    """The batched pass also gives every full next-byte distribution (for ensembles), equal to ByteLM's."""
+    from hlm.bytes.exact_eval import exact_prefix_logprobs
+
+    model = tiny_gpt(sp_bpe.vocab_size, seed=5)
+    rows = exact_prefix_logprobs(model, sp_bpe, DOCS + [b"\xff"], start_id=sp_bpe.eos_id, batch_size=2)
+    assert rows[-1] is None
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
+    for doc, got in zip(DOCS, rows, strict=False):
+        ref = blm.prefix_logprobs(doc)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        # prefix sums lose relative precision on tiny masses: compare probabilities
+        assert torch.allclose(got.exp(), ref.exp(), atol=1e-12, rtol=0)
+
+
+def test_brute_force_on_sentencepiece(sp_bpe):
+    """T7: on a real sentencepiece BPE, each next-byte distribution equals brute force over every token
+    sequence, with validity decided by sentencepiece itself (a sequence is valid if it is a prefix of the
+    encoding of its text, completed to a whole character when it ends inside one)."""
+    import itertools
+    import math
+
+    tok = sp_bpe
+    model = tiny_gpt(tok.vocab_size, seed=6)
+    by_bytes: dict[bytes, list[int]] = {}
+    for i in range(tok.vocab_size):
+        if tok.token_bytes(i):
+            by_bytes.setdefault(tok.token_bytes(i), []).append(i)
+
+    def valid(seq: list[int]) -> bool:
+        text = tok.decode(seq)
+        try:
+            text.decode("utf-8")
+            return tok.encode(text) == seq
+        except UnicodeDecodeError as e:
+            if e.reason != "unexpected end of data":
+                return False
+            lead = text[e.start]
+            need = (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - (len(text) - e.start)
+        for tail in itertools.product(range(0x80, 0xC0), repeat=need):
+            completion = text + bytes(tail)
+            try:
+                completion.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if tok.encode(completion)[: len(seq)] == seq:
+                return True
+        return False
+
+    def segmentations(data: bytes):
+        if not data:
+            yield []
+            return
+        for k in range(1, len(data) + 1):
+            for t in by_bytes.get(data[:k], ()):
+                for rest in segmentations(data[k:]):
+                    yield [t] + rest
+
+    def log_q(path: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model.logits(torch.tensor([[tok.eos_id] + path]))[0, -1], -1)
+
+    blm = ByteLM(model, tok, start_id=tok.eos_id)
+    for s in [b"", b"Th", b"of t", b"a  ", "\u00e9".encode(), "\u65e5".encode()[:2], "\u65e5".encode(), b"19"]:
+        mass = torch.zeros(257, dtype=torch.float64)
+        for i in range(len(s) + 1):
+            for prefix in segmentations(s[:i]):
+                if not valid(prefix):
+                    continue
+                lp = log_q(prefix)
+                logq = sum(float(log_q(prefix[:k])[prefix[k]]) for k in range(len(prefix)))
+                if i == len(s):
+                    mass[256] += math.exp(logq + float(lp[tok.eos_id]))
+                for t in range(tok.vocab_size):
+                    b = tok.token_bytes(t)
+                    if len(b) > len(s) - i and b.startswith(s[i:]) and valid(prefix + [t]):
+                        mass[b[len(s) - i]] += math.exp(logq + float(lp[t]))
+        assert torch.allclose(blm.next_byte_logprobs(s).exp(), mass / mass.sum(), atol=1e-12, rtol=0), s
+
+
+def test_tree_windows_match_plain_causal_calls(sp_bpe):
+    """With a context of 8 tokens each document spans many windows: every node's next-token distribution
+    from the tree pass equals a plain causal call on its path inside its window."""
+    from hlm.bytes.covers import ConversionRules
+    from hlm.bytes.exact_eval import _Flat, _tree_pass, _windows, plan_documents
+
+    model = tiny_gpt(sp_bpe.vocab_size, block=8, seed=7)
+    rules = ConversionRules(sp_bpe)
+    plans, _ = plan_documents(DOCS[:2], rules, sp_bpe.eos_id)
+    flat = _Flat(plans)
+    _, eos_lp, _, _ = _tree_pass(model, rules, plans, flat, "cpu", 3, 7, None)
+    checked = 0
+    for d, plan in enumerate(plans):
+        for window in _windows(plan, 8):
+            members = set(window)
+            for v in window:
+                path, u = [], v
+                while u in members:
+                    path.append(plan.token[u])
+                    u = plan.parent[u]
+                with torch.no_grad():
+                    lp = torch.log_softmax(model.logits(torch.tensor([path[::-1]]))[0, -1], -1)
+                assert abs(float(lp[sp_bpe.eos_id]) - float(eos_lp[flat.offset[d] + v])) < 1e-10
+                checked += 1
+    assert checked == flat.n_nodes

@@ -1,0 +1,183 @@
+"""Tokenizers for exact byte conversion: loaders agree with the reference libraries, validity helpers
+agree with re-encoding, and cover invariants hold on real tokenizers over hard strings (research note T6)."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlm import HLMError
+from hlm.bytes import ConversionRules, CoverTracker
+from hlm.tokenizers import BPETokenizer, SentencePieceTokenizer, load_tokenizer, round_trip_failures
+
+SHARED = Path(__file__).parents[1].parent / "shared" / "tokenizers"
+FIXTURES = Path(__file__).parent / "fixtures"
+HARD = ["Hello  world", "a  b\t\tc \n\n  d\r\n\r\n e", "I've can't can’t they'll WE'LL it'S x'r x're",
+        "1234567 12 123 ٣٤٥ １２３", "日本語のテキスト 한국어 ภาษาไทย हिन्दी क्षि",
+        "emoji 👩‍👩‍👧 🇫🇷 e\u0301 \u200f\ufeffx\x01\x7f",
+        "if (x->y) {\n    s += '\\n';\n}\n", "<|endoftext|> literal", "   \n\n\n   x  ", "a.\n\nb", "trailing   "]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer(SHARED / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def cl100k():
+    return load_tokenizer(SHARED / "tiktoken" / "cl100k_base.tiktoken")
+
+
+@pytest.fixture(scope="module")
+def sp_bpe(tmp_path_factory):
+    from data_prep.prepare import train_sentencepiece
+
+    text = (FIXTURES / "enwiki_wv_test_head64k.txt").read_text()[:30000] + "".join(HARD)
+    path = tmp_path_factory.mktemp("sp") / "bpe.model"
+    train_sentencepiece([text], "bpe", 600, path, 1)
+    return SentencePieceTokenizer(path)
+
+
+def sample_text() -> list[bytes]:
+    lines = (FIXTURES / "enwiki_wv_test_head64k.txt").read_bytes().split(b"\n")[:120]
+    return [line + b"\n" for line in lines] + [s.encode() for s in HARD]
+
+
+def test_gpt2_folder_and_tiktoken_files_match_tiktoken(gpt2, cl100k):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    gpt2_file = load_tokenizer(SHARED / "tiktoken" / "gpt2.tiktoken")
+    for tok, name in ((gpt2, "gpt2"), (cl100k, "cl100k_base")):
+        ref = tiktoken.Encoding(name, pat_str=tok.pattern, special_tokens=tok.specials,
+                                mergeable_ranks=load_tiktoken_bpe(str(SHARED / "tiktoken" / f"{name}.tiktoken")))
+        for x in sample_text():
+            ids = tok.encode(x)
+            assert ids == ref.encode_ordinary(x.decode()) and tok.decode(ids) == x
+            if tok is gpt2:
+                assert gpt2_file.encode(x) == ids
+    assert gpt2.eos_id == 50256 and cl100k.eos_id == 100257 and gpt2.bos_id is None
+
+
+def test_sentencepiece_reimplementation_matches_sentencepiece(sp_bpe):
+    assert sp_bpe.model_type == "bpe" and not sp_bpe.add_dummy_prefix
+    for x in sample_text():
+        assert sp_bpe.encode_pieces_exact(x) == sp_bpe.encode(x), x
+
+
+def test_unigram_is_refused_for_exact_conversion(tmp_path):
+    from data_prep.prepare import train_sentencepiece
+
+    train_sentencepiece([(FIXTURES / "tinyshakespeare_head32k.txt").read_text()[:20000]], "unigram", 600,
+                        tmp_path / "u.model", 1)
+    tok = load_tokenizer(tmp_path / "u.model")
+    assert tok.encode(b"hello") and tok.model_type == "unigram"
+    with pytest.raises(HLMError, match="Unigram"):
+        ConversionRules(tok)
+
+
+def test_from_merges_layout_and_errors():
+    tok = BPETokenizer.from_merges([(b"a", b"b"), (b"ab", b"c")], bos=True)
+    assert tok.token_bytes(256) == b"ab" and tok.token_bytes(257) == b"abc"
+    assert (tok.eos_id, tok.bos_id, tok.vocab_size) == (258, 259, 260)
+    assert tok.encode(b"xabcab") == [ord("x"), 257, 256]
+    with pytest.raises(HLMError):
+        BPETokenizer.from_merges([(b"ab", b"c")])
+
+
+@pytest.mark.parametrize("which", ["toy", "sp"])
+def test_pair_masks_agree_with_re_encoding(which, sp_bpe):
+    """The merge-history rule behind `pair_valid_mask` equals re-encoding the pair, for reachable tokens."""
+    rng = random.Random(0)
+    if which == "toy":
+        toks, merges = [b"a", b"b", b"c"], []
+        while len(merges) < 30:
+            left, right = rng.choice(toks), rng.choice(toks)
+            if left + right not in toks:
+                merges.append((left, right))
+                toks.append(left + right)
+        tok = BPETokenizer.from_merges(merges)
+    else:
+        tok = sp_bpe
+    reach = tok.reachable_mask()
+    ids = [i for i in range(tok.vocab_size) if reach[i]]
+    for a in rng.sample(ids, min(40, len(ids))):
+        mask = tok.pair_valid_mask(a)
+        for b in rng.sample(ids, min(150, len(ids))):
+            assert bool(mask[b]) == tok.pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
+
+
+def test_round_trip_gate(sp_bpe, gpt2):
+    docs = [b"plain text", "caf\u00e9 \u2581 literal".encode(), b"\xff\xfe not utf-8"]
+    assert round_trip_failures(gpt2, docs) == [2]
+    assert 2 in round_trip_failures(sp_bpe, docs)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "cl100k", "sp"])
+def test_cover_invariants_on_hard_strings(which, gpt2, cl100k, sp_bpe):
+    """T6: at every byte, every exact node decodes to the prefix, the canonical encoding of the whole text
+    passes through the exact nodes, and the nodes all anchors share are a prefix of the canonical encoding."""
+    tok = {"gpt2": gpt2, "cl100k": cl100k, "sp": sp_bpe}[which]
+    rules = ConversionRules(tok)
+    for s in HARD + ["The quick brown fox's 42 jumps\n"]:
+        x = s.encode()
+        canon = tok.encode(x)
+        ends, pos = {}, 0
+        for k, t in enumerate(canon):
+            pos += len(tok.token_bytes(t))
+            ends[pos] = k + 1
+        tracker = CoverTracker(rules, tok.eos_id)
+        for m, b in enumerate(x, 1):
+            paths = [tracker.trie.path(e)[1:] for e in tracker.advance(b)]
+            assert all(tok.decode(p) == x[:m] for p in paths)
+            if m in ends:
+                assert canon[: ends[m]] in paths, (s, m)
+            anchor_paths = [tracker.trie.path(a)[1:] for a in tracker.anchors]
+            shared = 0
+            while all(len(p) > shared and p[shared] == anchor_paths[0][shared] for p in anchor_paths):
+                shared += 1
+            assert canon[:shared] == anchor_paths[0][:shared]
+        assert torch.is_tensor(tracker.mask(tracker.exact[0]))
+
+
+def test_hf_tokenizer_json(tmp_path, gpt2):
+    """A byte-level BPE tokenizer.json (built here from GPT-2's files) encodes like the GPT-2 folder."""
+    import json
+
+    vocab = json.loads((SHARED / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
+    merges = [line for line in (SHARED / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if line]
+    spec = {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "added_tokens": [{"id": 50256, "content": "<|endoftext|>"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == 50256 and tok.token_bytes(50256) == b""
+    for x in sample_text()[:40]:
+        assert tok.encode(x) == gpt2.encode(x)
+    spec["pre_tokenizer"] = {"type": "Metaspace"}
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(HLMError, match="pretokenizer"):
+        load_tokenizer(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("which", ["toy", "sp"])
+def test_pairwise_valid_sequences_are_canonical(which, sp_bpe):
+    """Bigram criterion (§1.4 fact 3): reachable tokens with pair-valid neighbours inside one pretoken form
+    exactly the BPE encoding of their bytes."""
+    rng = random.Random(1)
+    if which == "toy":
+        tok = BPETokenizer.from_merges([(b"a", b"b"), (b"b", b"a"), (b"ab", b"a"), (b"a", b"a"), (b"aa", b"b"),
+                                        (b"ba", b"b"), (b"ab", b"ab"), (b"b", b"b"), (b"aab", b"a")])
+    else:
+        tok = sp_bpe
+    reach = tok.reachable_mask()
+    inner = reach & torch.tensor([tok.token_bytes(i)[:1] != b" " for i in range(tok.vocab_size)])
+    for _ in range(300):
+        seq = [rng.choice(torch.nonzero(reach).flatten().tolist())]
+        for _ in range(rng.randint(1, 4)):
+            options = torch.nonzero(inner & tok.pair_valid_mask(seq[-1])).flatten().tolist()
+            if not options:
+                break
+            seq.append(rng.choice(options))
+        assert tok.encode_piece(tok.decode(seq)) == seq, [tok.token_bytes(t) for t in seq]
