@@ -10,10 +10,10 @@ next patch), so the model sees sequences of its usual length and a patch step co
 block_size targets, λ of it in patch mode, and training cost is λ/K + 1 - λ of a token-only
 run (0.5 at K=4, λ=2/3).
 
-The learning-rate schedule is the token-only run's, indexed by optimizer step, and goes on
-across the switch with the same AdamW state (no restart). The paper's two-run recipe (a new
-warmup and schedule for the token phase) is `patch_fraction=1` and then a token run with
-`train.init_from` pointing at its checkpoint.
+The learning-rate schedule restarts at the switch, as in the paper, where the token phase is
+a new run: each phase has the configured warmup and decay over its own steps. Unlike the
+paper's new run, the AdamW moments carry over. The paper's two-run recipe itself is
+`patch_fraction=1` and then a token run with `train.init_from` pointing at its checkpoint.
 
 Everything depends on the step alone, so resume is exact in either phase: patch steps s
 draw windows s of a patch-window sampler, token steps s draw windows s of the usual token
@@ -35,6 +35,7 @@ from hlm.config import ConfigError, TrainConfig
 class PatchPhases:
     patch_size: int  # K; 1 when patch training is off
     switch_step: int  # first optimizer step in token mode (0 when off)
+    max_steps: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +44,13 @@ class PatchPhases:
     def patch_size_at(self, step: int) -> int:
         """K for the optimizer step `step` (0-based) of the patch phase, 1 in token mode."""
         return self.patch_size if step < self.switch_step else 1
+
+    def schedule_position(self, step: int) -> tuple[int, float]:
+        """(step within its phase, progress through that phase): each phase has its own warmup
+        and decay, as the paper's separate patch and token runs do."""
+        if step < self.switch_step:
+            return step, step / self.switch_step
+        return step - self.switch_step, (step - self.switch_step) / max(1, self.max_steps - self.switch_step)
 
 
 def patch_phases(tc: TrainConfig) -> PatchPhases:
@@ -63,7 +71,7 @@ def patch_phases(tc: TrainConfig) -> PatchPhases:
     if tc.time_budget_s > 0:
         raise ConfigError("train.time_budget_s cannot be combined with patch training: the switch to token mode "
                           "is defined by the token budget of train.max_steps")
-    return PatchPhases(K, switch)
+    return PatchPhases(K, switch, tc.max_steps)
 
 
 def check_patch_support(model: nn.Module) -> None:

@@ -280,7 +280,10 @@ class Trainer:
                   f"{self.flops_per_step / 1e9:.2f} GFLOP per step, world size {rt.world}", flush=True)
         while not self._done():
             t0 = time.perf_counter()
-            lr = lr_at(tc, self.step, self.progress())
+            if self.phases.enabled:  # patch training: the schedule restarts at the switch to token mode
+                lr = lr_at(tc, *self.phases.schedule_position(self.step))
+            else:
+                lr = lr_at(tc, self.step, self.progress())
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             patch_size = self.phases.patch_size_at(self.step)

@@ -80,6 +80,7 @@ def test_patch_phases_split_the_token_budget():
     phases = patch_phases(TrainConfig(max_steps=30, batch_size=8, patch_size=4, patch_fraction=2 / 3))
     assert phases.switch_step == 20
     assert [phases.patch_size_at(s) for s in (0, 19, 20, 29)] == [4, 4, 1, 1]
+    assert [phases.schedule_position(s) for s in (0, 10, 20, 25)] == [(0, 0.0), (10, 0.5), (0, 0.0), (5, 0.5)]
     assert not patch_phases(TrainConfig(max_steps=30, patch_size=4, patch_fraction=0.0)).enabled
     assert patch_phases(TrainConfig(max_steps=30, batch_size=8, patch_size=4, patch_fraction=1.0)).switch_step == 30
     with pytest.raises(ConfigError, match="multiple of train.patch_size"):
@@ -136,6 +137,9 @@ def test_switch_happens_at_the_right_step(byte_data, tmp_path):
     assert all("patch_loss" in r and "bpb" not in r for r in train_recs[:2])
     assert all("loss" in r and "bpb" in r and "patch_loss" not in r for r in train_recs[2:])
     assert all(r["tokens_per_s"] > 0 for r in train_recs)
+    cosine = lambda p: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))  # the schedule restarts at the switch
+    assert [r["lr"] for r in train_recs] == pytest.approx(
+        [3e-3 * cosine(1 / 3), 3e-3 * cosine(2 / 3), 3e-3 * cosine(1 / 3), 3e-3 * cosine(2 / 3)], rel=1e-12)
     tokens_per_step = BATCH * BLOCK
     assert [r["tokens_seen"] for r in train_recs] == [tokens_per_step * n for n in (1, 2, 3, 4)]
     assert math.isfinite(records(tmp_path, "val")[-1]["bpb"])
