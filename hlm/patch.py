@@ -35,7 +35,7 @@ from hlm.config import ConfigError, TrainConfig
 class PatchPhases:
     patch_size: int  # K; 1 when patch training is off
     switch_step: int  # first optimizer step in token mode (0 when off)
-    max_steps: int = 0
+    max_steps: int = 0  # train.max_steps: the token phase ends there
 
     @property
     def enabled(self) -> bool:

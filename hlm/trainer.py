@@ -278,6 +278,10 @@ class Trainer:
         if rt.master:
             print(f"model: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M parameters, "
                   f"{self.flops_per_step / 1e9:.2f} GFLOP per step, world size {rt.world}", flush=True)
+            if self.phases.enabled:
+                print(f"patch training: steps 1-{self.phases.switch_step} in patch mode (K={self.phases.patch_size}, "
+                      f"{self.patch_flops_per_step / 1e9:.2f} GFLOP per step), then token mode to {tc.max_steps}",
+                      flush=True)
         while not self._done():
             t0 = time.perf_counter()
             if self.phases.enabled:  # patch training: the schedule restarts at the switch to token mode
