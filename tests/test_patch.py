@@ -218,7 +218,8 @@ def torchrun(data, out_dir, stop_at=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            str(data), str(out_dir), str(stop_at)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    failure = [line for line in proc.stderr.splitlines() if "Error" in line or "what()" in line or "error:" in line]
+    assert proc.returncode == 0, "\n".join(failure[:20]) or proc.stderr[-2000:]
 
 
 def test_ddp_resume_across_the_switch_is_exact(byte_data, tmp_path):
