@@ -27,6 +27,7 @@ from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_
 from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
 from hlm.models import build_model
+from hlm.patch import check_patch_support, patch_phases
 
 LN2 = math.log(2)
 
@@ -131,6 +132,9 @@ class Trainer:
         self.side_inputs: dict[str, str] = getattr(self.raw_model, "side_inputs", {})
         for stem in self.side_inputs.values():
             self.train_split.side_path(stem)
+        self.phases = patch_phases(tc)
+        if self.phases.enabled:
+            check_patch_support(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
         self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
         self._restore()
@@ -145,11 +149,20 @@ class Trainer:
         probe = self._batch(self.sampler, self.train_split, 0, 0)
         probe_side = self._side_batch(self.sampler, self.train_split, 0, 0)
         self.flops_per_step = count_flops(self.raw_model, probe, self.autocast, **probe_side) * tc.grad_accum * rt.world
+        self.samplers = {1: self.sampler}  # by patch size
+        if self.phases.enabled:
+            K = self.phases.patch_size
+            self.samplers[K] = WindowSampler(self.train_split.n_tokens, K * self.window, tc.batch_size // K,
+                                             tc.grad_accum, rt.rank, rt.world, tc.seed)
+            probe = self._batch(self.samplers[K], self.train_split, 0, 0)
+            self.patch_flops_per_step = count_flops(self.raw_model, probe, self.autocast, patch_size=K) \
+                * tc.grad_accum * rt.world
         self.peak = peak_flops(rt.device)
 
         model = self.raw_model
         if tc.compile if tc.compile is not None else rt.device.type == "cuda":
-            model = torch.compile(model)
+            # static shapes: the patch and token phases each get their own specialised graph
+            model = torch.compile(model, dynamic=False if self.phases.enabled else None)
         if rt.world > 1:
             model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
         self.model = model
@@ -279,20 +292,26 @@ class Trainer:
         [nll sum, bytes] of the targets seen, their count and the model's metrics, all left on
         the device (no host sync)."""
         tc = self.cfg.train
-        lr = lr_at(tc, self.step, self.progress())
+        if self.phases.enabled:  # patch training: the schedule restarts at the switch to token mode
+            lr = lr_at(tc, *self.phases.schedule_position(self.step))
+        else:
+            lr = lr_at(tc, self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        patch_size = self.phases.patch_size_at(self.step)
         stats = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
         n_targets, metrics = 0, {}
         for micro in range(tc.grad_accum):
-            x = self._batch(self.sampler, self.train_split, self.step, micro)
-            side = self._side_batch(self.sampler, self.train_split, self.step, micro)
+            x = self._batch(self.samplers[patch_size], self.train_split, self.step, micro)
+            kwargs = {"patch_size": patch_size} if patch_size > 1 else \
+                self._side_batch(self.sampler, self.train_split, self.step, micro)
             sync = self.rt.world == 1 or micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast:
-                    out = self.model(x, **side)
+                    out = self.model(x, **kwargs)
                 (out.loss / tc.grad_accum).backward()
-            stats += torch.stack([out.nll.detach().double().sum(), self.token_nbytes[x[:, 1:]].sum().double()])
+            targets = x[:, x.size(1) - out.nll.size(1):]  # x[:, 1:] in token mode, x[:, K:] in patch mode
+            stats += torch.stack([out.nll.detach().double().sum(), self.token_nbytes[targets].sum().double()])
             n_targets += out.nll.numel()
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0) + v.detach().float() / tc.grad_accum
@@ -315,6 +334,10 @@ class Trainer:
         if rt.master:
             print(f"model: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M parameters, "
                   f"{self.flops_per_step / 1e9:.2f} GFLOP per step, world size {rt.world}", flush=True)
+            if self.phases.enabled:
+                print(f"patch training: steps 1-{self.phases.switch_step} in patch mode (K={self.phases.patch_size}, "
+                      f"{self.patch_flops_per_step / 1e9:.2f} GFLOP per step), then token mode to {tc.max_steps}",
+                      flush=True)
         while not self._done():
             t0 = time.perf_counter()
             lr, grad_norm, stats, n_targets, metrics = self.train_step()
@@ -323,7 +346,8 @@ class Trainer:
             for k, v in metrics.items():
                 metrics_acc[k] = metrics_acc.get(k, 0) + v
             steps_since_log += 1
-            if t_train is None:  # the first step carries compilation: keep it out of the clock
+            # the first step (and the first token step after patch mode) carries compilation: keep it out of the clock
+            if t_train is None or self.step - 1 == self.phases.switch_step:
                 t_train = time.perf_counter()
                 t_log, steps_since_log = t_train, 0
                 window_stats.zero_()
@@ -334,7 +358,7 @@ class Trainer:
                 if tc.time_budget_s > 0 and rt.world > 1:  # one clock for all ranks: same lr, same last step
                     self.train_time = self.from_rank0(self.train_time)
 
-            if self.step % cfg.log.interval == 0 or self._done():
+            if self.step % cfg.log.interval == 0 or self._done() or self.step == self.phases.switch_step:
                 if steps_since_log:
                     self._log_train(lr, grad_norm, window_stats, window_targets,
                                     metrics_acc, steps_since_log, time.perf_counter() - t_log)
@@ -375,10 +399,17 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "loss": nll / n_targets, "bpb": nll / (LN2 * nbytes), "lr": lr,
                "tokens_per_s": n_targets / dt, "bytes_per_s": nbytes / dt, "step_time_s": dt / steps,
                "tokens_seen": self.tokens_seen, "train_time_s": self.train_time}
+        patch_mode = self.phases.patch_size_at(self.step - 1) > 1  # logs never span the switch
+        if self.phases.enabled:  # in patch mode the loss is the next-patch loss: logged apart, no bpb
+            rec["mode"] = "patch" if patch_mode else "token"
+            if patch_mode:
+                rec["patch_loss"] = rec.pop("loss")
+                del rec["bpb"]
         if grad_norm is not None:
             rec["grad_norm"] = float(grad_norm)
         if self.peak:
-            rec["mfu"] = self.flops_per_step * steps / dt / (self.peak * rt.world)  # flops_per_step is all ranks'
+            flops = self.patch_flops_per_step if patch_mode else self.flops_per_step  # all ranks' FLOPs
+            rec["mfu"] = flops * steps / dt / (self.peak * rt.world)
         if rt.device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
         rec.update({k: float(v) / steps for k, v in metrics.items()})
@@ -386,8 +417,12 @@ class Trainer:
         if not rt.master:
             return
         remaining = max(0.0, 1.0 - self.progress()) / max(self.progress(), 1e-9) * self.train_time
-        parts = [f"step {self.step}/{tc.max_steps}", f"loss {rec['loss']:.4f}", f"bpb {rec['bpb']:.4f}",
-                 f"lr {lr:.2e}", f"{rec['bytes_per_s'] / 1e3:.1f}k B/s", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
+        if patch_mode:
+            parts = [f"step {self.step}/{tc.max_steps} patch", f"patch loss {rec['patch_loss']:.4f}"]
+        else:
+            parts = [f"step {self.step}/{tc.max_steps}", f"loss {rec['loss']:.4f}", f"bpb {rec['bpb']:.4f}"]
+        parts += [f"lr {lr:.2e}", f"{rec['bytes_per_s'] / 1e3:.1f}k B/s", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s",
+                  f"{self.tokens_seen / 1e6:.2f}M tok"]
         if "mfu" in rec:
             parts.append(f"mfu {100 * rec['mfu']:.1f}%")
         if "peak_mem_gib" in rec:

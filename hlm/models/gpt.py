@@ -52,11 +52,34 @@ class GPT(nn.Module):
         """Log-probabilities [B, T, V] of the next id after each position of idx [B, T]."""
         return F.log_softmax(at_least_fp32(self.logits(idx)), dim=-1)
 
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
+    def patch_embeddings(self, idx: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """Patch inputs [B, L/K, D] for ids [B, L]: the mean of K consecutive token embeddings."""
+        B, L = idx.shape
+        return self.embed(idx).view(B, L // patch_size, patch_size, -1).mean(dim=2)
+
+    def forward(self, idx: torch.Tensor, patch_size: int = 1) -> ModelOutput:
+        """Token mode (patch_size 1): the model contract. Patch mode (patch-level training, Shao
+        et al. 2024): idx [B, K*(T+1)] is read as T+1 patches of K tokens; patch i (positions
+        0..T-1) gives one distribution that scores every token of patch i+1. Returns loss = mean
+        NLL and nll [B, T*K] for the targets idx[:, K:]."""
+        if patch_size > 1:
+            return self._patch_forward(idx, patch_size)
         inputs, targets = idx[:, :-1], idx[:, 1:]
         logits = self.logits(inputs)
         nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten(), reduction="none")
         nll = nll.view_as(targets)
+        return ModelOutput(nll.mean(), nll, {})
+
+    def _patch_forward(self, idx: torch.Tensor, patch_size: int) -> ModelOutput:
+        B, L = idx.shape
+        if L % patch_size or L < 2 * patch_size:
+            raise ValueError(f"patch mode needs a length that is a multiple of {patch_size} and at least two "
+                             f"patches, got {L}")
+        n_patches = L // patch_size - 1
+        logits = self.head(self.hidden(self.patch_embeddings(idx[:, :-patch_size], patch_size)))
+        logprobs = F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        targets = idx[:, patch_size:].view(B, n_patches, patch_size)
+        nll = -logprobs.gather(-1, targets).view(B, n_patches * patch_size)
         return ModelOutput(nll.mean(), nll, {})
 
     @torch.no_grad()
