@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm import HLMError
-from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, init_weights, sample_next
+from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, at_least_fp32, init_weights, sample_next
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
@@ -82,11 +82,6 @@ class HourglassConfig:
     prior: float = 0.2  # gumbel: target boundary rate (bytes per group = 1 / prior)
     rope_theta: float = 10000.0
     init_std: float = 0.02
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 when it is in a lower precision (bf16 autocast); fp64 stays fp64 (tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
