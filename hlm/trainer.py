@@ -137,6 +137,7 @@ class Trainer:
             check_patch_support(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
         self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
+        self._bytes_pending = torch.zeros((), device=rt.device, dtype=torch.float64)  # not yet in bytes_seen
         self._restore()
 
         use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
@@ -206,7 +207,13 @@ class Trainer:
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in keep))
 
+    def _sync_seen(self) -> None:
+        """Fold every rank's bytes since the last sync into bytes_seen (a collective: all ranks call it)."""
+        self.bytes_seen += int(self.all_sum(self._bytes_pending.clone()).item())
+        self._bytes_pending.zero_()
+
     def save(self) -> None:
+        self._sync_seen()
         if not self.rt.master:
             return
         ckpt = {
@@ -341,6 +348,8 @@ class Trainer:
         while not self._done():
             t0 = time.perf_counter()
             lr, grad_norm, stats, n_targets, metrics = self.train_step()
+            self.tokens_seen += n_targets * rt.world
+            self._bytes_pending += stats[1]
             window_stats += stats
             window_targets += n_targets
             for k, v in metrics.items():
@@ -394,11 +403,10 @@ class Trainer:
         stats = self.all_sum(stats.clone())
         n_targets *= rt.world
         nll, nbytes = stats.tolist()
-        self.tokens_seen += n_targets
-        self.bytes_seen += int(nbytes)
+        self._sync_seen()
         rec = {"kind": "train", "step": self.step, "loss": nll / n_targets, "bpb": nll / (LN2 * nbytes), "lr": lr,
                "tokens_per_s": n_targets / dt, "bytes_per_s": nbytes / dt, "step_time_s": dt / steps,
-               "tokens_seen": self.tokens_seen, "train_time_s": self.train_time}
+               "tokens_seen": self.tokens_seen, "bytes_seen": self.bytes_seen, "train_time_s": self.train_time}
         patch_mode = self.phases.patch_size_at(self.step - 1) > 1  # logs never span the switch
         if self.phases.enabled:  # in patch mode the loss is the next-patch loss: logged apart, no bpb
             rec["mode"] = "patch" if patch_mode else "token"
