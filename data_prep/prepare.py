@@ -2,7 +2,8 @@
 
 Inputs (--input):
   * a text file: one document, split by fraction at line boundaries;
-  * a folder: if it holds train.*, valid.* (or val.*) and test.* files, those are the splits;
+  * a folder: if it holds train.*, valid.* (or val.*) and test.* files (also <name>.train.*
+    etc.), those are the splits;
     otherwise every file in it (sorted by name) is one document and documents are split by
     fraction;
   * a JSONL file (.jsonl, .jsonl.xz, .jsonl.gz): one document per record's --text-field,
@@ -49,8 +50,11 @@ def _is_jsonl(path: Path) -> bool:
     return any(path.name.endswith(s) for s in JSONL_SUFFIXES)
 
 
-def _stem(path: Path) -> str:
-    return path.name.split(".")[0]
+def _split_of(path: Path) -> str | None:
+    """The split a file names: `train.txt`, `valid.jsonl.xz` or `corpus.test.jsonl.xz` (a dotted part)."""
+    parts = path.name.split(".")
+    hits = {split for split, aliases in SPLIT_ALIASES.items() if any(p in aliases for p in parts[:-1] or parts)}
+    return hits.pop() if len(hits) == 1 else None
 
 
 def read_documents(path: Path, text_field: str) -> list[bytes]:
@@ -104,8 +108,8 @@ def load_splits(inp: str, text_field: str, val_frac: float, test_frac: float) ->
         if not files:
             raise PrepareError(f"input folder {path} has no files")
         named = {}
-        for split, aliases in SPLIT_ALIASES.items():
-            hits = [f for f in files if _stem(f) in aliases]
+        for split in SPLIT_ALIASES:
+            hits = [f for f in files if _split_of(f) == split]
             if len(hits) == 1:
                 named[split] = hits[0]
         if len(named) == 3:

@@ -68,7 +68,7 @@ def _token_stream(blm: ByteLM, path: list[int], temperature: float, top_k: int |
     """Ordinary token sampling after `path`: the model's own KV-cached generator when it has one."""
     model = blm.model
     if hasattr(model, "generate_stream") and blm.runner.cached_gpt:
-        ids = torch.tensor([path], device=blm.runner.device)
+        ids = torch.tensor([blm.context + path], device=blm.runner.device)
         for nxt in model.generate_stream(ids, 1 << 20, temperature, top_k, generator):
             yield int(nxt[0])
         return
