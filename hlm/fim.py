@@ -59,19 +59,18 @@ def rearrange(doc: np.ndarray, lo: int, hi: int, s: Sentinels, spm: bool) -> np.
     return np.concatenate([pre, prefix, suf, suffix, mid, middle])
 
 
-def restore(ids: np.ndarray | list[int], s: Sentinels) -> tuple[list[int], list[int], list[int]]:
-    """(prefix, middle, suffix) of one rearranged document (either order): the inverse of `rearrange`."""
+def restore_psm(ids: np.ndarray | list[int], s: Sentinels) -> tuple[list[int], list[int], list[int]]:
+    """(prefix, middle, suffix) of a PSM document: the inverse of `rearrange(..., spm=False)`."""
     ids = [int(i) for i in ids]
     if len(ids) < 3 or ids[0] != s.prefix or sum(i in s.ids for i in ids) != N_SENTINELS:
-        raise HLMError("not a FIM-rearranged document: expected <PRE> first and each sentinel once")
+        raise HLMError("not a PSM document: expected <PRE> first and each sentinel once")
     i_suf, i_mid = ids.index(s.suffix), ids.index(s.middle)
-    if i_suf == 1:  # SPM: <PRE> <SUF> suffix <MID> prefix middle (prefix/middle split is not marked)
-        raise HLMError("an SPM document does not mark where the prefix ends: use restore_spm with the prefix length")
     return ids[1:i_suf], ids[i_mid + 1 :], ids[i_suf + 1 : i_mid]
 
 
 def restore_spm(ids: np.ndarray | list[int], s: Sentinels, prefix_len: int) -> tuple[list[int], list[int], list[int]]:
-    """(prefix, middle, suffix) of an SPM document whose prefix has `prefix_len` ids."""
+    """(prefix, middle, suffix) of an SPM document whose prefix has `prefix_len` ids (SPM does not mark
+    where the prefix ends)."""
     ids = [int(i) for i in ids]
     if ids[:2] != [s.prefix, s.suffix] or ids.count(s.middle) != 1:
         raise HLMError("not an SPM document: expected <PRE> <SUF> ... <MID> ...")
