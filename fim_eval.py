@@ -47,25 +47,28 @@ def run(args: argparse.Namespace) -> list[dict]:
     docs = split_documents(data, args.split)
     cuts = fe.make_cuts(docs, args.cuts, args.seed, args.max_middle, args.prefix_bytes, args.suffix_bytes)
     max_new = args.max_new_bytes or 2 * args.max_middle
-    methods: dict[str, tuple] = {}
+    methods = {}  # name -> (cut, max new bytes) -> (fill, nll of the true middle)
     if token:
         model, tok, _, ckpt = token
         fim = fe.TokenFIM(model, tok, ckpt["data_meta"]["separator_id"], ckpt["data_meta"]["vocab_size"])
-        methods["plain"] = (fim.plain_fill, fim.plain_nll)
-        methods["healing"] = (fim.healing_fill, fim.healing_nll)
-        methods["exact"] = (lambda c, m: fe.byte_fill(fe.exact_byte_lm(fim, c), c, m),
-                            lambda c: fe.byte_nll(fe.exact_byte_lm(fim, c), c))
+        methods["plain"] = lambda c, m: (fim.plain_fill(c, m), fim.plain_nll(c))
+        methods["healing"] = lambda c, m: (fim.healing_fill(c, m), fim.healing_nll(c))
+        methods["exact"] = lambda c, m: fe.exact_fill_and_nll(fe.exact_byte_lm(fim, c), c, m)
     if byte:
         bmodel = byte[0]
-        methods["byte"] = (lambda c, m: fe.byte_fill(fe.native_byte_lm(bmodel, c), c, m),
-                           lambda c: fe.byte_nll(fe.native_byte_lm(bmodel, c), c))
+        methods["byte"] = lambda c, m: (fe.byte_fill(fe.native_byte_lm(bmodel, c), c, m),
+                                        fe.byte_nll(fe.native_byte_lm(bmodel, c), c))
+    for name, model, length in (
+            ("token", token and token[0], lambda c: len(fim.context(c)) + len(token[1].encode(c.prefix))),
+            ("byte", byte and byte[0], lambda c: len(c.suffix) + len(c.prefix) + 4)):
+        if model and max(map(length, cuts)) + max_new > model.cfg.block_size:
+            raise HLMError(f"FIM prompts plus {max_new} new bytes do not fit the {name} model's context of "
+                           f"{model.cfg.block_size}: lower --prefix-bytes / --suffix-bytes / --max-new-bytes")
     rows = []
     with torch.no_grad():
         for name in [m for m in args.methods if m in methods]:
-            fill, nll = methods[name]
             t0 = time.perf_counter()
-            fills = [fill(c, max_new) for c in cuts]
-            nlls = [nll(c) for c in cuts]
+            fills, nlls = zip(*[methods[name](c, max_new) for c in cuts], strict=True)
             rows.append(fe.summarize(name, cuts, fills, nlls, time.perf_counter() - t0))
     inside = sum(fe.inside_token(token[1], c) for c in cuts) / len(cuts) if token else None
     for r in rows:

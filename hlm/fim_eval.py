@@ -218,6 +218,20 @@ def byte_fill(blm, cut: Cut, max_bytes: int) -> bytes:
     return bytes(out)
 
 
+def exact_fill_and_nll(blm: ByteLM, cut: Cut, max_bytes: int) -> tuple[bytes, float]:
+    """`byte_fill` and `byte_nll` of a ByteLM from one prefill of the prefix (the costly part)."""
+    lp = blm.next_byte_logprobs(cut.prefix)
+    at_prefix = blm.state()
+    nll = 0.0
+    for b in list(cut.middle) + [END]:
+        nll -= float(lp[b])
+        if b != END:
+            blm._advance(b)
+            lp = blm._distribution()
+    blm.set_state(at_prefix)
+    return byte_fill(blm, cut, max_bytes), nll
+
+
 def summarize(method: str, cuts: list[Cut], fills: list[bytes], nlls: list[float], seconds: float) -> dict:
     n_bytes = sum(len(c.middle) + 1 for c in cuts)
     return {"method": method, "cuts": len(cuts),

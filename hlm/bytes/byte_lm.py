@@ -13,6 +13,8 @@ its document boundary in entry 256, and ensembles of token and byte models stay 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -184,6 +186,17 @@ class ByteLM(ByteLMBase):
     def next_byte_logprobs(self, prefix: bytes) -> torch.Tensor:
         self._goto(bytes(prefix))
         return self._distribution()
+
+    def state(self) -> tuple:
+        """A copy of the cover state at the current text, for `set_state`: branch twice from one
+        prefilled prompt (e.g. score a continuation, then generate one) without prefilling again."""
+        shared = {id(x): x for x in (self.rules, self.rules.tok, self.rules.index)}
+        return copy.deepcopy(self.tracker, shared), dict(self._logq), dict(self._lp), dict(self._sorted), self._skip
+
+    def set_state(self, state: tuple) -> None:
+        tracker, logq, lp, sorted_probs, self._skip = state
+        self.tracker = copy.deepcopy(tracker, {id(x): x for x in (self.rules, self.rules.tok, self.rules.index)})
+        self._logq, self._lp, self._sorted = dict(logq), dict(lp), dict(sorted_probs)
 
     def prefix_logprobs(self, text: bytes) -> torch.Tensor:
         self._goto(b"")
