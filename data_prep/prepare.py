@@ -7,7 +7,8 @@ Inputs (--input):
     otherwise every file in it (sorted by name) is one document and documents are split by
     fraction;
   * a JSONL file (.jsonl, .jsonl.xz, .jsonl.gz): one document per record's --text-field,
-    read through `datasets`; a folder of them works like a folder of text files;
+    read through `datasets` (the standard library where it is not installed); a folder of them
+    works like a folder of text files;
   * a Hugging Face dataset name (needs network access).
 
 Documents are joined by one separator: byte 0x00 in byte corpora, the tokenizer's EOS id in
@@ -60,7 +61,10 @@ def _split_of(path: Path) -> str | None:
 def read_documents(path: Path, text_field: str) -> list[bytes]:
     """All documents of one file: a JSONL file gives one per record, any other file one."""
     if _is_jsonl(path):
-        import datasets
+        try:
+            import datasets
+        except ImportError:  # e.g. a GPU image without it: read the records with the standard library
+            return _read_jsonl(path, text_field)
 
         datasets.disable_progress_bars()
         try:
@@ -75,6 +79,27 @@ def read_documents(path: Path, text_field: str) -> list[bytes]:
             raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
         return [t.encode("utf-8") for t in texts]
     return [path.read_bytes()]
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[bytes]:
+    """JSON lines (plain, .xz or .gz) without `datasets`: one document per record's `text_field`."""
+    import gzip
+    import lzma
+
+    opener = lzma.open if path.name.endswith(".xz") else gzip.open if path.name.endswith(".gz") else open
+    docs = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(line for line in f if line.strip()):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{path}: not valid JSON lines (record {i}: {e})") from None
+            if text_field not in record:
+                raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {list(record)})")
+            if not isinstance(record[text_field], str):
+                raise PrepareError(f"{path}: record {i} has no text in '{text_field}' ({record[text_field]!r})")
+            docs.append(record[text_field].encode("utf-8"))
+    return docs
 
 
 def split_by_fraction(docs: list[bytes], val_frac: float, test_frac: float) -> dict[str, list[bytes]]:

@@ -5,6 +5,7 @@ plain token prompting lacks (research/byte_conversion.md T11, fp64), and fim_eva
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -45,9 +46,13 @@ def code(tmp_path_factory):
     return tmp
 
 
-def test_prepare_reads_named_jsonl_xz_splits(code):
+def test_prepare_reads_named_jsonl_xz_splits(code, tmp_path, monkeypatch):
     meta = json.loads((code / "bytes" / "meta.json").read_text())
     assert {k: v["documents"] for k, v in meta["splits"].items()} == {"train": 74, "val": 4, "test": 7}
+    monkeypatch.setitem(sys.modules, "datasets", None)  # without `datasets`: the standard-library reader
+    assert prepare.main(["--input", str(CODE), "--out", str(tmp_path / "b"), "--threads", "1"]) == 0
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "b" / f"{split}.bin").read_bytes() == (code / "bytes" / f"{split}.bin").read_bytes()
 
 
 @pytest.mark.parametrize("spm", [False, True])
