@@ -186,14 +186,14 @@ def test_exact_conversion_is_cut_invariant_plain_prompting_is_not():
     assert min(abs(p - plain_edge[0]) for p in plain_inside) > 0.1
 
 
-def test_fim_eval_cli_end_to_end(code, tmp_path, capsys):
+def test_fim_eval_cli_end_to_end(code, tmp_path, capsysbinary):
     train = load_cli("train")
     runs = {}
     for name, cfg in (("bytes", FIM_BYTE), ("bpe", FIM_BPE)):
         runs[name] = tmp_path / name
         assert train.main([str(cfg), f"data.path={code / name}", f"train.out_dir={runs[name]}", *QUIET,
                            "train.max_steps=6", "train.ckpt_interval=6", "eval.interval=6"]) == 0
-    capsys.readouterr()
+    capsysbinary.readouterr()
     out = tmp_path / "fim.json"
     fim_eval = load_cli("fim_eval")
     assert fim_eval.main(["--token", str(runs["bpe"] / "ckpt.pt"), "--byte", str(runs["bytes"] / "ckpt.pt"),
@@ -203,5 +203,10 @@ def test_fim_eval_cli_end_to_end(code, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["plain", "healing", "exact", "byte"]
     for r in rows:
         assert r["cuts"] == 4 and 0 <= r["exact_match"] <= 1 and 0 <= r["parse_rate"] <= 1 and r["middle_bpb"] > 0
-    assert "| exact |" in capsys.readouterr().out
+    assert b"| exact |" in capsysbinary.readouterr().out
     assert fim_eval.main(["--byte", str(runs["bpe"] / "ckpt.pt"), "--device", "cpu"]) == 1
+    sample = load_cli("sample")  # left-to-right sampling from FIM models: a sentinel ends the sample
+    for name in runs:
+        for seed in range(3):
+            assert sample.main([str(runs[name] / "ckpt.pt"), "--prompt", "def ", "--max-bytes", "300",
+                                "--seed", str(seed), "--device", "cpu"]) == 0

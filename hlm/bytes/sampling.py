@@ -56,7 +56,7 @@ def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperatu
         written += len(piece)
         yield piece
     for t in _token_stream(blm, path, temperature, top_k, generator):
-        if written >= max_bytes or t == blm.eos_id:
+        if written >= max_bytes or t == blm.eos_id or t >= blm.tok.vocab_size:  # ids past the tokenizer: FIM sentinels
             return
         piece = blm.tok.token_bytes(t)[: max_bytes - written]
         written += len(piece)
