@@ -8,6 +8,7 @@ temperature and top-k applied to the 257 next-byte outcomes. Output goes to stdo
 """
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ids = torch.tensor([[ckpt["data_meta"]["separator_id"]] + list(prompt)], device=args.device)
             stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen)
-            pieces = (bytes([int(nxt)]) for nxt in stream)
+            ids_out = (int(nxt) for nxt in stream)  # an id past the bytes (a FIM sentinel) ends the sample
+            pieces = (bytes([i]) for i in itertools.takewhile(lambda i: i < 256, ids_out))
         t0, written = time.perf_counter(), 0
         for piece in pieces:
             out.write(piece)

@@ -2,11 +2,13 @@
 
 Inputs (--input):
   * a text file: one document, split by fraction at line boundaries;
-  * a folder: if it holds train.*, valid.* (or val.*) and test.* files, those are the splits;
+  * a folder: if it holds train.*, valid.* (or val.*) and test.* files (also <name>.train.*
+    etc.), those are the splits;
     otherwise every file in it (sorted by name) is one document and documents are split by
     fraction;
   * a JSONL file (.jsonl, .jsonl.xz, .jsonl.gz): one document per record's --text-field,
-    read through `datasets`; a folder of them works like a folder of text files;
+    read through `datasets` (the standard library where it is not installed); a folder of them
+    works like a folder of text files;
   * a Hugging Face dataset name (needs network access).
 
 Documents are joined by one separator: byte 0x00 in byte corpora, the tokenizer's EOS id in
@@ -49,14 +51,20 @@ def _is_jsonl(path: Path) -> bool:
     return any(path.name.endswith(s) for s in JSONL_SUFFIXES)
 
 
-def _stem(path: Path) -> str:
-    return path.name.split(".")[0]
+def _split_of(path: Path) -> str | None:
+    """The split a file names: `train.txt`, `valid.jsonl.xz` or `corpus.test.jsonl.xz` (a dotted part)."""
+    parts = path.name.split(".")
+    hits = {split for split, aliases in SPLIT_ALIASES.items() if any(p in aliases for p in parts[:-1] or parts)}
+    return hits.pop() if len(hits) == 1 else None
 
 
 def read_documents(path: Path, text_field: str) -> list[bytes]:
     """All documents of one file: a JSONL file gives one per record, any other file one."""
     if _is_jsonl(path):
-        import datasets
+        try:
+            import datasets
+        except ImportError:  # e.g. a GPU image without it: read the records with the standard library
+            return _read_jsonl(path, text_field)
 
         datasets.disable_progress_bars()
         try:
@@ -71,6 +79,27 @@ def read_documents(path: Path, text_field: str) -> list[bytes]:
             raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
         return [t.encode("utf-8") for t in texts]
     return [path.read_bytes()]
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[bytes]:
+    """JSON lines (plain, .xz or .gz) without `datasets`: one document per record's `text_field`."""
+    import gzip
+    import lzma
+
+    opener = lzma.open if path.name.endswith(".xz") else gzip.open if path.name.endswith(".gz") else open
+    docs = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(line for line in f if line.strip()):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{path}: not valid JSON lines (record {i}: {e})") from None
+            if text_field not in record:
+                raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {list(record)})")
+            if not isinstance(record[text_field], str):
+                raise PrepareError(f"{path}: record {i} has no text in '{text_field}' ({record[text_field]!r})")
+            docs.append(record[text_field].encode("utf-8"))
+    return docs
 
 
 def split_by_fraction(docs: list[bytes], val_frac: float, test_frac: float) -> dict[str, list[bytes]]:
@@ -104,8 +133,8 @@ def load_splits(inp: str, text_field: str, val_frac: float, test_frac: float) ->
         if not files:
             raise PrepareError(f"input folder {path} has no files")
         named = {}
-        for split, aliases in SPLIT_ALIASES.items():
-            hits = [f for f in files if _stem(f) in aliases]
+        for split in SPLIT_ALIASES:
+            hits = [f for f in files if _split_of(f) == split]
             if len(hits) == 1:
                 named[split] = hits[0]
         if len(named) == 3:

@@ -25,6 +25,8 @@ class ConfigError(HLMError):
 @dataclass
 class DataConfig:
     path: str = ""  # folder written by data_prep/prepare.py
+    fim_rate: float = 0.0  # share of training documents rearranged for fill-in-the-middle (hlm/fim.py)
+    fim_spm_rate: float = 0.5  # of those, the share in SPM order (the rest PSM)
 
 
 @dataclass

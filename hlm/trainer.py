@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_state, save_atomic
 from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
+from hlm.fim import N_SENTINELS, FIMTransform
 from hlm.models import build_model
 from hlm.patch import check_patch_support, patch_phases
 
@@ -124,7 +125,11 @@ class Trainer:
         if self.meta["vocab_size"] > getattr(cfg.model, "vocab_size", 256):
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary "
                               f"({self.meta['vocab_size']}) in {self.data_dir}")
-        self.token_nbytes = torch.from_numpy(token_byte_lengths(self.meta, self.data_dir)).to(rt.device)
+        token_nbytes = token_byte_lengths(self.meta, self.data_dir)
+        self.fim = self._fim_transform(cfg, rt.rank)
+        if self.fim is not None:  # sentinels cover no bytes of text
+            token_nbytes = np.concatenate([token_nbytes, np.zeros(N_SENTINELS, dtype=token_nbytes.dtype)])
+        self.token_nbytes = torch.from_numpy(token_nbytes).to(rt.device)
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.raw_model = build_model(cfg.model).to(rt.device)
@@ -132,6 +137,9 @@ class Trainer:
         self.side_inputs: dict[str, str] = getattr(self.raw_model, "side_inputs", {})
         for stem in self.side_inputs.values():
             self.train_split.side_path(stem)
+        if self.side_inputs and self.fim is not None:
+            raise ConfigError("data.fim_rate > 0 moves tokens around, which the model's side inputs "
+                              f"({', '.join(self.side_inputs)}) cannot follow")
         self.phases = patch_phases(tc)
         if self.phases.enabled:
             check_patch_support(self.raw_model)
@@ -233,8 +241,21 @@ class Trainer:
         save_atomic(ckpt, self.ckpt_path)
 
     # ----- data -----
+    def _fim_transform(self, cfg: Config, rank: int) -> FIMTransform | None:
+        """The FIM batch transform when data.fim_rate > 0 (sentinels just past the corpus vocabulary)."""
+        if cfg.data.fim_rate <= 0:
+            return None
+        need = self.meta["vocab_size"] + N_SENTINELS
+        if getattr(cfg.model, "vocab_size", 256) < need:
+            raise ConfigError(f"data.fim_rate > 0 needs model.vocab_size >= {need} (corpus vocabulary "
+                              f"{self.meta['vocab_size']} + {N_SENTINELS} FIM sentinels)")
+        return FIMTransform(self.meta["vocab_size"], self.meta["separator_id"], cfg.data.fim_rate,
+                            cfg.data.fim_spm_rate, cfg.train.seed, rank)
+
     def _batch(self, sampler: WindowSampler, split: Split, step: int, micro: int) -> torch.Tensor:
         x = split.windows(sampler.starts(step, micro), sampler.length)
+        if self.fim is not None and split is self.train_split:
+            x = self.fim(x, step, micro)
         if self.rt.device.type == "cuda":
             return x.pin_memory().to(self.rt.device, non_blocking=True)
         return x

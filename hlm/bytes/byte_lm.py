@@ -13,6 +13,8 @@ its document boundary in entry 256, and ensembles of token and byte models stay 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -43,9 +45,10 @@ class _TokenRunner:
     rewinds the cache to the longest prefix shared with the previous path and feeds the rest
     (usually one token). Other models are called on the whole path."""
 
-    def __init__(self, model, vocab_size: int):
+    def __init__(self, model, vocab_size: int, context: list[int] = ()):
         self.model = model
         self.vocab_size = vocab_size
+        self.context = list(context)  # ids fed before every path
         self.cached_gpt = hasattr(model, "logits") and hasattr(getattr(model, "transformer", None), "new_cache")
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         self.device = params[0].device if params else torch.device("cpu")
@@ -55,6 +58,7 @@ class _TokenRunner:
 
     @torch.no_grad()
     def logprobs(self, path: list[int]) -> torch.Tensor:
+        path = self.context + list(path)
         if self.cached_gpt:
             logits = self._cached_logits(path)
         else:
@@ -88,11 +92,14 @@ class ByteLM(ByteLMBase):
     """Exact next-byte distributions of a token model (the locally canonical conversion, §2b).
 
     `token_model(LongTensor[B, T]) -> logits[B, T, V]` is called with [start] + tokens, start =
-    `start_id`, else the tokenizer's BOS, else its EOS. One model call per byte: the query at each
+    `start_id`, else the tokenizer's BOS, else its EOS; `context` ids go before the start (e.g. a
+    FIM prompt `[EOS, <PRE>, <SUF>, suffix...]` with start_id `<MID>`: the text is then the
+    prefix, and the middle its continuation). One model call per byte: the query at each
     new exact node (one per byte, a few under regex lookahead). `marginal=True` sums over every
     tokenization instead (each exact path needs its own call: small inputs only)."""
 
-    def __init__(self, token_model, tok, start_id: int | None = None, marginal: bool = False):
+    def __init__(self, token_model, tok, start_id: int | None = None, marginal: bool = False,
+                 context: list[int] = ()):
         self.tok = tok
         self.rules = ConversionRules(tok, marginal)
         self.index = self.rules.index
@@ -101,7 +108,8 @@ class ByteLM(ByteLMBase):
             raise HLMError("the tokenizer has neither BOS nor EOS: pass start_id to ByteLM")
         self.eos_id = tok.eos_id
         self.model = token_model
-        self.runner = _TokenRunner(token_model, tok.vocab_size)
+        self.context = list(context)
+        self.runner = _TokenRunner(token_model, tok.vocab_size, self.context)
         self.model_calls = 0
         self.reset()
 
@@ -179,6 +187,17 @@ class ByteLM(ByteLMBase):
         self._goto(bytes(prefix))
         return self._distribution()
 
+    def state(self) -> tuple:
+        """A copy of the cover state at the current text, for `set_state`: branch twice from one
+        prefilled prompt (e.g. score a continuation, then generate one) without prefilling again."""
+        shared = {id(x): x for x in (self.rules, self.rules.tok, self.rules.index)}
+        return copy.deepcopy(self.tracker, shared), dict(self._logq), dict(self._lp), dict(self._sorted), self._skip
+
+    def set_state(self, state: tuple) -> None:
+        tracker, logq, lp, sorted_probs, self._skip = state
+        self.tracker = copy.deepcopy(tracker, {id(x): x for x in (self.rules, self.rules.tok, self.rules.index)})
+        self._logq, self._lp, self._sorted = dict(logq), dict(lp), dict(sorted_probs)
+
     def prefix_logprobs(self, text: bytes) -> torch.Tensor:
         self._goto(b"")
         rows = [self._distribution()]
@@ -207,24 +226,29 @@ class ByteLM(ByteLMBase):
 
 class NativeByteLM(ByteLMBase):
     """A model that predicts bytes (`next_logprobs(idx[B, T]) -> [B, T, 256]`). The context starts with
-    the document separator 0x00, as in training and eval; 0x00 is the end-of-text (module doc)."""
+    the document separator 0x00, as in training and eval; 0x00 is the end-of-text (module doc).
+    `context` replaces that start (e.g. a FIM prompt with sentinel ids >= 256); a model over more
+    than 256 ids (bytes + sentinels) is renormalised over the 256 bytes."""
 
-    def __init__(self, model, separator: int = 0):
+    def __init__(self, model, separator: int = 0, context: list[int] | None = None):
         self.model = model
         self.separator = separator
+        self.context = [separator] if context is None else list(context)
         self.block = getattr(getattr(model, "cfg", None), "block_size", None)
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         self.device = params[0].device if params else torch.device("cpu")
 
     def _to_257(self, lp: torch.Tensor) -> torch.Tensor:
         lp = lp.double().cpu()
+        if lp.size(-1) > 256:
+            lp = torch.log_softmax(lp[..., :256], dim=-1)
         out = torch.cat([lp, lp[..., self.separator : self.separator + 1]], dim=-1)
         out[..., self.separator] = float("-inf")
         return out
 
     @torch.no_grad()
     def next_byte_logprobs(self, prefix: bytes) -> torch.Tensor:
-        ids = [self.separator] + list(prefix)
+        ids = self.context + list(prefix)
         if self.block is not None:
             ids = ids[-self.block :]
         return self._to_257(self.model.next_logprobs(torch.tensor([ids], device=self.device))[0, -1])
@@ -232,10 +256,10 @@ class NativeByteLM(ByteLMBase):
     @torch.no_grad()
     def prefix_logprobs(self, text: bytes) -> torch.Tensor:
         """One forward per window of the model's context (non-overlapping, like eval.py)."""
-        ids = torch.tensor([self.separator] + list(text), device=self.device)
+        ids = torch.tensor(self.context + list(text), device=self.device)
         block = self.block or len(ids)
         rows = [self.model.next_logprobs(ids[s : s + block][None])[0] for s in range(0, len(ids), block)]
-        return self._to_257(torch.cat(rows))
+        return self._to_257(torch.cat(rows)[len(self.context) - 1 :])
 
 
 class CallableByteLM(ByteLMBase):

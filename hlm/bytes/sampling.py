@@ -56,7 +56,7 @@ def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperatu
         written += len(piece)
         yield piece
     for t in _token_stream(blm, path, temperature, top_k, generator):
-        if written >= max_bytes or t == blm.eos_id:
+        if written >= max_bytes or t == blm.eos_id or t >= blm.tok.vocab_size:  # ids past the tokenizer: FIM sentinels
             return
         piece = blm.tok.token_bytes(t)[: max_bytes - written]
         written += len(piece)
@@ -68,7 +68,7 @@ def _token_stream(blm: ByteLM, path: list[int], temperature: float, top_k: int |
     """Ordinary token sampling after `path`: the model's own KV-cached generator when it has one."""
     model = blm.model
     if hasattr(model, "generate_stream") and blm.runner.cached_gpt:
-        ids = torch.tensor([path], device=blm.runner.device)
+        ids = torch.tensor([blm.context + path], device=blm.runner.device)
         for nxt in model.generate_stream(ids, 1 << 20, temperature, top_k, generator):
             yield int(nxt[0])
         return
