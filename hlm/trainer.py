@@ -407,6 +407,8 @@ class Trainer:
                 t_log = time.perf_counter()
         if self.writer is not None:
             self.writer.close()
+        if rt.world > 1:  # leave together: a rank tearing down gloo while rank 0 still saves can abort
+            dist.barrier()
         return {"step": self.step, "train_time": self.train_time, **{f"val_{k}": v for k, v in last_val.items()}}
 
     def progress(self) -> float:
