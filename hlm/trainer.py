@@ -10,6 +10,7 @@ time budget spent, so a wall-clock-limited run still finishes its schedule.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -411,6 +412,14 @@ class Trainer:
             dist.barrier()
         return {"step": self.step, "train_time": self.train_time, **{f"val_{k}": v for k, v in last_val.items()}}
 
+    def close(self) -> None:
+        """Leave the process group. The DDP wrapper goes first: destroyed after the group (at interpreter
+        exit) it can abort the process with gloo."""
+        self.model = None
+        gc.collect()  # the wrapper sits in reference cycles
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def progress(self) -> float:
         tc = self.cfg.train
         p = self.step / max(1, tc.max_steps)
@@ -467,5 +476,4 @@ def train(cfg: Config) -> dict:
     try:
         return trainer.fit()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        trainer.close()

@@ -45,7 +45,7 @@ WORKER = textwrap.dedent("""
     torch.save(trainer.raw_model.state_dict(), f"{out_dir}/weights{rank}.pt")
     with open(f"{out_dir}/starts{rank}.json", "w") as f:
         json.dump({"world": trainer.rt.world, "starts": seen}, f)
-    dist.destroy_process_group()
+    trainer.close()
 """)
 
 STEPS = 4

@@ -218,8 +218,7 @@ def torchrun(data, out_dir, stop_at=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            str(data), str(out_dir), str(stop_at)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    failure = [line for line in proc.stderr.splitlines() if "Error" in line or "what()" in line or "error:" in line]
-    assert proc.returncode == 0, "\n".join(failure[:20]) or proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_ddp_resume_across_the_switch_is_exact(byte_data, tmp_path):
@@ -241,4 +240,4 @@ if __name__ == "__main__":  # the DDP worker of the test above, launched by torc
     try:
         trainer.fit()
     finally:
-        torch.distributed.destroy_process_group()
+        trainer.close()
