@@ -11,6 +11,7 @@ time budget spent, so a wall-clock-limited run still finishes its schedule.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -457,10 +458,23 @@ class Trainer:
         print(" | ".join(parts), flush=True)
 
 
+def quiesce() -> None:
+    """Barrier before tearing down the process group, so that gloo's worker threads have finished
+    freeing the last collectives' tensors: one still doing so when the group is destroyed waits for
+    the GIL held by the destructor (a hang, pytorch#56297) or, at interpreter exit, aborts."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def train(cfg: Config) -> dict:
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        quiesce()
+        return result
     finally:
+        # FSDP modules hold the process group in reference cycles: free them now, not at interpreter exit
+        del trainer
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
