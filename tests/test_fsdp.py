@@ -163,3 +163,19 @@ def test_eval_cli_reads_the_fsdp_checkpoint(fsdp_run, byte_corpus, tmp_path):
     expected = evaluate(model, ids, saved["token_nbytes"], cfg.model.block_size)
     assert row["bytes"] == expected["bytes"] > 0
     assert row["bpb"] == pytest.approx(expected["bpb"], rel=1e-6)
+
+
+def test_single_process_resumes_an_fsdp_checkpoint(fsdp_run, byte_corpus, tmp_path):
+    """Same file format under every mode: one process picks up the sharded run's optimizer state."""
+    _, run_dir = fsdp_run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes())
+    trainer = Trainer(load_config(SMOKE_BYTE, [f"data.path={byte_corpus}", f"train.out_dir={tmp_path / 'run'}",
+                                               *COMMON, "train.batch_size=8", f"train.max_steps={STEPS + 1}"]))
+    assert trainer.step == STEPS
+    saved = load_checkpoint(run_dir / "ckpt.pt")["optimizer"]["state"]
+    state = trainer.optimizer.state_dict()["state"]
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[i][k], v) for i in saved for k, v in saved[i].items())
+    trainer.fit()
+    assert trainer.step == STEPS + 1
