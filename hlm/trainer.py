@@ -406,6 +406,19 @@ class Trainer:
             self.writer.close()
         return {"step": self.step, "train_time": self.train_time, **{f"val_{k}": v for k, v in last_val.items()}}
 
+    def close(self, wait_for_ranks: bool = True) -> None:
+        """Leave the process group. First a barrier (so gloo's worker threads are done freeing the
+        last collectives' tensors), then free the DDP/FSDP modules, which hold the group, while the
+        interpreter is alive: a group destroyed at interpreter exit while a worker thread still
+        needs the GIL aborts the process or hangs (pytorch#56297)."""
+        if not dist.is_initialized():
+            return
+        if wait_for_ranks:
+            dist.barrier()
+        del self.model, self.raw_model, self.optimizer
+        gc.collect()
+        dist.destroy_process_group()
+
     def progress(self) -> float:
         tc = self.cfg.train
         p = self.step / max(1, tc.max_steps)
@@ -458,23 +471,12 @@ class Trainer:
         print(" | ".join(parts), flush=True)
 
 
-def quiesce() -> None:
-    """Barrier before tearing down the process group, so that gloo's worker threads have finished
-    freeing the last collectives' tensors: one still doing so when the group is destroyed waits for
-    the GIL held by the destructor (a hang, pytorch#56297) or, at interpreter exit, aborts."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def train(cfg: Config) -> dict:
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-        quiesce()
-        return result
-    finally:
-        # FSDP modules hold the process group in reference cycles: free them now, not at interpreter exit
-        del trainer
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        trainer.close(wait_for_ranks=False)
+        raise
+    trainer.close()
+    return result

@@ -21,7 +21,7 @@ from hlm.trainer import Trainer
 # and its final weights.
 WORKER = textwrap.dedent("""
     import json, os, sys, time
-    import torch, torch.distributed as dist
+    import torch
     from hlm.config import load_config
     from hlm.data import WindowSampler
     from hlm.trainer import Trainer
@@ -45,7 +45,7 @@ WORKER = textwrap.dedent("""
     torch.save(trainer.raw_model.state_dict(), f"{out_dir}/weights{rank}.pt")
     with open(f"{out_dir}/starts{rank}.json", "w") as f:
         json.dump({"world": trainer.rt.world, "starts": seen}, f)
-    dist.destroy_process_group()
+    trainer.close()
 """)
 
 STEPS = 4

@@ -21,11 +21,11 @@ from hlm.trainer import Trainer
 # Runs the real Trainer under torchrun; STOP_AT=n ends the run right after the checkpoint of step n
 # (a crash that loses nothing saved). Each rank writes the full weights it sees after training.
 WORKER = textwrap.dedent("""
-    import gc, os, sys
-    import torch, torch.distributed as dist
+    import os, sys
+    import torch
     from hlm.config import load_config
     from hlm.parallel import full_state_dicts, is_sharded
-    from hlm.trainer import Trainer, quiesce
+    from hlm.trainer import Trainer
 
     class Stop(Exception):
         pass
@@ -50,10 +50,7 @@ WORKER = textwrap.dedent("""
         torch.save(local, f"{out_dir}/weights{rank}.pt")
         full, _ = full_state_dicts(trainer.raw_model, trainer.optimizer)
         assert bool(full) == (rank == 0)  # the checkpoint state lives on rank 0 only
-    quiesce()
-    del trainer  # as hlm.trainer.train: free the FSDP modules (and their process group) before exit
-    gc.collect()
-    dist.destroy_process_group()
+    trainer.close()
 """)
 
 STEPS = 4
