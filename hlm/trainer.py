@@ -197,16 +197,17 @@ class Trainer:
 
     def _load_weights(self) -> dict | None:
         """Load weights into the unsharded model from out_dir/ckpt.pt (resume: returns that
-        checkpoint for `_restore_training_state`) or from train.init_from."""
+        checkpoint for `_restore_training_state`) or from train.init_from. Checkpoints stay on
+        the CPU (memory-mapped): a sharded run's full state need not fit on one GPU."""
         tc = self.cfg.train
         model_cfg = config_to_dict(self.cfg)["model"]
         if tc.resume and self.ckpt_path.is_file():
-            ckpt = load_checkpoint(self.ckpt_path, self.rt.device)
+            ckpt = load_checkpoint(self.ckpt_path, mmap=True)
             check_same_model(ckpt["config"]["model"], model_cfg, self.ckpt_path)
             load_state(self.raw_model, ckpt["model"], self.ckpt_path)
             return ckpt
         if tc.init_from:
-            ckpt = load_checkpoint(tc.init_from, self.rt.device)
+            ckpt = load_checkpoint(tc.init_from, mmap=True)
             check_same_model(ckpt["config"]["model"], model_cfg, tc.init_from)
             load_state(self.raw_model, ckpt["model"], tc.init_from)
         return None
