@@ -36,12 +36,13 @@ def save_atomic(obj: dict, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """`mmap=True` (CPU only) maps the file instead of reading it: ranks of one host share its pages."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # corrupt or foreign files raise many different types
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 

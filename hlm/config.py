@@ -49,6 +49,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA, off for CPU
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (FSDP2: shard params, grads, optimizer)
     ckpt_interval: int = 1000
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     init_from: str = ""  # start from the weights of this checkpoint (new optimizer and schedule)

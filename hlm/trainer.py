@@ -1,7 +1,8 @@
 """The one training loop for every model family (DESIGN §8).
 
-Single process or `torchrun` (DDP: NCCL on CUDA, gloo on CPU). Each optimizer step runs
-`grad_accum` micro-batches per rank, skipping the gradient all-reduce on all but the last.
+Single process or `torchrun` (NCCL on CUDA, gloo on CPU) with DDP or FSDP2 (`train.parallel`,
+see hlm/parallel.py). Each optimizer step runs `grad_accum` micro-batches per rank, skipping
+the gradient reduction on all but the last.
 The learning rate is warmup (in steps) times a decay over training progress, where progress
 is step/max_steps or, with `train.time_budget_s`, the larger of that and the share of the
 time budget spent, so a wall-clock-limited run still finishes its schedule.
@@ -21,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
 from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_state, save_atomic
@@ -29,6 +29,15 @@ from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
 from hlm.fim import N_SENTINELS, FIMTransform
 from hlm.models import build_model
+from hlm.parallel import (
+    apply_ddp,
+    apply_fsdp,
+    check_mode,
+    clip_grad_norm,
+    full_state_dicts,
+    gradient_sync,
+    load_optimizer_state,
+)
 from hlm.patch import check_patch_support, patch_phases
 
 LN2 = math.log(2)
@@ -117,6 +126,7 @@ class Trainer:
         tc = cfg.train
         if tc.grad_accum < 1 or tc.batch_size < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        check_mode(tc.parallel)
         self.rt = rt = setup_runtime(tc.device)
         self.out_dir = Path(tc.out_dir)
         self.data_dir = Path(cfg.data.path)
@@ -144,10 +154,9 @@ class Trainer:
         self.phases = patch_phases(tc)
         if self.phases.enabled:
             check_patch_support(self.raw_model)
-        self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
         self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
         self._bytes_pending = torch.zeros((), device=rt.device, dtype=torch.float64)  # not yet in bytes_seen
-        self._restore()
+        resume_ckpt = self._load_weights()
 
         use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -169,12 +178,17 @@ class Trainer:
                 * tc.grad_accum * rt.world
         self.peak = peak_flops(rt.device)
 
+        if rt.world > 1 and tc.parallel == "fsdp":  # shards raw_model in place: its state dict keeps its names
+            apply_fsdp(self.raw_model, rt.world, rt.device.type, torch.bfloat16 if use_bf16 else None)
+        self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
+        if resume_ckpt is not None:
+            self._restore_training_state(resume_ckpt)
         model = self.raw_model
         if tc.compile if tc.compile is not None else rt.device.type == "cuda":
             # static shapes: the patch and token phases each get their own specialised graph
             model = torch.compile(model, dynamic=False if self.phases.enabled else None)
-        if rt.world > 1:
-            model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        if rt.world > 1 and tc.parallel == "ddp":
+            model = apply_ddp(model, rt.device)
         self.model = model
         self.writer = None
         if rt.master:
@@ -190,24 +204,32 @@ class Trainer:
     def ckpt_path(self) -> Path:
         return self.out_dir / "ckpt.pt"
 
-    def _restore(self) -> None:
+    def _load_weights(self) -> dict | None:
+        """Load weights into the unsharded model from out_dir/ckpt.pt (resume: returns that
+        checkpoint for `_restore_training_state`) or from train.init_from. Checkpoints stay on
+        the CPU (memory-mapped): a sharded run's full state need not fit on one GPU."""
         tc = self.cfg.train
         model_cfg = config_to_dict(self.cfg)["model"]
         if tc.resume and self.ckpt_path.is_file():
-            ckpt = load_checkpoint(self.ckpt_path, self.rt.device)
+            ckpt = load_checkpoint(self.ckpt_path, mmap=True)
             check_same_model(ckpt["config"]["model"], model_cfg, self.ckpt_path)
             load_state(self.raw_model, ckpt["model"], self.ckpt_path)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.step, self.train_time = ckpt["step"], ckpt["train_time"]
-            self.tokens_seen, self.bytes_seen = ckpt["tokens_seen"], ckpt["bytes_seen"]
-            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-            if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-            self._trim_metrics()
-        elif tc.init_from:
-            ckpt = load_checkpoint(tc.init_from, self.rt.device)
+            return ckpt
+        if tc.init_from:
+            ckpt = load_checkpoint(tc.init_from, mmap=True)
             check_same_model(ckpt["config"]["model"], model_cfg, tc.init_from)
             load_state(self.raw_model, ckpt["model"], tc.init_from)
+        return None
+
+    def _restore_training_state(self, ckpt: dict) -> None:
+        """Optimizer, counters and RNG of a resumed run (after the optimizer exists)."""
+        load_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"])
+        self.step, self.train_time = ckpt["step"], ckpt["train_time"]
+        self.tokens_seen, self.bytes_seen = ckpt["tokens_seen"], ckpt["bytes_seen"]
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        self._trim_metrics()
 
     def _trim_metrics(self) -> None:
         """Drop metric records logged after the checkpoint we resume from."""
@@ -223,11 +245,12 @@ class Trainer:
 
     def save(self) -> None:
         self._sync_seen()
+        model_state, optimizer_state = full_state_dicts(self.raw_model, self.optimizer)  # FSDP: a collective
         if not self.rt.master:
             return
         ckpt = {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": self.step,
             "train_time": self.train_time,
             "tokens_seen": self.tokens_seen,
@@ -301,16 +324,20 @@ class Trainer:
         bs = ec.batch_size or self.cfg.train.batch_size
         stride = self.window - 1
         n_windows = (self.val_split.n_tokens - 1) // stride
-        starts = np.arange(min(n_windows, ec.batches * bs)) * stride
-        starts = starts[self.rt.rank :: self.rt.world]
+        every_start = np.arange(min(n_windows, ec.batches * bs)) * stride
+        starts = every_start[self.rt.rank :: self.rt.world]
+        n_batches = -(-len(every_start[:: self.rt.world]) // bs)  # rank 0 has the most windows
         self.model.eval()
         sums = torch.zeros(3, device=self.rt.device, dtype=torch.float64)
-        for i in range(0, len(starts), bs):
-            x = self.val_split.windows(starts[i : i + bs], self.window).to(self.rt.device)
+        for i in range(n_batches):
+            # every rank runs the same number of forwards (FSDP gathers parameters collectively);
+            # a rank out of windows scores one window and counts it zero times
+            chunk, weight = (starts[i * bs : (i + 1) * bs], 1.0) if i * bs < len(starts) else (every_start[:1], 0.0)
+            x = self.val_split.windows(chunk, self.window).to(self.rt.device)
             with self.autocast:
                 out = self.raw_model(x)
-            sums += torch.stack([out.nll.double().sum(), self.token_nbytes[x[:, 1:]].sum().double(),
-                                 torch.tensor(out.nll.numel(), device=self.rt.device, dtype=torch.float64)])
+            sums += weight * torch.stack([out.nll.double().sum(), self.token_nbytes[x[:, 1:]].sum().double(),
+                                          torch.tensor(out.nll.numel(), device=self.rt.device, dtype=torch.float64)])
         self.model.train()
         nll, nbytes, ntok = self.all_sum(sums).tolist()
         return {"bpb": nll / (LN2 * nbytes), "loss": nll / ntok, "bytes": int(nbytes)}
@@ -335,7 +362,7 @@ class Trainer:
             kwargs = {"patch_size": patch_size} if patch_size > 1 else \
                 self._side_batch(self.sampler, self.train_split, self.step, micro)
             sync = self.rt.world == 1 or micro == tc.grad_accum - 1
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with gradient_sync(self.model, sync):
                 with self.autocast:
                     out = self.model(x, **kwargs)
                 (out.loss / tc.grad_accum).backward()
@@ -346,7 +373,7 @@ class Trainer:
                 metrics[k] = metrics.get(k, 0) + v.detach().float() / tc.grad_accum
         grad_norm = None
         if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip)
+            grad_norm = clip_grad_norm(self.raw_model.parameters(), tc.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -408,17 +435,20 @@ class Trainer:
                 t_log = time.perf_counter()
         if self.writer is not None:
             self.writer.close()
-        if rt.world > 1:  # leave together: a rank tearing down gloo while rank 0 still saves can abort
-            dist.barrier()
         return {"step": self.step, "train_time": self.train_time, **{f"val_{k}": v for k, v in last_val.items()}}
 
-    def close(self) -> None:
-        """Leave the process group. The DDP wrapper goes first: destroyed after the group (at interpreter
-        exit) it can abort the process with gloo."""
-        self.model = None
-        gc.collect()  # the wrapper sits in reference cycles
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, wait_for_ranks: bool = True) -> None:
+        """Leave the process group. First a barrier (so gloo's worker threads are done freeing the
+        last collectives' tensors), then free the DDP/FSDP modules, which hold the group, while the
+        interpreter is alive: a group destroyed at interpreter exit while a worker thread still
+        needs the GIL aborts the process or hangs (pytorch#56297)."""
+        if not dist.is_initialized():
+            return
+        if wait_for_ranks:
+            dist.barrier()
+        del self.model, self.raw_model, self.optimizer
+        gc.collect()
+        dist.destroy_process_group()
 
     def progress(self) -> float:
         tc = self.cfg.train
@@ -474,6 +504,9 @@ class Trainer:
 def train(cfg: Config) -> dict:
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+        result = trainer.fit()
+    except BaseException:
+        trainer.close(wait_for_ranks=False)
+        raise
+    trainer.close()
+    return result

@@ -21,7 +21,7 @@ from hlm.trainer import Trainer
 # and its final weights.
 WORKER = textwrap.dedent("""
     import json, os, sys, time
-    import torch, torch.distributed as dist
+    import torch
     from hlm.config import load_config
     from hlm.data import WindowSampler
     from hlm.trainer import Trainer

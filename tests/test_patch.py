@@ -237,7 +237,5 @@ if __name__ == "__main__":  # the DDP worker of the test above, launched by torc
     data_dir, run_dir, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
     trainer = StoppingTrainer(run_config(data_dir, run_dir))
     trainer.stop_at = stop or trainer.cfg.train.max_steps
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    trainer.fit()
+    trainer.close()
