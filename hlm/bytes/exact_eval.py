@@ -325,8 +325,8 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
     tok = rules.tok
     autocast = autocast or contextlib.nullcontext()
     device = torch.device(device)
-    masks = _MaskTable(rules, device)
     perm = rules.index.perm.to(device)
+    invalid, key_row = _invalid_masks(rules, flat.mask_key, device)
     q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
     by_node = tuple(x.to(device) for x in flat.by_node)
     by_parent = tuple(x.to(device) for x in flat.by_parent)
@@ -354,18 +354,17 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
             out = logits[rows[c : c + chunk_rows].to(device)]
             lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
             lp = lp[:, : tok.vocab_size]
-            valid = masks.rows([flat.mask_key[v] for v in nodes[c : c + chunk_rows].tolist()])
-            csum = F.pad((lp.double().exp() * valid)[:, perm].cumsum(dim=1), (1, 0))
+            csum = lp[:, perm].double().exp_().masked_fill_(invalid[key_row[g]], 0).cumsum_(dim=1)
             row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
                 eos_lp[g] = lp[:, tok.eos_id].double()
             sel = _select(by_node, g)
             j = row_of[q_node[sel]]
-            range_lp[sel] = (csum[j, q_hi[sel]] - csum[j, q_lo[sel]]).clamp_min(1e-300).log()
+            range_lp[sel] = (_prefix_sum(csum, j, q_hi[sel]) - _prefix_sum(csum, j, q_lo[sel])).clamp_min(1e-300).log()
             if full:
                 dq = den_of_query[sel]
                 has = dq >= 0
-                edges = csum[j[has, None], bounds[which[dq[has]]]]
+                edges = _prefix_sum(csum, j[has, None], bounds[which[dq[has]]])
                 bins_lp[dq[has]] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
             k = _select(by_parent, g)
             kids = kids_all[k]
@@ -393,22 +392,25 @@ def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(np.stack(rows)), torch.tensor(which, dtype=torch.int64)
 
 
-class _MaskTable:
-    """Validity masks kept on the device, one row per distinct (last token, mid-character) key."""
+def _prefix_sum(csum: torch.Tensor, row: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+    """Sum of the first `edge` entries of each row (csum holds inclusive prefix sums, so edge 0 gives 0)."""
+    value = csum[row, (edge - 1).clamp_min(0)]
+    return torch.where(edge > 0, value, torch.zeros_like(value))
 
-    def __init__(self, rules: ConversionRules, device: torch.device):
-        self.rules, self.device = rules, device
-        self.row: dict[tuple[int | None, bool], int] = {}
-        self.table = torch.zeros(0, rules.tok.vocab_size, dtype=torch.bool, device=device)
 
-    def rows(self, keys: list[tuple[int | None, bool]]) -> torch.Tensor:
-        new = list(dict.fromkeys(k for k in keys if k not in self.row))
-        if new:
-            fresh = torch.stack([self.rules.next_mask(*k) for k in new]).to(self.device)
-            base = len(self.row)
-            self.row.update((k, base + i) for i, k in enumerate(new))
-            self.table = torch.cat([self.table, fresh])
-        return self.table[torch.tensor([self.row[k] for k in keys], device=self.device)]
+def _invalid_masks(rules: ConversionRules, keys: list[tuple[int | None, bytes]],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool[distinct keys, sorted vocab]: the tokens that may NOT follow a node (in sorted-vocabulary order,
+    like the prefix sums), built once on the device; and the row of every node's (last token, partial) key."""
+    row: dict[tuple[int | None, bytes], int] = {}
+    key_row = torch.tensor([row.setdefault(k, len(row)) for k in keys], dtype=torch.int64)
+    distinct = list(row)
+    perm = rules.index.perm
+    table = torch.empty(len(distinct), len(perm), dtype=torch.bool, device=device)
+    for i in range(0, len(distinct), 1024):
+        block = torch.stack([rules.next_mask(*k) for k in distinct[i : i + 1024]])
+        table[i : i + len(block)] = ~block[:, perm].to(device)
+    return table, key_row.to(device)
 
 
 def _pack(batch, plans: list[DocPlan], flat: _Flat):
