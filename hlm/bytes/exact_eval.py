@@ -344,6 +344,7 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
         den_of_query = den_of_query.to(device)
         bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
     windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
+    sorted_lp = sorted_p = None
     for i in range(0, len(windows), batch_size):
         ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
         with autocast:
@@ -354,7 +355,11 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
             out = logits[rows[c : c + chunk_rows].to(device)]
             lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
             lp = lp[:, : tok.vocab_size]
-            csum = lp[:, perm].double().exp_().masked_fill_(invalid[key_row[g]], 0).cumsum_(dim=1)
+            if sorted_lp is None or len(sorted_lp) < len(g):  # reused buffers: one chunk of the sorted vocab
+                sorted_lp = lp.new_empty(len(g), len(perm))
+                sorted_p = torch.empty(len(g), len(perm), dtype=torch.float64, device=device)
+            torch.index_select(lp, 1, perm, out=sorted_lp[: len(g)])
+            csum = sorted_p[: len(g)].copy_(sorted_lp[: len(g)]).exp_().masked_fill_(invalid[key_row[g]], 0).cumsum_(1)
             row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
                 eos_lp[g] = lp[:, tok.eos_id].double()
