@@ -186,7 +186,12 @@ def _windows(plan: DocPlan, block: int) -> list[list[int]]:
     anchor = [0] * len(plan.parent)
     for v in range(1, len(plan.parent)):
         anchor[v] = on_trunk[v] if v in on_trunk else anchor[plan.parent[v]]
-    plan.__dict__["anchor"], plan.__dict__["on_trunk"] = anchor, on_trunk
+    trunk_mask = torch.zeros(len(plan.parent), dtype=torch.bool)
+    trunk_mask[plan.trunk] = True
+    depth = torch.tensor(plan.depth, dtype=torch.int64)
+    plan.__dict__["nodes"] = {"depth": depth, "on_trunk": trunk_mask, "token": torch.tensor(plan.token),
+                              "parent": torch.tensor(plan.parent, dtype=torch.int64),
+                              "anchor_depth": depth[torch.tensor(plan.trunk)[torch.tensor(anchor)]]}
     spill = max(d - plan.depth[plan.trunk[a]] for d, a in zip(plan.depth, anchor, strict=True))
     stride = block - spill
     if stride < 1:
@@ -428,27 +433,25 @@ def _pack(batch, plans: list[DocPlan], flat: _Flat):
     mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
     rows, nodes = [], []
     for r, (d, window) in enumerate(batch):
-        plan = plans[d]
+        info = plans[d].nodes
         n = len(window)
-        base = plan.depth[window[0]]
-        depth = torch.tensor([plan.depth[v] - base for v in window])
-        trunk = torch.tensor([v in plan.on_trunk for v in window])
-        anchor_depth = torch.tensor([plan.depth[plan.trunk[plan.anchor[v]]] - base for v in window])
-        ids[r, :n] = torch.tensor([plan.token[v] for v in window])
+        w = torch.tensor(window, dtype=torch.int64)  # ascending node ids
+        base = info["depth"][w[0]]
+        depth, trunk = info["depth"][w] - base, info["on_trunk"][w]
+        ids[r, :n] = info["token"][w]
         pos[r, :n] = depth
-        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= anchor_depth[:, None])
-        where = {v: k for k, v in enumerate(window)}
-        pairs = []
-        for k, v in enumerate(window):
-            while v not in plan.on_trunk:  # the off-trunk chain above (and including) this node
-                pairs.append((k, where[v]))
-                v = plan.parent[v]
-        if pairs:
-            mask[r, 0, [k for k, _ in pairs], [j for _, j in pairs]] = True
+        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= (info["anchor_depth"][w] - base)[:, None])
+        k = torch.nonzero(~trunk).flatten()
+        v = w[k]
+        while len(k):  # the off-trunk chain above (and including) each off-trunk node
+            mask[r, 0, k, torch.searchsorted(w, v)] = True
+            v = info["parent"][v]
+            off = ~info["on_trunk"][v]
+            k, v = k[off], v[off]
         mask[r, 0, torch.arange(length), torch.arange(length)] = True
-        rows.extend(range(r * length, r * length + n))
-        nodes.extend(v + flat.offset[d] for v in window)
-    return ids, pos, mask, torch.tensor(rows), torch.tensor(nodes)
+        rows.append(torch.arange(r * length, r * length + n))
+        nodes.append(w + flat.offset[d])
+    return ids, pos, mask, torch.cat(rows), torch.cat(nodes)
 
 
 def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
