@@ -357,7 +357,9 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
         logits = logits.flatten(0, 1)
         for c in range(0, len(rows), chunk_rows):
             g = nodes[c : c + chunk_rows].to(device)
-            out = logits[rows[c : c + chunk_rows].to(device)]
+            span = rows[c : c + chunk_rows]
+            first, last = int(span[0]), int(span[-1])
+            out = logits[first : last + 1] if last - first == len(span) - 1 else logits[span.to(device)]  # no copy
             lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
             lp = lp[:, : tok.vocab_size]
             if sorted_lp is None or len(sorted_lp) < len(g):  # reused buffers: one chunk of the sorted vocab
