@@ -154,7 +154,8 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
         jobs.extend((d, dummy + x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
     _WORKER.update(rules=rules, start_id=start_id)
     if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
+        with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
             results = pool.map(_plan_segment, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
     else:
         results = [_plan_segment(job) for job in jobs]
