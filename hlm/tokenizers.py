@@ -91,20 +91,22 @@ class _ConversionMixin:
         parts, as in trained vocabularies; tests check it against `pair_valid`."""
         cache = self.__dict__.setdefault("_pair_masks", {})
         if a not in cache:
-            best = torch.full((self.vocab_size,), float("inf"), dtype=torch.float64)
             table = self._merges_from_left()
+            ys, ranks = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.float64)]
             for x, limit in self._right_spine(a):
                 if x in table:
-                    ys, ranks = table[x]
-                    keep = ranks < limit
-                    best.scatter_reduce_(0, ys[keep], ranks[keep], "amin")
+                    keep = table[x][1] < limit
+                    ys.append(table[x][0][keep])
+                    ranks.append(table[x][1][keep])
+            crossed, which = torch.unique(torch.cat(ys), return_inverse=True)  # left-edge nodes a merge reaches
+            best = torch.full((len(crossed),), float("inf"), dtype=torch.float64)
+            best.scatter_reduce_(0, which, torch.cat(ranks), "amin")  # the earliest merge across the boundary
             owner, limit, start, count = self._spine_entries()
-            crossed = torch.nonzero(best.isfinite()).flatten()  # left-edge nodes some boundary merge reaches
             lens = count[crossed]
             total = int(lens.sum())
             first = torch.repeat_interleave(start[crossed] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
             entry = first + torch.arange(total)
-            fires = torch.repeat_interleave(best[crossed], lens, output_size=total) <= limit[entry]
+            fires = torch.repeat_interleave(best, lens, output_size=total) <= limit[entry]
             mask = self._has_bytes().clone()
             mask[owner[entry[fires]]] = False
             if len(cache) > 4096:
