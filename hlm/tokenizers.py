@@ -91,20 +91,42 @@ class _ConversionMixin:
         parts, as in trained vocabularies; tests check it against `pair_valid`."""
         cache = self.__dict__.setdefault("_pair_masks", {})
         if a not in cache:
-            nodes, parent_rank = self._left_spines()
-            best = torch.full((self.vocab_size + 1,), float("inf"), dtype=torch.float64)
             table = self._merges_from_left()
+            ys, ranks = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.float64)]
             for x, limit in self._right_spine(a):
                 if x in table:
-                    ys, ranks = table[x]
-                    keep = ranks < limit
-                    best.scatter_reduce_(0, ys[keep], ranks[keep], "amin")
-            cross = best[nodes]
-            invalid = ((cross <= parent_rank) & cross.isfinite()).any(dim=1)
+                    keep = table[x][1] < limit
+                    ys.append(table[x][0][keep])
+                    ranks.append(table[x][1][keep])
+            crossed, which = torch.unique(torch.cat(ys), return_inverse=True)  # left-edge nodes a merge reaches
+            best = torch.full((len(crossed),), float("inf"), dtype=torch.float64)
+            best.scatter_reduce_(0, which, torch.cat(ranks), "amin")  # the earliest merge across the boundary
+            owner, limit, start, count = self._spine_entries()
+            lens = count[crossed]
+            total = int(lens.sum())
+            first = torch.repeat_interleave(start[crossed] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+            entry = first + torch.arange(total)
+            fires = torch.repeat_interleave(best, lens, output_size=total) <= limit[entry]
+            mask = self._has_bytes().clone()
+            mask[owner[entry[fires]]] = False
             if len(cache) > 4096:
                 cache.clear()
-            cache[a] = ~invalid & self._has_bytes()
+            cache[a] = mask
         return cache[a]
+
+    def _spine_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The left-spine entries of `_left_spines` grouped by node: (token, rank that merges the node away)
+        of each entry, and (start, count) of every node's entries, so a pair mask touches only merged nodes."""
+        if getattr(self, "_spine_csr", None) is None:
+            nodes, ranks = self._left_spines()
+            owner = torch.arange(self.vocab_size).repeat_interleave(nodes.shape[1])
+            nodes, ranks = nodes.flatten(), ranks.flatten()
+            real = nodes < self.vocab_size
+            nodes, ranks, owner = nodes[real], ranks[real], owner[real]
+            order = torch.argsort(nodes, stable=True)
+            count = torch.bincount(nodes, minlength=self.vocab_size)
+            self._spine_csr = (owner[order], ranks[order], torch.cumsum(count, 0) - count, count)
+        return self._spine_csr
 
     def _has_bytes(self) -> torch.Tensor:
         if getattr(self, "_nonempty", None) is None:

@@ -90,7 +90,7 @@ class ConversionRules:
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
         self._masks: dict[tuple[int | None, bool], torch.Tensor] = {}
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
-            tok._left_spines()
+            tok._spine_entries()
             tok._merges_from_left()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]

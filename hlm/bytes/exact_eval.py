@@ -154,7 +154,8 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
         jobs.extend((d, dummy + x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
     _WORKER.update(rules=rules, start_id=start_id)
     if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
+        with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
             results = pool.map(_plan_segment, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
     else:
         results = [_plan_segment(job) for job in jobs]
@@ -186,7 +187,12 @@ def _windows(plan: DocPlan, block: int) -> list[list[int]]:
     anchor = [0] * len(plan.parent)
     for v in range(1, len(plan.parent)):
         anchor[v] = on_trunk[v] if v in on_trunk else anchor[plan.parent[v]]
-    plan.__dict__["anchor"], plan.__dict__["on_trunk"] = anchor, on_trunk
+    trunk_mask = torch.zeros(len(plan.parent), dtype=torch.bool)
+    trunk_mask[plan.trunk] = True
+    depth = torch.tensor(plan.depth, dtype=torch.int64)
+    plan.__dict__["nodes"] = {"depth": depth, "on_trunk": trunk_mask, "token": torch.tensor(plan.token),
+                              "parent": torch.tensor(plan.parent, dtype=torch.int64),
+                              "anchor_depth": depth[torch.tensor(plan.trunk)[torch.tensor(anchor)]]}
     spill = max(d - plan.depth[plan.trunk[a]] for d, a in zip(plan.depth, anchor, strict=True))
     stride = block - spill
     if stride < 1:
@@ -325,8 +331,8 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
     tok = rules.tok
     autocast = autocast or contextlib.nullcontext()
     device = torch.device(device)
-    masks = _MaskTable(rules, device)
     perm = rules.index.perm.to(device)
+    invalid, key_row = _invalid_masks(rules, flat.mask_key, device)
     q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
     by_node = tuple(x.to(device) for x in flat.by_node)
     by_parent = tuple(x.to(device) for x in flat.by_parent)
@@ -344,6 +350,7 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
         den_of_query = den_of_query.to(device)
         bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
     windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
+    sorted_lp = sorted_p = None
     for i in range(0, len(windows), batch_size):
         ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
         with autocast:
@@ -351,21 +358,26 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
         logits = logits.flatten(0, 1)
         for c in range(0, len(rows), chunk_rows):
             g = nodes[c : c + chunk_rows].to(device)
-            out = logits[rows[c : c + chunk_rows].to(device)]
+            span = rows[c : c + chunk_rows]
+            first, last = int(span[0]), int(span[-1])
+            out = logits[first : last + 1] if last - first == len(span) - 1 else logits[span.to(device)]  # no copy
             lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
             lp = lp[:, : tok.vocab_size]
-            valid = masks.rows([flat.mask_key[v] for v in nodes[c : c + chunk_rows].tolist()])
-            csum = F.pad((lp.double().exp() * valid)[:, perm].cumsum(dim=1), (1, 0))
+            if sorted_lp is None or len(sorted_lp) < len(g):  # reused buffers: one chunk of the sorted vocab
+                sorted_lp = lp.new_empty(len(g), len(perm))
+                sorted_p = torch.empty(len(g), len(perm), dtype=torch.float64, device=device)
+            torch.index_select(lp, 1, perm, out=sorted_lp[: len(g)])
+            csum = sorted_p[: len(g)].copy_(sorted_lp[: len(g)]).exp_().masked_fill_(invalid[key_row[g]], 0).cumsum_(1)
             row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
                 eos_lp[g] = lp[:, tok.eos_id].double()
             sel = _select(by_node, g)
             j = row_of[q_node[sel]]
-            range_lp[sel] = (csum[j, q_hi[sel]] - csum[j, q_lo[sel]]).clamp_min(1e-300).log()
+            range_lp[sel] = (_prefix_sum(csum, j, q_hi[sel]) - _prefix_sum(csum, j, q_lo[sel])).clamp_min(1e-300).log()
             if full:
                 dq = den_of_query[sel]
                 has = dq >= 0
-                edges = csum[j[has, None], bounds[which[dq[has]]]]
+                edges = _prefix_sum(csum, j[has, None], bounds[which[dq[has]]])
                 bins_lp[dq[has]] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
             k = _select(by_parent, g)
             kids = kids_all[k]
@@ -393,22 +405,25 @@ def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(np.stack(rows)), torch.tensor(which, dtype=torch.int64)
 
 
-class _MaskTable:
-    """Validity masks kept on the device, one row per distinct (last token, mid-character) key."""
+def _prefix_sum(csum: torch.Tensor, row: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+    """Sum of the first `edge` entries of each row (csum holds inclusive prefix sums, so edge 0 gives 0)."""
+    value = csum[row, (edge - 1).clamp_min(0)]
+    return torch.where(edge > 0, value, torch.zeros_like(value))
 
-    def __init__(self, rules: ConversionRules, device: torch.device):
-        self.rules, self.device = rules, device
-        self.row: dict[tuple[int | None, bool], int] = {}
-        self.table = torch.zeros(0, rules.tok.vocab_size, dtype=torch.bool, device=device)
 
-    def rows(self, keys: list[tuple[int | None, bool]]) -> torch.Tensor:
-        new = list(dict.fromkeys(k for k in keys if k not in self.row))
-        if new:
-            fresh = torch.stack([self.rules.next_mask(*k) for k in new]).to(self.device)
-            base = len(self.row)
-            self.row.update((k, base + i) for i, k in enumerate(new))
-            self.table = torch.cat([self.table, fresh])
-        return self.table[torch.tensor([self.row[k] for k in keys], device=self.device)]
+def _invalid_masks(rules: ConversionRules, keys: list[tuple[int | None, bytes]],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool[distinct keys, sorted vocab]: the tokens that may NOT follow a node (in sorted-vocabulary order,
+    like the prefix sums), built once on the device; and the row of every node's (last token, partial) key."""
+    row: dict[tuple[int | None, bytes], int] = {}
+    key_row = torch.tensor([row.setdefault(k, len(row)) for k in keys], dtype=torch.int64)
+    distinct = list(row)
+    perm = rules.index.perm
+    table = torch.empty(len(distinct), len(perm), dtype=torch.bool, device=device)
+    for i in range(0, len(distinct), 1024):
+        block = torch.stack([rules.next_mask(*k) for k in distinct[i : i + 1024]])
+        table[i : i + len(block)] = ~block[:, perm].to(device)
+    return table, key_row.to(device)
 
 
 def _pack(batch, plans: list[DocPlan], flat: _Flat):
@@ -421,27 +436,25 @@ def _pack(batch, plans: list[DocPlan], flat: _Flat):
     mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
     rows, nodes = [], []
     for r, (d, window) in enumerate(batch):
-        plan = plans[d]
+        info = plans[d].nodes
         n = len(window)
-        base = plan.depth[window[0]]
-        depth = torch.tensor([plan.depth[v] - base for v in window])
-        trunk = torch.tensor([v in plan.on_trunk for v in window])
-        anchor_depth = torch.tensor([plan.depth[plan.trunk[plan.anchor[v]]] - base for v in window])
-        ids[r, :n] = torch.tensor([plan.token[v] for v in window])
+        w = torch.tensor(window, dtype=torch.int64)  # ascending node ids
+        base = info["depth"][w[0]]
+        depth, trunk = info["depth"][w] - base, info["on_trunk"][w]
+        ids[r, :n] = info["token"][w]
         pos[r, :n] = depth
-        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= anchor_depth[:, None])
-        where = {v: k for k, v in enumerate(window)}
-        pairs = []
-        for k, v in enumerate(window):
-            while v not in plan.on_trunk:  # the off-trunk chain above (and including) this node
-                pairs.append((k, where[v]))
-                v = plan.parent[v]
-        if pairs:
-            mask[r, 0, [k for k, _ in pairs], [j for _, j in pairs]] = True
+        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= (info["anchor_depth"][w] - base)[:, None])
+        k = torch.nonzero(~trunk).flatten()
+        v = w[k]
+        while len(k):  # the off-trunk chain above (and including) each off-trunk node
+            mask[r, 0, k, torch.searchsorted(w, v)] = True
+            v = info["parent"][v]
+            off = ~info["on_trunk"][v]
+            k, v = k[off], v[off]
         mask[r, 0, torch.arange(length), torch.arange(length)] = True
-        rows.extend(range(r * length, r * length + n))
-        nodes.extend(v + flat.offset[d] for v in window)
-    return ids, pos, mask, torch.tensor(rows), torch.tensor(nodes)
+        rows.append(torch.arange(r * length, r * length + n))
+        nodes.append(w + flat.offset[d])
+    return ids, pos, mask, torch.cat(rows), torch.cat(nodes)
 
 
 def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
