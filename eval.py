@@ -27,7 +27,7 @@ import torch
 
 from hlm import HLMError
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint
-from hlm.evaluate import encode_stream, evaluate, split_documents
+from hlm.evaluate import encode_stream, evaluate, inference_autocast, split_documents
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +86,8 @@ def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:
     from hlm.bytes.exact_eval import exact_bpb
 
     dev = torch.device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-    res = exact_bpb(model, tok, docs, ckpt["data_meta"]["separator_id"], dev, args.batch_size, autocast=autocast,
+    res = exact_bpb(model, tok, docs, ckpt["data_meta"]["separator_id"], dev, args.batch_size,
+                    autocast=inference_autocast(dev),
                     workers=args.workers)
     res.pop("per_doc")
     return res
@@ -104,7 +104,7 @@ def ensemble_row(docs: list[bytes], source: str, args) -> dict:
     from hlm.bytes.exact_eval import exact_prefix_logprobs
 
     dev = torch.device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+    autocast = inference_autocast(dev)
     t0 = time.perf_counter()
     members, rows = [], []
     for path in args.checkpoints:

@@ -8,6 +8,7 @@ starts with one context-only document separator; every other position is scored 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -49,8 +50,6 @@ def score_stream(model: torch.nn.Module, ids: torch.Tensor, token_nbytes: torch.
                  stride: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
                  autocast=None) -> dict:
     """Sum of NLL (nats), bytes and tokens over every scored target of `ids`."""
-    import contextlib
-
     autocast = autocast or contextlib.nullcontext()
     windows = eval_windows(len(ids), block, stride)
     token_nbytes = token_nbytes.to(device)
@@ -72,15 +71,21 @@ def score_stream(model: torch.nn.Module, ids: torch.Tensor, token_nbytes: torch.
     return {"nll": nll_sum.item(), "bytes": int(byte_sum.item()), "tokens": n_tokens}
 
 
+def inference_autocast(device: torch.device | str):
+    """bf16 autocast for scoring and sampling on CUDA, a no-op context elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def evaluate(model: torch.nn.Module, ids: torch.Tensor, token_nbytes: torch.Tensor, block: int,
              stride: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu") -> dict:
     """Score a stream and report bpb, perplexity per token, bytes, seconds and bytes/s."""
     if len(ids) < 2:
         raise DataError("nothing to score: the text is empty")
     dev = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
     t0 = time.perf_counter()
-    sums = score_stream(model, ids, token_nbytes, block, stride, batch_size, dev, autocast)
+    sums = score_stream(model, ids, token_nbytes, block, stride, batch_size, dev, inference_autocast(dev))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

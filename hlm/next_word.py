@@ -14,12 +14,12 @@ start the model cannot see) and its last word (whose end is not in the window) a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 import torch
 
 from hlm import HLMError
+from hlm.evaluate import encode_stream, inference_autocast, split_documents
 from hlm.splitter import PrefixState
 
 
@@ -46,7 +46,7 @@ def next_word_accuracy(model: torch.nn.Module, ids: torch.Tensor, block: int, ba
                        device: torch.device | str = "cpu", max_word_bytes: int = 64) -> dict:
     """Next-word accuracy of a byte model (with `next_logprobs`) over a byte stream ids [N]."""
     dev = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    autocast = inference_autocast(dev)
     n_full = len(ids) // block
     groups = [ids[: n_full * block].view(n_full, block)]
     if len(ids) - n_full * block >= 2:
@@ -68,7 +68,6 @@ def next_word_accuracy(model: torch.nn.Module, ids: torch.Tensor, block: int, ba
 
 def main(argv: list[str] | None = None) -> int:
     from hlm.checkpoint import load_model
-    from hlm.evaluate import encode_stream, split_documents
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
+from hlm.models.blocks import at_least_fp32
 
 LN2 = math.log(2)
 
@@ -361,7 +362,7 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
             span = rows[c : c + chunk_rows]
             first, last = int(span[0]), int(span[-1])
             out = logits[first : last + 1] if last - first == len(span) - 1 else logits[span.to(device)]  # no copy
-            lp = F.log_softmax(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, dim=-1)
+            lp = F.log_softmax(at_least_fp32(out), dim=-1)
             lp = lp[:, : tok.vocab_size]
             if sorted_lp is None or len(sorted_lp) < len(g):  # reused buffers: one chunk of the sorted vocab
                 sorted_lp = lp.new_empty(len(g), len(perm))

@@ -77,7 +77,7 @@ class GPT(nn.Module):
                              f"patches, got {L}")
         n_patches = L // patch_size - 1
         logits = self.head(self.hidden(self.patch_embeddings(idx[:, :-patch_size], patch_size)))
-        logprobs = F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        logprobs = F.log_softmax(at_least_fp32(logits), dim=-1)
         targets = idx[:, patch_size:].view(B, n_patches, patch_size)
         nll = -logprobs.gather(-1, targets).view(B, n_patches * patch_size)
         return ModelOutput(nll.mean(), nll, {})
