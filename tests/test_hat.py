@@ -44,9 +44,10 @@ def test_smoke_config_builds_a_hat():
         HAT(HATConfig(max_word_bytes=3))
 
 
+@pytest.mark.parametrize("byte_window", [0, 5])  # 5: local attention in the byte encoder and decoder
 @pytest.mark.parametrize("max_words", [64, 6])  # 64: no overflow; 6: most of each window is in overflow
-def test_causal(max_words):
-    model = tiny(max_words=max_words)
+def test_causal(max_words, byte_window):
+    model = tiny(max_words=max_words, byte_window=byte_window)
     idx = windows(49)
     with torch.no_grad():
         base = model(idx).nll
@@ -56,9 +57,20 @@ def test_causal(max_words):
             assert torch.equal(model(other).nll[:, : j - 1], base[:, : j - 1])
 
 
+def test_byte_window_is_local_attention():
+    """Same weights (the window adds none): predictions agree while each byte still sees every byte
+    before it (the first `window` positions) and differ after."""
+    idx = windows(49)
+    with torch.no_grad():
+        full, local = tiny()(idx).nll, tiny(byte_window=5)(idx).nll
+    torch.testing.assert_close(local[:, :5], full[:, :5], rtol=0, atol=1e-12)
+    assert (local[:, 5:] - full[:, 5:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("byte_window", [0, 5])
 @pytest.mark.parametrize("max_words", [64, 6])
-def test_next_logprobs_proper_and_equal_teacher_forcing(max_words):
-    model = tiny(max_words=max_words)
+def test_next_logprobs_proper_and_equal_teacher_forcing(max_words, byte_window):
+    model = tiny(max_words=max_words, byte_window=byte_window)
     idx = windows(49)
     with torch.no_grad():
         out = model(idx)
@@ -85,10 +97,11 @@ def test_every_next_byte_equals_teacher_forcing(prefix):
     torch.testing.assert_close(lp, -nll, rtol=0, atol=1e-10)
 
 
-def test_generation_matches_teacher_forcing():
+@pytest.mark.parametrize("byte_window", [0, 5])
+def test_generation_matches_teacher_forcing(byte_window):
     """The cached sampler (backbone once per word) draws from next_logprobs: the log-prob it reports
     for each sampled byte equals teacher forcing on the generated text."""
-    model = tiny()
+    model = tiny(byte_window=byte_window)
     prompt = list(b"Gary Kildall was")
     g = torch.Generator().manual_seed(1)
     pairs = list(model._stream_row(torch.tensor([prompt]), 30, 1.0, None, g, False))
@@ -112,11 +125,12 @@ def test_generated_text_is_utf8():
     assert rows.shape == (2, 15)
 
 
-def test_compile_matches_eager():
+@pytest.mark.parametrize("byte_window", [0, 8])
+def test_compile_matches_eager(byte_window):
     """One graph (fullgraph: no breaks, no host syncs) with the same outputs and gradients."""
     torch.manual_seed(0)
     model = HAT(HATConfig(block_size=32, max_words=12, max_word_bytes=8, d_byte=16, n_head_byte=2, n_enc_layer=1,
-                          n_dec_layer=1, d_model=16, n_head=2, n_layer=1))
+                          n_dec_layer=1, byte_window=byte_window, d_model=16, n_head=2, n_layer=1))
     idx = windows(33)
     eager = model(idx)
     eager.loss.backward()

@@ -6,11 +6,13 @@ Thawani et al. 2023).
 
 - Words come from the causal splitter of `hlm.splitter` (HAT-style: leading space + letters +
   trailing punctuation), computed inside the model from the bytes of the window.
-- Encoder: a small byte transformer, causal over the whole window (not intra-word).
+- Encoder: a small byte transformer, causal over the window (not intra-word); with
+  `byte_window > 0` each byte attends to that many bytes back (local attention, as the
+  hourglass byte layers), which bounds the byte stacks' attention cost.
 - Pooling: per head, a learned query attends over the bytes of one word only (a segment
   softmax with scatter ops; no [B, T, words] matrix).
 - Backbone: a causal transformer over the word vectors (the big model).
-- Decoder: a small byte transformer, causal over the window. The input at byte t of word w+1
+- Decoder: a small byte transformer, causal over the window (local as the encoder). The input at byte t of word w+1
   is the encoder state plus a projection of the backbone output of word w (a learned vector
   for the first word of the window): one key, so this is cross-attention to that word.
 - Head: 257-way, the 256 bytes and end-of-word (EOW). Bytes that would start a new word (by
@@ -26,9 +28,10 @@ conditioned on the last word that fits (counted as `overflow_frac` in the metric
 start and end anywhere: the first byte of a window starts its first word (conditioned on the
 learned first-word vector), and a word cut by the end of the window is simply never pooled.
 
-Cost (configs/hat.yaml, FlopCounterMode, forward+backward): 281 MFLOP per byte (backbone 156,
-encoder 59, decoder 59, rest 7) against 964 for byte_gpt at the same width and depth, 3.4x
-fewer. About 40% of the byte stacks' FLOPs is their attention over the 4096-byte window.
+Cost (configs/hat.yaml, FlopCounterMode, forward+backward, attention counted as full causal):
+281 MFLOP per byte (backbone 156, encoder 59, decoder 59, rest 7) against 964 for byte_gpt at
+the same width and depth, 3.4x fewer. About 40% of the byte stacks' FLOPs is their attention
+over the 4096-byte window; `byte_window: 512` leaves about a quarter of it.
 
 Generation runs the backbone once per completed word (with KV caches for all three stacks):
 sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
@@ -63,6 +66,7 @@ class HATConfig:
     n_head_byte: int = 6
     n_enc_layer: int = 2
     n_dec_layer: int = 2
+    byte_window: int = 0  # local attention of encoder and decoder, in bytes (0: causal over the window)
     d_model: int = 768  # backbone width
     n_head: int = 12
     n_layer: int = 12  # backbone depth
@@ -147,7 +151,7 @@ class HAT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(256, cfg.d_byte)
         self.encoder = Transformer(cfg.n_enc_layer, cfg.d_byte, cfg.n_head_byte, cfg.block_size,
-                                   cfg.mlp_ratio, cfg.rope_theta)
+                                   cfg.mlp_ratio, cfg.rope_theta, cfg.byte_window)
         self.enc_norm = RMSNorm(cfg.d_byte)
         self.pool = WordPooling(cfg.d_byte, cfg.d_model, cfg.n_head_byte)
         self.backbone = Transformer(cfg.n_layer, cfg.d_model, cfg.n_head, cfg.max_words, cfg.mlp_ratio,
@@ -156,7 +160,7 @@ class HAT(nn.Module):
         self.first_word = nn.Parameter(torch.zeros(1, 1, cfg.d_model))  # context of a window's first word
         self.condition = nn.Linear(cfg.d_model, cfg.d_byte, bias=False)
         self.decoder = Transformer(cfg.n_dec_layer, cfg.d_byte, cfg.n_head_byte, cfg.block_size,
-                                   cfg.mlp_ratio, cfg.rope_theta)
+                                   cfg.mlp_ratio, cfg.rope_theta, cfg.byte_window)
         self.dec_norm = RMSNorm(cfg.d_byte)
         self.first_byte = nn.Linear(cfg.d_model, cfg.d_byte, bias=False)  # word state -> next word's first byte
         self.first_norm = RMSNorm(cfg.d_byte)
