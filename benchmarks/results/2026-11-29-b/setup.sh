@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Data on the device machine, idempotent (a warm machine keeps data/ between calls).
+set -euo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+if [ ! -f data/enwiki_bpe/meta.json ]; then
+  bash scripts/prepare_enwiki.sh .carry/enwiki_wv100M.tar.xz .carry/enwiki_bpe16k.model
+fi
+md5sum data/enwiki_bytes/train.bin  # the unigram targets were made for ae12e084de468b4b95e22d1cb9ac1916
+if [ ! -f data/enwiki_bytes/train.boundaries.unigram.bin ]; then
+  python - <<'PY'
+import lzma, shutil
+import numpy as np
+for sp in ("train", "val", "test"):
+    n = np.fromfile(f"data/enwiki_bytes/{sp}.bin", dtype=np.uint8).size
+    bits = np.frombuffer(lzma.open(f".carry/unigram/{sp}.bits.xz").read(), dtype=np.uint8)
+    assert bits.size == (n + 7) // 8, sp
+    np.unpackbits(bits, count=n).tofile(f"data/enwiki_bytes/{sp}.boundaries.unigram.bin")
+for f in ("boundaries.unigram.json", "boundaries.unigram.model"):
+    shutil.copy(f".carry/unigram/{f}", f"data/enwiki_bytes/{f}")
+print("unigram targets unpacked")
+PY
+fi
+if [ ! -f data/code_bpe/meta.json ]; then
+  python data_prep/prepare.py --input .carry/code --out data/code_bytes
+  python data_prep/prepare.py --input .carry/code --out data/code_bpe --tokenizer bpe --tokenizer-model .carry/code_bpe8k.model
+fi
