@@ -6,15 +6,18 @@
 --token: a FIM-trained token model, filled by plain prompting, token healing and exact byte-level
 conversion; --byte: a FIM-trained byte model. Every method fills the same cuts. Prints a markdown
 table: exact match of the middle, bits per byte of the true middle (plus its end), the share of
-filled files that ast.parse accepts, and wall time.
+filled files that ast.parse accepts, and wall time. Each method's row is printed (and the --json
+file rewritten) as soon as that method is done, so a run killed midway keeps the finished methods.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -38,7 +41,8 @@ def _load(path: str, device: str, kind: str):
     return model.double() if device == "cpu" else model, tok, cfg, ckpt
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """Yield one row per method as soon as it has filled every cut, so a killed run keeps them."""
     if not args.token and not args.byte:
         raise HLMError("give --token and/or --byte checkpoints")
     if min(args.cuts, args.max_middle, args.prefix_bytes, args.suffix_bytes) < 1 or args.max_new_bytes < 0:
@@ -58,34 +62,43 @@ def run(args: argparse.Namespace) -> list[dict]:
         methods["exact"] = lambda c, m: fe.exact_fill_and_nll(fe.exact_byte_lm(fim, c), c, m)
     if byte:
         bmodel = byte[0]
-        methods["byte"] = lambda c, m: (fe.byte_fill(fe.native_byte_lm(bmodel, c), c, m),
-                                        fe.byte_nll(fe.native_byte_lm(bmodel, c), c))
+        methods["byte"] = lambda c, m: (fe.native_byte_fill(bmodel, c, m), fe.byte_nll(fe.native_byte_lm(bmodel, c), c))
     for name, model, length in (
             ("token", token and token[0], lambda c: len(fim.context(c)) + len(token[1].encode(c.prefix))),
             ("byte", byte and byte[0], lambda c: len(c.suffix) + len(c.prefix) + 4)):
         if model and max(map(length, cuts)) + max_new > model.cfg.block_size:
             raise HLMError(f"FIM prompts plus {max_new} new bytes do not fit the {name} model's context of "
                            f"{model.cfg.block_size}: lower --prefix-bytes / --suffix-bytes / --max-new-bytes")
-    rows = []
-    with torch.no_grad():
-        for name in [m for m in args.methods if m in methods]:
-            t0 = time.perf_counter()
-            fills, nlls = zip(*[methods[name](c, max_new) for c in cuts], strict=True)
-            rows.append(fe.summarize(name, cuts, fills, nlls, time.perf_counter() - t0))
     inside = sum(fe.inside_token(token[1], c) for c in cuts) / len(cuts) if token else None
-    for r in rows:
-        r["inside_token_share"] = inside
-    return rows
+    for name in [m for m in args.methods if m in methods]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fills, nlls = zip(*[methods[name](c, max_new) for c in cuts], strict=True)
+        yield fe.summarize(name, cuts, fills, nlls, time.perf_counter() - t0) | {"inside_token_share": inside}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | cuts | exact match | middle bpb | ast.parse ok | time (s) |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['cuts']} | {100 * r['exact_match']:.1f}% | {r['middle_bpb']:.4f} | "
-              f"{100 * r['parse_rate']:.1f}% | {r['seconds']:.1f} |" for r in rows]
-    if rows and rows[0]["inside_token_share"] is not None:
-        lines.append(f"\n{100 * rows[0]['inside_token_share']:.0f}% of the cuts fall inside a token of the "
-                     "token model's encoding of prefix + middle.")
-    return "\n".join(lines)
+HEADER = "| method | cuts | exact match | middle bpb | ast.parse ok | time (s) |\n|---|---:|---:|---:|---:|---:|"
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['method']} | {r['cuts']} | {100 * r['exact_match']:.1f}% | {r['middle_bpb']:.4f} | "
+            f"{100 * r['parse_rate']:.1f}% | {r['seconds']:.1f} |")
+
+
+def summary(rows: list[dict]) -> str:
+    """The line under the table: how often the cut falls inside a token ('' without a token model)."""
+    if not rows or rows[0]["inside_token_share"] is None:
+        return ""
+    return (f"\n{100 * rows[0]['inside_token_share']:.0f}% of the cuts fall inside a token of the "
+            "token model's encoding of prefix + middle.")
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    """Replace `path` atomically, so a run killed mid-write leaves the previous rows intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,15 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
+    rows = []
     try:
-        rows = run(args)
+        for row in run(args):  # print and save each method's row as soon as it is done
+            if not rows:
+                print(HEADER)
+            rows.append(row)
+            print(table_row(row), flush=True)
+            if args.json:
+                write_json(args.json, rows)
     except HLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    if summary(rows):
+        print(summary(rows))
     return 0
 
 

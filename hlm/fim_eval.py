@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from hlm import HLMError
 from hlm.bytes.byte_lm import END, ByteLM, NativeByteLM
 from hlm.fim import Sentinels, spm_prompt
+from hlm.models.gpt import GPT
 
 LN2 = math.log(2)
 
@@ -215,6 +216,33 @@ def byte_fill(blm, cut: Cut, max_bytes: int) -> bytes:
         if b == END:
             break
         out.append(b)
+    return bytes(out)
+
+
+@torch.no_grad()
+def native_byte_fill(model, cut: Cut, max_bytes: int) -> bytes:
+    """`byte_fill` of `native_byte_lm(model, cut)`, but an hlm GPT decodes with its KV cache: one
+    single-byte forward per new byte instead of a full forward over the prompt. Same greedy rule:
+    the best of the 256 bytes (the separator excluded), or END when the separator's logit beats
+    it (ties go to the byte, as argmax over the 257 outcomes does). Other models, and prompts that
+    would overflow the context, take the uncached path."""
+    blm = native_byte_lm(model, cut)
+    ids = blm.context + list(cut.prefix)
+    if not isinstance(model, GPT) or len(ids) + max_bytes > model.cfg.block_size:
+        return byte_fill(blm, cut, max_bytes)
+    param = next(model.parameters())
+    cache = model.transformer.new_cache(1, len(ids) + max_bytes, param.device, param.dtype)
+    logits = model.logits(torch.tensor([ids], device=param.device), cache)[0, -1]
+    out = bytearray()
+    while len(out) < max_bytes:
+        lp = logits[:256].clone()
+        lp[blm.separator] = float("-inf")
+        best = lp.argmax()
+        b = int(torch.where(logits[blm.separator] > lp[best], END, best))  # one device sync per byte
+        if b == END:
+            break
+        out.append(b)
+        logits = model.logits(best.view(1, 1), cache)[0, -1]
     return bytes(out)
 
 

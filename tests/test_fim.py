@@ -26,7 +26,16 @@ from hlm.fim import (
     restore_spm,
     spm_prompt,
 )
-from hlm.fim_eval import Cut, TokenFIM, byte_fill, byte_nll, exact_byte_lm, exact_fill_and_nll
+from hlm.fim_eval import (
+    Cut,
+    TokenFIM,
+    byte_fill,
+    byte_nll,
+    exact_byte_lm,
+    exact_fill_and_nll,
+    native_byte_fill,
+    native_byte_lm,
+)
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.tokenizers import BPETokenizer, load_tokenizer
 from hlm.trainer import Trainer
@@ -186,7 +195,31 @@ def test_exact_conversion_is_cut_invariant_plain_prompting_is_not():
     assert min(abs(p - plain_edge[0]) for p in plain_inside) > 0.1
 
 
-def test_fim_eval_cli_end_to_end(code, tmp_path, capsysbinary):
+def test_cached_byte_fill_matches_the_uncached_reference():
+    """The KV-cached greedy fill of a FIM byte GPT equals byte_fill over NativeByteLM (fp64), for fills
+    cut at max_bytes and fills ended by the separator; a prompt that would overflow the context
+    takes the uncached path."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=259, block_size=96, n_layer=2, n_head=2, d_model=32,
+                          init_std=0.05)).double().eval()
+    texts = [(b"def f(x):\n    ret", b"urn x\n", b"\n\nprint(f(1))\n"), (b"import os\n", b"im", b"port sys\n"),
+             (b"a = [", b"1, 2", b"]\n"), (b"", b"x", b"y = 2\n"), (b"#" * 85, b"!", b"\n")]
+    cuts = [Cut(0, p, m, s, p, s) for p, m, s in texts]
+
+    def check(max_bytes: int) -> list[bytes]:
+        refs = [byte_fill(native_byte_lm(model, c), c, max_bytes) for c in cuts]
+        assert [native_byte_fill(model, c, max_bytes) for c in cuts] == refs
+        return refs
+
+    assert all(len(f) == 12 for f in check(12))
+    with torch.no_grad():  # the separator (END) now beats b"o" wherever b"o" would win with a positive logit
+        model.head.weight[0] = 1.5 * model.head.weight[ord("o")]
+    refs = check(12)
+    assert any(0 < len(f) < 12 for f in refs[:4]) and any(len(f) == 12 for f in refs)
+    assert len(cuts[-1].suffix) + len(cuts[-1].prefix) + 4 + 12 > model.cfg.block_size  # the uncached path
+
+
+def test_fim_eval_cli_end_to_end(code, tmp_path, capsysbinary, monkeypatch):
     train = load_cli("train")
     runs = {}
     for name, cfg in (("bytes", FIM_BYTE), ("bpe", FIM_BPE)):
@@ -203,7 +236,19 @@ def test_fim_eval_cli_end_to_end(code, tmp_path, capsysbinary):
     assert [r["method"] for r in rows] == ["plain", "healing", "exact", "byte"]
     for r in rows:
         assert r["cuts"] == 4 and 0 <= r["exact_match"] <= 1 and 0 <= r["parse_rate"] <= 1 and r["middle_bpb"] > 0
-    assert b"| exact |" in capsysbinary.readouterr().out
+    printed = capsysbinary.readouterr().out
+    assert b"| exact |" in printed and printed.count(b"| method |") == 1 and b"of the cuts fall inside" in printed
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fim_eval.fe, "native_byte_fill", killed)  # killed in the byte method: plain is kept
+    with pytest.raises(KeyboardInterrupt):
+        fim_eval.main(["--token", str(runs["bpe"] / "ckpt.pt"), "--byte", str(runs["bytes"] / "ckpt.pt"),
+                       "--data", str(code / "bytes"), "--cuts", "2", "--max-middle", "6", "--prefix-bytes", "48",
+                       "--suffix-bytes", "24", "--device", "cpu", "--json", str(out), "--methods", "plain", "byte"])
+    assert [r["method"] for r in json.loads(out.read_text())] == ["plain"]
+    assert b"| plain | 2 |" in capsysbinary.readouterr().out
     assert fim_eval.main(["--byte", str(runs["bpe"] / "ckpt.pt"), "--device", "cpu"]) == 1
     sample = load_cli("sample")  # left-to-right sampling from FIM models: a sentinel ends the sample
     for name in runs:
