@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         fim = fe.TokenFIM(model, tok, ckpt["data_meta"]["separator_id"], ckpt["data_meta"]["vocab_size"])
         methods["plain"] = lambda c, m: (fim.plain_fill(c, m), fim.plain_nll(c))
         methods["healing"] = lambda c, m: (fim.healing_fill(c, m), fim.healing_nll(c))
-        methods["exact"] = lambda c, m: fe.exact_fill_and_nll(fe.exact_byte_lm(fim, c), c, m)
+        methods["exact"] = lambda c, m: fe.exact_fill_and_nll(*fe.exact_tail(fim, c), m)
     if byte:
         bmodel = byte[0]
         methods["byte"] = lambda c, m: (fe.native_byte_fill(bmodel, c, m), fe.byte_nll(fe.native_byte_lm(bmodel, c), c))

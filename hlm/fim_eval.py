@@ -8,7 +8,8 @@ hlm/fim.py) and fill the middle greedily; the middle ends at the document separa
   healing  token healing: drop the prompt's last token, require the first new token to start with
            its bytes, greedy tokens.
   exact    exact byte-level conversion of the token model (hlm.bytes.ByteLM after the
-           `<MID>` sentinel): greedy over the exact next-byte distribution.
+           `<MID>` sentinel): greedy over the exact next-byte distribution. The prefix up to
+           its last point where every cover restarts goes in as canonical tokens (`exact_tail`).
   byte     a byte-level FIM model, greedy over bytes.
 
 Scores per method: exact match of the middle, the share of filled files `ast.parse` accepts
@@ -25,7 +26,8 @@ from __future__ import annotations
 import ast
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.bytes.byte_lm import END, ByteLM, NativeByteLM
+from hlm.bytes.covers import ConversionRules
+from hlm.bytes.exact_eval import segment_points
 from hlm.fim import Sentinels, spm_prompt
 from hlm.models.gpt import GPT
 
@@ -120,6 +124,11 @@ class TokenFIM:
     def context(self, cut: Cut) -> list[int]:
         return spm_prompt([], self.tok.encode(cut.suffix), self.s, start=self.sep)
 
+    @cached_property
+    def rules(self) -> ConversionRules:
+        """The exact-conversion rules, built on first use (plain and healing do not need them)."""
+        return ConversionRules(self.tok)
+
     def _check(self, n: int) -> None:
         if n > self.block:
             raise HLMError(f"a FIM prompt of {n} tokens does not fit the model's {self.block}: "
@@ -193,6 +202,22 @@ class TokenFIM:
 def exact_byte_lm(fim: TokenFIM, cut: Cut) -> ByteLM:
     """The exact byte-level view of the token model after `[EOS] <PRE> <SUF> suffix <MID>`."""
     return ByteLM(fim.model, fim.tok, start_id=fim.s.middle, context=fim.context(cut)[:-1])
+
+
+def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
+    """`exact_byte_lm` for scoring and filling after the prefix, at the cost of its tail only.
+    Every cover of the prefix has a token boundary at its last `segment_points` cut (sentencepiece
+    BPE: a space after a non-space), and only the canonical tokens are valid before it. So those
+    tokens go into the context (one forward), their probability, common to every cover, cancels
+    from the next-byte distributions, and the ByteLM tracks covers over the bytes after the cut
+    (one model call per byte of the tail instead of the prefix). Returns the ByteLM and the cut
+    whose prefix is that tail; tokenizers without such cuts get the whole prefix."""
+    points = segment_points(cut.prefix, fim.rules, 1)
+    if not points:
+        return exact_byte_lm(fim, cut), cut
+    context = fim.context(cut) + fim.tok.encode(cut.prefix[: points[-1]])
+    blm = ByteLM(fim.model, fim.tok, start_id=context[-1], context=context[:-1])
+    return blm, replace(cut, prefix=cut.prefix[points[-1] :])
 
 
 def native_byte_lm(model, cut: Cut) -> NativeByteLM:
