@@ -176,6 +176,9 @@ def print_table(rows: list[dict]) -> None:
             print(f"| {r['checkpoint']} | {e['bpb_canon']:.4f} | {e['bpb_conv']:.4f} | {e['bpb_gap']:.5f} | "
                   f"{e['docs']} | {e['docs_skipped']} | {e['nodes'] / max(e['tokens'], 1):.2f} | "
                   f"{e['seconds']:.2f} | {e['cost_vs_canonical']:.1f}x |")
+        for r in exact:
+            parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r["exact"]["seconds_split"].items())
+            print(f"\n{r['checkpoint']}: exact seconds by phase: {parts}")
 
 if __name__ == "__main__":
     sys.exit(main())

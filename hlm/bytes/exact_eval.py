@@ -276,10 +276,13 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
     t0 = time.perf_counter()
     rules = ConversionRules(tok)
     plans, skipped = plan_documents(docs, rules, start_id, workers, segment_bytes)
-    t_plan = time.perf_counter() - t0
+    split = {"planning": time.perf_counter() - t0}
+    t1 = time.perf_counter()
     flat = _Flat(plans)
-    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast)
-    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, t_plan, time.perf_counter() - t0)
+    split["flattening"] = time.perf_counter() - t1
+    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
+                                               split=split)
+    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -324,9 +327,12 @@ def _round_trips(tok, x: bytes) -> bool:
 
 @torch.no_grad()
 def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device, batch_size: int,
-               chunk_rows: int, autocast, full: bool = False):
+               chunk_rows: int, autocast, full: bool = False, split: dict | None = None):
     """Score every node of every plan; returns (log q(token | parent) per node, log q(EOS | node) per node,
-    log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query)."""
+    log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query).
+    `split` receives the seconds of its host-only phases: validity masks, windows, and packing."""
+    split = {} if split is None else split
+    t0 = time.perf_counter()
     if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
         raise HLMError("exact byte-level eval needs an hlm token GPT (logits with attn_mask/positions)")
     tok = rules.tok
@@ -334,6 +340,7 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
     device = torch.device(device)
     perm = rules.index.perm.to(device)
     invalid, key_row = _invalid_masks(rules, flat.mask_key, device)
+    split["masks"] = time.perf_counter() - t0
     q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
     by_node = tuple(x.to(device) for x in flat.by_node)
     by_parent = tuple(x.to(device) for x in flat.by_parent)
@@ -350,10 +357,15 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
         den_of_query[flat.den_q] = torch.arange(len(flat.den_q))
         den_of_query = den_of_query.to(device)
         bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
+    t0 = time.perf_counter()
     windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
+    split["windows"] = time.perf_counter() - t0
+    split["packing"] = 0.0
     sorted_lp = sorted_p = None
     for i in range(0, len(windows), batch_size):
+        t0 = time.perf_counter()
         ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
+        split["packing"] += time.perf_counter() - t0
         with autocast:
             logits = model.logits(ids.to(device), attn_mask=mask.to(device), positions=pos.to(device))
         logits = logits.flatten(0, 1)
@@ -475,7 +487,7 @@ def _log_prefix_probs(flat: _Flat, point_lp: torch.Tensor) -> torch.Tensor:
     return torch.tensor(logq, dtype=torch.float64)
 
 
-def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, t_plan, seconds) -> dict:
+def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, split: dict, seconds) -> dict:
     logq = _log_prefix_probs(flat, point_lp)
     num = _scatter_logsumexp(torch.cat([flat.num_pos, flat.end_pos]),
                              torch.cat([logq[flat.q_node[flat.num_q]] + range_lp[flat.num_q],
@@ -496,5 +508,6 @@ def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, t_plan, se
     bpb_conv = float(per_byte.sum()) / (LN2 * max(n_bytes, 1))
     return {"bpb_canon": bpb_canon, "bpb_conv": bpb_conv, "bpb_gap": bpb_canon - bpb_conv, "bytes": n_bytes,
             "docs": len(plans), "docs_skipped": skipped, "nodes": flat.n_nodes,
-            "tokens": sum(len(p.trunk) for p in plans), "seconds": seconds, "seconds_planning": t_plan,
+            "tokens": sum(len(p.trunk) for p in plans), "seconds": seconds,
+            "seconds_split": {**split, "model_and_scoring": seconds - sum(split.values())},
             "bytes_per_s": n_bytes / max(seconds, 1e-9), "per_doc": per_doc}
