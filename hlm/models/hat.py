@@ -28,10 +28,11 @@ conditioned on the last word that fits (counted as `overflow_frac` in the metric
 start and end anywhere: the first byte of a window starts its first word (conditioned on the
 learned first-word vector), and a word cut by the end of the window is simply never pooled.
 
-Cost (configs/hat.yaml, FlopCounterMode, forward+backward, attention counted as full causal):
-281 MFLOP per byte (backbone 156, encoder 59, decoder 59, rest 7) against 964 for byte_gpt at
-the same width and depth, 3.4x fewer. About 40% of the byte stacks' FLOPs is their attention
-over the 4096-byte window; `byte_window: 512` leaves about a quarter of it.
+Cost (configs/hat.yaml, forward+backward, as FlopCounterMode counts it on the GPU): 298 MFLOP
+per byte against 1,039 for byte_gpt at the same width and depth. The backbone takes 160 (over
+all 1024 word slots), the byte stacks 131, of which 88 is attention counted over the whole
+4096-byte window; with `byte_window: 512` the attention actually needed is 11, so the model
+FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Two MFU columns").
 
 Generation runs the backbone once per completed word (with KV caches for all three stacks):
 sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
