@@ -4,7 +4,7 @@ Builds the model exactly as train.py does (same data, compile, autocast), runs w
 then times --steps optimizer steps with the device synchronised at both ends. Prints one
 markdown row: bytes/s, tokens/s, model TFLOP/s (FlopCounterMode), MFU against the datasheet
 peak (989 TFLOP/s dense bf16 for H100/H200) and against the matmul rate measured on the lent
-H200 (791 TFLOP/s), and peak memory. `--json FILE` appends the row as JSON.
+H200 (791 TFLOP/s; on H200s only), and peak memory. `--json FILE` appends the row as JSON.
 """
 
 import argparse
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         sync(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        ks = {trainer.phases.patch_size_at(trainer.step + i) for i in range(args.steps)}
+        if len(ks) > 1:
+            print("error: the timed steps cross the patch/token switch: change --warmup/--steps or "
+                  "train.patch_fraction", file=sys.stderr)
+            return 1
+        patch_mode = ks.pop() > 1
         stats = torch.zeros(2, device=dev, dtype=torch.float64)
         n_targets = 0
         t0 = time.perf_counter()
@@ -64,22 +70,26 @@ def main(argv: list[str] | None = None) -> int:
             n_targets += n
         sync(dev)
         dt = time.perf_counter() - t0
-    flops = trainer.flops_per_step * args.steps / dt
+    flops = (trainer.patch_flops_per_step if patch_mode else trainer.flops_per_step) * args.steps / dt
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    measured_peak = MEASURED_MATMUL_FLOPS if "H200" in device_name else None
     row = {"config": args.config, "overrides": args.overrides, "sdpa": args.sdpa, "device": device_name,
+           "mode": "patch" if patch_mode else "token",
            "step_s": dt / args.steps, "bytes_per_s": stats[1].item() / dt,
            "tokens_per_s": n_targets / dt, "tflops": flops / 1e12,
-           "mfu": flops / trainer.peak if trainer.peak else None, "mfu_measured_peak": flops / MEASURED_MATMUL_FLOPS,
+           "mfu": flops / trainer.peak if trainer.peak else None,
+           "mfu_measured_peak": flops / measured_peak if measured_peak else None,
            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            "params_m": sum(q.numel() for q in trainer.raw_model.parameters()) / 1e6,
            "torch": torch.__version__}
     mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "-"
     mem = f"{row['peak_mem_gib']:.1f}" if row["peak_mem_gib"] else "-"
+    measured = f"{100 * row['mfu_measured_peak']:.1f}%" if row["mfu_measured_peak"] else "-"
     print("| config | bytes/s | tokens/s | TFLOP/s | MFU (989) | MFU (791 measured) | step s | mem GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     name = " ".join([args.config, *args.overrides, args.sdpa or ""]).strip()
     print(f"| {name} | {row['bytes_per_s']:,.0f} | {row['tokens_per_s']:,.0f} | "
-          f"{row['tflops']:.1f} | {mfu} | {100 * row['mfu_measured_peak']:.1f}% | {row['step_s']:.3f} | {mem} |")
+          f"{row['tflops']:.1f} | {mfu} | {measured} | {row['step_s']:.3f} | {mem} |")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")

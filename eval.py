@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = encode_stream(docs, tok, ckpt["data_meta"]["separator_id"])
             res = evaluate(model, ids, ckpt["token_nbytes"], cfg.model.block_size, args.stride,
                            args.batch_size, args.device)
-            row = {"checkpoint": ckpt_path, "model": describe(cfg), "source": source, **res}
+            row = {"checkpoint": ckpt_path, "model": describe(cfg), "source": source,
+                   "context": cfg.model.block_size, **res}
             if args.exact_bytes and tok is not None:
                 row["exact"] = exact_row(model, tok, docs, ckpt, args)
                 row["exact"]["cost_vs_canonical"] = row["exact"]["seconds"] / res["seconds"]
@@ -157,8 +158,11 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['checkpoint']} | {r['model']} | {r['bpb']:.4f} | {r['ppl_token']:.3f} | {r['bytes']:,} | "
               f"{r['tokens']:,} | {r['seconds']:.2f} | {r['bytes_per_s']:,.0f} |")
     if rows:
-        print(f"\nsource: {rows[0]['source']}; stride {rows[0]['stride']} tokens (equal to the context: "
-              "every byte scored once)")
+        print(f"\nsource: {rows[0]['source']}")
+    for r in rows:
+        if r.get("stride") and r["stride"] < r["context"]:
+            print(f"{r['checkpoint']}: sliding windows of {r['context']} tokens, the last {r['stride']} targets of "
+                  "each scored (every byte scored once, with more left context)")
     for r in rows:
         if "members_bpb" in r:
             members = ", ".join(f"{b:.4f}" for b in r["members_bpb"])

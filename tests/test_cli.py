@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ENWIKI, SHAKESPEARE, SMOKE_BYTE, assert_one_line_error, load_cli, read_meta, run_cli
+from conftest import ENWIKI, ROOT, SHAKESPEARE, SMOKE_BYTE, assert_one_line_error, load_cli, read_meta, run_cli
 
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint
 from hlm.evaluate import encode_stream, evaluate, split_documents
@@ -52,7 +52,7 @@ def test_eval_stride(byte_run, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     (row,) = json.loads(out.read_text())
     assert row["stride"] == 16 and row["bytes"] == 3000
-    assert "stride 16" in proc.stdout.decode()
+    assert "the last 16 targets of each scored" in proc.stdout.decode()
 
 
 def test_sample_byte_model(byte_run):
@@ -185,3 +185,20 @@ def test_bench_runs_on_cpu(byte_corpus, tmp_path, capsys):
     assert "| config | bytes/s |" in capsys.readouterr().out
     row = json.loads(out.read_text())
     assert row["bytes_per_s"] > 0 and row["tokens_per_s"] == row["bytes_per_s"]
+
+
+def test_bench_counts_the_flops_of_the_mode_it_times(byte_corpus, tmp_path, capsys):
+    """Patch steps cost about 1/K of a token step: the TFLOP/s uses the patch count in patch mode,
+    and a timed span across the patch/token switch is refused."""
+    bench, cfg = load_cli("bench"), ROOT / "configs" / "smoke" / "patch_byte_gpt.yaml"
+    rows = {}
+    for mode, extra in (("patch", []), ("token", ["train.patch_fraction=0"])):
+        out = tmp_path / f"{mode}.json"
+        assert bench.main([str(cfg), f"data.path={byte_corpus}", *extra, "--steps", "2", "--warmup", "1",
+                           "--json", str(out)]) == 0
+        rows[mode] = json.loads(out.read_text())
+    assert rows["patch"]["mode"] == "patch" and rows["token"]["mode"] == "token"
+    flops = {m: r["tflops"] * r["step_s"] for m, r in rows.items()}  # TFLOP per step
+    assert 0.15 < flops["patch"] / flops["token"] < 0.4
+    assert bench.main([str(cfg), f"data.path={byte_corpus}", "--steps", "30", "--warmup", "1"]) == 1
+    assert "switch" in capsys.readouterr().err
