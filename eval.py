@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from hlm import HLMError
-from hlm.checkpoint import load_model, tokenizer_from_checkpoint
+from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.evaluate import encode_stream, evaluate, inference_autocast, split_documents
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_atomic(args.json, json.dumps(rows, indent=2).encode())
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import torch
 
 from hlm import HLMError
 from hlm import fim_eval as fe
-from hlm.checkpoint import load_model, tokenizer_from_checkpoint
+from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.evaluate import split_documents
 from hlm.fim import N_SENTINELS
 
@@ -93,14 +92,6 @@ def summary(rows: list[dict]) -> str:
             "token model's encoding of prefix + middle.")
 
 
-def write_json(path: str, rows: list[dict]) -> None:
-    """Replace `path` atomically, so a run killed mid-write leaves the previous rows intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--token", help="FIM-trained token model checkpoint (plain, healing, exact)")
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(table_row(row), flush=True)
             if args.json:
-                write_json(args.json, rows)
+                write_atomic(args.json, json.dumps(rows, indent=2).encode())  # a kill keeps earlier rows
     except HLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -37,21 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find hlm and data_prep
 
 from hlm import HLMError  # noqa: E402
+from hlm.checkpoint import write_atomic  # noqa: E402
 from hlm.data import Split, read_meta  # noqa: E402
 
 SEPARATOR = 0
-
-
-def write_atomic(path: Path, data: bytes | np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        if isinstance(data, np.ndarray):
-            data.tofile(tmp)
-        else:
-            tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def split_bytes(folder: Path, name: str) -> np.ndarray:
@@ -173,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         info["rate"] = {}
         for split in meta["splits"]:
             targets = make(split_bytes(folder, split))
-            write_atomic(folder / f"{split}.boundaries.{name}.bin", targets)
+            write_atomic(folder / f"{split}.boundaries.{name}.bin", targets.tobytes())
             info["rate"][split] = float(targets.mean()) if len(targets) else math.nan
             print(f"{split}: {len(targets):,} bytes, boundary rate {info['rate'][split]:.4f} "
                   f"({1 / max(info['rate'][split], 1e-9):.2f} bytes per segment)")

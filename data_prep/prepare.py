@@ -207,7 +207,7 @@ def encode_documents(tok, docs: list[str], sep: int, threads: int, name: str) ->
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def write_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
+def swap_folder_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
     """Write all files into a temporary folder beside `folder`, then swap it in."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -269,7 +269,7 @@ def prepare(args: argparse.Namespace) -> dict:
             nbytes = sum(len(d) for d in splits[name]) + len(docs) - 1
             meta["splits"][name] = {"documents": len(docs), "tokens": int(len(ids)), "bytes": nbytes}
     out["meta.json"] = json.dumps(meta, indent=2).encode()
-    write_atomic(Path(args.out), out)
+    swap_folder_atomic(Path(args.out), out)
     return meta
 
 

@@ -8,7 +8,9 @@ models) the tokenizer file itself, so eval.py and sample.py need nothing else.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -21,19 +23,28 @@ class CheckpointError(HLMError):
     """A checkpoint that is missing, unreadable or does not fit the model asked for."""
 
 
-def save_atomic(obj: dict, path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename over it."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object] | bytes) -> None:
+    """Write `path` whole or not at all: into a temporary file beside it (bytes, or a function that
+    writes to the open file), synced, then renamed over it. A crash leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            if isinstance(write, bytes):
+                f.write(write)
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save, atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:

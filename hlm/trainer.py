@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_state, save_atomic
+from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_state, save_atomic, write_atomic
 from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
 from hlm.fim import N_SENTINELS, FIMTransform
@@ -183,6 +183,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw_model, tc, rt.device)
         if resume_ckpt is not None:
             self._restore_training_state(resume_ckpt)
+        else:
+            self._trim_metrics()
         model = self.raw_model
         if tc.compile if tc.compile is not None else rt.device.type == "cuda":
             # static shapes: the patch and token phases each get their own specialised graph
@@ -193,7 +195,7 @@ class Trainer:
         self.writer = None
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            write_atomic(self.out_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2).encode())
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -232,11 +234,12 @@ class Trainer:
         self._trim_metrics()
 
     def _trim_metrics(self) -> None:
-        """Drop metric records logged after the checkpoint we resume from."""
+        """Drop metric records logged after the step we start from (all of an earlier run's, when
+        a fresh run reuses its out_dir), so metrics.jsonl describes this run only."""
         path = self.out_dir / "metrics.jsonl"
         if self.rt.master and path.is_file():
             keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in keep))
+            write_atomic(path, "".join(line + "\n" for line in keep).encode())
 
     def _sync_seen(self) -> None:
         """Fold every rank's bytes since the last sync into bytes_seen (a collective: all ranks call it)."""

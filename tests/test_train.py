@@ -247,3 +247,13 @@ def test_resume_from_a_corrupt_checkpoint(tmp_path, byte_corpus, capsys):
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
     rc, err = run_train(capsys, f"data.path={byte_corpus}", f"train.out_dir={out}")
     assert_one_line_error(rc, err, "cannot read checkpoint")
+
+
+def test_a_fresh_run_replaces_the_old_runs_metrics(tmp_path, byte_corpus):
+    """train.resume=false in a used out_dir: metrics.jsonl then holds the new run's records only."""
+    out = tmp_path / "run"
+    Trainer(tiny_config(byte_corpus, out, *RESUME)).fit()
+    assert max(r["step"] for r in records(out, "train")) == 8
+    Trainer(tiny_config(byte_corpus, out, *RESUME, "train.resume=false", "train.max_steps=4")).fit()
+    steps = [r["step"] for r in records(out, "train")]
+    assert steps == sorted(set(steps)) and max(steps) == 4
