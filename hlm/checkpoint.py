@@ -58,6 +58,13 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
+def require_keys(ckpt: dict, path: str | Path, keys: tuple[str, ...]) -> None:
+    """Raise a one-line CheckpointError when a checkpoint lacks entries the caller reads."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not an hlm checkpoint (no {', '.join(missing)} entries)")
+
+
 def check_same_model(saved: dict, current: dict, path: str | Path) -> None:
     """Raise if the model config saved in a checkpoint differs from the current one."""
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -75,9 +82,10 @@ def load_state(model: torch.nn.Module, state: dict, path: str | Path) -> None:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild the model of a checkpoint in eval mode; returns (model, config, checkpoint)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise HLMError(f"device {device}: no CUDA device is available here (use --device cpu)")
     ckpt = load_checkpoint(path)
-    if "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not an hlm checkpoint (no model/config entries)")
+    require_keys(ckpt, path, ("model", "config", "data_meta", "token_nbytes"))
     try:
         cfg = config_from_dict(ckpt["config"])
     except ConfigError as e:

@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from hlm.checkpoint import check_same_model, file_tensor, load_checkpoint, load_state, save_atomic, write_atomic
+from hlm.checkpoint import (
+    check_same_model,
+    file_tensor,
+    load_checkpoint,
+    load_state,
+    require_keys,
+    save_atomic,
+    write_atomic,
+)
 from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
 from hlm.fim import N_SENTINELS, FIMTransform
@@ -214,11 +222,14 @@ class Trainer:
         model_cfg = config_to_dict(self.cfg)["model"]
         if tc.resume and self.ckpt_path.is_file():
             ckpt = load_checkpoint(self.ckpt_path, mmap=True)
+            require_keys(ckpt, self.ckpt_path, ("model", "config", "optimizer", "step", "train_time", "tokens_seen",
+                                                "bytes_seen", "rng"))
             check_same_model(ckpt["config"]["model"], model_cfg, self.ckpt_path)
             load_state(self.raw_model, ckpt["model"], self.ckpt_path)
             return ckpt
         if tc.init_from:
             ckpt = load_checkpoint(tc.init_from, mmap=True)
+            require_keys(ckpt, tc.init_from, ("model", "config"))
             check_same_model(ckpt["config"]["model"], model_cfg, tc.init_from)
             load_state(self.raw_model, ckpt["model"], tc.init_from)
         return None

@@ -146,6 +146,13 @@ def test_not_an_hlm_checkpoint(capsys, tmp_path):
     assert_one_line_error(*run_main(capsys, "eval", path, "--text", SHAKESPEARE), "not an hlm checkpoint")
 
 
+@pytest.mark.parametrize("name", ["eval", "sample"])
+def test_cuda_asked_for_without_cuda(capsys, byte_run, monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = ["--text", str(SHAKESPEARE)] if name == "eval" else []
+    assert_one_line_error(*run_main(capsys, name, byte_run / "ckpt.pt", *extra, "--device", "cuda"), "no CUDA")
+
+
 def test_eval_missing_text(capsys, byte_run, tmp_path):
     assert_one_line_error(*run_main(capsys, "eval", byte_run / "ckpt.pt", "--text", tmp_path / "none.txt"),
                           "not found")

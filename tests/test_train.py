@@ -220,6 +220,11 @@ def test_init_from_loads_weights_with_a_fresh_schedule(tmp_path, byte_corpus, ca
     rc, err = run_train(capsys, f"data.path={byte_corpus}", f"train.out_dir={tmp_path / 'third'}",
                         f"train.init_from={first / 'ckpt.pt'}", "model.d_model=64")
     assert_one_line_error(rc, err, "different model", "d_model")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    rc, err = run_train(capsys, f"data.path={byte_corpus}", f"train.out_dir={tmp_path / 'fourth'}",
+                        f"train.init_from={foreign}")
+    assert_one_line_error(rc, err, "not an hlm checkpoint", "model, config")
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
