@@ -164,7 +164,30 @@ def config_from_dict(raw: dict) -> Config:
     family = model_raw.get("family", "gpt")
     model_cls = model_config_class(family)
     sections = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
-    return Config(model=build_dataclass(model_cls, model_raw, "model"), **sections)
+    cfg = Config(model=build_dataclass(model_cls, model_raw, "model"), **sections)
+    check_values(cfg)
+    return cfg
+
+
+CHOICES = {"train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
+           "train.device": ("auto", "cpu", "cuda")}
+AT_LEAST_ONE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_interval", "log.interval",
+                "eval.batches")
+
+
+def check_values(cfg: Config) -> None:
+    """Values the loop would only trip over later (a typo'd dtype silently running fp32, a zero
+    interval dividing by zero after the first step) are refused when the config is read."""
+    def value(key: str):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, allowed in CHOICES.items():
+        if value(key) not in allowed:
+            raise ConfigError(f"{key}: unknown value {value(key)!r} ({', '.join(allowed)})")
+    for key in AT_LEAST_ONE:
+        if value(key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value(key)}")
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

@@ -134,3 +134,11 @@ def test_config_errors_are_hlm_errors_with_one_line():
 def test_dict_round_trip():
     cfg = load_config(SMOKE_BYTE, ["train.lr=1e-3", "train.compile=true"])
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override", ["train.dtype=fp16", "train.schedule=linear", "train.device=tpu",
+                                      "log.interval=0", "train.ckpt_interval=0", "eval.batches=0"])
+def test_bad_values_are_refused_when_read(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(SMOKE_BYTE, [override])
