@@ -68,7 +68,9 @@ def unigram_targets(data: np.ndarray, tok, threads: int, chunk_lines: int = 200_
                 lengths = piece_len[np.asarray(ids, dtype=np.int64)]
                 out[offset + np.cumsum(lengths) - 1] = 1
                 offset += int(lengths.sum())
-        assert offset == doc_end, "sentencepiece pieces do not cover the document byte for byte"
+        if offset != doc_end:
+            raise HLMError("sentencepiece pieces do not cover a document byte for byte: the Unigram model "
+                           "does not round-trip this corpus")
     return out
 
 
@@ -111,10 +113,7 @@ def train_unigram(data: np.ndarray, vocab_size: int, threads: int) -> bytes:
     docs = [decode_utf8(d, f"train document {i}") for i, d in enumerate(bytes(data).split(bytes([SEPARATOR])))]
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "unigram.model"
-        try:
-            train_sentencepiece(docs, "unigram", vocab_size, model_file, threads)
-        except RuntimeError as e:  # sentencepiece reports bad settings (e.g. a too small vocabulary) this way
-            raise HLMError(f"sentencepiece: {str(e).splitlines()[0]}") from None
+        train_sentencepiece(docs, "unigram", vocab_size, model_file, threads)  # raises PrepareError on bad settings
         return model_file.read_bytes()
 
 

@@ -144,9 +144,13 @@ def load_splits(inp: str, text_field: str, val_frac: float, test_frac: float) ->
     if path.is_file():
         return split_by_fraction(read_documents(path, text_field), val_frac, test_frac), [path]
     if "/" in inp and not inp.startswith((".", "/")) and not path.parent.exists():  # owner/name
-        import datasets
-
+        try:
+            import datasets
+        except ImportError:
+            raise PrepareError(f"input {inp} looks like a Hugging Face dataset: pip install datasets") from None
         ds = datasets.load_dataset(inp, split="train")
+        if text_field not in ds.column_names:
+            raise PrepareError(f"dataset {inp} has no field '{text_field}' (fields: {', '.join(ds.column_names)})")
         docs = [t.encode("utf-8") for t in ds[text_field]]
         return split_by_fraction(docs, val_frac, test_frac), []
     raise PrepareError(f"input not found: {inp}")
@@ -258,6 +262,8 @@ def prepare(args: argparse.Namespace) -> dict:
                 print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}", file=sys.stderr)
                 train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
             tok = SentencePieceTokenizer(model_file)
+            if tok.model_type != args.tokenizer:
+                raise PrepareError(f"--tokenizer-model {model_file} is a {tok.model_type} model, not {args.tokenizer}")
             out["tokenizer.model"] = model_file.read_bytes()
         dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
         meta.update(kind="tokens", dtype=dtype, vocab_size=tok.vocab_size, tokenizer="tokenizer.model",
@@ -286,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
+    if args.tokenizer_model and not args.tokenizer:
+        print("error: --tokenizer-model needs --tokenizer (bpe or unigram, the model's type)", file=sys.stderr)
+        return 1
     try:
         meta = prepare(args)
     except (HLMError, OSError) as e:

@@ -89,6 +89,15 @@ def test_missing_tokenizer_model(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_tokenizer_model_needs_its_type(tmp_path, capsys, bpe_corpus):
+    model, out = bpe_corpus / "tokenizer.model", tmp_path / "c"
+    rc = prepare("--input", SHAKESPEARE, "--out", out, "--tokenizer-model", model)
+    assert_one_line_error(rc, capsys.readouterr().err, "--tokenizer-model needs --tokenizer")
+    rc = prepare("--input", SHAKESPEARE, "--out", out, "--tokenizer", "unigram", "--tokenizer-model", model)
+    assert_one_line_error(rc, capsys.readouterr().err, "is a bpe model, not unigram")
+    assert not out.exists()
+
+
 def test_folder_with_named_splits(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
