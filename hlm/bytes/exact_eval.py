@@ -142,13 +142,12 @@ def _plan_segment(args: tuple[int, bytes]) -> tuple[int, DocPlan | None]:
 
 
 def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1,
-                   segment_bytes: int = 1 << 14) -> tuple[list[DocPlan], int]:
-    """Plans of the documents that round-trip and can be tracked, and the count of the others."""
-    jobs, n_parts, skipped = [], {}, 0
+                   segment_bytes: int = 1 << 14) -> tuple[list[DocPlan], list[int]]:
+    """Plans of the documents that round-trip and can be tracked, and their indices in `docs`."""
+    jobs, n_parts = [], {}
     dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
     for d, x in enumerate(docs):
         if not _round_trips(rules.tok, x):
-            skipped += 1
             continue
         cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
         n_parts[d] = len(cuts) - 1
@@ -163,13 +162,12 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
     parts: dict[int, list[DocPlan | None]] = {}
     for d, plan in results:
         parts.setdefault(d, []).append(plan)
-    plans = []
+    plans, kept = [], []
     for d in sorted(parts):
-        if any(p is None for p in parts[d]) or len(parts[d]) != n_parts[d]:
-            skipped += 1
-        else:
+        if all(p is not None for p in parts[d]) and len(parts[d]) == n_parts[d]:
             plans.append(_drop_first_byte(parts[d][0]) if dummy else stitch(parts[d]))
-    return plans, skipped
+            kept.append(d)
+    return plans, kept
 
 
 def _drop_first_byte(plan: DocPlan) -> DocPlan:
@@ -275,7 +273,8 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
     t0 = time.perf_counter()
     rules = ConversionRules(tok)
-    plans, skipped = plan_documents(docs, rules, start_id, workers, segment_bytes)
+    plans, kept = plan_documents(docs, rules, start_id, workers, segment_bytes)
+    skipped = len(docs) - len(kept)
     split = {"planning": time.perf_counter() - t0}
     t1 = time.perf_counter()
     flat = _Flat(plans)
@@ -291,10 +290,10 @@ def exact_prefix_logprobs(model, tok, docs: list[bytes], start_id: int, device: 
                           workers: int = 1) -> list[torch.Tensor | None]:
     """For each document, the full next-byte distributions [len+1, 257] after each of its prefixes (what
     `ByteLM.prefix_logprobs` gives byte by byte), from one batched tree pass; None for documents that do
-    not round-trip. Memory grows with 256 values per cover and byte: meant for ensembles on modest text."""
+    not round-trip or cannot be tracked. Memory grows with 256 values per cover and byte: meant for
+    ensembles on modest text."""
     rules = ConversionRules(tok)
-    keep = [d for d, x in enumerate(docs) if _round_trips(rules.tok, x)]
-    plans, _ = plan_documents([docs[d] for d in keep], rules, start_id, workers)
+    plans, keep = plan_documents(docs, rules, start_id, workers)
     flat = _Flat(plans)
     point_lp, eos_lp, _, bins_lp = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
                                               full=True)
