@@ -138,7 +138,7 @@ def test_batched_equals_sequential_on_regex_tokenizers(name):
     """T8 with a lookahead pretokenizer (several exact nodes per byte at times) on hard strings."""
     from hlm.tokenizers import load_tokenizer
 
-    shared = Path(__file__).parents[1].parent / "shared" / "tokenizers"
+    shared = FIXTURES / "tokenizers"
     tok = load_tokenizer(shared / "gpt2" if name == "gpt2" else shared / "tiktoken" / f"{name}.tiktoken")
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=16, init_std=0.5)

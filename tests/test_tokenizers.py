@@ -11,7 +11,7 @@ from hlm import HLMError
 from hlm.bytes import ConversionRules, CoverTracker
 from hlm.tokenizers import BPETokenizer, SentencePieceTokenizer, load_tokenizer, round_trip_failures
 
-SHARED = Path(__file__).parents[1].parent / "shared" / "tokenizers"
+SHARED = Path(__file__).parent / "fixtures" / "tokenizers"  # GPT-2 and tiktoken files (licences beside them)
 FIXTURES = Path(__file__).parent / "fixtures"
 HARD = ["Hello  world", "a  b\t\tc \n\n  d\r\n\r\n e", "I've can't can’t they'll WE'LL it'S x'r x're",
         "1234567 12 123 ٣٤٥ １２３", "日本語のテキスト 한국어 ภาษาไทย हिन्दी क्षि",
