@@ -119,13 +119,17 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
 
 def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast, **forward_kwargs) -> int:
     """Model FLOPs of one forward+backward on `batch`, counted by FlopCounterMode (matmuls and
-    attention; attention is counted as full, not halved for the causal mask)."""
+    attention; attention is counted as full, not halved for the causal mask). Counted on the
+    first row and scaled by the rows (FLOPs are linear in the batch), so the probe's activations
+    stay small for a model that is still unsharded here."""
+    rows = batch.size(0)
+    one = {k: v[:1] if torch.is_tensor(v) else v for k, v in forward_kwargs.items()}
     with FlopCounterMode(display=False) as counter:
         with autocast:
-            out = model(batch, **forward_kwargs)
+            out = model(batch[:1], **one)
         out.loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() * rows
 
 
 class Trainer:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, SHAKESPEARE, SMOKE_BYTE, TINY_MODEL, assert_one_line_error, load_cli, prepare
+from conftest import QUIET, ROOT, SHAKESPEARE, SMOKE_BYTE, TINY_MODEL, assert_one_line_error, load_cli, prepare
 
 from hlm.checkpoint import load_checkpoint
 from hlm.config import ConfigError, TrainConfig, load_config
@@ -262,3 +262,23 @@ def test_a_fresh_run_replaces_the_old_runs_metrics(tmp_path, byte_corpus):
     Trainer(tiny_config(byte_corpus, out, *RESUME, "train.resume=false", "train.max_steps=4")).fit()
     steps = [r["step"] for r in records(out, "train")]
     assert steps == sorted(set(steps)) and max(steps) == 4
+
+
+@pytest.mark.parametrize("name", ["byte_gpt", "hourglass_gumbel", "hat"])
+def test_flops_counted_on_one_row_equal_the_whole_batch(name):
+    """count_flops probes one row and scales: the same total FlopCounterMode gives for the batch."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hlm.models import build_model
+    from hlm.trainer import count_flops
+
+    cfg = load_config(ROOT / "configs" / "smoke" / f"{name}.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    batch = torch.randint(0, 256, (4, cfg.model.block_size + 1))
+    with FlopCounterMode(display=False) as counter:
+        model(batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    assert count_flops(model, batch, contextlib.nullcontext()) == counter.get_total_flops() > 0
