@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hlm import HLMError
+from hlm import LN2, HLMError
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.evaluate import encode_stream, evaluate, inference_autocast, split_documents
 
@@ -98,7 +98,6 @@ def ensemble_row(docs: list[bytes], source: str, args) -> dict:
     """bpb of the step-by-step ensemble of every checkpoint, and of each member scored the same way
     (full next-byte distributions: token models through one batched tree pass, byte models directly;
     each document with its end of text). Documents some token model cannot round-trip are left out."""
-    import math
     import time
 
     from hlm.bytes import ByteLM, Ensemble, byte_lm_from_checkpoint
@@ -129,7 +128,7 @@ def ensemble_row(docs: list[bytes], source: str, args) -> dict:
         nll -= torch.stack([r[picked, targets].double().sum() for r in doc_rows + [ens.combine(doc_rows)]])
         n_bytes += len(doc) + 1
     seconds = time.perf_counter() - t0
-    bpb = (nll / (math.log(2) * max(n_bytes, 1))).tolist()
+    bpb = (nll / (LN2 * max(n_bytes, 1))).tolist()
     return {"checkpoint": f"ensemble ({args.ensemble})", "model": " + ".join(args.checkpoints), "source": source,
             "bpb": bpb[-1], "members_bpb": bpb[:-1], "docs_skipped": skipped, "ppl_token": float("nan"),
             "bytes": n_bytes, "tokens": n_bytes, "seconds": seconds, "bytes_per_s": n_bytes / max(seconds, 1e-9),

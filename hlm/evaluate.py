@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hlm import LN2
 from hlm.data import DataError, Split, eval_windows
-
-LN2 = math.log(2)
 
 
 def split_documents(folder: str | Path, split: str) -> list[bytes]:

@@ -24,7 +24,6 @@ bound of the exact value.
 from __future__ import annotations
 
 import ast
-import math
 import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -33,14 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hlm import HLMError
+from hlm import LN2, HLMError
 from hlm.bytes.byte_lm import END, ByteLM, NativeByteLM
 from hlm.bytes.covers import ConversionRules
 from hlm.bytes.exact_eval import segment_points
 from hlm.fim import Sentinels, spm_prompt
 from hlm.models.gpt import GPT
-
-LN2 = math.log(2)
 
 
 @dataclass

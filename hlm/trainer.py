@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
+from hlm import LN2
 from hlm.checkpoint import (
     check_same_model,
     file_tensor,
@@ -47,8 +48,6 @@ from hlm.parallel import (
     load_optimizer_state,
 )
 from hlm.patch import check_patch_support, patch_phases
-
-LN2 = math.log(2)
 
 
 @dataclass

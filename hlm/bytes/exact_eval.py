@@ -20,7 +20,6 @@ a single node) and planned in parallel worker processes.
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import time
 from dataclasses import dataclass, field
@@ -28,11 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hlm import HLMError
+from hlm import LN2, HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
 from hlm.models.blocks import at_least_fp32
-
-LN2 = math.log(2)
 
 
 @dataclass

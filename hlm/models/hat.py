@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm.config import ConfigError
-from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, init_weights, sample_next
+from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, at_least_fp32, init_weights, sample_next
 from hlm.splitter import PrefixState, utf8_allowed_next
 
 EOW = 256
@@ -76,11 +76,6 @@ class HATConfig:
     init_std: float = 0.02
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """fp32 for softmax arithmetic (fp64 stays fp64)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 class WordPooling(nn.Module):
     """One vector per word: per head, a learned query attends over the bytes of that word only."""
 
@@ -95,8 +90,8 @@ class WordPooling(nn.Module):
     def _scores_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = h.shape
         k = self.key(h).view(B, T, self.n_head, -1)
-        scores = _wide((k * self.query.to(k.dtype)).sum(-1)) / math.sqrt(k.size(-1))  # [B, T, H]
-        return scores, _wide(self.value(h).view(B, T, self.n_head, -1))
+        scores = at_least_fp32((k * self.query.to(k.dtype)).sum(-1)) / math.sqrt(k.size(-1))  # [B, T, H]
+        return scores, at_least_fp32(self.value(h).view(B, T, self.n_head, -1))
 
     def forward(self, h: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
         """Pool byte states h [B, T, d_byte] into [B, n_slots, d_model]; slot [B, T] in 0..n_slots,
@@ -206,7 +201,7 @@ class HAT(nn.Module):
     def _byte_logprobs(self, dec: torch.Tensor, start_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Within-word log-probs [B, T, 257] (bytes that would start a word masked out) and the
         plain 256-way log-probs used in overflow."""
-        logits = _wide(self.head(dec))
+        logits = at_least_fp32(self.head(dec))
         within = torch.cat([logits[..., :256].masked_fill(start_mask, float("-inf")), logits[..., 256:]], dim=-1)
         return F.log_softmax(within, dim=-1), F.log_softmax(logits[..., :256], dim=-1)
 
@@ -216,7 +211,7 @@ class HAT(nn.Module):
 
     def _first_logprobs(self, first_state: torch.Tensor, start_mask: torch.Tensor) -> torch.Tensor:
         """Log-probs [..., 256] of the first byte of the next word, over bytes that start a word."""
-        logits = _wide(self.head(first_state))[..., :256]
+        logits = at_least_fp32(self.head(first_state))[..., :256]
         return F.log_softmax(logits.masked_fill(~start_mask, float("-inf")), dim=-1)
 
     # ----- training and scoring -----
@@ -368,7 +363,7 @@ class _RowState:
         self._set_logits(model._decode(h, self.table[:, word[0]], self.dec_cache))
 
     def _set_logits(self, dec: torch.Tensor) -> None:
-        self.logits = _wide(self.model.head(dec[0, -1]))
+        self.logits = at_least_fp32(self.model.head(dec[0, -1]))
 
     def end_word(self) -> torch.Tensor:
         """Close the current word: pool it, run the backbone one step, return first-byte logits [256]."""
@@ -378,7 +373,7 @@ class _RowState:
         self.table = torch.cat([self.table, out], dim=1)
         self.n_words += 1
         self.current = None
-        return _wide(m.head(m._first_state(out[0, 0])))[:256]
+        return at_least_fp32(m.head(m._first_state(out[0, 0])))[:256]
 
     def advance(self, byte: int) -> None:
         m = self.model
