@@ -88,7 +88,7 @@ class ConversionRules:
         self.rule = tok.boundary_rule
         self.index = index or VocabIndex(tok)
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
-        self._masks: dict[tuple[int | None, bool], torch.Tensor] = {}
+        self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
             tok._spine_entries()
             tok._merges_from_left()

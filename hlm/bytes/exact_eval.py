@@ -40,7 +40,7 @@ class DocPlan:
     parent: list[int] = field(default_factory=list)
     token: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)
-    mask_key: list[tuple[int | None, bool]] = field(default_factory=list)
+    mask_key: list[tuple[int | None, bytes]] = field(default_factory=list)
     trunk: list[int] = field(default_factory=list)  # canonical path, root first
     num: list[tuple[int, int, int, int]] = field(default_factory=list)  # (byte position, node, lo, hi)
     den: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # (..., len of the remainder)
@@ -53,7 +53,7 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     With a dummy-prefix tokenizer, x must start with that space."""
     tracker = CoverTracker(rules, start_id)
     index, trie = rules.index, tracker.trie
-    plan = DocPlan(len(x), [-1], [start_id], [0], [(None, False)])
+    plan = DocPlan(len(x), [-1], [start_id], [0], [(None, b"")])
     local = {0: 0}
 
     def record(m: int, next_byte: int | None) -> None:
