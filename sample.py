@@ -15,7 +15,7 @@ import time
 import torch
 
 from hlm import HLMError
-from hlm.bytes import byte_lm_from_checkpoint, sample_bytes, sample_prompt_boundary
+from hlm.bytes import ByteLM, byte_lm_from_checkpoint, sample_bytes, sample_prompt_boundary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     try:
         blm, model, _, ckpt = byte_lm_from_checkpoint(args.checkpoint, args.device)
-        tokenized = hasattr(blm, "tracker")
+        tokenized = isinstance(blm, ByteLM)
         prompt = args.prompt.encode("utf-8")
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         out.write(prompt)

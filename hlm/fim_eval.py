@@ -276,8 +276,8 @@ def exact_fill_and_nll(blm: ByteLM, cut: Cut, max_bytes: int) -> tuple[bytes, fl
     for b in list(cut.middle) + [END]:
         nll -= float(lp[b])
         if b != END:
-            blm._advance(b)
-            lp = blm._distribution()
+            blm.advance(b)
+            lp = blm.distribution()
     blm.set_state(at_prefix)
     return byte_fill(blm, cut, max_bytes), nll
 

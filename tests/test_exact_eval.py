@@ -112,7 +112,7 @@ def test_prompt_boundary_cover_weights_sum_to_prefix_probability(sp_bpe):
     blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id)
     total = None
     for prompt in [b"Th", b"The", b"The c"]:
-        blm._goto(prompt)
+        blm.goto(prompt)
         weights = torch.tensor([c[3] for c in blm.covers()], dtype=torch.float64)
         total = float(torch.logsumexp(weights, 0))
         assert math.isfinite(total)

@@ -120,7 +120,7 @@ class ByteLM(ByteLMBase):
         self._sorted: dict[int, torch.Tensor] = {}
         self._skip = 0
         if getattr(self.tok, "add_dummy_prefix", False):  # the token stream starts with a space the text lacks
-            self._advance(0x20)
+            self.advance(0x20)
             self._skip = 1
 
     @property
@@ -131,16 +131,17 @@ class ByteLM(ByteLMBase):
         self.model_calls += 1
         return self.runner.logprobs(self.tracker.trie.path(node))
 
-    def _goto(self, prefix: bytes) -> None:
+    def goto(self, prefix: bytes) -> None:
         """Move the cover state to `prefix`, continuing from the current state when it is a prefix of it."""
         here = self.text
         if not prefix.startswith(here):
             self.reset()
             here = b""
         for b in prefix[len(here) :]:
-            self._advance(b)
+            self.advance(b)
 
-    def _advance(self, b: int) -> None:
+    def advance(self, b: int) -> None:
+        """Append byte b to the text: one model call per new exact node (usually one)."""
         trie = self.tracker.trie
         for e in self.tracker.advance(b):
             parent = trie.parent[e]
@@ -159,7 +160,8 @@ class ByteLM(ByteLMBase):
             hit = self._sorted[node] = probs[self.index.perm]
         return hit
 
-    def _distribution(self) -> torch.Tensor:
+    def distribution(self) -> torch.Tensor:
+        """Next-byte log-probs [257] after the current text (`next_byte_logprobs` without moving)."""
         scores = self.unnormalized_scores()
         total = torch.logsumexp(scores, 0)
         if not torch.isfinite(total):
@@ -184,8 +186,8 @@ class ByteLM(ByteLMBase):
         return scores
 
     def next_byte_logprobs(self, prefix: bytes) -> torch.Tensor:
-        self._goto(bytes(prefix))
-        return self._distribution()
+        self.goto(bytes(prefix))
+        return self.distribution()
 
     def state(self) -> tuple:
         """A copy of the cover state at the current text, for `set_state`: branch twice from one
@@ -199,11 +201,11 @@ class ByteLM(ByteLMBase):
         self._logq, self._lp, self._sorted = dict(logq), dict(lp), dict(sorted_probs)
 
     def prefix_logprobs(self, text: bytes) -> torch.Tensor:
-        self._goto(b"")
-        rows = [self._distribution()]
+        self.goto(b"")
+        rows = [self.distribution()]
         for b in bytes(text):
-            self._advance(b)
-            rows.append(self._distribution())
+            self.advance(b)
+            rows.append(self.distribution())
         return torch.stack(rows)
 
     def covers(self) -> list[tuple[list[int], int | None, int, float]]:

@@ -43,7 +43,7 @@ def sample_bytes(blm, prompt: bytes, max_bytes: int, temperature: float = 1.0, t
 def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperature: float = 1.0,
                            top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[bytes]:
     """Yield pieces of bytes continuing `prompt` (total at most `max_bytes`), stopping at EOS."""
-    blm._goto(bytes(prompt))
+    blm.goto(bytes(prompt))
     covers = blm.covers()
     weights = torch.tensor([c[3] for c in covers], dtype=torch.float64)
     pick = int(torch.multinomial(torch.softmax(weights, 0), 1, generator=_cpu_generator(generator))[0])
