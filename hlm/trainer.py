@@ -174,12 +174,12 @@ class Trainer:
         self.window = cfg.model.block_size + 1
         if self.val_split.n_tokens < self.window:  # fail now, not at the first validation
             raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
-        self.sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
-                                     rt.rank, rt.world, tc.seed)
-        probe = self._batch(self.sampler, self.train_split, 0, 0)
-        probe_side = self._side_batch(self.sampler, self.train_split, 0, 0)
+        sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
+                                rt.rank, rt.world, tc.seed)
+        probe = self._batch(sampler, self.train_split, 0, 0)
+        probe_side = self._side_batch(sampler, self.train_split, 0, 0)
         self.flops_per_step = count_flops(self.raw_model, probe, self.autocast, **probe_side) * tc.grad_accum * rt.world
-        self.samplers = {1: self.sampler}  # by patch size
+        self.samplers = {1: sampler}  # by patch size
         if self.phases.enabled:
             K = self.phases.patch_size
             self.samplers[K] = WindowSampler(self.train_split.n_tokens, K * self.window, tc.batch_size // K,
@@ -377,7 +377,7 @@ class Trainer:
         for micro in range(tc.grad_accum):
             x = self._batch(self.samplers[patch_size], self.train_split, self.step, micro)
             kwargs = {"patch_size": patch_size} if patch_size > 1 else \
-                self._side_batch(self.sampler, self.train_split, self.step, micro)
+                self._side_batch(self.samplers[1], self.train_split, self.step, micro)
             sync = self.rt.world == 1 or micro == tc.grad_accum - 1
             with gradient_sync(self.model, sync):
                 with self.autocast:
