@@ -53,7 +53,7 @@ def test_batched_tree_pass_equals_sequential(sp_bpe):
     assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
 
 
-def test_dummy_prefix_tokenizer(tmp_path):
+def test_dummy_prefix_tokenizer():
     """A sentencepiece model that adds a leading '▁': the text is scored after that space, exactly."""
     import io
 

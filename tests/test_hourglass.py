@@ -290,8 +290,8 @@ def test_compiled_flex_path_matches_sdpa(monkeypatch):
     x = torch.randn(2, 256, 32)
     with torch.no_grad():
         ref = stack(x)
-        sdpa_only = blocks.local_causal_attention
-        monkeypatch.setattr(blocks, "local_causal_attention", lambda q, k, v, w: sdpa_only(q, k, v, w, "flex"))
+        original = blocks.local_causal_attention
+        monkeypatch.setattr(blocks, "local_causal_attention", lambda q, k, v, w: original(q, k, v, w, "flex"))
         out = torch.compile(stack, fullgraph=True)(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
