@@ -9,7 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, at_least_fp32, init_weights, sample_next
+from hlm.models.blocks import (
+    ModelOutput,
+    RMSNorm,
+    Transformer,
+    at_least_fp32,
+    generate_ids,
+    init_weights,
+    sample_next,
+)
 
 
 @dataclass
@@ -110,11 +118,4 @@ class GPT(nn.Module):
                  ) -> bytes | torch.Tensor:
         """Continue `prompt` by `max_new` ids. A `bytes` prompt (byte models) returns bytes of the
         continuation; a LongTensor [B, T] returns the prompt with the continuation appended."""
-        as_bytes = isinstance(prompt, (bytes, bytearray))
-        device = next(self.parameters()).device
-        ids = torch.tensor([list(prompt)], device=device) if as_bytes else prompt
-        new = list(self.generate_stream(ids, max_new, temperature, top_k, generator))
-        out = torch.stack(new, dim=1) if new else ids[:, :0]
-        if as_bytes:
-            return bytes(out[0].tolist())
-        return torch.cat([ids, out], dim=1)
+        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))

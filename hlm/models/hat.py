@@ -50,7 +50,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm.config import ConfigError
-from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, at_least_fp32, init_weights, sample_next
+from hlm.models.blocks import (
+    ModelOutput,
+    RMSNorm,
+    Transformer,
+    at_least_fp32,
+    generate_ids,
+    init_weights,
+    sample_next,
+)
 from hlm.splitter import PrefixState, utf8_allowed_next
 
 EOW = 256
@@ -286,12 +294,8 @@ class HAT(nn.Module):
                  utf8: bool = False) -> bytes | torch.Tensor:
         """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
         LongTensor [B, T] in, the prompt with the continuation appended out."""
-        as_bytes = isinstance(prompt, (bytes, bytearray))
-        device = next(self.parameters()).device
-        ids = torch.tensor([list(prompt)], device=device) if as_bytes else prompt
-        new = list(self.generate_stream(ids, max_new, temperature, top_k, generator, utf8))
-        out = torch.stack(new, dim=1) if new else ids[:, :0]
-        return bytes(out[0].tolist()) if as_bytes else torch.cat([ids, out], dim=1)
+        return generate_ids(self, prompt,
+                            lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator, utf8))
 
     @torch.no_grad()
     def _stream_row(self, prompt: torch.Tensor, max_new: int, temperature: float, top_k: int | None,

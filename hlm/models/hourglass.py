@@ -49,7 +49,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm import HLMError
-from hlm.models.blocks import ModelOutput, RMSNorm, Transformer, at_least_fp32, init_weights, sample_next
+from hlm.models.blocks import (
+    ModelOutput,
+    RMSNorm,
+    Transformer,
+    at_least_fp32,
+    generate_ids,
+    init_weights,
+    sample_next,
+)
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
@@ -256,16 +264,9 @@ class Hourglass(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
         """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
         LongTensor [B, T] in, the prompt with the continuation appended out."""
-        as_bytes = isinstance(prompt, (bytes, bytearray))
-        device = next(self.parameters()).device
-        ids = torch.tensor([list(prompt)], device=device) if as_bytes else prompt
-        if ids.size(1) == 0:
+        if len(prompt) == 0 or (torch.is_tensor(prompt) and prompt.size(1) == 0):
             raise HourglassError("generate needs a non-empty prompt (start with the separator byte 0x00)")
-        new = list(self.generate_stream(ids, max_new, temperature, top_k, generator))
-        out = torch.stack(new, dim=1) if new else ids[:, :0]
-        if as_bytes:
-            return bytes(out[0].tolist())
-        return torch.cat([ids, out], dim=1)
+        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
 
 
 class CachedDecoder:
