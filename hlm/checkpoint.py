@@ -17,6 +17,7 @@ import torch
 from hlm import HLMError
 from hlm.config import Config, ConfigError, config_from_dict
 from hlm.models import build_model
+from hlm.tokenizers import SentencePieceTokenizer
 
 
 class CheckpointError(HLMError):
@@ -95,13 +96,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     return model.to(device).eval(), cfg, ckpt
 
 
-def tokenizer_from_checkpoint(ckpt: dict):
+def tokenizer_from_checkpoint(ckpt: dict) -> SentencePieceTokenizer | None:
     """The tokenizer stored in a token model's checkpoint, or None for byte models."""
     blob = ckpt.get("tokenizer")
     if blob is None:
         return None
-    from hlm.tokenizers import SentencePieceTokenizer
-
     return SentencePieceTokenizer(model_proto=blob.numpy().tobytes())
 
 

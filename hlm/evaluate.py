@@ -18,6 +18,7 @@ import torch
 
 from hlm import LN2
 from hlm.data import DataError, Split, eval_windows
+from hlm.tokenizers import Tokenizer
 
 
 def split_documents(folder: str | Path, split: str) -> list[bytes]:
@@ -34,7 +35,7 @@ def split_documents(folder: str | Path, split: str) -> list[bytes]:
     return [tok.decode(part[1 if i else 0 :].tolist()) for i, part in enumerate(parts)]
 
 
-def encode_stream(docs: list[bytes], tokenizer, separator_id: int) -> torch.Tensor:
+def encode_stream(docs: list[bytes], tokenizer: Tokenizer | None, separator_id: int) -> torch.Tensor:
     """[separator] + doc0 + [separator] + doc1 ...: ids of the stream a model scores."""
     out = [separator_id]
     for i, doc in enumerate(docs):
@@ -70,7 +71,7 @@ def score_stream(model: torch.nn.Module, ids: torch.Tensor, token_nbytes: torch.
     return {"nll": nll_sum.item(), "bytes": int(byte_sum.item()), "tokens": n_tokens}
 
 
-def inference_autocast(device: torch.device | str):
+def inference_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
     """bf16 autocast for scoring and sampling on CUDA, a no-op context elsewhere."""
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -432,6 +432,9 @@ class SentencePieceTokenizer(_ConversionMixin):
         return self.sp.encode(texts, num_threads=num_threads)
 
 
+Tokenizer = BPETokenizer | SentencePieceTokenizer  # what load_tokenizer returns and checkpoints hold
+
+
 def _proto_fields(buf: bytes) -> dict[int, list]:
     """Top-level fields of a protobuf message: number -> values (ints for varints, bytes otherwise)."""
     out: dict[int, list] = {}
@@ -576,7 +579,7 @@ def _hf_pretokenizer(spec: dict | None, path: Path) -> tuple[str, bool]:
     raise TokenizerError(f"{path}: unsupported pretokenizer {kind!r} (need ByteLevel, or Split + ByteLevel)")
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer by its kind: sentencepiece `.model`, GPT-2 folder (encoder.json + vocab.bpe),
     a tiktoken `.tiktoken` rank file, or a Hugging Face `tokenizer.json` (file or folder)."""
     path = Path(path)
@@ -595,7 +598,7 @@ def load_tokenizer(path: str | Path):
     raise TokenizerError(f"unknown tokenizer format: {path}")
 
 
-def round_trip_failures(tok, docs: Iterable[bytes]) -> list[int]:
+def round_trip_failures(tok: Tokenizer, docs: Iterable[bytes]) -> list[int]:
     """Indices of documents with `decode(encode(x)) != x` (exact byte conversion is defined only on the others)."""
     bad = []
     for i, doc in enumerate(docs):

@@ -14,12 +14,16 @@ its document boundary in entry 256, and ensembles of token and byte models stay 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker
+from hlm.config import Config
+from hlm.tokenizers import Tokenizer
 
 END = 256
 
@@ -98,7 +102,7 @@ class ByteLM(ByteLMBase):
     new exact node (one per byte, a few under regex lookahead). `marginal=True` sums over every
     tokenization instead (each exact path needs its own call: small inputs only)."""
 
-    def __init__(self, token_model, tok, start_id: int | None = None, marginal: bool = False,
+    def __init__(self, token_model: Any, tok: Tokenizer, start_id: int | None = None, marginal: bool = False,
                  context: list[int] = ()):
         self.tok = tok
         self.rules = ConversionRules(tok, marginal)
@@ -274,7 +278,8 @@ class CallableByteLM(ByteLMBase):
         return torch.as_tensor(self.fn(bytes(prefix)), dtype=torch.float64)
 
 
-def as_byte_lm(model, tokenizer=None, start_id: int | None = None, marginal: bool = False):
+def as_byte_lm(model: Any, tokenizer: Tokenizer | None = None, start_id: int | None = None,
+               marginal: bool = False) -> ByteLMBase:
     """A byte LM for: an object that already is one; a token model with its tokenizer (hlm GPT,
     any `ids -> logits` callable, or a Hugging Face causal LM); a native hlm byte model; or a
     function `prefix -> log-probs[257]`."""
@@ -312,7 +317,7 @@ def _hf_logits(model):
     return _HF(model)
 
 
-def byte_lm_from_checkpoint(path, device: str = "cpu"):
+def byte_lm_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[ByteLMBase, torch.nn.Module, Config, dict]:
     """(byte LM, model, config, checkpoint) for an hlm checkpoint: token models start from the
     corpus separator (EOS), as in training."""
     from hlm.checkpoint import load_model, tokenizer_from_checkpoint

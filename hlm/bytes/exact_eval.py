@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hlm import LN2, HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
 from hlm.models.blocks import at_least_fp32
+from hlm.tokenizers import Tokenizer
 
 
 @dataclass
@@ -263,8 +264,9 @@ def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.T
 
 
 @torch.no_grad()
-def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.device = "cpu",
-              batch_size: int = 8, chunk_rows: int = 2048, autocast=None, workers: int = 1,
+def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
+              device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int = 2048,
+              autocast: contextlib.AbstractContextManager | None = None, workers: int = 1,
               segment_bytes: int = 1 << 14) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
@@ -282,8 +284,9 @@ def exact_bpb(model, tok, docs: list[bytes], start_id: int, device: str | torch.
 
 
 @torch.no_grad()
-def exact_prefix_logprobs(model, tok, docs: list[bytes], start_id: int, device: str | torch.device = "cpu",
-                          batch_size: int = 8, chunk_rows: int = 2048, autocast=None,
+def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
+                          device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int = 2048,
+                          autocast: contextlib.AbstractContextManager | None = None,
                           workers: int = 1) -> list[torch.Tensor | None]:
     """For each document, the full next-byte distributions [len+1, 257] after each of its prefixes (what
     `ByteLM.prefix_logprobs` gives byte by byte), from one batched tree pass; None for documents that do
