@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from hlm import LN2, HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
 from hlm.models.blocks import at_least_fp32
-from hlm.tokenizers import Tokenizer
+from hlm.tokenizers import Tokenizer, round_trips
 
 
 @dataclass
@@ -145,7 +145,7 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
     jobs, n_parts = [], {}
     dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
     for d, x in enumerate(docs):
-        if not _round_trips(rules.tok, x):
+        if not round_trips(rules.tok, x):
             continue
         cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
         n_parts[d] = len(cuts) - 1
@@ -314,14 +314,6 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
         out[d] = scores[start : start + plan.n_bytes + 1]
         start += plan.n_bytes + 1
     return out
-
-
-def _round_trips(tok, x: bytes) -> bool:
-    dummy = b" " if getattr(tok, "add_dummy_prefix", False) else b""
-    try:
-        return tok.decode(tok.encode(x)) == dummy + x
-    except HLMError:
-        return False
 
 
 @torch.no_grad()
