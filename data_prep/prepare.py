@@ -11,7 +11,8 @@ Inputs (--input):
     works like a folder of text files;
   * a Hugging Face dataset name (needs network access).
 
-Documents are joined by one separator: byte 0x00 in byte corpora, the tokenizer's EOS id in
+Documents are joined by one separator: byte 0x00 in byte corpora (any bytes are kept as they
+are, so a 0x00 inside a document reads back as a document boundary), the tokenizer's EOS id in
 token corpora (counted as one byte for bits per byte). Sentencepiece tokenizers are trained
 on the train split only, with byte-exact settings (identity normalisation, byte fallback, no
 dummy prefix, no whitespace collapsing), on lines that keep their newline, so that no piece
