@@ -198,7 +198,7 @@ class TokenFIM:
 
 def exact_byte_lm(fim: TokenFIM, cut: Cut) -> ByteLM:
     """The exact byte-level view of the token model after `[EOS] <PRE> <SUF> suffix <MID>`."""
-    return ByteLM(fim.model, fim.tok, start_id=fim.s.middle, context=fim.context(cut)[:-1])
+    return ByteLM(fim.model, fim.tok, start_id=fim.s.middle, context=fim.context(cut)[:-1], rules=fim.rules)
 
 
 def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
@@ -213,7 +213,7 @@ def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
     if not points:
         return exact_byte_lm(fim, cut), cut
     context = fim.context(cut) + fim.tok.encode(cut.prefix[: points[-1]])
-    blm = ByteLM(fim.model, fim.tok, start_id=context[-1], context=context[:-1])
+    blm = ByteLM(fim.model, fim.tok, start_id=context[-1], context=context[:-1], rules=fim.rules)
     return blm, replace(cut, prefix=cut.prefix[points[-1] :])
 
 

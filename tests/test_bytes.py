@@ -166,6 +166,19 @@ def test_canonical_model_all_three_agree():
         assert abs(-ByteLM(lm, tok, marginal=True).logprob(x, eot=True) - canon) < 1e-10
 
 
+def test_shared_rules_give_the_same_byte_lm():
+    """ByteLMs sharing one tokenizer's rules score alike; rules of another conversion are refused."""
+    from hlm.bytes.covers import ConversionRules
+
+    tok = BPETokenizer.from_merges(random_merges(5))
+    lm = OracleLM(tok, markov_source(5), leak=0.1)
+    rules = ConversionRules(tok)
+    for x in [b"abcabc", b"cab"]:
+        assert ByteLM(lm, tok, rules=rules).logprob(x, eot=True) == ByteLM(lm, tok).logprob(x, eot=True)
+    with pytest.raises(ValueError, match="shared rules"):
+        ByteLM(lm, tok, marginal=True, rules=rules)
+
+
 def test_canonical_bigram_model_all_three_agree():
     """T2: a bigram LM whose support is reachable tokens with pair-valid neighbours (plus EOS) puts no mass
     on non-canonical sequences, so NLL_conv == NLL_canon == NLL_marg (brute force)."""

@@ -100,12 +100,15 @@ class ByteLM(ByteLMBase):
     FIM prompt `[EOS, <PRE>, <SUF>, suffix...]` with start_id `<MID>`: the text is then the
     prefix, and the middle its continuation). One model call per byte: the query at each
     new exact node (one per byte, a few under regex lookahead). `marginal=True` sums over every
-    tokenization instead (each exact path needs its own call: small inputs only)."""
+    tokenization instead (each exact path needs its own call: small inputs only). `rules` shares
+    one tokenizer's ConversionRules (and their caches) between many ByteLMs."""
 
     def __init__(self, token_model: Any, tok: Tokenizer, start_id: int | None = None, marginal: bool = False,
-                 context: list[int] = ()):
+                 context: list[int] = (), rules: ConversionRules | None = None):
+        if rules is not None and (rules.tok is not tok or rules.marginal != marginal):
+            raise HLMError("ByteLM: the shared rules belong to another tokenizer or conversion")
         self.tok = tok
-        self.rules = ConversionRules(tok, marginal)
+        self.rules = rules or ConversionRules(tok, marginal)
         self.index = self.rules.index
         self.start_id = start_id if start_id is not None else tok.bos_id if tok.bos_id is not None else tok.eos_id
         if self.start_id is None:
