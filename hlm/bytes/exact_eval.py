@@ -272,9 +272,11 @@ def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_i
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
     t0 = time.perf_counter()
     rules = ConversionRules(tok)
+    split = {"rules": time.perf_counter() - t0}
+    t1 = time.perf_counter()
     plans, kept = plan_documents(docs, rules, start_id, workers, segment_bytes)
     skipped = len(docs) - len(kept)
-    split = {"planning": time.perf_counter() - t0}
+    split["planning"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     flat = _Flat(plans)
     split["flattening"] = time.perf_counter() - t1
