@@ -40,6 +40,9 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
     rows = json.loads(js.read_text())
     exact = rows[0]["exact"]
     assert exact["docs_skipped"] == 0 and exact["bpb_conv"] <= exact["bpb_canon"] + 1e-9
+    phases = exact["seconds_split"]
+    assert {"rules", "planning", "masks", "packing", "model_and_scoring"} <= set(phases)
+    assert min(phases.values()) >= 0 and abs(sum(phases.values()) - exact["seconds"]) < 1e-6
     assert "exact" not in rows[1]  # byte model: nothing to convert
     ens = rows[2]
     assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2
