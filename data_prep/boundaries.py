@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         info["rate"] = {}
         for split in meta["splits"]:
             targets = make(split_bytes(folder, split))
-            write_atomic(folder / f"{split}.boundaries.{name}.bin", targets.tobytes())
+            write_atomic(folder / f"{split}.boundaries.{name}.bin", targets.tofile)
             info["rate"][split] = float(targets.mean()) if len(targets) else math.nan
             print(f"{split}: {len(targets):,} bytes, boundary rate {info['rate'][split]:.4f} "
                   f"({1 / max(info['rate'][split], 1e-9):.2f} bytes per segment)")

@@ -134,9 +134,7 @@ def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast, **forward
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        tc = cfg.train
-        if tc.grad_accum < 1 or tc.batch_size < 1:
-            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        tc = cfg.train  # values already checked by config.check_values when the config was read
         check_mode(tc.parallel)
         self.rt = rt = setup_runtime(tc.device)
         self.out_dir = Path(tc.out_dir)

@@ -3,6 +3,7 @@ plus helpers that run the CLIs in-process (fast) or as subprocesses (the real en
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -25,6 +26,28 @@ if str(ROOT) not in sys.path:
 # A model smaller than the smoke config, for tests that train several times.
 TINY_MODEL = ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32"]
 QUIET = ["log.tensorboard=false"]
+
+
+class Interrupted(Exception):
+    """A crash right after a checkpoint was written."""
+
+
+@contextlib.contextmanager
+def crash_after_save(step: int):
+    """Inside the block, Trainer.save writes its checkpoint and then raises Interrupted at `step`;
+    the block must end in that crash."""
+    from hlm.trainer import Trainer
+
+    save = Trainer.save
+
+    def save_then_crash(self):
+        save(self)
+        if self.step == step:
+            raise Interrupted
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted):
+        patch.setattr(Trainer, "save", save_then_crash)
+        yield
 
 
 def load_cli(name: str):

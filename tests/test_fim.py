@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, QUIET, ROOT, TINY_MODEL, load_cli
+from conftest import FIXTURES, QUIET, ROOT, TINY_MODEL, crash_after_save, load_cli
 
 from data_prep import prepare
 from hlm.checkpoint import load_checkpoint
@@ -128,25 +128,12 @@ def test_fim_needs_room_for_sentinels(code, tmp_path):
         Trainer(fim_config(FIM_BYTE, code / "bytes", tmp_path, *TINY_MODEL, "model.vocab_size=256"))
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_fim_resume_is_bit_exact(code, tmp_path, monkeypatch):
+def test_fim_resume_is_bit_exact(code, tmp_path):
     args = [*TINY_MODEL, "model.block_size=64", "train.max_steps=4", "train.ckpt_interval=2", "eval.interval=0",
             "train.batch_size=4"]
     Trainer(fim_config(FIM_BYTE, code / "bytes", tmp_path / "straight", *args)).fit()
-    save = Trainer.save
-
-    def save_then_crash(self):
-        save(self)
-        if self.step == 2:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(Interrupted):
+    with crash_after_save(2):
         Trainer(fim_config(FIM_BYTE, code / "bytes", tmp_path / "resumed", *args)).fit()
-    monkeypatch.setattr(Trainer, "save", save)
     Trainer(fim_config(FIM_BYTE, code / "bytes", tmp_path / "resumed", *args)).fit()
     a, b = (load_checkpoint(tmp_path / r / "ckpt.pt")["model"] for r in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)

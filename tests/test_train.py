@@ -9,7 +9,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, ROOT, SHAKESPEARE, SMOKE_BYTE, TINY_MODEL, assert_one_line_error, load_cli, prepare
+from conftest import (
+    QUIET,
+    ROOT,
+    SHAKESPEARE,
+    SMOKE_BYTE,
+    TINY_MODEL,
+    assert_one_line_error,
+    crash_after_save,
+    load_cli,
+    prepare,
+)
 
 from hlm.checkpoint import load_checkpoint
 from hlm.config import ConfigError, TrainConfig, load_config
@@ -51,32 +61,19 @@ def test_loss_falls_for_the_bpe_model(bpe_run):
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
 
 
-class Interrupted(Exception):
-    pass
-
-
 RESUME = ["train.max_steps=8", "train.ckpt_interval=4", "log.interval=1", "eval.interval=4", "eval.batches=2",
           "train.grad_accum=2", "train.batch_size=4", "train.warmup_steps=3", "train.schedule=cosine"]
 
 
-def test_resume_is_bit_exact(tmp_path, byte_corpus, monkeypatch):
+def test_resume_is_bit_exact(tmp_path, byte_corpus):
     """8 steps straight == 4 steps, a crash right after the checkpoint, then a resumed run to 8."""
     straight = tmp_path / "straight"
     Trainer(tiny_config(byte_corpus, straight, *RESUME)).fit()
 
     resumed = tmp_path / "resumed"
-    save = Trainer.save
-
-    def save_then_crash(self):
-        save(self)
-        if self.step == 4:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save", save_then_crash)
-    with pytest.raises(Interrupted):
+    with crash_after_save(4):
         Trainer(tiny_config(byte_corpus, resumed, *RESUME)).fit()
     assert load_checkpoint(resumed / "ckpt.pt")["step"] == 4
-    monkeypatch.setattr(Trainer, "save", save)
     trainer = Trainer(tiny_config(byte_corpus, resumed, *RESUME))
     assert trainer.step == 4
     trainer.fit()
