@@ -5,23 +5,61 @@ then times --steps optimizer steps with the device synchronised at both ends. Pr
 markdown row: bytes/s, tokens/s, model TFLOP/s (FlopCounterMode), MFU against the datasheet
 peak (989 TFLOP/s dense bf16 for H100/H200) and against the matmul rate measured on the lent
 H200 (791 TFLOP/s; on H200s only), and peak memory. `--json FILE` appends the row as JSON.
+`--profile FILE` then runs a few more steps under torch.profiler and writes where the GPU time
+goes: each kernel's share, and the shares of matmuls, attention, the optimizer and the rest.
 """
 
 import argparse
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
 from hlm import HLMError
+from hlm.checkpoint import write_atomic
 from hlm.config import load_config
 from hlm.trainer import Trainer
 
 MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the lent H200 (DESIGN §8)
+KERNEL_KINDS = (  # first match wins; inductor's template kernels (triton_tem_*) are FlexAttention here
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|addmm|bmm)$", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|triton_tem|aten::_scaled_dot", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
+)
+
+
+def kernel_breakdown(prof, steps: int, cuda: bool) -> dict:
+    """Time per step by kernel and by kind (matmul, attention, optimizer, other) from a profile:
+    CUDA kernels' device time, or on CPU the ops' self time."""
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if e.device_type == kind and us > 0:
+            kernels.append((e.key, us / 1e3 / steps, e.count // steps))
+    kernels.sort(key=lambda k: -k[1])
+    total = sum(ms for _, ms, _ in kernels)
+    kinds: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {"ms_per_step": total, "kinds_ms": kinds,
+            "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels]}
+
+
+def print_breakdown(b: dict, top: int = 25) -> None:
+    total = b["ms_per_step"]
+    print(f"kernel time per step: {total:.2f} ms; " + ", ".join(
+        f"{k} {ms:.2f} ms ({100 * ms / total:.0f}%)" for k, ms in sorted(b["kinds_ms"].items(), key=lambda x: -x[1])))
+    print("| kernel | ms/step | share | calls/step |\n|---|---:|---:|---:|")
+    for k in b["kernels"][:top]:
+        print(f"| `{k['name'][:90]}` | {k['ms']:.3f} | {100 * k['ms'] / total:.1f}% | {k['calls']} |")
 
 
 def sync(device: torch.device) -> None:
@@ -37,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"], help="force one attention backend")
+    p.add_argument("--profile", metavar="FILE", help="then profile --profile-steps steps; write the breakdown as JSON")
+    p.add_argument("--profile-steps", type=int, default=3)
     args = p.parse_args(argv)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -70,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             n_targets += n
         sync(dev)
         dt = time.perf_counter() - t0
+        breakdown = None
+        if args.profile:
+            cuda = dev.type == "cuda"
+            with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+                for _ in range(args.profile_steps):
+                    trainer.train_step()
+                sync(dev)
+            breakdown = kernel_breakdown(prof, args.profile_steps, cuda)
     flops = (trainer.patch_flops_per_step if patch_mode else trainer.flops_per_step) * args.steps / dt
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     measured_peak = MEASURED_MATMUL_FLOPS if "H200" in device_name else None
@@ -93,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
+    if breakdown:
+        print_breakdown(breakdown)
+        write_atomic(args.profile, json.dumps(breakdown | {"row": row}, indent=1).encode())
     return 0
 
 

@@ -194,6 +194,19 @@ def test_bench_runs_on_cpu(byte_corpus, tmp_path, capsys):
     assert row["bytes_per_s"] > 0 and row["tokens_per_s"] == row["bytes_per_s"]
 
 
+def test_bench_profile_splits_the_step_time(byte_corpus, tmp_path, capsys):
+    """--profile writes each op's time per step and the kinds it falls into; on CPU the matmuls
+    of the smoke GPT are found and the kinds add up to the total."""
+    out = tmp_path / "profile.json"
+    assert load_cli("bench").main([str(SMOKE_BYTE), f"data.path={byte_corpus}", "--steps", "1", "--warmup", "1",
+                                   "--profile", str(out), "--profile-steps", "2"]) == 0
+    assert "kernel time per step" in capsys.readouterr().out
+    b = json.loads(out.read_text())
+    assert b["kinds_ms"]["matmul"] > 0 and "aten::mm" in {k["name"] for k in b["kernels"]}
+    assert sum(b["kinds_ms"].values()) == pytest.approx(b["ms_per_step"])
+    assert b["row"]["bytes_per_s"] > 0
+
+
 def test_bench_counts_the_flops_of_the_mode_it_times(byte_corpus, tmp_path, capsys):
     """Patch steps cost about 1/K of a token step: the TFLOP/s uses the patch count in patch mode,
     and a timed span across the patch/token switch is refused."""
