@@ -28,29 +28,36 @@ from hlm.trainer import Trainer
 
 MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the lent H200 (DESIGN §8)
 KERNEL_KINDS = (  # first match wins; inductor's template kernels (triton_tem_*) are FlexAttention here
-    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|addmm|bmm)$", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|triton_tem|aten::_scaled_dot", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|addmm|bmm)$", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
 )
 
 
-def kernel_breakdown(prof, steps: int, cuda: bool) -> dict:
-    """Time per step by kernel and by kind (matmul, attention, optimizer, other) from a profile:
-    CUDA kernels' device time, or on CPU the ops' self time."""
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    kernels = []
-    for e in prof.key_averages():
-        us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if e.device_type == kind and us > 0:
-            kernels.append((e.key, us / 1e3 / steps, e.count // steps))
-    kernels.sort(key=lambda k: -k[1])
-    total = sum(ms for _, ms, _ in kernels)
+def summarize_kernels(kernels: list[tuple[str, float, int]]) -> dict:
+    """(name, ms per step, calls per step) of each kernel -> total, time per kind, kernels by time."""
+    kernels = sorted(kernels, key=lambda k: -k[1])
     kinds: dict[str, float] = {}
     for name, ms, _ in kernels:
         kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
-    return {"ms_per_step": total, "kinds_ms": kinds,
+    return {"ms_per_step": sum(ms for _, ms, _ in kernels), "kinds_ms": kinds,
             "kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels]}
+
+
+def kernel_breakdown(prof, steps: int, cuda: bool) -> dict:
+    """Time per step by kernel and by kind (matmul, attention, optimizer, other) from a profile:
+    CUDA kernels' device time, or on CPU the ops' self time. User annotations (the optimizer's
+    step range) are spans over other kernels, not kernels, and are left out."""
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if e.device_type == device and not e.is_user_annotation and us > 0:
+            t = totals.setdefault(e.name, [0.0, 0])
+            t[0] += us
+            t[1] += 1
+    return summarize_kernels([(n, us / 1e3 / steps, c // steps) for n, (us, c) in totals.items()])
 
 
 def print_breakdown(b: dict, top: int = 25) -> None:
