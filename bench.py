@@ -27,8 +27,9 @@ from hlm.config import load_config
 from hlm.trainer import Trainer
 
 MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the lent H200 (DESIGN §8)
-KERNEL_KINDS = (  # first match wins; inductor's template kernels (triton_tem_*) are FlexAttention here
-    ("attention", re.compile(r"flash|fmha|attention|triton_tem|aten::_scaled_dot", re.I)),
+# First match wins. triton_tem_* (inductor templates) are FlexAttention; cudnn::fusion are cuDNN SDPA helpers.
+KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|attention|triton_tem|cudnn::fusion|aten::_scaled_dot", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::(mm|addmm|bmm)$", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
 )
