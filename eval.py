@@ -180,8 +180,13 @@ def print_table(rows: list[dict]) -> None:
                   f"{e['docs']} | {e['docs_skipped']} | {e['nodes'] / max(e['tokens'], 1):.2f} | "
                   f"{e['seconds']:.2f} | {e['cost_vs_canonical']:.1f}x |")
         for r in exact:
-            parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r["exact"]["seconds_split"].items())
-            print(f"\n{r['checkpoint']}: exact seconds by phase: {parts}")
+            e = r["exact"]
+            parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in e["seconds_split"].items())
+            jobs = e["planning_jobs"]
+            print(f"\n{r['checkpoint']}: exact seconds by phase: {parts}\n"
+                  f"  model forwards {e['forward_seconds']:.2f} s of device time over {e['windows']} windows; "
+                  f"planning {jobs['jobs']} jobs, slowest {jobs['job_seconds_max']:.2f} s, "
+                  f"sum {jobs['job_seconds_sum']:.2f} s")
 
 if __name__ == "__main__":
     sys.exit(main())

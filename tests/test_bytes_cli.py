@@ -43,11 +43,15 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
     phases = exact["seconds_split"]
     assert {"rules", "planning", "masks", "packing", "model_and_scoring"} <= set(phases)
     assert min(phases.values()) >= 0 and abs(sum(phases.values()) - exact["seconds"]) < 1e-6
+    assert 0 < exact["forward_seconds"] <= phases["model_and_scoring"] and exact["windows"] >= 1
+    jobs = exact["planning_jobs"]
+    assert jobs["jobs"] >= 1 and 0 < jobs["job_seconds_max"] <= jobs["job_seconds_sum"] <= phases["planning"]
     assert "exact" not in rows[1]  # byte model: nothing to convert
     ens = rows[2]
     assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2
     assert 0 < ens["bpb"] <= sum(ens["members_bpb"]) / 2 + 1e-9  # Jensen: a mixture beats the mean member
-    assert "bpb_conv" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bpb_conv" in out and "model forwards" in out
 
 
 def test_sample_mid_word_prompt(runs, capsysbinary):

@@ -131,17 +131,21 @@ def stitch(parts: list[DocPlan]) -> DocPlan:
 _WORKER: dict = {}
 
 
-def _plan_segment(args: tuple[int, bytes]) -> tuple[int, DocPlan | None]:
+def _plan_segment(args: tuple[int, bytes]) -> tuple[int, DocPlan | None, float]:
     doc, x = args
+    t0 = time.perf_counter()
     try:
-        return doc, plan_document(x, _WORKER["rules"], _WORKER["start_id"])
+        plan = plan_document(x, _WORKER["rules"], _WORKER["start_id"])
     except HLMError:
-        return doc, None
+        plan = None
+    return doc, plan, time.perf_counter() - t0
 
 
 def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1,
-                   segment_bytes: int = 1 << 14) -> tuple[list[DocPlan], list[int]]:
-    """Plans of the documents that round-trip and can be tracked, and their indices in `docs`."""
+                   segment_bytes: int = 1 << 14, stats: dict | None = None) -> tuple[list[DocPlan], list[int]]:
+    """Plans of the documents that round-trip and can be tracked, and their indices in `docs`.
+    `stats` receives the number of planning jobs (document segments) and the sum and maximum of their
+    seconds: against the phase's wall time they show worker start-up and load imbalance."""
     jobs, n_parts = [], {}
     dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
     for d, x in enumerate(docs):
@@ -158,8 +162,11 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
     else:
         results = [_plan_segment(job) for job in jobs]
     parts: dict[int, list[DocPlan | None]] = {}
-    for d, plan in results:
+    for d, plan, _ in results:
         parts.setdefault(d, []).append(plan)
+    if stats is not None:
+        job_s = [s for _, _, s in results]
+        stats.update(jobs=len(job_s), job_seconds_sum=sum(job_s), job_seconds_max=max(job_s, default=0.0))
     plans, kept = [], []
     for d in sorted(parts):
         if all(p is not None for p in parts[d]) and len(parts[d]) == n_parts[d]:
@@ -274,15 +281,16 @@ def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_i
     rules = ConversionRules(tok)
     split = {"rules": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    plans, kept = plan_documents(docs, rules, start_id, workers, segment_bytes)
+    info: dict = {"planning_jobs": {}}
+    plans, kept = plan_documents(docs, rules, start_id, workers, segment_bytes, stats=info["planning_jobs"])
     skipped = len(docs) - len(kept)
     split["planning"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     flat = _Flat(plans)
     split["flattening"] = time.perf_counter() - t1
     point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
-                                               split=split)
-    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, time.perf_counter() - t0)
+                                               split=split, info=info)
+    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, time.perf_counter() - t0) | info
 
 
 @torch.no_grad()
@@ -320,10 +328,12 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
 
 @torch.no_grad()
 def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device, batch_size: int,
-               chunk_rows: int, autocast, full: bool = False, split: dict | None = None):
+               chunk_rows: int, autocast, full: bool = False, split: dict | None = None, info: dict | None = None):
     """Score every node of every plan; returns (log q(token | parent) per node, log q(EOS | node) per node,
     log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query).
-    `split` receives the seconds of its host-only phases: validity masks, windows, and packing."""
+    `split` receives the seconds of its host-only phases: validity masks, windows, and packing; `info`
+    the device time of the model's forward passes (`forward_seconds`, CUDA events on a GPU) and the
+    number of windows and batches."""
     split = {} if split is None else split
     t0 = time.perf_counter()
     if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
@@ -355,12 +365,14 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
     split["windows"] = time.perf_counter() - t0
     split["packing"] = 0.0
     sorted_lp = sorted_p = None
+    forward = _ForwardTimer(device)
     for i in range(0, len(windows), batch_size):
         t0 = time.perf_counter()
         ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
         split["packing"] += time.perf_counter() - t0
-        with autocast:
-            logits = model.logits(ids.to(device), attn_mask=mask.to(device), positions=pos.to(device))
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        with autocast, forward:
+            logits = model.logits(ids, attn_mask=mask, positions=pos)
         logits = logits.flatten(0, 1)
         for c in range(0, len(rows), chunk_rows):
             g = nodes[c : c + chunk_rows].to(device)
@@ -391,7 +403,38 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
             row_of[g] = -1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if info is not None:
+        info.update(forward_seconds=forward.seconds(), windows=len(windows), batches=-(-len(windows) // batch_size))
     return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
+
+
+class _ForwardTimer:
+    """Time spent in a repeated block: CUDA events on a GPU (device time, no sync until `seconds`),
+    wall time on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.wall = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self.events[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.wall += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        return self.wall
 
 
 def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
