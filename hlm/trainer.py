@@ -197,7 +197,7 @@ class Trainer:
         model = self.raw_model
         if tc.compile if tc.compile is not None else rt.device.type == "cuda":
             # static shapes: the patch and token phases each get their own specialised graph
-            model = torch.compile(model, dynamic=False if self.phases.enabled else None)
+            model = torch.compile(model, dynamic=False if self.phases.enabled else None, mode=tc.compile_mode)
         if rt.world > 1 and tc.parallel == "ddp":
             model = apply_ddp(model, rt.device)
         self.model = model

@@ -137,6 +137,7 @@ def test_dict_round_trip():
 
 
 @pytest.mark.parametrize("override", ["train.dtype=fp16", "train.schedule=linear", "train.device=tpu",
+                                      "train.compile_mode=max-autotune",
                                       "log.interval=0", "train.ckpt_interval=0", "eval.batches=0"])
 def test_bad_values_are_refused_when_read(override):
     key = override.split("=")[0]
