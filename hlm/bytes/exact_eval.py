@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,17 +36,22 @@ from hlm.tokenizers import Tokenizer, round_trips
 
 @dataclass
 class DocPlan:
-    """Nodes of one document (local ids, parents first) and the terms of every next-byte probability."""
+    """Nodes of one document (local ids, parents first) and the terms of every next-byte probability.
+    Int64 arrays: compact to send back from the planning workers, and to join and flatten."""
 
     n_bytes: int
-    parent: list[int] = field(default_factory=list)
-    token: list[int] = field(default_factory=list)
-    depth: list[int] = field(default_factory=list)
-    mask_key: list[tuple[int | None, bytes]] = field(default_factory=list)
-    trunk: list[int] = field(default_factory=list)  # canonical path, root first
-    num: list[tuple[int, int, int, int]] = field(default_factory=list)  # (byte position, node, lo, hi)
-    den: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # (..., len of the remainder)
-    eos: list[tuple[int, int]] = field(default_factory=list)  # (byte position, exact node)
+    parent: np.ndarray  # [nodes], -1 at the root
+    token: np.ndarray  # [nodes]
+    depth: np.ndarray  # [nodes]
+    mask_key: list[tuple[int | None, bytes]]  # (last token, incomplete character) of each node
+    trunk: np.ndarray  # canonical path, root first
+    num: np.ndarray  # [n, 4]: (byte position, node, lo, hi)
+    den: np.ndarray  # [n, 5]: (..., len of the remainder)
+    eos: np.ndarray  # [n, 2]: (byte position, exact node)
+
+
+def _rows(rows: list[tuple], width: int) -> np.ndarray:
+    return np.array(rows, dtype=np.int64).reshape(-1, width)
 
 
 def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
@@ -54,7 +60,10 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     With a dummy-prefix tokenizer, x must start with that space."""
     tracker = CoverTracker(rules, start_id)
     index, trie = rules.index, tracker.trie
-    plan = DocPlan(len(x), [-1], [start_id], [0], [(None, b"")])
+    parent, token, depth, mask_key = [-1], [start_id], [0], [(None, b"")]
+    num: list[tuple[int, int, int, int]] = []
+    den: list[tuple[int, int, int, int, int]] = []
+    eos: list[tuple[int, int]] = []
     local = {0: 0}
 
     def record(m: int, next_byte: int | None) -> None:
@@ -62,32 +71,35 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
             u = tracker.remainder(a)
             lo, hi = index.strict_range(u)
             if lo < hi:
-                plan.den.append((m, local[a], lo, hi, len(u)))
+                den.append((m, local[a], lo, hi, len(u)))
             if next_byte is not None:
                 lo, hi = index.range(u + bytes([next_byte]))
                 if lo < hi:
-                    plan.num.append((m, local[a], lo, hi))
-        plan.eos.extend((m, local[e]) for e in tracker.exact)
+                    num.append((m, local[a], lo, hi))
+        eos.extend((m, local[e]) for e in tracker.exact)
 
     for m, b in enumerate(x):
         record(m, b)
         for e in tracker.advance(b):
             p = local[trie.parent[e]]
-            local[e] = len(plan.parent)
-            plan.parent.append(p)
-            plan.token.append(trie.token[e])
-            plan.depth.append(plan.depth[p] + 1)
-            plan.mask_key.append((trie.last_token(e), trie.mid[e]))
+            local[e] = len(parent)
+            parent.append(p)
+            token.append(trie.token[e])
+            depth.append(depth[p] + 1)
+            mask_key.append((trie.last_token(e), trie.mid[e]))
     record(len(x), None)
-    child = {(p, t): i for i, (p, t) in enumerate(zip(plan.parent, plan.token, strict=True))}
-    plan.trunk = [0]
+    child = {(p, t): i for i, (p, t) in enumerate(zip(parent, token, strict=True))}
+    trunk = [0]
     dummy = getattr(rules.tok, "add_dummy_prefix", False)  # x starts with the space the tokenizer adds
     for t in rules.tok.encode(x[1:] if dummy else x):
-        node = child.get((plan.trunk[-1], t))
+        node = child.get((trunk[-1], t))
         if node is None:
             raise MissingCoverError("the canonical encoding is not among the tracked exact nodes")
-        plan.trunk.append(node)
-    return plan
+        trunk.append(node)
+    as_array = np.array
+    return DocPlan(len(x), as_array(parent, dtype=np.int64), as_array(token, dtype=np.int64),
+                   as_array(depth, dtype=np.int64), mask_key, as_array(trunk, dtype=np.int64),
+                   _rows(num, 4), _rows(den, 5), _rows(eos, 2))
 
 
 def segment_points(x: bytes, rules: ConversionRules, segment_bytes: int) -> list[int]:
@@ -104,28 +116,42 @@ def segment_points(x: bytes, rules: ConversionRules, segment_bytes: int) -> list
 
 def stitch(parts: list[DocPlan]) -> DocPlan:
     """Join plans of consecutive segments: each segment's root is the previous segment's last trunk node."""
-    out = parts[0]
+    first = parts[0]
+    fields = {k: [getattr(first, k)] for k in ("parent", "token", "depth", "trunk", "num", "den", "eos")}
+    mask_key = list(first.mask_key)
+    n_nodes, n_bytes = len(first.parent), first.n_bytes
+    root = int(first.trunk[-1])
+    root_depth = int(first.depth[root])
+    last_eos = first.eos
     for part in parts[1:]:
-        root = out.trunk[-1]
-        shift = len(out.parent) - 1
+        shift = n_nodes - 1
 
-        def node(v: int, root: int = root, shift: int = shift) -> int:
-            return root if v == 0 else v + shift
+        def node(v: np.ndarray, root: int = root, shift: int = shift) -> np.ndarray:
+            return np.where(v == 0, root, v + shift)
 
-        base_depth, base_pos = out.depth[root], out.n_bytes
-        if any(v != root for m, v in out.eos if m == base_pos):
-            raise MissingCoverError(f"several exact nodes at the cut at byte {base_pos}: cannot plan in segments")
-        for v in range(1, len(part.parent)):
-            out.parent.append(node(part.parent[v]))
-            out.token.append(part.token[v])
-            out.depth.append(part.depth[v] + base_depth)
-            out.mask_key.append(part.mask_key[v])
-        out.trunk.extend(node(v) for v in part.trunk[1:])
-        out.num.extend((m + base_pos, node(v), lo, hi) for m, v, lo, hi in part.num)
-        out.den.extend((m + base_pos, node(v), lo, hi, k) for m, v, lo, hi, k in part.den if m > 0)
-        out.eos.extend((m + base_pos, node(v)) for m, v in part.eos if m > 0)
-        out.n_bytes += part.n_bytes
-    return out
+        if np.any(last_eos[(last_eos[:, 0] == n_bytes), 1] != root):
+            raise MissingCoverError(f"several exact nodes at the cut at byte {n_bytes}: cannot plan in segments")
+        fields["parent"].append(node(part.parent[1:]))
+        fields["token"].append(part.token[1:])
+        fields["depth"].append(part.depth[1:] + root_depth)
+        mask_key.extend(part.mask_key[1:])
+        fields["trunk"].append(node(part.trunk[1:]))
+        num = part.num.copy()
+        num[:, 0] += n_bytes
+        num[:, 1] = node(num[:, 1])
+        fields["num"].append(num)
+        den, last_eos = part.den[part.den[:, 0] > 0].copy(), part.eos[part.eos[:, 0] > 0].copy()
+        for table in (den, last_eos):
+            table[:, 0] += n_bytes
+            table[:, 1] = node(table[:, 1])
+        fields["den"].append(den)
+        fields["eos"].append(last_eos)
+        end = int(part.trunk[-1])
+        root, root_depth = int(node(np.int64(end))), root_depth + int(part.depth[end])
+        n_nodes += len(part.parent) - 1
+        n_bytes += part.n_bytes
+    joined = {k: np.concatenate(v) for k, v in fields.items()}
+    return DocPlan(n_bytes, mask_key=mask_key, **joined)
 
 
 _WORKER: dict = {}
@@ -177,27 +203,30 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
 
 def _drop_first_byte(plan: DocPlan) -> DocPlan:
     """Condition on the dummy-prefix space the tokenizer adds: the text's bytes start after it."""
-    plan.num = [(m - 1, v, lo, hi) for m, v, lo, hi in plan.num if m > 0]
-    plan.den = [(m - 1, v, lo, hi, k) for m, v, lo, hi, k in plan.den if m > 0]
-    plan.eos = [(m - 1, v) for m, v in plan.eos if m > 0]
-    plan.n_bytes -= 1
-    return plan
+    def shifted(table: np.ndarray) -> np.ndarray:
+        table = table[table[:, 0] > 0].copy()
+        table[:, 0] -= 1
+        return table
+
+    return replace(plan, n_bytes=plan.n_bytes - 1, num=shifted(plan.num), den=shifted(plan.den),
+                   eos=shifted(plan.eos))
 
 
 def _windows(plan: DocPlan, block: int) -> list[list[int]]:
     """Split the nodes into windows of at most `block` positions: stretches of the trunk with the
     off-trunk nodes that hang from them."""
-    on_trunk = {node: k for k, node in enumerate(plan.trunk)}
-    anchor = [0] * len(plan.parent)
-    for v in range(1, len(plan.parent)):
-        anchor[v] = on_trunk[v] if v in on_trunk else anchor[plan.parent[v]]
-    trunk_mask = torch.zeros(len(plan.parent), dtype=torch.bool)
-    trunk_mask[plan.trunk] = True
-    depth = torch.tensor(plan.depth, dtype=torch.int64)
-    plan.__dict__["nodes"] = {"depth": depth, "on_trunk": trunk_mask, "token": torch.tensor(plan.token),
-                              "parent": torch.tensor(plan.parent, dtype=torch.int64),
-                              "anchor_depth": depth[torch.tensor(plan.trunk)[torch.tensor(anchor)]]}
-    spill = max(d - plan.depth[plan.trunk[a]] for d, a in zip(plan.depth, anchor, strict=True))
+    trunk, parents = plan.trunk.tolist(), plan.parent.tolist()
+    on_trunk = {node: k for k, node in enumerate(trunk)}
+    anchor = [0] * len(parents)
+    for v in range(1, len(parents)):
+        anchor[v] = on_trunk[v] if v in on_trunk else anchor[parents[v]]
+    trunk_mask = torch.zeros(len(parents), dtype=torch.bool)
+    trunk_mask[trunk] = True
+    depth = torch.from_numpy(plan.depth)
+    anchor_depth = depth[torch.from_numpy(plan.trunk)[torch.tensor(anchor)]]
+    plan.__dict__["nodes"] = {"depth": depth, "on_trunk": trunk_mask, "token": torch.from_numpy(plan.token),
+                              "parent": torch.from_numpy(plan.parent), "anchor_depth": anchor_depth}
+    spill = int((depth - anchor_depth).max())
     stride = block - spill
     if stride < 1:
         raise HLMError(f"off-trunk paths of {spill} tokens do not fit a context of {block}")
@@ -212,20 +241,20 @@ class _Flat:
     Queries are the num terms then the den terms (each a range of the sorted vocabulary at a node)."""
 
     def __init__(self, plans: list[DocPlan]):
-        self.offset, self.parent, self.token, self.mask_key = [], [], [], []
-        nums, dens, eoss, trunk_end = [], [], [], []
+        self.offset, self.mask_key = [], []
+        parents, tokens, nums, dens, eoss, trunk_end = [], [], [], [], [], []
         n_nodes = n_pos = 0
         for plan in plans:
             self.offset.append(n_nodes)
-            self.parent.extend(p + n_nodes if p >= 0 else -1 for p in plan.parent)
-            self.token.extend(plan.token)
+            parents.append(np.where(plan.parent >= 0, plan.parent + n_nodes, -1))
+            tokens.append(plan.token)
             self.mask_key.extend(plan.mask_key)
             shift = torch.tensor([n_pos, n_nodes], dtype=torch.int64)
-            nums.append(_table(plan.num, 4) + torch.cat([shift, torch.zeros(2, dtype=torch.int64)]))
-            dens.append(_table(plan.den, 5) + torch.cat([shift, torch.zeros(3, dtype=torch.int64)]))
-            eos = _table(plan.eos, 2)
+            nums.append(torch.from_numpy(plan.num) + torch.cat([shift, torch.zeros(2, dtype=torch.int64)]))
+            dens.append(torch.from_numpy(plan.den) + torch.cat([shift, torch.zeros(3, dtype=torch.int64)]))
+            eos = torch.from_numpy(plan.eos)
             eoss.append(torch.cat([eos + shift, (eos[:, :1] == plan.n_bytes).long()], dim=1))
-            trunk_end.append(plan.trunk[-1] + n_nodes)
+            trunk_end.append(int(plan.trunk[-1]) + n_nodes)
             n_nodes += len(plan.parent)
             n_pos += plan.n_bytes + 1
         self.n_nodes, self.n_pos = n_nodes, n_pos
@@ -241,16 +270,13 @@ class _Flat:
         at_end = eos[:, 2].bool()
         self.end_pos, self.end_node = eos[at_end, 0], eos[at_end, 1]
         self.trunk_end = torch.tensor(trunk_end, dtype=torch.int64)
-        self.child_token = torch.tensor(self.token, dtype=torch.int64)
+        parent = torch.from_numpy(np.concatenate(parents)) if parents else torch.zeros(0, dtype=torch.int64)
+        self.parent = parent.tolist()  # walked in Python by _log_prefix_probs
+        self.child_token = torch.from_numpy(np.concatenate(tokens)) if tokens else torch.zeros(0, dtype=torch.int64)
         self.by_node = _csr(self.q_node, n_nodes)  # queries of each node
-        parent = torch.tensor(self.parent, dtype=torch.int64)
         self.kids = torch.nonzero(parent >= 0).flatten()
         self.kid_parent = parent[self.kids]
         self.by_parent = _csr(self.kid_parent, n_nodes)  # children of each node
-
-
-def _table(rows: list[tuple], width: int) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros(0, width, dtype=torch.int64)
 
 
 def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -440,8 +466,6 @@ class _ForwardTimer:
 def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
     """For each distinct normaliser range (tokens longer than a remainder u), the 257 sorted-vocabulary
     edges that split it by the byte after u; and which edge row each normaliser query uses."""
-    import numpy as np
-
     rows, which, seen = [], [], {}
     columns = index.byte_at.numpy()
     for lo, hi, k in zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(), flat.den_k.tolist(),
