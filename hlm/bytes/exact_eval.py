@@ -51,6 +51,7 @@ class DocPlan:
 
 
 def _rows(rows: list[tuple], width: int) -> np.ndarray:
+    """Int64 array [len(rows), width] of a list of tuples (also when the list is empty)."""
     return np.array(rows, dtype=np.int64).reshape(-1, width)
 
 
@@ -96,9 +97,8 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
         if node is None:
             raise MissingCoverError("the canonical encoding is not among the tracked exact nodes")
         trunk.append(node)
-    as_array = np.array
-    return DocPlan(len(x), as_array(parent, dtype=np.int64), as_array(token, dtype=np.int64),
-                   as_array(depth, dtype=np.int64), mask_key, as_array(trunk, dtype=np.int64),
+    return DocPlan(len(x), np.array(parent, dtype=np.int64), np.array(token, dtype=np.int64),
+                   np.array(depth, dtype=np.int64), mask_key, np.array(trunk, dtype=np.int64),
                    _rows(num, 4), _rows(den, 5), _rows(eos, 2))
 
 
