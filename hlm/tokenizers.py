@@ -114,6 +114,41 @@ class _ConversionMixin:
             cache[a] = mask
         return cache[a]
 
+    def pair_valid_by_merges(self, a: int, t: int) -> bool:
+        """`pair_valid_mask(a)[t]` for one pair, memoised (the cover tracker asks one token at a time):
+        [a, t] fails iff a node x on a's right spine and a node y on t's left spine merge at a rank
+        below x's limit and not above y's."""
+        memo = self.__dict__.setdefault("_pair_memo", {})
+        hit = memo.get((a, t))
+        if hit is None:
+            crossing = self._crossing_ranks()
+            hit = self._has_bytes_list()[t] and not any(
+                (r := crossing.get((x, y))) is not None and r < lx and r <= ly
+                for x, lx in self._right_spine(a) for y, ly in self._left_spine_list(t))
+            if len(memo) > 4_000_000:
+                memo.clear()
+            memo[(a, t)] = hit
+        return hit
+
+    def _crossing_ranks(self) -> dict[tuple[int, int], float]:
+        """{(x, y): rank} of every merge of token x with token y on its right."""
+        if getattr(self, "_crossing", None) is None:
+            self._crossing = {(x, y): r for x, (ys, ranks) in self._merges_from_left().items()
+                              for y, r in zip(ys.tolist(), ranks.tolist(), strict=True)}
+        return self._crossing
+
+    def _left_spine_list(self, t: int) -> list[tuple[int, float]]:
+        if getattr(self, "_lspine_lists", None) is None:
+            nodes, ranks = self._left_spines()
+            self._lspine_lists = [[(n, r) for n, r in zip(row_n, row_r, strict=True) if n < self.vocab_size]
+                                  for row_n, row_r in zip(nodes.tolist(), ranks.tolist(), strict=True)]
+        return self._lspine_lists[t]
+
+    def _has_bytes_list(self) -> list[bool]:
+        if getattr(self, "_nonempty_list", None) is None:
+            self._nonempty_list = self._has_bytes().tolist()
+        return self._nonempty_list
+
     def _spine_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The left-spine entries of `_left_spines` grouped by node: (token, rank that merges the node away)
         of each entry, and (start, count) of every node's entries, so a pair mask touches only merged nodes."""

@@ -245,6 +245,7 @@ def test_missing_exact_cover_raises():
     wrong = torch.ones(tok.vocab_size, dtype=torch.bool)
     wrong[canonical[0]] = False
     blm.rules.next_mask = lambda last, mid: wrong
+    blm.rules.allows = lambda last, mid, t: bool(wrong[t])
     blm.reset()
     with pytest.raises(MissingCoverError):
         blm.next_byte_logprobs(tok.token_bytes(canonical[0]))

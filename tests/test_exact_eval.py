@@ -261,3 +261,34 @@ def test_tree_windows_match_plain_causal_calls(sp_bpe):
                 assert abs(float(lp[sp_bpe.eos_id]) - float(eos_lp[flat.offset[d] + v])) < 1e-10
                 checked += 1
     assert checked == flat.n_nodes
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "raw byte BPE"])
+def test_single_token_validity_equals_the_mask(which, sp_bpe):
+    """`ConversionRules.allows` (what the cover tracker asks per token) equals `next_mask` entry by entry."""
+    import random
+
+    from hlm.bytes.covers import ConversionRules
+    from hlm.tokenizers import BPETokenizer
+
+    rng = random.Random(1)
+    if which == "sentencepiece":
+        tok = sp_bpe
+    else:
+        toks, merges = [b"a", b"b", b"c", b" "], []
+        while len(merges) < 40:
+            left, right = rng.choice(toks), rng.choice(toks)
+            if left + right not in toks:
+                merges.append((left, right))
+                toks.append(left + right)
+        tok = BPETokenizer.from_merges(merges)
+    rules = ConversionRules(tok)
+    lasts = [None] + rng.sample([t for t in range(tok.vocab_size) if tok.token_bytes(t)], 60)
+    checked = 0
+    for last in lasts:
+        for partial in (b"", b"\xc3") if which == "sentencepiece" else (b"",):
+            mask = rules.next_mask(last, partial)
+            for t in range(tok.vocab_size):
+                assert rules.allows(last, partial, t) == bool(mask[t]), (last, partial, t)
+            checked += int(mask.sum())
+    assert checked > 0

@@ -106,6 +106,7 @@ def test_pair_masks_agree_with_re_encoding(which, sp_bpe):
         mask = tok.pair_valid_mask(a)
         for b in rng.sample(ids, min(150, len(ids))):
             assert bool(mask[b]) == tok.pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
+            assert tok.pair_valid_by_merges(a, b) == bool(mask[b])
 
 
 def test_round_trip_gate(sp_bpe, gpt2):

@@ -89,16 +89,37 @@ class ConversionRules:
         self.index = index or VocabIndex(tok)
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
         self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
+        self._allowed_alone: list[bool] | None = None
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
             tok._spine_entries()
             tok._merges_from_left()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
+            self._starts_space = self.starts_space.tolist()
             byte_piece = torch.zeros(tok.vocab_size, dtype=torch.bool)
             byte_piece[list(tok._byte_piece.values())] = True
             cont = torch.tensor([bool(f) and 0x80 <= f[0] < 0xC0 for f in first])
             self.continuation_pieces = byte_piece & cont & tok.reachable_mask()
+
+    def allows(self, last: int | None, partial: bytes, t: int) -> bool:
+        """`next_mask(last, partial)[t]` without building the mask: the tracker asks about one token per
+        anchor and byte, and a fresh V-wide pair mask per distinct last token would dominate planning."""
+        tok = self.tok
+        if self.marginal or self.rule == "regex" or partial:
+            return bool(self.next_mask(last, partial)[t])
+        if self._allowed_alone is None:
+            alone = tok.reachable_mask()
+            if self.rule == "whitespace":
+                alone = alone & ~self.continuation_pieces
+            self._allowed_alone = alone.tolist()
+        if not self._allowed_alone[t]:
+            return False
+        if last is None:
+            return True
+        if self.rule == "whitespace" and self._starts_space[t] and tok.token_bytes(last)[-1:] != b" ":
+            return True
+        return tok.pair_valid_by_merges(last, t)
 
     def next_mask(self, last: int | None, partial: bytes) -> torch.Tensor:
         """Bool[V]: tokens t such that (node + [t]) may be valid, for a node ending in token `last` whose
@@ -219,7 +240,7 @@ class CoverTracker:
             if lo == hi:
                 continue
             t = self.tok.token_id(u)
-            if t is not None and self.mask(a)[t]:
+            if t is not None and self.rules.allows(self.trie.last_token(a), self.trie.mid[a], t):
                 partial = b"" if at_boundary else bytes(self.text[self._char_start :])
                 candidates.append(self.trie.child(a, t, m, partial))
             if self.index.strict_range(u)[0] < hi:
