@@ -182,11 +182,12 @@ def print_table(rows: list[dict]) -> None:
         for r in exact:
             e = r["exact"]
             parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in e["seconds_split"].items())
-            jobs = e["planning_jobs"]
+            plan = e["planning"]
             print(f"\n{r['checkpoint']}: exact seconds by phase: {parts}\n"
                   f"  model forwards {e['forward_seconds']:.2f} s of device time over {e['windows']} windows; "
-                  f"planning {jobs['jobs']} jobs, slowest {jobs['job_seconds_max']:.2f} s, "
-                  f"sum {jobs['job_seconds_sum']:.2f} s")
+                  f"planned {plan['texts']:,} distinct segments ({plan['text_bytes']:,} bytes) in "
+                  f"{plan['chunks']} chunks, slowest {plan['chunk_seconds_max']:.2f} s, "
+                  f"sum {plan['chunk_seconds_sum']:.2f} s")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -209,7 +209,7 @@ def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
     from the next-byte distributions, and the ByteLM tracks covers over the bytes after the cut
     (one model call per byte of the tail instead of the prefix). Returns the ByteLM and the cut
     whose prefix is that tail; tokenizers without such cuts get the whole prefix."""
-    points = segment_points(cut.prefix, fim.rules, 1)
+    points = segment_points(cut.prefix, fim.rules)
     if not points:
         return exact_byte_lm(fim, cut), cut
     context = fim.context(cut) + fim.tok.encode(cut.prefix[: points[-1]])

@@ -44,8 +44,9 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
     assert {"rules", "planning", "masks", "packing", "model_and_scoring"} <= set(phases)
     assert min(phases.values()) >= 0 and abs(sum(phases.values()) - exact["seconds"]) < 1e-6
     assert 0 < exact["forward_seconds"] <= phases["model_and_scoring"] and exact["windows"] >= 1
-    jobs = exact["planning_jobs"]
-    assert jobs["jobs"] >= 1 and 0 < jobs["job_seconds_max"] <= jobs["job_seconds_sum"] <= phases["planning"]
+    plan = exact["planning"]
+    assert plan["chunks"] >= 1 and 0 < plan["chunk_seconds_max"] <= plan["chunk_seconds_sum"] <= phases["planning"]
+    assert 1 <= plan["texts"] and plan["text_bytes"] <= exact["bytes"]  # distinct segments, planned once
     assert "exact" not in rows[1]  # byte model: nothing to convert
     ens = rows[2]
     assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2

@@ -47,8 +47,14 @@ def test_batched_tree_pass_equals_sequential(sp_bpe):
         assert abs(out["nll_canon"] - canon) < 1e-9
         assert out["nll_conv"] <= canon + 1e-9
     assert res["bpb_gap"] > 0
-    segmented = exact_bpb(model, sp_bpe, DOCS, start_id=sp_bpe.eos_id, batch_size=3, workers=2, segment_bytes=5)
-    assert abs(segmented["bpb_conv"] - res["bpb_conv"]) < 1e-12 and segmented["nodes"] == res["nodes"]
+    whole = exact_bpb(model, sp_bpe, DOCS, start_id=sp_bpe.eos_id, batch_size=3, workers=2, segment=False)
+    assert abs(whole["bpb_conv"] - res["bpb_conv"]) < 1e-12 and whole["nodes"] == res["nodes"]
+    repeats = [b"the cat and the cat and the  dog, the cat", b" the cat"]  # segments planned once, used often
+    cached, alone = (exact_bpb(model, sp_bpe, repeats, start_id=sp_bpe.eos_id, segment=s) for s in (True, False))
+    for a, b in zip(cached["per_doc"], alone["per_doc"], strict=True):
+        assert torch.allclose(a["per_byte_nll"], b["per_byte_nll"], atol=1e-12, rtol=0)
+    assert cached["nodes"] == alone["nodes"] and alone["planning"]["texts"] == 2
+    assert cached["planning"]["texts"] == len({b"the", b" cat", b" and", b" the", b"  dog,"})
     small = exact_bpb(tiny_gpt(sp_bpe.vocab_size, block=8), sp_bpe, DOCS, start_id=sp_bpe.eos_id)
     assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
 

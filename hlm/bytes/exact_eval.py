@@ -102,101 +102,196 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
                    _rows(num, 4), _rows(den, 5), _rows(eos, 2))
 
 
-def segment_points(x: bytes, rules: ConversionRules, segment_bytes: int) -> list[int]:
-    """Cut positions where every cover restarts (sentencepiece: a space after a non-space)."""
+def segment_points(x: bytes, rules: ConversionRules) -> list[int]:
+    """Positions where every cover restarts (sentencepiece: a space after a non-space)."""
     if rules.rule != "whitespace" or rules.marginal or getattr(rules.tok, "add_dummy_prefix", False):
         return []
-    cuts, last = [], 0
-    for m in range(segment_bytes, len(x)):
-        if m - last >= segment_bytes and x[m] == 0x20 and x[m - 1] != 0x20:
-            cuts.append(m)
-            last = m
-    return cuts
+    b = np.frombuffer(x, dtype=np.uint8)
+    return (np.flatnonzero((b[1:] == 0x20) & (b[:-1] != 0x20)) + 1).tolist()
 
 
-def stitch(parts: list[DocPlan]) -> DocPlan:
-    """Join plans of consecutive segments: each segment's root is the previous segment's last trunk node."""
-    first = parts[0]
-    fields = {k: [getattr(first, k)] for k in ("parent", "token", "depth", "trunk", "num", "den", "eos")}
-    mask_key = list(first.mask_key)
-    n_nodes, n_bytes = len(first.parent), first.n_bytes
-    root = int(first.trunk[-1])
-    root_depth = int(first.depth[root])
-    last_eos = first.eos
-    for part in parts[1:]:
-        shift = n_nodes - 1
+@dataclass
+class _PlanTable:
+    """Plans of many texts in one set of arrays (local node ids): plan p's nodes are
+    `parent[node_at[p] : node_at[p + 1]]`, and likewise for the trunk and the num, den and eos rows.
+    Planning workers send one table per chunk of texts; `None` plans (untrackable texts) are empty
+    and marked in `ok`."""
 
-        def node(v: np.ndarray, root: int = root, shift: int = shift) -> np.ndarray:
-            return np.where(v == 0, root, v + shift)
+    n_bytes: np.ndarray
+    ok: np.ndarray
+    parent: np.ndarray
+    token: np.ndarray
+    depth: np.ndarray
+    mask_key: list[tuple[int | None, bytes]]
+    trunk: np.ndarray
+    num: np.ndarray
+    den: np.ndarray
+    eos: np.ndarray
+    at: dict[str, np.ndarray]  # offsets [P + 1] of "node", "trunk", "num", "den", "eos"
 
-        if np.any(last_eos[(last_eos[:, 0] == n_bytes), 1] != root):
-            raise MissingCoverError(f"several exact nodes at the cut at byte {n_bytes}: cannot plan in segments")
-        fields["parent"].append(node(part.parent[1:]))
-        fields["token"].append(part.token[1:])
-        fields["depth"].append(part.depth[1:] + root_depth)
-        mask_key.extend(part.mask_key[1:])
-        fields["trunk"].append(node(part.trunk[1:]))
-        num = part.num.copy()
-        num[:, 0] += n_bytes
-        num[:, 1] = node(num[:, 1])
-        fields["num"].append(num)
-        den, last_eos = part.den[part.den[:, 0] > 0].copy(), part.eos[part.eos[:, 0] > 0].copy()
-        for table in (den, last_eos):
-            table[:, 0] += n_bytes
-            table[:, 1] = node(table[:, 1])
-        fields["den"].append(den)
-        fields["eos"].append(last_eos)
-        end = int(part.trunk[-1])
-        root, root_depth = int(node(np.int64(end))), root_depth + int(part.depth[end])
-        n_nodes += len(part.parent) - 1
-        n_bytes += part.n_bytes
-    joined = {k: np.concatenate(v) for k, v in fields.items()}
-    return DocPlan(n_bytes, mask_key=mask_key, **joined)
+    @staticmethod
+    def of(plans: list[DocPlan | None]) -> _PlanTable:
+        real = [p for p in plans if p is not None]
+        sizes = {"node": [], "trunk": [], "num": [], "den": [], "eos": []}
+        for p in plans:
+            sizes["node"].append(0 if p is None else len(p.parent))
+            for k in ("trunk", "num", "den", "eos"):
+                sizes[k].append(0 if p is None else len(getattr(p, k)))
+
+        def cat(field: str, width: int | None = None) -> np.ndarray:
+            arrays = [getattr(p, field) for p in real]
+            if arrays:
+                return np.concatenate(arrays)
+            return np.zeros((0,) if width is None else (0, width), dtype=np.int64)
+
+        return _PlanTable(
+            n_bytes=np.array([0 if p is None else p.n_bytes for p in plans], dtype=np.int64),
+            ok=np.array([p is not None for p in plans], dtype=bool),
+            parent=cat("parent"), token=cat("token"), depth=cat("depth"),
+            mask_key=[k for p in real for k in p.mask_key], trunk=cat("trunk"),
+            num=cat("num", 4), den=cat("den", 5), eos=cat("eos", 2),
+            at={k: np.concatenate([[0], np.cumsum(v, dtype=np.int64)]) for k, v in sizes.items()})
+
+    @staticmethod
+    def join(tables: list[_PlanTable]) -> _PlanTable:
+        at = {}
+        for k in tables[0].at:
+            parts, base = [np.zeros(1, dtype=np.int64)], 0
+            for t in tables:
+                parts.append(t.at[k][1:] + base)
+                base += int(t.at[k][-1])
+            at[k] = np.concatenate(parts)
+        return _PlanTable(
+            **{f: np.concatenate([getattr(t, f) for t in tables])
+               for f in ("n_bytes", "ok", "parent", "token", "depth", "trunk", "num", "den", "eos")},
+            mask_key=[k for t in tables for k in t.mask_key], at=at)
+
+    def _owner(self, field: str) -> np.ndarray:
+        return np.repeat(np.arange(len(self.n_bytes)), np.diff(self.at[field]))
+
+    def _rows_at_byte0(self, field: str) -> np.ndarray:
+        """How many rows of each plan are at its byte 0 (rows are in byte order, so these come first).
+        A later segment leaves them out: they are the previous segment's rows at its end."""
+        key = f"_byte0_{field}"
+        if key not in self.__dict__:
+            table = getattr(self, field)
+            self.__dict__[key] = np.bincount(self._owner(field)[table[:, 0] == 0], minlength=len(self.n_bytes))
+        return self.__dict__[key]
+
+    def _ends_on_trunk(self) -> np.ndarray:
+        """Per plan: its only exact node at its last byte is its last trunk node (so a next segment can
+        start from that node alone)."""
+        if "_clean" not in self.__dict__:
+            owner = self._owner("eos")
+            last = self.at["trunk"][owner + 1] - 1
+            at_end = self.eos[:, 0] == self.n_bytes[owner]
+            off = at_end & (self.eos[:, 1] != self.trunk[last])
+            self.__dict__["_clean"] = np.bincount(owner[off], minlength=len(self.n_bytes)) == 0
+        return self.__dict__["_clean"]
+
+    def rows(self, field: str, plans: np.ndarray, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices into `field` of the rows of `plans` in order, each plan's first `skip` rows left out;
+        and which entry of `plans` every row belongs to."""
+        start = self.at[field][plans] + skip
+        count = self.at[field][plans + 1] - start
+        total = int(count.sum())
+        owner = np.repeat(np.arange(len(plans)), count)
+        first = np.repeat(start - (np.cumsum(count) - count), count)
+        return first + np.arange(total), owner
+
+    def assemble(self, seq: np.ndarray) -> DocPlan | None:
+        """The plan of a text cut into segments whose plans are `seq` (ids into this table): each segment's
+        root is the previous segment's last trunk node. None if a cut has several exact nodes."""
+        seq = np.asarray(seq, dtype=np.int64)
+        if not self.ok[seq].all():
+            return None
+        n_nodes = self.at["node"][seq + 1] - self.at["node"][seq]
+        trunk_end = self.trunk[self.at["trunk"][seq + 1] - 1]  # local id of each segment's last trunk node
+        if not self._ends_on_trunk()[seq[:-1]].all():
+            return None
+        later = np.arange(len(seq)) > 0
+        added = n_nodes - later  # segments after the first share their root with the previous one
+        shift = np.cumsum(added) - added - later  # global id = local id + shift (local ids >= 1)
+        root = np.zeros(len(seq), dtype=np.int64)
+        root[1:] = trunk_end[:-1] + shift[:-1]
+        node_depth = self.depth[self.at["node"][seq[:-1]] + trunk_end[:-1]]
+        root_depth = np.concatenate([[0], np.cumsum(node_depth)])
+        byte_at = np.concatenate([[0], np.cumsum(self.n_bytes[seq])[:-1]])
+
+        def glob(local: np.ndarray, owner: np.ndarray) -> np.ndarray:
+            return np.where(local == 0, root[owner], local + shift[owner])
+
+        idx, owner = self.rows("node", seq, later.astype(np.int64))
+        parent = self.parent[idx]
+        parent = np.where(parent < 0, -1, glob(parent, owner))
+        depth = self.depth[idx] + root_depth[owner]
+        t_idx, t_owner = self.rows("trunk", seq, later.astype(np.int64))
+        tables = {}
+        for field, skip_first_byte in (("num", False), ("den", True), ("eos", True)):
+            skip = np.where(later, self._rows_at_byte0(field)[seq], 0) if skip_first_byte else later * 0
+            r_idx, r_owner = self.rows(field, seq, skip)
+            table = getattr(self, field)[r_idx].copy()
+            table[:, 0] += byte_at[r_owner]
+            table[:, 1] = glob(table[:, 1], r_owner)
+            tables[field] = table
+        return DocPlan(int(self.n_bytes[seq].sum()), parent, self.token[idx], depth,
+                       [self.mask_key[i] for i in idx.tolist()], glob(self.trunk[t_idx], t_owner), **tables)
 
 
 _WORKER: dict = {}
 
 
-def _plan_segment(args: tuple[int, bytes]) -> tuple[int, DocPlan | None, float]:
-    doc, x = args
+def _plan_chunk(texts: list[bytes]) -> tuple[_PlanTable, float]:
+    """Plans of a chunk of texts as one table (None for texts whose covers cannot be tracked)."""
     t0 = time.perf_counter()
-    try:
-        plan = plan_document(x, _WORKER["rules"], _WORKER["start_id"])
-    except HLMError:
-        plan = None
-    return doc, plan, time.perf_counter() - t0
+    plans = []
+    for x in texts:
+        try:
+            plans.append(plan_document(x, _WORKER["rules"], _WORKER["start_id"]))
+        except HLMError:
+            plans.append(None)
+    return _PlanTable.of(plans), time.perf_counter() - t0
 
 
 def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1,
-                   segment_bytes: int = 1 << 14, stats: dict | None = None) -> tuple[list[DocPlan], list[int]]:
+                   segment: bool = True, stats: dict | None = None) -> tuple[list[DocPlan], list[int]]:
     """Plans of the documents that round-trip and can be tracked, and their indices in `docs`.
-    `stats` receives the number of planning jobs (document segments) and the sum and maximum of their
-    seconds: against the phase's wall time they show worker start-up and load imbalance."""
-    jobs, n_parts = [], {}
+    With `segment` (sentencepiece BPE), documents are cut at every `segment_points` position and each
+    distinct segment (mostly a word with its leading space) is planned once: text repeats words, so this
+    plans a fraction of the bytes. `stats` receives the number of distinct texts planned, the number of
+    chunks sent to the workers, and the sum and maximum of the chunks' seconds."""
     dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
+    distinct: dict[bytes, int] = {}
+    layouts: dict[int, np.ndarray] = {}
     for d, x in enumerate(docs):
         if not round_trips(rules.tok, x):
             continue
-        cuts = [0] + segment_points(x, rules, segment_bytes) + [len(x)]
-        n_parts[d] = len(cuts) - 1
-        jobs.extend((d, dummy + x[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+        cuts = [0] + (segment_points(x, rules) if segment else []) + [len(x)]
+        layouts[d] = np.array([distinct.setdefault(dummy + x[a:b], len(distinct))
+                               for a, b in zip(cuts[:-1], cuts[1:], strict=True)], dtype=np.int64)
+    texts = list(distinct)
     _WORKER.update(rules=rules, start_id=start_id)
-    if workers > 1 and len(jobs) > 1:
+    n_chunks = max(1, min(len(texts), 8 * workers)) if workers > 1 else 1
+    size = -(-len(texts) // n_chunks) if texts else 1
+    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+    if workers > 1 and len(chunks) > 1:
         one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
         with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
-            results = pool.map(_plan_segment, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+            results = pool.map(_plan_chunk, chunks)
     else:
-        results = [_plan_segment(job) for job in jobs]
-    parts: dict[int, list[DocPlan | None]] = {}
-    for d, plan, _ in results:
-        parts.setdefault(d, []).append(plan)
+        results = [_plan_chunk(c) for c in chunks]
     if stats is not None:
-        job_s = [s for _, _, s in results]
-        stats.update(jobs=len(job_s), job_seconds_sum=sum(job_s), job_seconds_max=max(job_s, default=0.0))
+        chunk_s = [s for _, s in results]
+        stats.update(texts=len(texts), text_bytes=sum(map(len, texts)), chunks=len(chunk_s),
+                     chunk_seconds_sum=sum(chunk_s), chunk_seconds_max=max(chunk_s, default=0.0))
     plans, kept = [], []
-    for d in sorted(parts):
-        if all(p is not None for p in parts[d]) and len(parts[d]) == n_parts[d]:
-            plans.append(_drop_first_byte(parts[d][0]) if dummy else stitch(parts[d]))
+    if not results:
+        return plans, kept
+    table = _PlanTable.join([t for t, _ in results])
+    for d, seq in layouts.items():
+        plan = table.assemble(seq)
+        if plan is not None:
+            plans.append(_drop_first_byte(plan) if dummy else plan)
             kept.append(d)
     return plans, kept
 
@@ -300,15 +395,15 @@ def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.T
 def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
               device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int = 2048,
               autocast: contextlib.AbstractContextManager | None = None, workers: int = 1,
-              segment_bytes: int = 1 << 14) -> dict:
+              segment: bool = True) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
     round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
     t0 = time.perf_counter()
     rules = ConversionRules(tok)
     split = {"rules": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    info: dict = {"planning_jobs": {}}
-    plans, kept = plan_documents(docs, rules, start_id, workers, segment_bytes, stats=info["planning_jobs"])
+    info: dict = {"planning": {}}
+    plans, kept = plan_documents(docs, rules, start_id, workers, segment, stats=info["planning"])
     skipped = len(docs) - len(kept)
     split["planning"] = time.perf_counter() - t1
     t1 = time.perf_counter()
