@@ -77,7 +77,7 @@ class _ConversionMixin:
     def reachable_mask(self) -> torch.Tensor:
         """Tokens the BPE can emit: `encode_piece(token_bytes(t)) == [t]` (special tokens: False)."""
         if getattr(self, "_reachable", None) is None:
-            self._reachable = torch.tensor([bool(b) and self.encode_piece(b) == [i] for i, b in enumerate(self._bytes)])
+            self._reachable = self._histories()[0]
         return self._reachable
 
     def pair_valid(self, a: int, b: int) -> bool:
@@ -85,117 +85,160 @@ class _ConversionMixin:
         return self.encode_piece(self._bytes[a] + self._bytes[b]) == [a, b]
 
     def pair_valid_mask(self, a: int) -> torch.Tensor:
-        """`pair_valid(a, t)` for every t, from the merge histories of a's right edge and t's left edge:
-        [a, t] fails only if some merge across the boundary fires before both sides finish (a's side
-        wins ties, being further left). Exact when every merge ranks after the merges that built its
-        parts, as in trained vocabularies; tests check it against `pair_valid`."""
+        """`pair_valid(a, t)` for every t: one row of `pair_valid_masks`, cached for the byte-by-byte tracker."""
         cache = self.__dict__.setdefault("_pair_masks", {})
         if a not in cache:
-            table = self._merges_from_left()
-            ys, ranks = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.float64)]
-            for x, limit in self._right_spine(a):
-                if x in table:
-                    keep = table[x][1] < limit
-                    ys.append(table[x][0][keep])
-                    ranks.append(table[x][1][keep])
-            crossed, which = torch.unique(torch.cat(ys), return_inverse=True)  # left-edge nodes a merge reaches
-            best = torch.full((len(crossed),), float("inf"), dtype=torch.float64)
-            best.scatter_reduce_(0, which, torch.cat(ranks), "amin")  # the earliest merge across the boundary
-            owner, limit, start, count = self._spine_entries()
-            lens = count[crossed]
-            total = int(lens.sum())
-            first = torch.repeat_interleave(start[crossed] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
-            entry = first + torch.arange(total)
-            fires = torch.repeat_interleave(best, lens, output_size=total) <= limit[entry]
-            mask = self._has_bytes().clone()
-            mask[owner[entry[fires]]] = False
             if len(cache) > 4096:
                 cache.clear()
-            cache[a] = mask
+            cache[a] = self.pair_valid_masks(torch.tensor([a]))[0]
         return cache[a]
 
-    def _spine_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The left-spine entries of `_left_spines` grouped by node: (token, rank that merges the node away)
-        of each entry, and (start, count) of every node's entries, so a pair mask touches only merged nodes."""
-        if getattr(self, "_spine_csr", None) is None:
-            nodes, ranks = self._left_spines()
-            owner = torch.arange(self.vocab_size).repeat_interleave(nodes.shape[1])
-            nodes, ranks = nodes.flatten(), ranks.flatten()
-            real = nodes < self.vocab_size
-            nodes, ranks, owner = nodes[real], ranks[real], owner[real]
-            order = torch.argsort(nodes, stable=True)
-            count = torch.bincount(nodes, minlength=self.vocab_size)
-            self._spine_csr = (owner[order], ranks[order], torch.cumsum(count, 0) - count, count)
-        return self._spine_csr
+    def pair_valid_masks(self, lasts: torch.Tensor) -> torch.Tensor:
+        """Bool[K, V]: `pair_valid(lasts[k], t)` for every t, from the merge histories of the right edge of
+        lasts[k] and the left edge of t: [a, t] fails only if some merge across the boundary fires before
+        both sides finish (a's side wins ties, being further left). Exact when every merge ranks after the
+        merges that built its parts, as in trained vocabularies; tests check it against `pair_valid`."""
+        row, t = self._pair_conflicts(lasts)
+        mask = self._has_bytes().to(lasts.device).repeat(len(lasts), 1)
+        mask[row, t] = False
+        return mask
+
+    def _pair_conflicts(self, lasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, t) of every pair [lasts[k], t] that is not valid, as one sparse join over all k: nodes on the
+        right spine of lasts[k] -> the merges they make with a node y on their right, earlier than the node
+        is merged away -> the earliest such merge per (k, y) -> the tokens t with y on their left spine that
+        are still unfinished at that rank."""
+        tables = self._pair_tables(lasts.device)
+        (rnodes, rlimits), (m_right, m_rank, m_start, m_count), (s_owner, s_limit, s_start, s_count) = tables
+        v = self.vocab_size
+        x, limit = rnodes[lasts], rlimits[lasts]
+        row = torch.arange(len(lasts), device=lasts.device)[:, None].expand_as(x)
+        real = x < v
+        x, limit, row = x[real], limit[real], row[real]
+        entry, src = _csr_expand(m_start, m_count, x)
+        keep = m_rank[entry] < limit[src]
+        crossed = row[src][keep] * v + m_right[entry][keep]  # (k, y) as one key
+        crossed, which = torch.unique(crossed, return_inverse=True)
+        best = torch.full((len(crossed),), float("inf"), dtype=torch.float64, device=lasts.device)
+        best.scatter_reduce_(0, which, m_rank[entry][keep], "amin")
+        entry, src = _csr_expand(s_start, s_count, crossed % v)
+        fires = best[src] <= s_limit[entry]
+        return crossed[src][fires] // v, s_owner[entry][fires]
+
+    def _pair_tables(self, device: torch.device | str = "cpu") -> tuple:
+        """The tables `_pair_conflicts` joins, built once (and copied once to each device): right spines
+        [V, D] (nodes padded with V, and the rank that merges each node away), the merges grouped by left
+        token (right token, rank, then each token's start and count) and the left-spine entries grouped by
+        node (token, rank, start, count)."""
+        cache = self.__dict__.setdefault("_pair_table_cache", {})
+        device, cpu = torch.device(device), torch.device("cpu")
+        if cpu not in cache:
+            _, left, right, rank = self._histories()
+            v, has_bytes = self.vocab_size, self._has_bytes()
+            nodes, ranks = _spines(left, rank, has_bytes)
+            owner = torch.arange(v).repeat_interleave(nodes.shape[1])
+            real = nodes.flatten() < v
+            spine_csr = _group_by(nodes.flatten()[real], v, owner[real], ranks.flatten()[real])
+            m_left, m_right, m_rank, _ = self._merges()
+            cache[cpu] = (_spines(right, rank, has_bytes), _group_by(m_left, v, m_right, m_rank), spine_csr)
+        if device not in cache:
+            cache[device] = tuple(tuple(x.to(device) for x in part) for part in cache[cpu])
+        return cache[device]
 
     def _has_bytes(self) -> torch.Tensor:
         if getattr(self, "_nonempty", None) is None:
             self._nonempty = torch.tensor([bool(b) for b in self._bytes])
         return self._nonempty
 
-    def _history(self, t: int) -> tuple[int, int, float] | None:
-        """(left child, right child, rank) of the last merge when BPE builds token t alone; None for atoms."""
-        memo = self.__dict__.setdefault("_history_memo", {})
-        if t not in memo:
-            parts = self._atoms(self._bytes[t])
-            last = None
-            while len(parts) > 1:
-                best, at = None, -1
-                for i in range(len(parts) - 1):
-                    r = self._rank(parts[i], parts[i + 1])
-                    if r is not None and (best is None or r < best):
-                        best, at = r, i
-                if best is None:
-                    break
-                last = (parts[at], parts[at + 1], best)
-                parts[at : at + 2] = [parts[at] + parts[at + 1]]
-            ok = last is not None and len(parts) == 1
-            memo[t] = (self.token_id(last[0]), self.token_id(last[1]), float(last[2])) if ok else None
-        return memo[t]
-
-    def _right_spine(self, a: int) -> list[tuple[int, float]]:
-        """Nodes on the right edge of a's merge tree, each with the rank at which it is merged away."""
-        out, node, limit = [], a, float("inf")
-        while node is not None:
-            out.append((node, limit))
-            h = self._history(node)
-            node, limit = (h[1], h[2]) if h is not None else (None, limit)
-        return out
-
-    def _merges_from_left(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """For each token x, the tokens y that merge with it on their left and the merges' ranks."""
-        if getattr(self, "_left_merges", None) is None:
-            table: dict[int, list[tuple[int, float]]] = {}
-            for data in self._bytes:
+    def _merges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every merge of two tokens into a token, from every split of every token's bytes:
+        (left, right, rank, merged) arrays."""
+        if getattr(self, "_merge_rows", None) is None:
+            rows, find = [], self._id_of.get  # byte-fallback pieces never merge: they need not be found
+            for data in dict.fromkeys(self._bytes):  # distinct bytes, in id order
                 for k in range(1, len(data)):
-                    left, right = self.token_id(data[:k]), self.token_id(data[k:])
-                    r = None if left is None or right is None else self._rank(data[:k], data[k:])
+                    left = find(data[:k])
+                    right = None if left is None else find(data[k:])
+                    r = None if right is None else self._rank(data[:k], data[k:])
                     if r is not None:
-                        table.setdefault(left, []).append((right, float(r)))
-            self._left_merges = {x: (torch.tensor([y for y, _ in pairs], dtype=torch.int64),
-                                     torch.tensor([r for _, r in pairs], dtype=torch.float64))
-                                 for x, pairs in table.items()}
-        return self._left_merges
+                        rows.append((left, right, r, find(data)))
+            left, right, rank, merged = zip(*rows, strict=True) if rows else ((), (), (), ())
+            self._merge_rows = (torch.tensor(left, dtype=torch.int64), torch.tensor(right, dtype=torch.int64),
+                                torch.tensor(rank, dtype=torch.float64), torch.tensor(merged, dtype=torch.int64))
+        return self._merge_rows
 
-    def _left_spines(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[V, D] node ids on each token's left edge (padded with V) and the rank that merges each away."""
-        if getattr(self, "_lspines", None) is None:
-            rows = []
-            for t in range(self.vocab_size):
-                row, node, limit = [], t, float("inf")
-                while node is not None and self._bytes[t]:
-                    row.append((node, limit))
-                    h = self._history(node)
-                    node, limit = (h[0], h[2]) if h is not None else (None, limit)
-                rows.append(row)
-            depth = max(1, max(len(r) for r in rows))
-            nodes = torch.full((self.vocab_size, depth), self.vocab_size, dtype=torch.int64)
-            ranks = torch.full((self.vocab_size, depth), -float("inf"), dtype=torch.float64)
-            for t, row in enumerate(rows):
-                for d, (node, limit) in enumerate(row):
-                    nodes[t, d], ranks[t, d] = node, limit
-            self._lspines = (nodes, ranks)
-        return self._lspines
+    def _histories(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One BPE of every token's own bytes, over token ids: whether it yields the token itself
+        (reachability) and the last merge when it yields one part (left child, right child, rank; -1
+        children for atoms and unmergeable tokens). The merge trees the pair rule walks."""
+        if getattr(self, "_hist", None) is None:
+            left, right, rank, merged = (x.tolist() for x in self._merges())
+            merge_of = {(a, b): (r, m) for a, b, r, m in zip(left, right, rank, merged, strict=True)}
+            v = self.vocab_size
+            reach, lchild, rchild, ranks = [False] * v, [-1] * v, [-1] * v, [0.0] * v
+            for t, data in enumerate(self._bytes):
+                parts, last = _bpe_ids([self.token_id(p) for p in self._atoms(data)], merge_of)
+                if len(parts) == 1:
+                    reach[t] = parts[0] == t
+                    if last is not None:
+                        lchild[t], rchild[t], ranks[t] = last
+            self._hist = (torch.tensor(reach), torch.tensor(lchild), torch.tensor(rchild),
+                          torch.tensor(ranks, dtype=torch.float64))
+        return self._hist
+
+
+def _bpe_ids(parts: list[int], merge_of: dict[tuple[int, int], tuple[float, int]]) -> tuple[list[int], tuple | None]:
+    """`bpe_merge` over token ids with a (left, right) -> (rank, merged) table, keeping the rank of every
+    adjacent pair so that a merge updates only its two neighbours. Returns the parts and the last merge."""
+    inf, none = float("inf"), (float("inf"), -1)
+    ranks = [merge_of.get(pair, none)[0] for pair in zip(parts, parts[1:], strict=False)]
+    last = None
+    while ranks:
+        best = min(ranks)
+        if best == inf:
+            break
+        at = ranks.index(best)
+        last = (parts[at], parts[at + 1], best)
+        parts[at : at + 2] = [merge_of[parts[at], parts[at + 1]][1]]
+        del ranks[at]
+        if at > 0:
+            ranks[at - 1] = merge_of.get((parts[at - 1], parts[at]), none)[0]
+        if at < len(ranks):
+            ranks[at] = merge_of.get((parts[at], parts[at + 1]), none)[0]
+    return parts, last
+
+
+def _spines(child: torch.Tensor, rank: torch.Tensor, has_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V, D] nodes on each token's left (or right) edge, following `child` down its merge tree (padded
+    with V; no row for tokens without bytes), and the rank that merges each node away (inf at the top)."""
+    v = len(child)
+    child = torch.cat([torch.where(child >= 0, child, v), torch.tensor([v])])
+    rank = torch.cat([rank, torch.zeros(1, dtype=torch.float64)])
+    node = torch.where(has_bytes, torch.arange(v), v)
+    limit = torch.full((v,), float("inf"), dtype=torch.float64)
+    nodes, limits = [], []
+    while not nodes or (node < v).any():
+        nodes.append(node)
+        limits.append(torch.where(node < v, limit, -float("inf")))
+        node, limit = child[node], rank[node]
+    return torch.stack(nodes, 1), torch.stack(limits, 1)
+
+
+def _group_by(key: torch.Tensor, n: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """CSR grouping: the values in order of their key (0 <= key < n, stable), then each key's start and count."""
+    order = torch.argsort(key, stable=True)
+    count = torch.bincount(key, minlength=n)
+    return (*(x[order] for x in values), torch.cumsum(count, 0) - count, count)
+
+
+def _csr_expand(start: torch.Tensor, count: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of every group in `groups` (CSR start and count per group id), and the position in
+    `groups` each entry came from."""
+    lens = count[groups]
+    src = torch.repeat_interleave(torch.arange(len(groups), device=groups.device), lens)
+    offset = torch.cumsum(lens, 0) - lens
+    entry = start[groups][src] + torch.arange(len(src), device=groups.device) - offset[src]
+    return entry, src
 
 
 class BPETokenizer(_ConversionMixin):
@@ -262,6 +305,12 @@ class BPETokenizer(_ConversionMixin):
                   eos_id=specials.get(eos) if eos else None, name=name)
         tok._ranks = ranks
         return tok
+
+    def reachable_mask(self) -> torch.Tensor:
+        """As for any BPE; with `ignore_merges` every token is its own encoding (duplicates: the first id)."""
+        if self.ignore_merges and self._reachable is None:
+            self._reachable = torch.tensor([bool(b) and self._id_of.get(b) == i for i, b in enumerate(self._bytes)])
+        return super().reachable_mask()
 
     def _atoms(self, data: bytes) -> list[bytes]:
         return [data[i : i + 1] for i in range(len(data))]

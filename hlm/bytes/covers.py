@@ -90,11 +90,11 @@ class ConversionRules:
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
         self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
-            tok._spine_entries()
-            tok._merges_from_left()
+            tok._pair_tables()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
+            self.ends_space = torch.tensor([tok.token_bytes(i)[-1:] == b" " for i in range(tok.vocab_size)])
             byte_piece = torch.zeros(tok.vocab_size, dtype=torch.bool)
             byte_piece[list(tok._byte_piece.values())] = True
             cont = torch.tensor([bool(f) and 0x80 <= f[0] < 0xC0 for f in first])
@@ -128,6 +128,33 @@ class ConversionRules:
             self._masks.clear()
         self._masks[key] = mask
         return mask
+
+
+    def invalid_table(self, keys: list[tuple[int | None, bytes]], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool[len(keys), sorted vocab]: `~next_mask(*key)[index.perm]` for every key, built on `device` in a
+        few batched steps rather than key by key: the mask of a node without a last token, then the pair
+        conflicts of all last tokens from one sparse join. Keys inside a character keep the per-key path."""
+        perm = self.index.perm
+        table = ~self.next_mask(None, b"")[perm].to(device).repeat(len(keys), 1)
+        if self.marginal or self.rule == "regex":
+            return table
+        inside = self.rule == "whitespace"
+        rows = [i for i, (last, partial) in enumerate(keys) if last is not None and not (inside and partial)]
+        pos = torch.empty(self.tok.vocab_size, dtype=torch.int64)
+        pos[perm] = torch.arange(len(perm))
+        pos = pos.to(device)
+        for c in range(0, len(rows), 2048):  # bounds the join's memory
+            chunk = torch.tensor(rows[c : c + 2048], device=device)
+            lasts = torch.tensor([keys[i][0] for i in rows[c : c + 2048]], device=device)
+            k, t = self.tok._pair_conflicts(lasts)
+            if inside:  # a token starting with a space after a non-space starts a new pretoken: no conflict
+                new_piece = self.starts_space.to(device)[t] & ~self.ends_space.to(device)[lasts[k]]
+                k, t = k[~new_piece], t[~new_piece]
+            table[chunk[k], pos[t]] = True
+        for i, (last, partial) in enumerate(keys):
+            if inside and partial:
+                table[i] = ~self.next_mask(last, partial)[perm].to(device)
+        return table
 
 
 def _continues_char(data: bytes, tok) -> bool:
