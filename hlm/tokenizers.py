@@ -42,9 +42,10 @@ class TokenizerError(HLMError):
     """Input a text tokenizer cannot take, or a tokenizer file that cannot be used."""
 
 
-def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], int | None]) -> list[bytes]:
-    """Merge adjacent parts, lowest rank first and leftmost on ties, until no pair merges."""
-    parts = list(parts)
+def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], float | None]) -> tuple[list[bytes], tuple | None]:
+    """Merge adjacent parts, lowest rank first and leftmost on ties, until no pair merges. Returns the parts
+    and the last merge (left, right, rank): for a token's own bytes, the top of its merge tree."""
+    parts, last = list(parts), None
     while len(parts) > 1:
         best, at = None, -1
         for i in range(len(parts) - 1):
@@ -53,8 +54,9 @@ def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], int | None]) ->
                 best, at = r, i
         if best is None:
             break
+        last = (parts[at], parts[at + 1], best)
         parts[at : at + 2] = [parts[at] + parts[at + 1]]
-    return parts
+    return parts, last
 
 
 class _ConversionMixin:
@@ -139,7 +141,7 @@ class _ConversionMixin:
             owner = torch.arange(v).repeat_interleave(nodes.shape[1])
             real = nodes.flatten() < v
             spine_csr = _group_by(nodes.flatten()[real], v, owner[real], ranks.flatten()[real])
-            m_left, m_right, m_rank, _ = self._merges()
+            m_left, m_right, m_rank = self._merges()
             cache[cpu] = (_spines(right, rank, has_bytes), _group_by(m_left, v, m_right, m_rank), spine_csr)
         if device not in cache:
             cache[device] = tuple(tuple(x.to(device) for x in part) for part in cache[cpu])
@@ -150,9 +152,8 @@ class _ConversionMixin:
             self._nonempty = torch.tensor([bool(b) for b in self._bytes])
         return self._nonempty
 
-    def _merges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every merge of two tokens into a token, from every split of every token's bytes:
-        (left, right, rank, merged) arrays."""
+    def _merges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every merge of two tokens into a token, from every split of every token's bytes: (left, right, rank)."""
         if getattr(self, "_merge_rows", None) is None:
             rows, find = [], self._id_of.get  # byte-fallback pieces never merge: they need not be found
             for data in dict.fromkeys(self._bytes):  # distinct bytes, in id order
@@ -161,51 +162,28 @@ class _ConversionMixin:
                     right = None if left is None else find(data[k:])
                     r = None if right is None else self._rank(data[:k], data[k:])
                     if r is not None:
-                        rows.append((left, right, r, find(data)))
-            left, right, rank, merged = zip(*rows, strict=True) if rows else ((), (), (), ())
+                        rows.append((left, right, r))
+            left, right, rank = zip(*rows, strict=True) if rows else ((), (), ())
             self._merge_rows = (torch.tensor(left, dtype=torch.int64), torch.tensor(right, dtype=torch.int64),
-                                torch.tensor(rank, dtype=torch.float64), torch.tensor(merged, dtype=torch.int64))
+                                torch.tensor(rank, dtype=torch.float64))
         return self._merge_rows
 
     def _histories(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One BPE of every token's own bytes, over token ids: whether it yields the token itself
-        (reachability) and the last merge when it yields one part (left child, right child, rank; -1
-        children for atoms and unmergeable tokens). The merge trees the pair rule walks."""
+        """One BPE of every token's own bytes: whether it yields the token itself (reachability) and, when it
+        yields one part, its last merge (left child, right child, rank; -1 children for atoms and tokens the
+        BPE cannot build). These are the merge trees the pair rule walks."""
         if getattr(self, "_hist", None) is None:
-            left, right, rank, merged = (x.tolist() for x in self._merges())
-            merge_of = {(a, b): (r, m) for a, b, r, m in zip(left, right, rank, merged, strict=True)}
             v = self.vocab_size
             reach, lchild, rchild, ranks = [False] * v, [-1] * v, [-1] * v, [0.0] * v
             for t, data in enumerate(self._bytes):
-                parts, last = _bpe_ids([self.token_id(p) for p in self._atoms(data)], merge_of)
+                parts, last = bpe_merge(self._atoms(data), self._rank)
                 if len(parts) == 1:
-                    reach[t] = parts[0] == t
+                    reach[t] = self.token_id(parts[0]) == t
                     if last is not None:
-                        lchild[t], rchild[t], ranks[t] = last
+                        lchild[t], rchild[t], ranks[t] = self.token_id(last[0]), self.token_id(last[1]), last[2]
             self._hist = (torch.tensor(reach), torch.tensor(lchild), torch.tensor(rchild),
                           torch.tensor(ranks, dtype=torch.float64))
         return self._hist
-
-
-def _bpe_ids(parts: list[int], merge_of: dict[tuple[int, int], tuple[float, int]]) -> tuple[list[int], tuple | None]:
-    """`bpe_merge` over token ids with a (left, right) -> (rank, merged) table, keeping the rank of every
-    adjacent pair so that a merge updates only its two neighbours. Returns the parts and the last merge."""
-    inf, none = float("inf"), (float("inf"), -1)
-    ranks = [merge_of.get(pair, none)[0] for pair in zip(parts, parts[1:], strict=False)]
-    last = None
-    while ranks:
-        best = min(ranks)
-        if best == inf:
-            break
-        at = ranks.index(best)
-        last = (parts[at], parts[at + 1], best)
-        parts[at : at + 2] = [merge_of[parts[at], parts[at + 1]][1]]
-        del ranks[at]
-        if at > 0:
-            ranks[at - 1] = merge_of.get((parts[at - 1], parts[at]), none)[0]
-        if at < len(ranks):
-            ranks[at] = merge_of.get((parts[at], parts[at + 1]), none)[0]
-    return parts, last
 
 
 def _spines(child: torch.Tensor, rank: torch.Tensor, has_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +300,7 @@ class BPETokenizer(_ConversionMixin):
         if hit is None and self.ignore_merges and data in self._id_of:
             hit = [self._id_of[data]]
         if hit is None:
-            hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)]
+            hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)[0]]
             if len(self._piece_cache) > 200_000:
                 self._piece_cache.clear()
             self._piece_cache[data] = hit
@@ -443,10 +421,8 @@ class SentencePieceTokenizer(_ConversionMixin):
         return out
 
     def _rank(self, a: bytes, b: bytes) -> float | None:
-        if self._is_fallback(a) or self._is_fallback(b):
-            return None
-        s = self._score.get(a + b)
-        return None if s is None else -s
+        s = self._score.get(a + b)  # looked up first: most pairs make no piece
+        return None if s is None or self._is_fallback(a) or self._is_fallback(b) else -s
 
     def _is_fallback(self, part: bytes) -> bool:
         return len(part) == 1 and part not in self._id_of
@@ -455,7 +431,7 @@ class SentencePieceTokenizer(_ConversionMixin):
         hit = self._piece_cache.get(data)
         if hit is None:
             hit = [self._byte_piece[p] if self._is_fallback(p) else self._id_of[p]
-                   for p in bpe_merge(self._atoms(data), self._rank)]
+                   for p in bpe_merge(self._atoms(data), self._rank)[0]]
             if len(self._piece_cache) > 200_000:
                 self._piece_cache.clear()
             self._piece_cache[data] = hit

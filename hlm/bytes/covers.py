@@ -45,11 +45,12 @@ class VocabIndex:
         ids.sort(key=tok.token_bytes)
         self.perm = torch.tensor(ids, dtype=torch.int64)
         self.sorted_bytes = [tok.token_bytes(i) for i in ids]
-        self.max_len = max(len(b) for b in self.sorted_bytes)
-        mat = torch.zeros(len(ids), self.max_len, dtype=torch.uint8)
-        for k, b in enumerate(self.sorted_bytes):
-            mat[k, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
-        self.byte_at = mat
+        lens = torch.tensor([len(b) for b in self.sorted_bytes])
+        self.max_len = int(lens.max())
+        row = torch.repeat_interleave(torch.arange(len(ids)), lens)
+        col = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        self.byte_at = torch.zeros(len(ids), self.max_len, dtype=torch.uint8)
+        self.byte_at[row, col] = torch.frombuffer(bytearray(b"".join(self.sorted_bytes)), dtype=torch.uint8)
         self._ranges: dict[bytes, tuple[int, int]] = {}
         self._strict: dict[bytes, tuple[int, int]] = {}
 
