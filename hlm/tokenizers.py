@@ -106,43 +106,49 @@ class _ConversionMixin:
         return mask
 
     def _pair_conflicts(self, lasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, t) of every pair [lasts[k], t] that is not valid, as one sparse join over all k: nodes on the
-        right spine of lasts[k] -> the merges they make with a node y on their right, earlier than the node
-        is merged away -> the earliest such merge per (k, y) -> the tokens t with y on their left spine that
-        are still unfinished at that rank."""
+        """(k, t) of every pair [lasts[k], t] that is not valid (some more than once), as one sparse join over
+        all k: the nodes x on the right spine of lasts[k] -> the merges (x, y) across the boundary that rank
+        before x is merged away -> the tokens t with y on their left spine that are still unfinished at that
+        rank (a prefix of y's left-spine entries, which run from the latest limit down)."""
         tables = self._pair_tables(lasts.device)
-        (rnodes, rlimits), (m_right, m_rank, m_start, m_count), (s_owner, s_limit, s_start, s_count) = tables
-        v = self.vocab_size
+        (rnodes, rlimits), (m_right, m_rank, m_start, m_count), (s_owner, s_key, levels, s_start) = tables
+        v, n_levels = self.vocab_size, len(levels)
         x, limit = rnodes[lasts], rlimits[lasts]
         row = torch.arange(len(lasts), device=lasts.device)[:, None].expand_as(x)
         real = x < v
         x, limit, row = x[real], limit[real], row[real]
-        entry, src = _csr_expand(m_start, m_count, x)
+        entry, src = _ranges(m_start[x], m_count[x])
         keep = m_rank[entry] < limit[src]
-        crossed = row[src][keep] * v + m_right[entry][keep]  # (k, y) as one key
-        crossed, which = torch.unique(crossed, return_inverse=True)
-        best = torch.full((len(crossed),), float("inf"), dtype=torch.float64, device=lasts.device)
-        best.scatter_reduce_(0, which, m_rank[entry][keep], "amin")
-        entry, src = _csr_expand(s_start, s_count, crossed % v)
-        fires = best[src] <= s_limit[entry]
-        return crossed[src][fires] // v, s_owner[entry][fires]
+        entry, row = entry[keep], row[src[keep]]
+        y, rank = m_right[entry], m_rank[entry]
+        last_key = y * n_levels + n_levels - 1 - torch.searchsorted(levels, rank)  # y's entries with limit >= rank
+        entry, src = _ranges(s_start[y], torch.searchsorted(s_key, last_key, right=True) - s_start[y])
+        return row[src], s_owner[entry]
 
     def _pair_tables(self, device: torch.device | str = "cpu") -> tuple:
         """The tables `_pair_conflicts` joins, built once (and copied once to each device): right spines
-        [V, D] (nodes padded with V, and the rank that merges each node away), the merges grouped by left
-        token (right token, rank, then each token's start and count) and the left-spine entries grouped by
-        node (token, rank, start, count)."""
+        [V, D] (nodes padded with V, and the rank that merges each node away); the merges grouped by left
+        token (right token, rank, then each token's start and count); the left-spine entries grouped by
+        node, latest limit first (token, sort key = node and limit level, the sorted limits, each node's start)."""
         cache = self.__dict__.setdefault("_pair_table_cache", {})
         device, cpu = torch.device(device), torch.device("cpu")
         if cpu not in cache:
             _, left, right, rank = self._histories()
             v, has_bytes = self.vocab_size, self._has_bytes()
-            nodes, ranks = _spines(left, rank, has_bytes)
-            owner = torch.arange(v).repeat_interleave(nodes.shape[1])
-            real = nodes.flatten() < v
-            spine_csr = _group_by(nodes.flatten()[real], v, owner[real], ranks.flatten()[real])
+            nodes, limits = _spines(left, rank, has_bytes)
+            real = nodes < v
+            owner = torch.arange(v)[:, None].expand_as(nodes)[real]
+            nodes, limits = nodes[real], limits[real]
+            levels = torch.unique(limits)
+            key = nodes * len(levels) + len(levels) - 1 - torch.searchsorted(levels, limits)  # latest limit first
+            order = torch.argsort(key)
+            count = torch.bincount(nodes, minlength=v)
+            spine = (owner[order], key[order], levels, torch.cumsum(count, 0) - count)
             m_left, m_right, m_rank = self._merges()
-            cache[cpu] = (_spines(right, rank, has_bytes), _group_by(m_left, v, m_right, m_rank), spine_csr)
+            order = torch.argsort(m_left, stable=True)
+            count = torch.bincount(m_left, minlength=v)
+            merges = (m_right[order], m_rank[order], torch.cumsum(count, 0) - count, count)
+            cache[cpu] = (_spines(right, rank, has_bytes), merges, spine)
         if device not in cache:
             cache[device] = tuple(tuple(x.to(device) for x in part) for part in cache[cpu])
         return cache[device]
@@ -202,20 +208,10 @@ def _spines(child: torch.Tensor, rank: torch.Tensor, has_bytes: torch.Tensor) ->
     return torch.stack(nodes, 1), torch.stack(limits, 1)
 
 
-def _group_by(key: torch.Tensor, n: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """CSR grouping: the values in order of their key (0 <= key < n, stable), then each key's start and count."""
-    order = torch.argsort(key, stable=True)
-    count = torch.bincount(key, minlength=n)
-    return (*(x[order] for x in values), torch.cumsum(count, 0) - count, count)
-
-
-def _csr_expand(start: torch.Tensor, count: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The entries of every group in `groups` (CSR start and count per group id), and the position in
-    `groups` each entry came from."""
-    lens = count[groups]
-    src = torch.repeat_interleave(torch.arange(len(groups), device=groups.device), lens)
-    offset = torch.cumsum(lens, 0) - lens
-    entry = start[groups][src] + torch.arange(len(src), device=groups.device) - offset[src]
+def _ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices start[i] .. start[i] + count[i] - 1 for every i, concatenated, and the i each came from."""
+    src = torch.repeat_interleave(torch.arange(len(start), device=start.device), count)
+    entry = torch.arange(len(src), device=start.device) - (torch.cumsum(count, 0) - count - start)[src]
     return entry, src
 
 

@@ -144,9 +144,9 @@ class ConversionRules:
         pos = torch.empty(self.tok.vocab_size, dtype=torch.int64)
         pos[perm] = torch.arange(len(perm))
         pos = pos.to(device)
-        for c in range(0, len(rows), 2048):  # bounds the join's memory
-            chunk = torch.tensor(rows[c : c + 2048], device=device)
-            lasts = torch.tensor([keys[i][0] for i in rows[c : c + 2048]], device=device)
+        for c in range(0, len(rows), 1024):  # bounds the join's memory
+            chunk = torch.tensor(rows[c : c + 1024], device=device)
+            lasts = torch.tensor([keys[i][0] for i in rows[c : c + 1024]], device=device)
             k, t = self.tok._pair_conflicts(lasts)
             if inside:  # a token starting with a space after a non-space starts a new pretoken: no conflict
                 new_piece = self.starts_space.to(device)[t] & ~self.ends_space.to(device)[lasts[k]]
