@@ -3,10 +3,11 @@
 Every tokenizer here exposes `encode(bytes) -> list[int]`, `decode(ids) -> bytes`,
 `token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id` (DESIGN §9). For exact
 byte-level conversion (hlm.bytes) they also expose `encode_piece` (the BPE of one pretoken,
-without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` (canonical
-adjacency inside one pretoken) and `boundary_rule`, which says how pretoken boundaries are
-decided: "none" (one pretoken: raw byte BPE), "whitespace" (sentencepiece: a new piece starts
-at a space that follows a non-space) or "regex" (GPT-2 / cl100k pretokenizer with lookahead).
+without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` / `pair_valid_masks`
+(canonical adjacency inside one pretoken: of one pair, after one token, after each of a batch)
+and `boundary_rule`, which says how pretoken boundaries are decided: "none" (one pretoken: raw
+byte BPE), "whitespace" (sentencepiece: a new piece starts at a space that follows a non-space)
+or "regex" (GPT-2 / cl100k pretokenizer with lookahead).
 
 Three BPE flavours share one merge loop: pair ranks (`from_merges`), concatenation ranks
 (tiktoken, GPT-2 folders) and sentencepiece piece scores over characters with byte fallback.

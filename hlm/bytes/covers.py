@@ -130,30 +130,32 @@ class ConversionRules:
         self._masks[key] = mask
         return mask
 
-
     def invalid_table(self, keys: list[tuple[int | None, bytes]], device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool[len(keys), sorted vocab]: `~next_mask(*key)[index.perm]` for every key, built on `device` in a
-        few batched steps rather than key by key: the mask of a node without a last token, then the pair
-        conflicts of all last tokens from one sparse join. Keys inside a character keep the per-key path."""
+        few batched steps rather than key by key: the row of a node without a last token, then the pair
+        conflicts of all last tokens from sparse joins. Keys inside a character keep the per-key path."""
         perm = self.index.perm
         table = ~self.next_mask(None, b"")[perm].to(device).repeat(len(keys), 1)
-        if self.marginal or self.rule == "regex":
+        if self.marginal or self.rule == "regex":  # the last token changes nothing
             return table
-        inside = self.rule == "whitespace"
-        rows = [i for i, (last, partial) in enumerate(keys) if last is not None and not (inside and partial)]
+        spaces = self.rule == "whitespace"
+        rows = [i for i, (last, partial) in enumerate(keys) if last is not None and not (spaces and partial)]
+        lasts = torch.tensor([keys[i][0] for i in rows], dtype=torch.int64)
+        rows = torch.tensor(rows, dtype=torch.int64)
         pos = torch.empty(self.tok.vocab_size, dtype=torch.int64)
         pos[perm] = torch.arange(len(perm))
         pos = pos.to(device)
+        if spaces:
+            starts_space, ends_space = self.starts_space.to(device), self.ends_space.to(device)
         for c in range(0, len(rows), 1024):  # bounds the join's memory
-            chunk = torch.tensor(rows[c : c + 1024], device=device)
-            lasts = torch.tensor([keys[i][0] for i in rows[c : c + 1024]], device=device)
-            k, t = self.tok._pair_conflicts(lasts)
-            if inside:  # a token starting with a space after a non-space starts a new pretoken: no conflict
-                new_piece = self.starts_space.to(device)[t] & ~self.ends_space.to(device)[lasts[k]]
-                k, t = k[~new_piece], t[~new_piece]
-            table[chunk[k], pos[t]] = True
+            row, last = rows[c : c + 1024].to(device), lasts[c : c + 1024].to(device)
+            k, t = self.tok._pair_conflicts(last)
+            if spaces:  # after a non-space, a token starting with a space starts a new pretoken: no conflict
+                keep = ~(starts_space[t] & ~ends_space[last[k]])
+                k, t = k[keep], t[keep]
+            table[row[k], pos[t]] = True
         for i, (last, partial) in enumerate(keys):
-            if inside and partial:
+            if spaces and partial:
                 table[i] = ~self.next_mask(last, partial)[perm].to(device)
         return table
 
