@@ -3,10 +3,11 @@
 Every tokenizer here exposes `encode(bytes) -> list[int]`, `decode(ids) -> bytes`,
 `token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id` (DESIGN §9). For exact
 byte-level conversion (hlm.bytes) they also expose `encode_piece` (the BPE of one pretoken,
-without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` (canonical
-adjacency inside one pretoken) and `boundary_rule`, which says how pretoken boundaries are
-decided: "none" (one pretoken: raw byte BPE), "whitespace" (sentencepiece: a new piece starts
-at a space that follows a non-space) or "regex" (GPT-2 / cl100k pretokenizer with lookahead).
+without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` / `pair_valid_masks`
+(canonical adjacency inside one pretoken: of one pair, after one token, after each of a batch)
+and `boundary_rule`, which says how pretoken boundaries are decided: "none" (one pretoken: raw
+byte BPE), "whitespace" (sentencepiece: a new piece starts at a space that follows a non-space)
+or "regex" (GPT-2 / cl100k pretokenizer with lookahead).
 
 Three BPE flavours share one merge loop: pair ranks (`from_merges`), concatenation ranks
 (tiktoken, GPT-2 folders) and sentencepiece piece scores over characters with byte fallback.
@@ -42,9 +43,10 @@ class TokenizerError(HLMError):
     """Input a text tokenizer cannot take, or a tokenizer file that cannot be used."""
 
 
-def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], int | None]) -> list[bytes]:
-    """Merge adjacent parts, lowest rank first and leftmost on ties, until no pair merges."""
-    parts = list(parts)
+def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], float | None]) -> tuple[list[bytes], tuple | None]:
+    """Merge adjacent parts, lowest rank first and leftmost on ties, until no pair merges. Returns the parts
+    and the last merge (left, right, rank): for a token's own bytes, the top of its merge tree."""
+    parts, last = list(parts), None
     while len(parts) > 1:
         best, at = None, -1
         for i in range(len(parts) - 1):
@@ -53,8 +55,9 @@ def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], int | None]) ->
                 best, at = r, i
         if best is None:
             break
+        last = (parts[at], parts[at + 1], best)
         parts[at : at + 2] = [parts[at] + parts[at + 1]]
-    return parts
+    return parts, last
 
 
 class _ConversionMixin:
@@ -77,7 +80,7 @@ class _ConversionMixin:
     def reachable_mask(self) -> torch.Tensor:
         """Tokens the BPE can emit: `encode_piece(token_bytes(t)) == [t]` (special tokens: False)."""
         if getattr(self, "_reachable", None) is None:
-            self._reachable = torch.tensor([bool(b) and self.encode_piece(b) == [i] for i, b in enumerate(self._bytes)])
+            self._reachable = self._histories()[0]
         return self._reachable
 
     def pair_valid(self, a: int, b: int) -> bool:
@@ -85,33 +88,12 @@ class _ConversionMixin:
         return self.encode_piece(self._bytes[a] + self._bytes[b]) == [a, b]
 
     def pair_valid_mask(self, a: int) -> torch.Tensor:
-        """`pair_valid(a, t)` for every t, from the merge histories of a's right edge and t's left edge:
-        [a, t] fails only if some merge across the boundary fires before both sides finish (a's side
-        wins ties, being further left). Exact when every merge ranks after the merges that built its
-        parts, as in trained vocabularies; tests check it against `pair_valid`."""
+        """`pair_valid(a, t)` for every t: one row of `pair_valid_masks`, cached for the byte-by-byte tracker."""
         cache = self.__dict__.setdefault("_pair_masks", {})
         if a not in cache:
-            table = self._merges_from_left()
-            ys, ranks = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.float64)]
-            for x, limit in self._right_spine(a):
-                if x in table:
-                    keep = table[x][1] < limit
-                    ys.append(table[x][0][keep])
-                    ranks.append(table[x][1][keep])
-            crossed, which = torch.unique(torch.cat(ys), return_inverse=True)  # left-edge nodes a merge reaches
-            best = torch.full((len(crossed),), float("inf"), dtype=torch.float64)
-            best.scatter_reduce_(0, which, torch.cat(ranks), "amin")  # the earliest merge across the boundary
-            owner, limit, start, count = self._spine_entries()
-            lens = count[crossed]
-            total = int(lens.sum())
-            first = torch.repeat_interleave(start[crossed] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
-            entry = first + torch.arange(total)
-            fires = torch.repeat_interleave(best, lens, output_size=total) <= limit[entry]
-            mask = self._has_bytes().clone()
-            mask[owner[entry[fires]]] = False
             if len(cache) > 4096:
                 cache.clear()
-            cache[a] = mask
+            cache[a] = self.pair_valid_masks(torch.tensor([a]))[0]
         return cache[a]
 
     def pair_valid_by_merges(self, a: int, t: int) -> bool:
@@ -121,116 +103,148 @@ class _ConversionMixin:
         memo = self.__dict__.setdefault("_pair_memo", {})
         hit = memo.get((a, t))
         if hit is None:
-            crossing = self._crossing_ranks()
-            hit = self._has_bytes_list()[t] and not any(
-                (r := crossing.get((x, y))) is not None and r < lx and r <= ly
-                for x, lx in self._right_spine(a) for y, ly in self._left_spine_list(t))
+            crossing, right, left = self._spine_lists()
+            hit = bool(left[t]) and not any((r := crossing.get((x, y))) is not None and r < lx and r <= ly
+                                            for x, lx in right[a] for y, ly in left[t])
             if len(memo) > 4_000_000:
                 memo.clear()
             memo[(a, t)] = hit
         return hit
 
-    def _crossing_ranks(self) -> dict[tuple[int, int], float]:
-        """{(x, y): rank} of every merge of token x with token y on its right."""
-        if getattr(self, "_crossing", None) is None:
-            self._crossing = {(x, y): r for x, (ys, ranks) in self._merges_from_left().items()
-                              for y, r in zip(ys.tolist(), ranks.tolist(), strict=True)}
-        return self._crossing
+    def _spine_lists(self) -> tuple[dict, list, list]:
+        """{(x, y): rank} of every merge, and every token's right and left spine as (node, limit) lists."""
+        if getattr(self, "_spine_list_cache", None) is None:
+            _, left, right, rank = self._histories()
+            has_bytes = self._has_bytes()
+            m_left, m_right, m_rank = self._merges()
+            crossing = dict(zip(zip(m_left.tolist(), m_right.tolist(), strict=True), m_rank.tolist(), strict=True))
 
-    def _left_spine_list(self, t: int) -> list[tuple[int, float]]:
-        if getattr(self, "_lspine_lists", None) is None:
-            nodes, ranks = self._left_spines()
-            self._lspine_lists = [[(n, r) for n, r in zip(row_n, row_r, strict=True) if n < self.vocab_size]
-                                  for row_n, row_r in zip(nodes.tolist(), ranks.tolist(), strict=True)]
-        return self._lspine_lists[t]
+            def lists(child: torch.Tensor) -> list[list[tuple[int, float]]]:
+                nodes, limits = _spines(child, rank, has_bytes)
+                return [[(n, r) for n, r in zip(row_n, row_r, strict=True) if n < self.vocab_size]
+                        for row_n, row_r in zip(nodes.tolist(), limits.tolist(), strict=True)]
 
-    def _has_bytes_list(self) -> list[bool]:
-        if getattr(self, "_nonempty_list", None) is None:
-            self._nonempty_list = self._has_bytes().tolist()
-        return self._nonempty_list
+            self._spine_list_cache = (crossing, lists(right), lists(left))
+        return self._spine_list_cache
 
-    def _spine_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The left-spine entries of `_left_spines` grouped by node: (token, rank that merges the node away)
-        of each entry, and (start, count) of every node's entries, so a pair mask touches only merged nodes."""
-        if getattr(self, "_spine_csr", None) is None:
-            nodes, ranks = self._left_spines()
-            owner = torch.arange(self.vocab_size).repeat_interleave(nodes.shape[1])
-            nodes, ranks = nodes.flatten(), ranks.flatten()
-            real = nodes < self.vocab_size
-            nodes, ranks, owner = nodes[real], ranks[real], owner[real]
-            order = torch.argsort(nodes, stable=True)
-            count = torch.bincount(nodes, minlength=self.vocab_size)
-            self._spine_csr = (owner[order], ranks[order], torch.cumsum(count, 0) - count, count)
-        return self._spine_csr
+    def pair_valid_masks(self, lasts: torch.Tensor) -> torch.Tensor:
+        """Bool[K, V]: `pair_valid(lasts[k], t)` for every t, from the merge histories of the right edge of
+        lasts[k] and the left edge of t: [a, t] fails only if some merge across the boundary fires before
+        both sides finish (a's side wins ties, being further left). Exact when every merge ranks after the
+        merges that built its parts, as in trained vocabularies; tests check it against `pair_valid`."""
+        row, t = self._pair_conflicts(lasts)
+        mask = self._has_bytes().to(lasts.device).repeat(len(lasts), 1)
+        mask[row, t] = False
+        return mask
+
+    def _pair_conflicts(self, lasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, t) of every pair [lasts[k], t] that is not valid (some more than once), as one sparse join over
+        all k: the nodes x on the right spine of lasts[k] -> the merges (x, y) across the boundary that rank
+        before x is merged away -> the tokens t with y on their left spine that are still unfinished at that
+        rank (a prefix of y's left-spine entries, which run from the latest limit down)."""
+        tables = self._pair_tables(lasts.device)
+        (rnodes, rlimits), (m_right, m_rank, m_start, m_count), (s_owner, s_key, levels, s_start) = tables
+        v, n_levels = self.vocab_size, len(levels)
+        x, limit = rnodes[lasts], rlimits[lasts]
+        row = torch.arange(len(lasts), device=lasts.device)[:, None].expand_as(x)
+        real = x < v
+        x, limit, row = x[real], limit[real], row[real]
+        entry, src = _ranges(m_start[x], m_count[x])
+        keep = m_rank[entry] < limit[src]
+        entry, row = entry[keep], row[src[keep]]
+        y, rank = m_right[entry], m_rank[entry]
+        last_key = y * n_levels + n_levels - 1 - torch.searchsorted(levels, rank)  # y's entries with limit >= rank
+        entry, src = _ranges(s_start[y], torch.searchsorted(s_key, last_key, right=True) - s_start[y])
+        return row[src], s_owner[entry]
+
+    def _pair_tables(self, device: torch.device | str = "cpu") -> tuple:
+        """The tables `_pair_conflicts` joins, built once (and copied once to each device): right spines
+        [V, D] (nodes padded with V, and the rank that merges each node away); the merges grouped by left
+        token (right token, rank, then each token's start and count); the left-spine entries grouped by
+        node, latest limit first (token, sort key = node and limit level, the sorted limits, each node's start)."""
+        cache = self.__dict__.setdefault("_pair_table_cache", {})
+        device, cpu = torch.device(device), torch.device("cpu")
+        if cpu not in cache:
+            _, left, right, rank = self._histories()
+            v, has_bytes = self.vocab_size, self._has_bytes()
+            nodes, limits = _spines(left, rank, has_bytes)
+            real = nodes < v
+            owner = torch.arange(v)[:, None].expand_as(nodes)[real]
+            nodes, limits = nodes[real], limits[real]
+            levels = torch.unique(limits)
+            key = nodes * len(levels) + len(levels) - 1 - torch.searchsorted(levels, limits)  # latest limit first
+            order = torch.argsort(key)
+            count = torch.bincount(nodes, minlength=v)
+            spine = (owner[order], key[order], levels, torch.cumsum(count, 0) - count)
+            m_left, m_right, m_rank = self._merges()
+            order = torch.argsort(m_left, stable=True)
+            count = torch.bincount(m_left, minlength=v)
+            merges = (m_right[order], m_rank[order], torch.cumsum(count, 0) - count, count)
+            cache[cpu] = (_spines(right, rank, has_bytes), merges, spine)
+        if device not in cache:
+            cache[device] = tuple(tuple(x.to(device) for x in part) for part in cache[cpu])
+        return cache[device]
 
     def _has_bytes(self) -> torch.Tensor:
         if getattr(self, "_nonempty", None) is None:
             self._nonempty = torch.tensor([bool(b) for b in self._bytes])
         return self._nonempty
 
-    def _history(self, t: int) -> tuple[int, int, float] | None:
-        """(left child, right child, rank) of the last merge when BPE builds token t alone; None for atoms."""
-        memo = self.__dict__.setdefault("_history_memo", {})
-        if t not in memo:
-            parts = self._atoms(self._bytes[t])
-            last = None
-            while len(parts) > 1:
-                best, at = None, -1
-                for i in range(len(parts) - 1):
-                    r = self._rank(parts[i], parts[i + 1])
-                    if r is not None and (best is None or r < best):
-                        best, at = r, i
-                if best is None:
-                    break
-                last = (parts[at], parts[at + 1], best)
-                parts[at : at + 2] = [parts[at] + parts[at + 1]]
-            ok = last is not None and len(parts) == 1
-            memo[t] = (self.token_id(last[0]), self.token_id(last[1]), float(last[2])) if ok else None
-        return memo[t]
-
-    def _right_spine(self, a: int) -> list[tuple[int, float]]:
-        """Nodes on the right edge of a's merge tree, each with the rank at which it is merged away."""
-        out, node, limit = [], a, float("inf")
-        while node is not None:
-            out.append((node, limit))
-            h = self._history(node)
-            node, limit = (h[1], h[2]) if h is not None else (None, limit)
-        return out
-
-    def _merges_from_left(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """For each token x, the tokens y that merge with it on their left and the merges' ranks."""
-        if getattr(self, "_left_merges", None) is None:
-            table: dict[int, list[tuple[int, float]]] = {}
-            for data in self._bytes:
+    def _merges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every merge of two tokens into a token, from every split of every token's bytes: (left, right, rank)."""
+        if getattr(self, "_merge_rows", None) is None:
+            rows, find = [], self._id_of.get  # byte-fallback pieces never merge: they need not be found
+            for data in dict.fromkeys(self._bytes):  # distinct bytes, in id order
                 for k in range(1, len(data)):
-                    left, right = self.token_id(data[:k]), self.token_id(data[k:])
-                    r = None if left is None or right is None else self._rank(data[:k], data[k:])
+                    left = find(data[:k])
+                    right = None if left is None else find(data[k:])
+                    r = None if right is None else self._rank(data[:k], data[k:])
                     if r is not None:
-                        table.setdefault(left, []).append((right, float(r)))
-            self._left_merges = {x: (torch.tensor([y for y, _ in pairs], dtype=torch.int64),
-                                     torch.tensor([r for _, r in pairs], dtype=torch.float64))
-                                 for x, pairs in table.items()}
-        return self._left_merges
+                        rows.append((left, right, r))
+            left, right, rank = zip(*rows, strict=True) if rows else ((), (), ())
+            self._merge_rows = (torch.tensor(left, dtype=torch.int64), torch.tensor(right, dtype=torch.int64),
+                                torch.tensor(rank, dtype=torch.float64))
+        return self._merge_rows
 
-    def _left_spines(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[V, D] node ids on each token's left edge (padded with V) and the rank that merges each away."""
-        if getattr(self, "_lspines", None) is None:
-            rows = []
-            for t in range(self.vocab_size):
-                row, node, limit = [], t, float("inf")
-                while node is not None and self._bytes[t]:
-                    row.append((node, limit))
-                    h = self._history(node)
-                    node, limit = (h[0], h[2]) if h is not None else (None, limit)
-                rows.append(row)
-            depth = max(1, max(len(r) for r in rows))
-            nodes = torch.full((self.vocab_size, depth), self.vocab_size, dtype=torch.int64)
-            ranks = torch.full((self.vocab_size, depth), -float("inf"), dtype=torch.float64)
-            for t, row in enumerate(rows):
-                for d, (node, limit) in enumerate(row):
-                    nodes[t, d], ranks[t, d] = node, limit
-            self._lspines = (nodes, ranks)
-        return self._lspines
+    def _histories(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One BPE of every token's own bytes: whether it yields the token itself (reachability) and, when it
+        yields one part, its last merge (left child, right child, rank; -1 children for atoms and tokens the
+        BPE cannot build). These are the merge trees the pair rule walks."""
+        if getattr(self, "_hist", None) is None:
+            v = self.vocab_size
+            reach, lchild, rchild, ranks = [False] * v, [-1] * v, [-1] * v, [0.0] * v
+            for t, data in enumerate(self._bytes):
+                parts, last = bpe_merge(self._atoms(data), self._rank)
+                if len(parts) == 1:
+                    reach[t] = self.token_id(parts[0]) == t
+                    if last is not None:
+                        lchild[t], rchild[t], ranks[t] = self.token_id(last[0]), self.token_id(last[1]), last[2]
+            self._hist = (torch.tensor(reach), torch.tensor(lchild), torch.tensor(rchild),
+                          torch.tensor(ranks, dtype=torch.float64))
+        return self._hist
+
+
+def _spines(child: torch.Tensor, rank: torch.Tensor, has_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V, D] nodes on each token's left (or right) edge, following `child` down its merge tree (padded
+    with V; no row for tokens without bytes), and the rank that merges each node away (inf at the top)."""
+    v = len(child)
+    child = torch.cat([torch.where(child >= 0, child, v), torch.tensor([v])])
+    rank = torch.cat([rank, torch.zeros(1, dtype=torch.float64)])
+    node = torch.where(has_bytes, torch.arange(v), v)
+    limit = torch.full((v,), float("inf"), dtype=torch.float64)
+    nodes, limits = [], []
+    while not nodes or (node < v).any():
+        nodes.append(node)
+        limits.append(torch.where(node < v, limit, -float("inf")))
+        node, limit = child[node], rank[node]
+    return torch.stack(nodes, 1), torch.stack(limits, 1)
+
+
+def _ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices start[i] .. start[i] + count[i] - 1 for every i, concatenated, and the i each came from."""
+    src = torch.repeat_interleave(torch.arange(len(start), device=start.device), count)
+    entry = torch.arange(len(src), device=start.device) - (torch.cumsum(count, 0) - count - start)[src]
+    return entry, src
 
 
 class BPETokenizer(_ConversionMixin):
@@ -298,6 +312,12 @@ class BPETokenizer(_ConversionMixin):
         tok._ranks = ranks
         return tok
 
+    def reachable_mask(self) -> torch.Tensor:
+        """As for any BPE; with `ignore_merges` every token is its own encoding (duplicates: the first id)."""
+        if self.ignore_merges and self._reachable is None:
+            self._reachable = torch.tensor([bool(b) and self._id_of.get(b) == i for i, b in enumerate(self._bytes)])
+        return super().reachable_mask()
+
     def _atoms(self, data: bytes) -> list[bytes]:
         return [data[i : i + 1] for i in range(len(data))]
 
@@ -308,7 +328,7 @@ class BPETokenizer(_ConversionMixin):
         if hit is None and self.ignore_merges and data in self._id_of:
             hit = [self._id_of[data]]
         if hit is None:
-            hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)]
+            hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)[0]]
             if len(self._piece_cache) > 200_000:
                 self._piece_cache.clear()
             self._piece_cache[data] = hit
@@ -429,10 +449,8 @@ class SentencePieceTokenizer(_ConversionMixin):
         return out
 
     def _rank(self, a: bytes, b: bytes) -> float | None:
-        if self._is_fallback(a) or self._is_fallback(b):
-            return None
-        s = self._score.get(a + b)
-        return None if s is None else -s
+        s = self._score.get(a + b)  # looked up first: most pairs make no piece
+        return None if s is None or self._is_fallback(a) or self._is_fallback(b) else -s
 
     def _is_fallback(self, part: bytes) -> bool:
         return len(part) == 1 and part not in self._id_of
@@ -441,7 +459,7 @@ class SentencePieceTokenizer(_ConversionMixin):
         hit = self._piece_cache.get(data)
         if hit is None:
             hit = [self._byte_piece[p] if self._is_fallback(p) else self._id_of[p]
-                   for p in bpe_merge(self._atoms(data), self._rank)]
+                   for p in bpe_merge(self._atoms(data), self._rank)[0]]
             if len(self._piece_cache) > 200_000:
                 self._piece_cache.clear()
             self._piece_cache[data] = hit

@@ -298,3 +298,36 @@ def test_single_token_validity_equals_the_mask(which, sp_bpe):
                 assert rules.allows(last, partial, t) == bool(mask[t]), (last, partial, t)
             checked += int(mask.sum())
     assert checked > 0
+
+
+@pytest.mark.parametrize("kind", ["sp", "sp_marginal", "merges", "gpt2"])
+def test_invalid_mask_table_equals_per_key_masks(kind, sp_bpe):
+    """The mask table built in batched steps equals the per-key masks of the byte-by-byte tracker
+    (`~next_mask(*key)` in sorted-vocabulary order) for every (last token, partial character) key of real plans."""
+    from hlm.bytes.covers import ConversionRules
+    from hlm.bytes.exact_eval import _Flat, _invalid_masks, plan_documents
+    from hlm.tokenizers import BPETokenizer, load_tokenizer
+
+    docs = DOCS + [(FIXTURES / "enwiki_wv_test_head64k.txt").read_bytes()[:3000]]
+    if kind == "merges":
+        merges = [(b"a", b"b"), (b"b", b"a"), (b"ab", b"a"), (b"a", b"a"), (b"aa", b"b"), (b"ba", b"b"), (b"c", b"a")]
+        tok, docs = BPETokenizer.from_merges(merges), [b"abaabcabbbaacaab", b"cabababa"]
+    elif kind == "gpt2":  # (planning is slow with the regex check: short texts)
+        tok, docs = load_tokenizer(FIXTURES / "tokenizers" / "gpt2"), DOCS
+    else:
+        tok = sp_bpe
+    if kind == "sp_marginal":  # every tokenization is a node: short texts only
+        docs = [b"The cat's  whiskers", "Caf\u00e9 \u65e5".encode()]
+    rules = ConversionRules(tok, marginal=kind == "sp_marginal")
+    plans, _ = plan_documents(docs, rules, tok.eos_id)
+    keys = _Flat(plans).mask_key
+    distinct = list(dict.fromkeys(keys))
+    assert len(distinct) > (100 if kind == "sp" else 5)
+    if kind == "sp":
+        assert any(partial for _, partial in distinct)
+    table, key_row = _invalid_masks(rules, keys, torch.device("cpu"))
+    expect = torch.stack([~rules.next_mask(*k)[rules.index.perm] for k in distinct])
+    assert torch.equal(table, expect)
+    assert [distinct[r] for r in key_row.tolist()] == keys
+    if kind in ("sp", "merges"):  # (every GPT-2 token is reachable)
+        assert 0 < int(table.sum()) < table.numel()

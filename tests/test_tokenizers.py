@@ -109,6 +109,51 @@ def test_pair_masks_agree_with_re_encoding(which, sp_bpe):
             assert tok.pair_valid_by_merges(a, b) == bool(mask[b])
 
 
+def toy_merges(seed: int, n: int) -> BPETokenizer:
+    rng = random.Random(seed)
+    toks, merges = [b"a", b"b", b"c"], []
+    while len(merges) < n:
+        left, right = rng.choice(toks), rng.choice(toks)
+        if left + right not in toks:
+            merges.append((left, right))
+            toks.append(left + right)
+    return BPETokenizer.from_merges(merges)
+
+
+@pytest.mark.parametrize("which", ["toy", "sp", "gpt2"])
+def test_reachable_mask_is_re_encoding(which, sp_bpe, gpt2):
+    """Reachability from the one BPE per token behind the merge tables equals encoding each token alone."""
+    tok = {"toy": toy_merges(2, 40), "sp": sp_bpe, "gpt2": gpt2}[which]
+    expect = [bool(b) and tok.encode_piece(b) == [i] for i, b in enumerate(map(tok.token_bytes, range(tok.vocab_size)))]
+    if which == "sp":  # byte pieces of bytes that never occur in UTF-8 are left out
+        for b, i in tok._byte_piece.items():
+            expect[i] = expect[i] and b[0] not in (0xC0, 0xC1) and b[0] < 0xF5
+    assert tok.reachable_mask().tolist() == expect
+    assert 0 < sum(expect) < tok.vocab_size
+
+
+@pytest.mark.parametrize("which", ["toy", "sp"])
+def test_batched_pair_masks(which, sp_bpe):
+    """`pair_valid_masks` of a batch (shuffled, with repeats and a token without bytes) equals `pair_valid_mask`
+    row by row, and re-encoding the pair for reachable tokens (every pair of the toy, a sample of sp's)."""
+    rng = random.Random(3)
+    tok = toy_merges(4, 40) if which == "toy" else sp_bpe
+    lasts = list(range(tok.vocab_size)) + rng.choices(range(tok.vocab_size), k=50)
+    rng.shuffle(lasts)
+    masks = tok.pair_valid_masks(torch.tensor(lasts))
+    assert masks.shape == (len(lasts), tok.vocab_size) and masks.dtype == torch.bool
+    for row, a in zip(masks, lasts, strict=True):
+        assert torch.equal(row, tok.pair_valid_mask(a)), a
+    has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
+    assert not masks[:, ~has_bytes].any() and torch.equal(masks[lasts.index(tok.eos_id)], has_bytes)
+    reach = torch.nonzero(tok.reachable_mask()).flatten().tolist()
+    pairs = [(a, b) for a in reach for b in reach]
+    checked = pairs if which == "toy" else rng.sample(pairs, 4000)
+    for a, b in checked:
+        assert bool(masks[lasts.index(a), b]) == tok.pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
+    assert 0 < sum(tok.pair_valid(a, b) for a, b in checked) < len(checked)
+
+
 def test_round_trip_gate(sp_bpe, gpt2):
     docs = [b"plain text", "caf\u00e9 \u2581 literal".encode(), b"\xff\xfe not utf-8"]
     assert round_trip_failures(gpt2, docs) == [2]

@@ -45,11 +45,12 @@ class VocabIndex:
         ids.sort(key=tok.token_bytes)
         self.perm = torch.tensor(ids, dtype=torch.int64)
         self.sorted_bytes = [tok.token_bytes(i) for i in ids]
-        self.max_len = max(len(b) for b in self.sorted_bytes)
-        mat = torch.zeros(len(ids), self.max_len, dtype=torch.uint8)
-        for k, b in enumerate(self.sorted_bytes):
-            mat[k, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
-        self.byte_at = mat
+        lens = torch.tensor([len(b) for b in self.sorted_bytes])
+        self.max_len = int(lens.max())
+        row = torch.repeat_interleave(torch.arange(len(ids)), lens)
+        col = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        self.byte_at = torch.zeros(len(ids), self.max_len, dtype=torch.uint8)
+        self.byte_at[row, col] = torch.frombuffer(bytearray(b"".join(self.sorted_bytes)), dtype=torch.uint8)
         self._ranges: dict[bytes, tuple[int, int]] = {}
         self._strict: dict[bytes, tuple[int, int]] = {}
 
@@ -91,12 +92,12 @@ class ConversionRules:
         self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
         self._allowed_alone: list[bool] | None = None
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
-            tok._spine_entries()
-            tok._merges_from_left()
+            tok._pair_tables()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
             self._starts_space = self.starts_space.tolist()
+            self.ends_space = torch.tensor([tok.token_bytes(i)[-1:] == b" " for i in range(tok.vocab_size)])
             byte_piece = torch.zeros(tok.vocab_size, dtype=torch.bool)
             byte_piece[list(tok._byte_piece.values())] = True
             cont = torch.tensor([bool(f) and 0x80 <= f[0] < 0xC0 for f in first])
@@ -149,6 +150,35 @@ class ConversionRules:
             self._masks.clear()
         self._masks[key] = mask
         return mask
+
+    def invalid_table(self, keys: list[tuple[int | None, bytes]], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool[len(keys), sorted vocab]: `~next_mask(*key)[index.perm]` for every key, built on `device` in a
+        few batched steps rather than key by key: the row of a node without a last token, then the pair
+        conflicts of all last tokens from sparse joins. Keys inside a character keep the per-key path."""
+        perm = self.index.perm
+        table = ~self.next_mask(None, b"")[perm].to(device).repeat(len(keys), 1)
+        if self.marginal or self.rule == "regex":  # the last token changes nothing
+            return table
+        spaces = self.rule == "whitespace"
+        rows = [i for i, (last, partial) in enumerate(keys) if last is not None and not (spaces and partial)]
+        lasts = torch.tensor([keys[i][0] for i in rows], dtype=torch.int64)
+        rows = torch.tensor(rows, dtype=torch.int64)
+        pos = torch.empty(self.tok.vocab_size, dtype=torch.int64)
+        pos[perm] = torch.arange(len(perm))
+        pos = pos.to(device)
+        if spaces:
+            starts_space, ends_space = self.starts_space.to(device), self.ends_space.to(device)
+        for c in range(0, len(rows), 1024):  # bounds the join's memory
+            row, last = rows[c : c + 1024].to(device), lasts[c : c + 1024].to(device)
+            k, t = self.tok._pair_conflicts(last)
+            if spaces:  # after a non-space, a token starting with a space starts a new pretoken: no conflict
+                keep = ~(starts_space[t] & ~ends_space[last[k]])
+                k, t = k[keep], t[keep]
+            table[row[k], pos[t]] = True
+        for i, (last, partial) in enumerate(keys):
+            if spaces and partial:
+                table[i] = ~self.next_mask(last, partial)[perm].to(device)
+        return table
 
 
 def _continues_char(data: bytes, tok) -> bool:

@@ -585,13 +585,7 @@ def _invalid_masks(rules: ConversionRules, keys: list[tuple[int | None, bytes]],
     like the prefix sums), built once on the device; and the row of every node's (last token, partial) key."""
     row: dict[tuple[int | None, bytes], int] = {}
     key_row = torch.tensor([row.setdefault(k, len(row)) for k in keys], dtype=torch.int64)
-    distinct = list(row)
-    perm = rules.index.perm
-    table = torch.empty(len(distinct), len(perm), dtype=torch.bool, device=device)
-    for i in range(0, len(distinct), 1024):
-        block = torch.stack([rules.next_mask(*k) for k in distinct[i : i + 1024]])
-        table[i : i + len(block)] = ~block[:, perm].to(device)
-    return table, key_row.to(device)
+    return rules.invalid_table(list(row), device), key_row.to(device)
 
 
 def _pack(batch, plans: list[DocPlan], flat: _Flat):
