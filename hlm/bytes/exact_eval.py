@@ -325,7 +325,7 @@ def _anchors(parent: np.ndarray, on_trunk: np.ndarray) -> np.ndarray:
 
 def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, start, count): the items with key k are order[start[k] : start[k] + count[k]]."""
-    order = torch.argsort(keys, stable=True)
+    order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))  # timsort: keys come nearly sorted
     count = torch.bincount(keys, minlength=n)
     start = torch.cumsum(count, 0) - count
     return order, start, count
@@ -510,20 +510,22 @@ class _ForwardTimer:
 def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
     """For each distinct normaliser range (tokens longer than a remainder u), the 257 sorted-vocabulary
     edges that split it by the byte after u (rows in order of first use); and which edge row each
-    normaliser query uses. In a range, byte k of the tokens ascends, so edge e = lo + #{byte k < e}."""
-    keys = torch.stack([flat.q_lo[flat.den_q], flat.q_hi[flat.den_q], flat.den_k], 1).numpy()
-    distinct, first, which = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    normaliser query uses. In a range, byte k of the tokens ascends, so edge e = lo + #{byte k < e}:
+    one bincount over the distinct ranges (disjoint for one k: at most vocab x longest token entries)."""
+    lo, hi, k = flat.q_lo[flat.den_q].numpy(), flat.q_hi[flat.den_q].numpy(), flat.den_k.numpy()
+    n_vocab, width = len(index.byte_at) + 1, index.byte_at.shape[1]
+    _, first, which = np.unique((lo * n_vocab + hi) * width + k, return_index=True, return_inverse=True)
     by_use = np.argsort(first)
     rank = np.empty_like(by_use)
     rank[by_use] = np.arange(len(by_use))
-    lo, hi, k = distinct[by_use].T
+    lo, hi, k = lo[first[by_use]], hi[first[by_use]], k[first[by_use]]
     size = hi - lo
     seg = np.repeat(np.arange(len(size)), size)
     token = np.repeat(lo - (np.cumsum(size) - size), size) + np.arange(size.sum())
     byte = index.byte_at.numpy()[token, k[seg]]
     count = np.bincount(seg * 256 + byte, minlength=len(size) * 256).reshape(-1, 256)
     edges = lo[:, None] + np.concatenate([np.zeros((len(size), 1), dtype=np.int64), np.cumsum(count, 1)], 1)
-    return torch.from_numpy(edges), torch.from_numpy(rank[which.reshape(-1)])
+    return torch.from_numpy(edges), torch.from_numpy(rank[which])
 
 
 def _prefix_sum(csum: torch.Tensor, row: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
