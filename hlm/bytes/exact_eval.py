@@ -572,11 +572,11 @@ def _pack(windows: _Windows, first: int, last: int):
     flat_mask[every * length + every % length] = True
     back = windows.back[a:b]
     t = torch.arange(b - a, device=device)
-    here = r * length + r % length
+    own = r * length + r % length  # entry (q, q) of each node
     up = t
-    for _ in range(int(windows.chain[first:last].max())):  # ends repeat the chain's top: already True
-        up = up - back[up]
-        flat_mask[here - (t - up)] = True
+    for _ in range(int(windows.chain[first:last].max())):  # up the off-trunk chains; at a chain's top
+        up = up - back[up]  # `up` stays, marking an entry already True
+        flat_mask[own - (t - up)] = True
     return ids.view(n_win, length), pos_all.view(n_win, length), mask.unsqueeze(1), rows, windows.node[a:b]
 
 
