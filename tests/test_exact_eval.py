@@ -3,11 +3,12 @@ sentencepiece BPE tokenizer, in fp64; the KV-cached path equals recomputation; p
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from hlm.bytes import ByteLM, Ensemble, NativeByteLM, sample_bytes, sample_prompt_boundary
-from hlm.bytes.exact_eval import exact_bpb
+from hlm.bytes.exact_eval import DocPlan, exact_bpb
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.tokenizers import SentencePieceTokenizer
 
@@ -252,20 +253,21 @@ def test_tree_windows_match_plain_causal_calls(sp_bpe):
     rules = ConversionRules(sp_bpe)
     plans, _ = plan_documents(DOCS[:2], rules, sp_bpe.eos_id)
     flat = _Flat(plans)
-    _, eos_lp, _, _ = _tree_pass(model, rules, plans, flat, "cpu", 3, 7, None)
+    _, eos_lp, _, _ = _tree_pass(model, rules, flat, "cpu", 3, 7, None)
+    windows = _windows(flat, 8)
     checked = 0
-    for d, plan in enumerate(plans):
-        for window in _windows(plan, 8):
-            members = set(window)
-            for v in window:
-                path, u = [], v
-                while u in members:
-                    path.append(plan.token[u])
-                    u = plan.parent[u]
-                with torch.no_grad():
-                    lp = torch.log_softmax(model.logits(torch.tensor([path[::-1]]))[0, -1], -1)
-                assert abs(float(lp[sp_bpe.eos_id]) - float(eos_lp[flat.offset[d] + v])) < 1e-10
-                checked += 1
+    for a, b in zip(windows.start[:-1], windows.start[1:], strict=True):
+        window = windows.node[a:b].tolist()
+        members = set(window)
+        for v in window:
+            path, u = [], v
+            while u in members:
+                path.append(int(flat.token[u]))
+                u = flat.parent[u]
+            with torch.no_grad():
+                lp = torch.log_softmax(model.logits(torch.tensor([path[::-1]]))[0, -1], -1)
+            assert abs(float(lp[sp_bpe.eos_id]) - float(eos_lp[v])) < 1e-10
+            checked += 1
     assert checked == flat.n_nodes
 
 
@@ -331,3 +333,126 @@ def test_invalid_mask_table_equals_per_key_masks(kind, sp_bpe):
     assert [distinct[r] for r in key_row.tolist()] == keys
     if kind in ("sp", "merges"):  # (every GPT-2 token is reachable)
         assert 0 < int(table.sum()) < table.numel()
+
+
+def random_plan(rng: np.random.Generator, n_trunk: int, max_height: int) -> DocPlan:
+    """A token tree shaped like a cover plan: a trunk, with short off-trunk chains that may be created
+    (get their ids) after later trunk nodes, so window order is not id order."""
+    parent, depth, height, trunk = [-1], [0], [0], [0]
+    while len(trunk) < n_trunk or rng.random() < 0.5:
+        if len(trunk) < n_trunk and rng.random() < 0.3:
+            p = trunk[-1]
+        else:
+            p = int(rng.integers(max(0, len(parent) - 12), len(parent)))
+            if height[p] >= max_height:
+                continue
+        parent.append(p)
+        depth.append(depth[p] + 1)
+        on = p == trunk[-1] and len(trunk) < n_trunk and rng.random() < 0.5
+        height.append(0 if on else height[p] + 1)
+        if on:
+            trunk.append(len(parent) - 1)
+    n = len(parent)
+    return DocPlan(0, np.array(parent), rng.integers(0, 50, n), np.array(depth), [(None, b"")] * n,
+                   np.array(trunk), np.zeros((0, 4), dtype=np.int64), np.zeros((0, 5), dtype=np.int64),
+                   np.zeros((0, 2), dtype=np.int64))
+
+
+def naive_windows(plan: DocPlan, block: int) -> list[list[int]]:
+    """Each node goes with the stretch of `block - spill` trunk tokens that holds its nearest trunk ancestor."""
+    index = {int(v): k for k, v in enumerate(plan.trunk)}
+    anchor = [0] * len(plan.parent)
+    for v in range(1, len(plan.parent)):
+        anchor[v] = index[v] if v in index else anchor[plan.parent[v]]
+    stride = block - max(int(plan.depth[v]) - anchor[v] for v in range(len(anchor)))
+    groups: dict[int, list[int]] = {}
+    for v, a in enumerate(anchor):
+        groups.setdefault(a // stride, []).append(v)
+    return [groups[k] for k in sorted(groups)]
+
+
+def naive_pack(windows: list[list[int]], parent, token, depth):
+    """Ids, positions and masks by walking each node's ancestors inside its window."""
+    length = max(len(w) for w in windows)
+    ids = torch.zeros(len(windows), length, dtype=torch.int64)
+    pos = torch.zeros(len(windows), length, dtype=torch.int64)
+    mask = torch.eye(length, dtype=torch.bool).repeat(len(windows), 1, 1, 1)
+    for r, window in enumerate(windows):
+        slot = {v: i for i, v in enumerate(window)}
+        for i, v in enumerate(window):
+            ids[r, i], pos[r, i] = int(token[v]), int(depth[v] - depth[window[0]])
+            u = v
+            while u in slot:
+                mask[r, 0, i, slot[u]] = True
+                u = parent[u]
+    return ids, pos, mask
+
+
+def check_windows_and_masks(plans: list[DocPlan], block: int, batch_size: int) -> None:
+    from hlm.bytes.exact_eval import _Flat, _pack, _windows
+
+    flat = _Flat(plans)
+    windows = _windows(flat, block)
+    expect = [[v + flat.offset[d] for v in w] for d, plan in enumerate(plans) for w in naive_windows(plan, block)]
+    got = [windows.node[a:b].tolist() for a, b in zip(windows.start[:-1], windows.start[1:], strict=True)]
+    assert got == expect
+    assert sorted(v for w in got for v in w) == list(range(flat.n_nodes))  # every node once
+    for window in got:  # a window holds each node's ancestors down to its first node
+        members = set(window)
+        for v in window:
+            while v != window[0]:
+                v = int(flat.parent[v])
+                assert v in members
+    for i in range(0, len(got), batch_size):
+        batch = got[i : i + batch_size]
+        ids, pos, mask, rows, nodes = _pack(windows, i, i + len(batch))
+        ref_ids, ref_pos, ref_mask = naive_pack(batch, flat.parent, flat.token, flat.depth)
+        assert torch.equal(ids, ref_ids) and torch.equal(pos, ref_pos) and torch.equal(mask, ref_mask)
+        assert int(pos.max()) < block
+        assert nodes.tolist() == [v for w in batch for v in w]
+        assert rows.tolist() == [r * ids.shape[1] + j for r, w in enumerate(batch) for j in range(len(w))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_windows_and_masks_equal_ancestor_walks_on_random_trees(seed):
+    rng = np.random.default_rng(seed)
+    plans = [random_plan(rng, int(rng.integers(1, 60)), int(rng.integers(1, 5))) for _ in range(4)]
+    check_windows_and_masks(plans, block=12, batch_size=int(rng.integers(1, 4)))
+
+
+def test_windows_and_masks_equal_ancestor_walks_on_real_plans(sp_bpe):
+    from hlm.bytes.covers import ConversionRules
+    from hlm.bytes.exact_eval import plan_documents
+
+    text = (FIXTURES / "enwiki_wv_test_head64k.txt").read_bytes()[30000:32000]
+    plans, _ = plan_documents([text, *DOCS], ConversionRules(sp_bpe), sp_bpe.eos_id)
+    check_windows_and_masks(plans, block=16, batch_size=3)
+
+
+def test_log_prefix_probs_equal_a_walk_down_the_tree():
+    from hlm.bytes.exact_eval import _Flat, _log_prefix_probs
+
+    rng = np.random.default_rng(0)
+    flat = _Flat([random_plan(rng, int(rng.integers(1, 80)), 4) for _ in range(3)])
+    step = torch.from_numpy(-rng.exponential(size=flat.n_nodes))
+    expect = [0.0] * flat.n_nodes
+    for v, p in enumerate(flat.parent.tolist()):
+        if p >= 0:
+            expect[v] = expect[p] + float(step[v])
+    assert torch.equal(_log_prefix_probs(flat, step), torch.tensor(expect, dtype=torch.float64))  # same sums
+
+
+def test_next_byte_bounds_equal_searchsorted(sp_bpe):
+    from hlm.bytes.covers import ConversionRules
+    from hlm.bytes.exact_eval import _Flat, _next_byte_bounds, plan_documents
+
+    rules = ConversionRules(sp_bpe)
+    flat = _Flat(plan_documents(DOCS, rules, sp_bpe.eos_id)[0])
+    table, which = _next_byte_bounds(rules.index, flat)
+    columns = rules.index.byte_at.numpy()
+    for j, (lo, hi, k) in enumerate(zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(),
+                                        flat.den_k.tolist(), strict=True)):
+        edges = lo + np.searchsorted(columns[lo:hi, k], np.arange(257), side="left")
+        assert table[which[j]].tolist() == edges.tolist()
+    assert len(table) == len(set(zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(),
+                                     flat.den_k.tolist(), strict=True)))

@@ -307,42 +307,66 @@ def _drop_first_byte(plan: DocPlan) -> DocPlan:
                    eos=shifted(plan.eos))
 
 
-def _windows(plan: DocPlan, block: int) -> list[list[int]]:
-    """Split the nodes into windows of at most `block` positions: stretches of the trunk with the
-    off-trunk nodes that hang from them."""
-    trunk, parents = plan.trunk.tolist(), plan.parent.tolist()
-    on_trunk = {node: k for k, node in enumerate(trunk)}
-    anchor = [0] * len(parents)
-    for v in range(1, len(parents)):
-        anchor[v] = on_trunk[v] if v in on_trunk else anchor[parents[v]]
-    trunk_mask = torch.zeros(len(parents), dtype=torch.bool)
-    trunk_mask[trunk] = True
-    depth = torch.from_numpy(plan.depth)
-    anchor_depth = depth[torch.from_numpy(plan.trunk)[torch.tensor(anchor)]]
-    plan.__dict__["nodes"] = {"depth": depth, "on_trunk": trunk_mask, "token": torch.from_numpy(plan.token),
-                              "parent": torch.from_numpy(plan.parent), "anchor_depth": anchor_depth}
-    spill = int((depth - anchor_depth).max())
+@dataclass
+class _Windows:
+    """Windows of the model's context over all nodes, as arrays in window order (a window's nodes
+    ascending, its first trunk node first), to move to the device once and slice per batch."""
+
+    start: np.ndarray  # [windows + 1] (host): window w holds entries start[w] : start[w + 1]
+    chain: np.ndarray  # [windows] (host): the longest off-trunk chain above a node of the window
+    node: torch.Tensor  # global node id
+    token: torch.Tensor
+    pos: torch.Tensor  # depth within the window
+    anchor_pos: torch.Tensor  # depth of the node's anchor within the window (pos on the trunk)
+    back: torch.Tensor  # entries back to the node's parent when that parent is off the trunk, else 0
+
+    def to(self, device: torch.device) -> _Windows:
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("node", "token", "pos", "anchor_pos", "back")})
+
+
+def _windows(flat: _Flat, block: int) -> _Windows:
+    """Split each document's nodes into windows of at most `block` positions: stretches of the trunk
+    with the off-trunk nodes that hang from them (a node goes with its anchor)."""
+    sizes = np.diff(np.append(flat.offset, flat.n_nodes)).astype(np.int64)
+    spill = np.maximum.reduceat(flat.height, flat.offset) if len(sizes) else sizes
     stride = block - spill
-    if stride < 1:
-        raise HLMError(f"off-trunk paths of {spill} tokens do not fit a context of {block}")
-    groups: dict[int, list[int]] = {}
-    for v, a in enumerate(anchor):
-        groups.setdefault(a // stride, []).append(v)
-    return [groups[k] for k in sorted(groups)]
+    if np.any(stride < 1):
+        raise HLMError(f"off-trunk paths of {spill[np.argmax(stride < 1)]} tokens do not fit a context of {block}")
+    trunk_len = np.diff(flat.trunk_start)
+    n_windows = (trunk_len - 1) // stride + 1  # every stretch of the trunk holds a trunk node
+    doc = np.repeat(np.arange(len(sizes)), sizes)
+    trunk_index = np.empty(flat.n_nodes, dtype=np.int64)
+    trunk_index[flat.trunk] = np.arange(len(flat.trunk)) - np.repeat(flat.trunk_start[:-1], trunk_len)
+    window = (np.cumsum(n_windows) - n_windows)[doc] + trunk_index[flat.anchor] // stride[doc]
+    order = np.argsort(window, kind="stable")
+    start = np.append(0, np.cumsum(np.bincount(window, minlength=n_windows.sum())))
+    count = np.diff(start)
+    base = np.repeat(flat.depth[order[start[:-1]]], count)
+    entry = np.empty_like(order)  # of each node
+    entry[order] = np.arange(len(order))
+    height = flat.height[order]
+    back = np.where(height > 1, np.arange(len(order)) - entry[flat.parent[order]], 0)
+    chain = np.maximum.reduceat(height, start[:-1]) - 1 if len(count) else count
+    return _Windows(start, chain, *(torch.from_numpy(a) for a in (
+        order, flat.token[order], flat.depth[order] - base, flat.depth[flat.anchor[order]] - base, back)))
 
 
 class _Flat:
     """All documents' nodes and terms as flat tensors over global node ids and global byte positions.
-    Queries are the num terms then the den terms (each a range of the sorted vocabulary at a node)."""
+    Queries are the num terms then the den terms (each a range of the sorted vocabulary at a node).
+    Node arrays (numpy) also give each node's anchor, the trunk node it hangs from (itself on the trunk),
+    and its height above it: the off-trunk chains that windows, masks and path sums walk."""
 
     def __init__(self, plans: list[DocPlan]):
         self.offset, self.mask_key = [], []
-        parents, tokens, nums, dens, eoss, trunk_end = [], [], [], [], [], []
+        parents, tokens, depths, trunks, nums, dens, eoss, trunk_end = [], [], [], [], [], [], [], []
         n_nodes = n_pos = 0
         for plan in plans:
             self.offset.append(n_nodes)
             parents.append(np.where(plan.parent >= 0, plan.parent + n_nodes, -1))
             tokens.append(plan.token)
+            depths.append(plan.depth)
+            trunks.append(plan.trunk + n_nodes)
             self.mask_key.extend(plan.mask_key)
             shift = torch.tensor([n_pos, n_nodes], dtype=torch.int64)
             nums.append(torch.from_numpy(plan.num) + torch.cat([shift, torch.zeros(2, dtype=torch.int64)]))
@@ -365,18 +389,38 @@ class _Flat:
         at_end = eos[:, 2].bool()
         self.end_pos, self.end_node = eos[at_end, 0], eos[at_end, 1]
         self.trunk_end = torch.tensor(trunk_end, dtype=torch.int64)
-        parent = torch.from_numpy(np.concatenate(parents)) if parents else torch.zeros(0, dtype=torch.int64)
-        self.parent = parent.tolist()  # walked in Python by _log_prefix_probs
-        self.child_token = torch.from_numpy(np.concatenate(tokens)) if tokens else torch.zeros(0, dtype=torch.int64)
+
+        def join(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+        self.parent, self.depth, self.token, self.trunk = join(parents), join(depths), join(tokens), join(trunks)
+        self.trunk_start = np.cumsum([0] + [len(t) for t in trunks])  # document d's trunk: trunk[start[d]:start[d+1]]
+        self.on_trunk = np.zeros(n_nodes, dtype=bool)
+        self.on_trunk[self.trunk] = True
+        self.anchor = _anchors(self.parent, self.on_trunk)
+        self.height = self.depth - self.depth[self.anchor]
+        parent = torch.from_numpy(self.parent)
+        self.child_token = torch.from_numpy(self.token)
         self.by_node = _csr(self.q_node, n_nodes)  # queries of each node
         self.kids = torch.nonzero(parent >= 0).flatten()
         self.kid_parent = parent[self.kids]
         self.by_parent = _csr(self.kid_parent, n_nodes)  # children of each node
 
 
+def _anchors(parent: np.ndarray, on_trunk: np.ndarray) -> np.ndarray:
+    """The nearest trunk node at or above every node, by pointer jumping (every root is on the trunk):
+    off-trunk chains are at most as long as the longest token, so this takes a few array passes."""
+    hop = np.where(on_trunk, np.arange(len(parent)), parent)
+    while True:
+        up = hop[hop]
+        if np.array_equal(up, hop):
+            return hop
+        hop = up
+
+
 def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, start, count): the items with key k are order[start[k] : start[k] + count[k]]."""
-    order = torch.argsort(keys, stable=True)
+    order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))  # timsort: keys come nearly sorted
     count = torch.bincount(keys, minlength=n)
     start = torch.cumsum(count, 0) - count
     return order, start, count
@@ -409,7 +453,7 @@ def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_i
     t1 = time.perf_counter()
     flat = _Flat(plans)
     split["flattening"] = time.perf_counter() - t1
-    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
+    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast,
                                                split=split, info=info)
     return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, time.perf_counter() - t0) | info
 
@@ -426,7 +470,7 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
     rules = ConversionRules(tok)
     plans, keep = plan_documents(docs, rules, start_id, workers)
     flat = _Flat(plans)
-    point_lp, eos_lp, _, bins_lp = _tree_pass(model, rules, plans, flat, device, batch_size, chunk_rows, autocast,
+    point_lp, eos_lp, _, bins_lp = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast,
                                               full=True)
     logq = _log_prefix_probs(flat, point_lp)
     scores = torch.full((flat.n_pos, 257), float("-inf"), dtype=torch.float64)
@@ -448,13 +492,13 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
 
 
 @torch.no_grad()
-def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device, batch_size: int,
-               chunk_rows: int, autocast, full: bool = False, split: dict | None = None, info: dict | None = None):
-    """Score every node of every plan; returns (log q(token | parent) per node, log q(EOS | node) per node,
+def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: int, chunk_rows: int, autocast,
+               full: bool = False, split: dict | None = None, info: dict | None = None):
+    """Score every node; returns (log q(token | parent) per node, log q(EOS | node) per node,
     log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query).
-    `split` receives the seconds of its host-only phases: validity masks, windows, and packing; `info`
-    the device time of the model's forward passes (`forward_seconds`, CUDA events on a GPU) and the
-    number of windows and batches."""
+    `split` receives the seconds of its host phases: validity masks, windows, and packing (on a GPU: queuing
+    its kernels); `info` the device time of the model's forward passes (`forward_seconds`, CUDA events on a
+    GPU) and the number of windows and batches."""
     split = {} if split is None else split
     t0 = time.perf_counter()
     if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
@@ -482,21 +526,21 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
         den_of_query = den_of_query.to(device)
         bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
     t0 = time.perf_counter()
-    windows = [(d, w) for d, plan in enumerate(plans) for w in _windows(plan, model.cfg.block_size)]
+    windows = _windows(flat, model.cfg.block_size).to(device)
+    n_windows = len(windows.start) - 1
     split["windows"] = time.perf_counter() - t0
     split["packing"] = 0.0
     sorted_lp = sorted_p = None
     forward = _ForwardTimer(device)
-    for i in range(0, len(windows), batch_size):
+    for i in range(0, n_windows, batch_size):
         t0 = time.perf_counter()
-        ids, pos, mask, rows, nodes = _pack(windows[i : i + batch_size], plans, flat)
+        ids, pos, mask, rows, nodes = _pack(windows, i, min(i + batch_size, n_windows))
         split["packing"] += time.perf_counter() - t0
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
         with autocast, forward:
             logits = model.logits(ids, attn_mask=mask, positions=pos)
         logits = logits.flatten(0, 1)
         for c in range(0, len(rows), chunk_rows):
-            g = nodes[c : c + chunk_rows].to(device)
+            g = nodes[c : c + chunk_rows]
             span = rows[c : c + chunk_rows]
             first, last = int(span[0]), int(span[-1])
             out = logits[first : last + 1] if last - first == len(span) - 1 else logits[span.to(device)]  # no copy
@@ -525,7 +569,7 @@ def _tree_pass(model, rules: ConversionRules, plans: list[DocPlan], flat, device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if info is not None:
-        info.update(forward_seconds=forward.seconds(), windows=len(windows), batches=-(-len(windows) // batch_size))
+        info.update(forward_seconds=forward.seconds(), windows=n_windows, batches=-(-n_windows // batch_size))
     return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
 
 
@@ -560,17 +604,23 @@ class _ForwardTimer:
 
 def _next_byte_bounds(index, flat) -> tuple[torch.Tensor, torch.Tensor]:
     """For each distinct normaliser range (tokens longer than a remainder u), the 257 sorted-vocabulary
-    edges that split it by the byte after u; and which edge row each normaliser query uses."""
-    rows, which, seen = [], [], {}
-    columns = index.byte_at.numpy()
-    for lo, hi, k in zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(), flat.den_k.tolist(),
-                         strict=True):
-        key = (lo, hi, k)
-        if key not in seen:
-            seen[key] = len(rows)
-            rows.append(lo + np.searchsorted(columns[lo:hi, k], np.arange(257), side="left"))
-        which.append(seen[key])
-    return torch.as_tensor(np.stack(rows)), torch.tensor(which, dtype=torch.int64)
+    edges that split it by the byte after u (rows in order of first use); and which edge row each
+    normaliser query uses. In a range, byte k of the tokens ascends, so edge e = lo + #{byte k < e}:
+    one bincount over the distinct ranges (disjoint for one k: at most vocab x longest token entries)."""
+    lo, hi, k = flat.q_lo[flat.den_q].numpy(), flat.q_hi[flat.den_q].numpy(), flat.den_k.numpy()
+    n_vocab, width = len(index.byte_at) + 1, index.byte_at.shape[1]
+    _, first, which = np.unique((lo * n_vocab + hi) * width + k, return_index=True, return_inverse=True)
+    by_use = np.argsort(first)
+    rank = np.empty_like(by_use)
+    rank[by_use] = np.arange(len(by_use))
+    lo, hi, k = lo[first[by_use]], hi[first[by_use]], k[first[by_use]]
+    size = hi - lo
+    seg = np.repeat(np.arange(len(size)), size)
+    token = np.repeat(lo - (np.cumsum(size) - size), size) + np.arange(size.sum())
+    byte = index.byte_at.numpy()[token, k[seg]]
+    count = np.bincount(seg * 256 + byte, minlength=len(size) * 256).reshape(-1, 256)
+    edges = lo[:, None] + np.concatenate([np.zeros((len(size), 1), dtype=np.int64), np.cumsum(count, 1)], 1)
+    return torch.from_numpy(edges), torch.from_numpy(rank[which])
 
 
 def _prefix_sum(csum: torch.Tensor, row: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
@@ -588,35 +638,35 @@ def _invalid_masks(rules: ConversionRules, keys: list[tuple[int | None, bytes]],
     return rules.invalid_table(list(row), device), key_row.to(device)
 
 
-def _pack(batch, plans: list[DocPlan], flat: _Flat):
-    """Token ids, positions (depth within the window), ancestor masks, and the flat row / global node of
-    every real position of a batch of windows. A node sees the window's trunk up to its anchor (the
-    trunk node it hangs from) plus its own short off-trunk chain."""
-    length = max(len(w) for _, w in batch)
-    ids = torch.zeros(len(batch), length, dtype=torch.int64)
-    pos = torch.zeros(len(batch), length, dtype=torch.int64)
-    mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
-    rows, nodes = [], []
-    for r, (d, window) in enumerate(batch):
-        info = plans[d].nodes
-        n = len(window)
-        w = torch.tensor(window, dtype=torch.int64)  # ascending node ids
-        base = info["depth"][w[0]]
-        depth, trunk = info["depth"][w] - base, info["on_trunk"][w]
-        ids[r, :n] = info["token"][w]
-        pos[r, :n] = depth
-        mask[r, 0, :n, :n] = trunk[None, :] & (depth[None, :] <= (info["anchor_depth"][w] - base)[:, None])
-        k = torch.nonzero(~trunk).flatten()
-        v = w[k]
-        while len(k):  # the off-trunk chain above (and including) each off-trunk node
-            mask[r, 0, k, torch.searchsorted(w, v)] = True
-            v = info["parent"][v]
-            off = ~info["on_trunk"][v]
-            k, v = k[off], v[off]
-        mask[r, 0, torch.arange(length), torch.arange(length)] = True
-        rows.append(torch.arange(r * length, r * length + n))
-        nodes.append(w + flat.offset[d])
-    return ids, pos, mask, torch.cat(rows), torch.cat(nodes)
+def _pack(windows: _Windows, first: int, last: int):
+    """Token ids, positions, ancestor masks [B, 1, L, L] (built on the windows' device), the flat rows
+    (host) and global nodes (device) of the real positions of windows first..last-1. A node sees the
+    window's trunk up to its anchor plus its own short off-trunk chain, found by walking parents."""
+    start = windows.start[first : last + 1]
+    count = np.diff(start)
+    n_win, length = len(count), int(count.max())
+    a, b = int(start[0]), int(start[-1])
+    rows = torch.from_numpy(np.repeat(np.arange(n_win) * length - (start[:-1] - a), count) + np.arange(b - a))
+    device = windows.node.device
+    r = rows.to(device)
+    pos, anchor_pos = windows.pos[a:b], windows.anchor_pos[a:b]
+    ids = torch.zeros(n_win * length, dtype=torch.int64, device=device).index_put_((r,), windows.token[a:b])
+    pos_all = torch.zeros(n_win * length, dtype=torch.int64, device=device).index_put_((r,), pos)
+    big = torch.iinfo(torch.int64).max
+    key = torch.full((n_win * length,), big, device=device).index_put_((r,), pos.masked_fill(pos != anchor_pos, big))
+    query = torch.full((n_win * length,), -1, device=device).index_put_((r,), anchor_pos)
+    mask = key.view(n_win, 1, length) <= query.view(n_win, length, 1)  # trunk keys up to the query's anchor
+    flat_mask = mask.view(-1)  # entry (w, q, k) at (w * length + q) * length + k
+    every = torch.arange(n_win * length, device=device)
+    flat_mask[every * length + every % length] = True
+    back = windows.back[a:b]
+    t = torch.arange(b - a, device=device)
+    own = r * length + r % length  # entry (q, q) of each node
+    up = t
+    for _ in range(int(windows.chain[first:last].max())):  # up the off-trunk chains; at a chain's top
+        up = up - back[up]  # `up` stays, marking an entry already True
+        flat_mask[own - (t - up)] = True
+    return ids.view(n_win, length), pos_all.view(n_win, length), mask.unsqueeze(1), rows, windows.node[a:b]
 
 
 def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -627,13 +677,17 @@ def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> 
 
 
 def _log_prefix_probs(flat: _Flat, point_lp: torch.Tensor) -> torch.Tensor:
-    """log Q(node): the sum of token log-probs along each node's path (parents come first)."""
-    step = point_lp.tolist()
-    logq = [0.0] * flat.n_nodes
-    for v, p in enumerate(flat.parent):
-        if p >= 0:
-            logq[v] = logq[p] + step[v]
-    return torch.tensor(logq, dtype=torch.float64)
+    """log Q(node): the sum of token log-probs along each node's path, accumulated from the root in
+    the same order as a walk down the tree (so bitwise the same): a running sum down each document's
+    trunk, then the off-trunk nodes one height at a time, each on its parent's sum."""
+    step = point_lp.numpy()
+    logq = np.zeros(flat.n_nodes)
+    for a, b in zip(flat.trunk_start[:-1], flat.trunk_start[1:], strict=True):
+        logq[flat.trunk[a + 1 : b]] = np.cumsum(step[flat.trunk[a + 1 : b]])
+    for h in range(1, int(flat.height.max(initial=0)) + 1):
+        v = np.flatnonzero(flat.height == h)
+        logq[v] = logq[flat.parent[v]] + step[v]
+    return torch.from_numpy(logq)
 
 
 def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, split: dict, seconds) -> dict:
