@@ -371,12 +371,12 @@ def naive_windows(plan: DocPlan, block: int) -> list[list[int]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def naive_pack(windows: list[list[int]], parent, token, depth):
-    """Ids, positions and masks by walking each node's ancestors inside its window."""
-    length = max(len(w) for w in windows)
-    ids = torch.zeros(len(windows), length, dtype=torch.int64)
-    pos = torch.zeros(len(windows), length, dtype=torch.int64)
-    mask = torch.eye(length, dtype=torch.bool).repeat(len(windows), 1, 1, 1)
+def naive_pack(windows: list[list[int]], parent, token, depth, n_rows: int, length: int):
+    """Ids, positions and masks by walking each node's ancestors inside its window (padding: zeros,
+    seeing only itself)."""
+    ids = torch.zeros(n_rows, length, dtype=torch.int64)
+    pos = torch.zeros(n_rows, length, dtype=torch.int64)
+    mask = torch.eye(length, dtype=torch.bool).repeat(n_rows, 1, 1, 1)
     for r, window in enumerate(windows):
         slot = {v: i for i, v in enumerate(window)}
         for i, v in enumerate(window):
@@ -403,10 +403,12 @@ def check_windows_and_masks(plans: list[DocPlan], block: int, batch_size: int) -
             while v != window[0]:
                 v = int(flat.parent[v])
                 assert v in members
+    length = max(len(w) for w in got) + 3  # every batch padded to one shape
     for i in range(0, len(got), batch_size):
         batch = got[i : i + batch_size]
-        ids, pos, mask, rows, nodes = _pack(windows, i, i + len(batch))
-        ref_ids, ref_pos, ref_mask = naive_pack(batch, flat.parent, flat.token, flat.depth)
+        ids, pos, mask, rows, nodes = _pack(windows, i, i + len(batch), batch_size, length)
+        assert ids.shape == (batch_size, length) and mask.shape == (batch_size, 1, length, length)
+        ref_ids, ref_pos, ref_mask = naive_pack(batch, flat.parent, flat.token, flat.depth, batch_size, length)
         assert torch.equal(ids, ref_ids) and torch.equal(pos, ref_pos) and torch.equal(mask, ref_mask)
         assert int(pos.max()) < block
         assert nodes.tolist() == [v for w in batch for v in w]

@@ -532,9 +532,10 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     split["packing"] = 0.0
     sorted_lp = sorted_p = None
     forward = _ForwardTimer(device)
+    length = -(-int(np.diff(windows.start).max(initial=1)) // 128) * 128
     for i in range(0, n_windows, batch_size):
         t0 = time.perf_counter()
-        ids, pos, mask, rows, nodes = _pack(windows, i, min(i + batch_size, n_windows))
+        ids, pos, mask, rows, nodes = _pack(windows, i, min(i + batch_size, n_windows), batch_size, length)
         split["packing"] += time.perf_counter() - t0
         with autocast, forward:
             logits = model.logits(ids, attn_mask=mask, positions=pos)
@@ -549,8 +550,8 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
             if sorted_lp is None or len(sorted_lp) < len(g):  # reused buffers: one chunk of the sorted vocab
                 sorted_lp = lp.new_empty(len(g), len(perm))
                 sorted_p = torch.empty(len(g), len(perm), dtype=torch.float64, device=device)
-            torch.index_select(lp, 1, perm, out=sorted_lp[: len(g)])
-            csum = sorted_p[: len(g)].copy_(sorted_lp[: len(g)]).exp_().masked_fill_(invalid[key_row[g]], 0).cumsum_(1)
+            probs = torch.index_select(lp, 1, perm, out=sorted_lp[: len(g)]).exp_().masked_fill_(invalid[key_row[g]], 0)
+            csum = torch.cumsum(probs, 1, dtype=torch.float64, out=sorted_p[: len(g)])  # fp64: ranges are differences
             row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
                 eos_lp[g] = lp[:, tok.eos_id].double()
@@ -638,15 +639,16 @@ def _invalid_masks(rules: ConversionRules, keys: list[tuple[int | None, bytes]],
     return rules.invalid_table(list(row), device), key_row.to(device)
 
 
-def _pack(windows: _Windows, first: int, last: int):
-    """Token ids, positions, ancestor masks [B, 1, L, L] (built on the windows' device), the flat rows
-    (host) and global nodes (device) of the real positions of windows first..last-1. A node sees the
-    window's trunk up to its anchor plus its own short off-trunk chain, found by walking parents."""
+def _pack(windows: _Windows, first: int, last: int, n_win: int, length: int):
+    """Token ids, positions, ancestor masks [n_win, 1, length, length] (built on the windows' device), the
+    flat rows (host) and global nodes (device) of the real positions of windows first..last-1. A node sees
+    the window's trunk up to its anchor plus its own short off-trunk chain, found by walking parents.
+    Every batch has the same shape (padding sees only itself): a new shape costs the attention kernel a
+    new plan, ~0.7 s on an H200, more than the padded work."""
     start = windows.start[first : last + 1]
     count = np.diff(start)
-    n_win, length = len(count), int(count.max())
     a, b = int(start[0]), int(start[-1])
-    rows = torch.from_numpy(np.repeat(np.arange(n_win) * length - (start[:-1] - a), count) + np.arange(b - a))
+    rows = torch.from_numpy(np.repeat(np.arange(len(count)) * length - (start[:-1] - a), count) + np.arange(b - a))
     device = windows.node.device
     r = rows.to(device)
     pos, anchor_pos = windows.pos[a:b], windows.anchor_pos[a:b]
