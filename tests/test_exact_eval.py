@@ -307,7 +307,7 @@ def test_invalid_mask_table_equals_per_key_masks(kind, sp_bpe):
     """The mask table built in batched steps equals the per-key masks of the byte-by-byte tracker
     (`~next_mask(*key)` in sorted-vocabulary order) for every (last token, partial character) key of real plans."""
     from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.exact_eval import _Flat, _invalid_masks, plan_documents
+    from hlm.bytes.exact_eval import _Flat, _invalid_masks, _mask_key, mask_key_code, plan_documents
     from hlm.tokenizers import BPETokenizer, load_tokenizer
 
     docs = DOCS + [(FIXTURES / "enwiki_wv_test_head64k.txt").read_bytes()[:3000]]
@@ -322,15 +322,19 @@ def test_invalid_mask_table_equals_per_key_masks(kind, sp_bpe):
         docs = [b"The cat's  whiskers", "Caf\u00e9 \u65e5".encode()]
     rules = ConversionRules(tok, marginal=kind == "sp_marginal")
     plans, _ = plan_documents(docs, rules, tok.eos_id)
-    keys = _Flat(plans).mask_key
-    distinct = list(dict.fromkeys(keys))
+    flat = _Flat(plans)
+    codes = np.unique(flat.key)
+    distinct = [_mask_key(c) for c in codes.tolist()]
+    assert [mask_key_code(*k) for k in distinct] == codes.tolist()
     assert len(distinct) > (100 if kind == "sp" else 5)
     if kind == "sp":
         assert any(partial for _, partial in distinct)
-    table, key_row = _invalid_masks(rules, keys, torch.device("cpu"))
+    table, key_row = _invalid_masks(rules, flat.key, torch.device("cpu"))
     expect = torch.stack([~rules.next_mask(*k)[rules.index.perm] for k in distinct])
     assert torch.equal(table, expect)
-    assert [distinct[r] for r in key_row.tolist()] == keys
+    assert np.array_equal(codes[key_row.numpy()], flat.key)
+    lasts = [distinct[r][0] for r in key_row.tolist()]  # a node's key holds its own token (none at a root)
+    assert lasts == [None if p < 0 else t for p, t in zip(flat.parent.tolist(), flat.token.tolist(), strict=True)]
     if kind in ("sp", "merges"):  # (every GPT-2 token is reachable)
         assert 0 < int(table.sum()) < table.numel()
 
@@ -458,3 +462,11 @@ def test_next_byte_bounds_equal_searchsorted(sp_bpe):
         assert table[which[j]].tolist() == edges.tolist()
     assert len(table) == len(set(zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(),
                                      flat.den_k.tolist(), strict=True)))
+
+
+def test_mask_key_codes_round_trip():
+    from hlm.bytes.exact_eval import _mask_key, mask_key_code
+
+    keys = [(None, b""), (0, b""), (16383, b""), (5, b"\xe6"), (5, b"\xe6\x97"), (7, b"\xf0\x9f\x98"), (7, b"\x00")]
+    codes = [mask_key_code(*k) for k in keys]
+    assert len(set(codes)) == len(keys) and [_mask_key(c) for c in codes] == keys

@@ -43,7 +43,7 @@ class DocPlan:
     parent: np.ndarray  # [nodes], -1 at the root
     token: np.ndarray  # [nodes]
     depth: np.ndarray  # [nodes]
-    mask_key: list[tuple[int | None, bytes]]  # (last token, incomplete character) of each node
+    key: np.ndarray  # [nodes]: `mask_key_code` of each node's (last token, incomplete character)
     trunk: np.ndarray  # canonical path, root first
     num: np.ndarray  # [n, 4]: (byte position, node, lo, hi)
     den: np.ndarray  # [n, 5]: (..., len of the remainder)
@@ -61,7 +61,7 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
     With a dummy-prefix tokenizer, x must start with that space."""
     tracker = CoverTracker(rules, start_id)
     index, trie = rules.index, tracker.trie
-    parent, token, depth, mask_key = [-1], [start_id], [0], [(None, b"")]
+    parent, token, depth, key = [-1], [start_id], [0], [0]
     num: list[tuple[int, int, int, int]] = []
     den: list[tuple[int, int, int, int, int]] = []
     eos: list[tuple[int, int]] = []
@@ -87,7 +87,7 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
             parent.append(p)
             token.append(trie.token[e])
             depth.append(depth[p] + 1)
-            mask_key.append((trie.last_token(e), trie.mid[e]))
+            key.append(mask_key_code(trie.last_token(e), trie.mid[e]))
     record(len(x), None)
     child = {(p, t): i for i, (p, t) in enumerate(zip(parent, token, strict=True))}
     trunk = [0]
@@ -98,7 +98,7 @@ def plan_document(x: bytes, rules: ConversionRules, start_id: int) -> DocPlan:
             raise MissingCoverError("the canonical encoding is not among the tracked exact nodes")
         trunk.append(node)
     return DocPlan(len(x), np.array(parent, dtype=np.int64), np.array(token, dtype=np.int64),
-                   np.array(depth, dtype=np.int64), mask_key, np.array(trunk, dtype=np.int64),
+                   np.array(depth, dtype=np.int64), np.array(key, dtype=np.int64), np.array(trunk, dtype=np.int64),
                    _rows(num, 4), _rows(den, 5), _rows(eos, 2))
 
 
@@ -122,7 +122,7 @@ class _PlanTable:
     parent: np.ndarray
     token: np.ndarray
     depth: np.ndarray
-    mask_key: list[tuple[int | None, bytes]]
+    key: np.ndarray
     trunk: np.ndarray
     num: np.ndarray
     den: np.ndarray
@@ -148,7 +148,7 @@ class _PlanTable:
             n_bytes=np.array([0 if p is None else p.n_bytes for p in plans], dtype=np.int64),
             ok=np.array([p is not None for p in plans], dtype=bool),
             parent=cat("parent"), token=cat("token"), depth=cat("depth"),
-            mask_key=[k for p in real for k in p.mask_key], trunk=cat("trunk"),
+            key=cat("key"), trunk=cat("trunk"),
             num=cat("num", 4), den=cat("den", 5), eos=cat("eos", 2),
             at={k: np.concatenate([[0], np.cumsum(v, dtype=np.int64)]) for k, v in sizes.items()})
 
@@ -163,8 +163,7 @@ class _PlanTable:
             at[k] = np.concatenate(parts)
         return _PlanTable(
             **{f: np.concatenate([getattr(t, f) for t in tables])
-               for f in ("n_bytes", "ok", "parent", "token", "depth", "trunk", "num", "den", "eos")},
-            mask_key=[k for t in tables for k in t.mask_key], at=at)
+               for f in ("n_bytes", "ok", "parent", "token", "depth", "key", "trunk", "num", "den", "eos")}, at=at)
 
     def _owner(self, field: str) -> np.ndarray:
         return np.repeat(np.arange(len(self.n_bytes)), np.diff(self.at[field]))
@@ -235,7 +234,7 @@ class _PlanTable:
             table[:, 1] = glob(table[:, 1], r_owner)
             tables[field] = table
         return DocPlan(int(self.n_bytes[seq].sum()), parent, self.token[idx], depth,
-                       [self.mask_key[i] for i in idx.tolist()], glob(self.trunk[t_idx], t_owner), **tables)
+                       self.key[idx], glob(self.trunk[t_idx], t_owner), **tables)
 
 
 _WORKER: dict = {}
@@ -358,7 +357,7 @@ class _Flat:
     and its height above it: the off-trunk chains that windows, masks and path sums walk."""
 
     def __init__(self, plans: list[DocPlan]):
-        self.offset, self.mask_key = [], []
+        self.offset, keys = [], []
         parents, tokens, depths, trunks, nums, dens, eoss, trunk_end = [], [], [], [], [], [], [], []
         n_nodes = n_pos = 0
         for plan in plans:
@@ -367,7 +366,7 @@ class _Flat:
             tokens.append(plan.token)
             depths.append(plan.depth)
             trunks.append(plan.trunk + n_nodes)
-            self.mask_key.extend(plan.mask_key)
+            keys.append(plan.key)
             shift = torch.tensor([n_pos, n_nodes], dtype=torch.int64)
             nums.append(torch.from_numpy(plan.num) + torch.cat([shift, torch.zeros(2, dtype=torch.int64)]))
             dens.append(torch.from_numpy(plan.den) + torch.cat([shift, torch.zeros(3, dtype=torch.int64)]))
@@ -394,6 +393,7 @@ class _Flat:
             return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
         self.parent, self.depth, self.token, self.trunk = join(parents), join(depths), join(tokens), join(trunks)
+        self.key = join(keys)
         self.trunk_start = np.cumsum([0] + [len(t) for t in trunks])  # document d's trunk: trunk[start[d]:start[d+1]]
         self.on_trunk = np.zeros(n_nodes, dtype=bool)
         self.on_trunk[self.trunk] = True
@@ -507,7 +507,7 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     autocast = autocast or contextlib.nullcontext()
     device = torch.device(device)
     perm = rules.index.perm.to(device)
-    invalid, key_row = _invalid_masks(rules, flat.mask_key, device)
+    invalid, key_row = _invalid_masks(rules, flat.key, device)
     split["masks"] = time.perf_counter() - t0
     q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
     by_node = tuple(x.to(device) for x in flat.by_node)
@@ -630,13 +630,23 @@ def _prefix_sum(csum: torch.Tensor, row: torch.Tensor, edge: torch.Tensor) -> to
     return torch.where(edge > 0, value, torch.zeros_like(value))
 
 
-def _invalid_masks(rules: ConversionRules, keys: list[tuple[int | None, bytes]],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_key_code(last: int | None, partial: bytes) -> int:
+    """One int64 per (last token, incomplete character) validity key, so that nodes carry arrays, not
+    tuples: (last + 1) in the high bits, the partial character (at most 3 bytes, after a 1 marker) below."""
+    return (0 if last is None else last + 1) << 32 | (int.from_bytes(b"\x01" + partial, "big") if partial else 0)
+
+
+def _mask_key(code: int) -> tuple[int | None, bytes]:
+    last, low = code >> 32, code & 0xFFFFFFFF
+    return (None if last == 0 else last - 1), (low.to_bytes(4, "big").lstrip(b"\x00")[1:] if low else b"")
+
+
+def _invalid_masks(rules: ConversionRules, keys: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool[distinct keys, sorted vocab]: the tokens that may NOT follow a node (in sorted-vocabulary order,
-    like the prefix sums), built once on the device; and the row of every node's (last token, partial) key."""
-    row: dict[tuple[int | None, bytes], int] = {}
-    key_row = torch.tensor([row.setdefault(k, len(row)) for k in keys], dtype=torch.int64)
-    return rules.invalid_table(list(row), device), key_row.to(device)
+    like the prefix sums), built once on the device; and the row of every node's key (`mask_key_code`)."""
+    distinct, key_row = np.unique(keys, return_inverse=True)
+    table = rules.invalid_table([_mask_key(c) for c in distinct.tolist()], device)
+    return table, torch.from_numpy(key_row.reshape(-1).astype(np.int64)).to(device)
 
 
 def _pack(windows: _Windows, first: int, last: int, n_win: int, length: int):
