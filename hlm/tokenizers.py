@@ -139,48 +139,39 @@ class _ConversionMixin:
 
     def _pair_conflicts(self, lasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, t) of every pair [lasts[k], t] that is not valid (some more than once), as one sparse join over
-        all k: the nodes x on the right spine of lasts[k] -> the merges (x, y) across the boundary that rank
-        before x is merged away -> the tokens t with y on their left spine that are still unfinished at that
-        rank (a prefix of y's left-spine entries, which run from the latest limit down)."""
-        tables = self._pair_tables(lasts.device)
-        (rnodes, rlimits), (m_right, m_rank, m_start, m_count), (s_owner, s_key, levels, s_start) = tables
-        v, n_levels = self.vocab_size, len(levels)
-        x, limit = rnodes[lasts], rlimits[lasts]
-        row = torch.arange(len(lasts), device=lasts.device)[:, None].expand_as(x)
-        real = x < v
-        x, limit, row = x[real], limit[real], row[real]
-        entry, src = _ranges(m_start[x], m_count[x])
-        keep = m_rank[entry] < limit[src]
-        entry, row = entry[keep], row[src[keep]]
-        y, rank = m_right[entry], m_rank[entry]
-        last_key = y * n_levels + n_levels - 1 - torch.searchsorted(levels, rank)  # y's entries with limit >= rank
-        entry, src = _ranges(s_start[y], torch.searchsorted(s_key, last_key, right=True) - s_start[y])
+        all k: the merges (x, y) that can fire across the right edge of lasts[k] -> the tokens t with y on
+        their left spine that are still unfinished at the merge's rank."""
+        (b_right, b_rank, b_start, b_count), (s_owner, s_key, s_levels, s_start) = self._pair_tables(lasts.device)
+        entry, row = _ranges(b_start[lasts], b_count[lasts])
+        y = b_right[entry]
+        unfinished = _count_below(s_key, s_levels, s_start, y, -b_rank[entry], right=True)  # limit >= rank
+        entry, src = _ranges(s_start[y], unfinished)
         return row[src], s_owner[entry]
 
     def _pair_tables(self, device: torch.device | str = "cpu") -> tuple:
-        """The tables `_pair_conflicts` joins, built once (and copied once to each device): right spines
-        [V, D] (nodes padded with V, and the rank that merges each node away); the merges grouped by left
-        token (right token, rank, then each token's start and count); the left-spine entries grouped by
-        node, latest limit first (token, sort key = node and limit level, the sorted limits, each node's start)."""
+        """The tables `_pair_conflicts` joins, built once (and copied once to each device): for each token, the
+        merges (x, y) across its right edge: x on its right spine, ranked before x is merged away (right
+        token y, rank, start, count); and the left-spine entries of each node, latest limit first (token,
+        then `_sort_groups`' keys, levels and starts)."""
         cache = self.__dict__.setdefault("_pair_table_cache", {})
         device, cpu = torch.device(device), torch.device("cpu")
         if cpu not in cache:
             _, left, right, rank = self._histories()
             v, has_bytes = self.vocab_size, self._has_bytes()
+            m_left, m_right, m_rank = self._merges()
+            order, m_key, m_levels, m_start = _sort_groups(m_left, m_rank, v)  # each x's merges, earliest first
+            nodes, limits = _spines(right, rank, has_bytes)
+            real = nodes < v
+            owner = torch.arange(v)[:, None].expand_as(nodes)[real]
+            x, limit = nodes[real], limits[real]
+            entry, src = _ranges(m_start[x], _count_below(m_key, m_levels, m_start, x, limit))  # rank < limit
+            count = torch.bincount(owner[src], minlength=v)  # owners stay in order
+            boundary = (m_right[order][entry], m_rank[order][entry], torch.cumsum(count, 0) - count, count)
             nodes, limits = _spines(left, rank, has_bytes)
             real = nodes < v
             owner = torch.arange(v)[:, None].expand_as(nodes)[real]
-            nodes, limits = nodes[real], limits[real]
-            levels = torch.unique(limits)
-            key = nodes * len(levels) + len(levels) - 1 - torch.searchsorted(levels, limits)  # latest limit first
-            order = torch.argsort(key)
-            count = torch.bincount(nodes, minlength=v)
-            spine = (owner[order], key[order], levels, torch.cumsum(count, 0) - count)
-            m_left, m_right, m_rank = self._merges()
-            order = torch.argsort(m_left, stable=True)
-            count = torch.bincount(m_left, minlength=v)
-            merges = (m_right[order], m_rank[order], torch.cumsum(count, 0) - count, count)
-            cache[cpu] = (_spines(right, rank, has_bytes), merges, spine)
+            order, s_key, s_levels, s_start = _sort_groups(nodes[real], -limits[real], v)
+            cache[cpu] = (boundary, (owner[order], s_key, s_levels, s_start))
         if device not in cache:
             cache[device] = tuple(tuple(x.to(device) for x in part) for part in cache[cpu])
         return cache[device]
@@ -245,6 +236,23 @@ def _ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, tor
     src = torch.repeat_interleave(torch.arange(len(start), device=start.device), count)
     entry = torch.arange(len(src), device=start.device) - (torch.cumsum(count, 0) - count - start)[src]
     return entry, src
+
+
+def _sort_groups(group: torch.Tensor, value: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Entries sorted by (group, value), so that the entries of a group below any bound are a prefix of it:
+    the order, the sorted keys (group and value level in one int), the distinct values, each group's start."""
+    levels = torch.unique(value)
+    key = group * len(levels) + torch.searchsorted(levels, value)
+    order = torch.argsort(key)
+    count = torch.bincount(group, minlength=n)
+    return order, key[order], levels, torch.cumsum(count, 0) - count
+
+
+def _count_below(key: torch.Tensor, levels: torch.Tensor, start: torch.Tensor, group: torch.Tensor,
+                 bound: torch.Tensor, right: bool = False) -> torch.Tensor:
+    """How many entries of each group (of `_sort_groups`) have a value < bound (<= bound with right=True)."""
+    level = torch.searchsorted(levels, bound, right=right)
+    return torch.searchsorted(key, group * len(levels) + level) - start[group]
 
 
 class BPETokenizer(_ConversionMixin):
