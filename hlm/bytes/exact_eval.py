@@ -218,7 +218,10 @@ class _PlanTable:
         byte_at = np.concatenate([[0], np.cumsum(self.n_bytes[seq])[:-1]])
 
         def glob(local: np.ndarray, owner: np.ndarray) -> np.ndarray:
-            return np.where(local == 0, root[owner], local + shift[owner])
+            out = local + shift[owner]
+            at_root = local == 0
+            out[at_root] = root[owner[at_root]]
+            return out
 
         idx, owner = self.rows("node", seq, later.astype(np.int64))
         parent = self.parent[idx]
@@ -229,7 +232,7 @@ class _PlanTable:
         for field, skip_first_byte in (("num", False), ("den", True), ("eos", True)):
             skip = np.where(later, self._rows_at_byte0(field)[seq], 0) if skip_first_byte else later * 0
             r_idx, r_owner = self.rows(field, seq, skip)
-            table = getattr(self, field)[r_idx].copy()
+            table = getattr(self, field)[r_idx]  # (a copy)
             table[:, 0] += byte_at[r_owner]
             table[:, 1] = glob(table[:, 1], r_owner)
             tables[field] = table
@@ -241,12 +244,16 @@ _WORKER: dict = {}
 
 
 def _plan_chunk(texts: list[bytes]) -> tuple[_PlanTable, float]:
-    """Plans of a chunk of texts as one table (None for texts whose covers cannot be tracked)."""
+    """Plans of a chunk of texts as one table (None for texts that do not round-trip through the tokenizer
+    or whose covers cannot be tracked). A document round-trips iff its segments do, as the tokenizer
+    encodes them apart; checking segments here keeps the whole-document encode off the main process."""
     t0 = time.perf_counter()
-    plans = []
+    rules, plans = _WORKER["rules"], []
     for x in texts:
         try:
-            plans.append(plan_document(x, _WORKER["rules"], _WORKER["start_id"]))
+            if not round_trips(rules.tok, x[len(_WORKER["dummy"]) :]):
+                raise HLMError("no round trip")
+            plans.append(plan_document(x, rules, _WORKER["start_id"]))
         except HLMError:
             plans.append(None)
     return _PlanTable.of(plans), time.perf_counter() - t0
@@ -263,13 +270,11 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
     distinct: dict[bytes, int] = {}
     layouts: dict[int, np.ndarray] = {}
     for d, x in enumerate(docs):
-        if not round_trips(rules.tok, x):
-            continue
         cuts = [0] + (segment_points(x, rules) if segment else []) + [len(x)]
         layouts[d] = np.array([distinct.setdefault(dummy + x[a:b], len(distinct))
                                for a, b in zip(cuts[:-1], cuts[1:], strict=True)], dtype=np.int64)
     texts = list(distinct)
-    _WORKER.update(rules=rules, start_id=start_id)
+    _WORKER.update(rules=rules, start_id=start_id, dummy=dummy)
     n_chunks = max(1, min(len(texts), 8 * workers)) if workers > 1 else 1
     size = -(-len(texts) // n_chunks) if texts else 1
     chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
