@@ -12,9 +12,9 @@ token NLL on the same windows, so bpb_canon and bpb_conv differ only by the conv
 
 Each document is scored from the start symbol with its end of text (counted as one byte, like
 the separator of canonical eval). Windows of a long document are non-overlapping stretches of
-the trunk; a node sees only its window. Planning is Python; for sentencepiece tokenizers long
-documents are cut at pretoken boundaries (a space after a non-space, where the cover state is
-a single node) and planned in parallel worker processes.
+the trunk; a node sees only its window. Planning is Python, in parallel worker processes; for
+sentencepiece tokenizers documents are cut at every pretoken boundary (a space after a non-space,
+where the cover state is a single node) and each distinct segment is planned once.
 """
 
 from __future__ import annotations
