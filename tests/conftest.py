@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,15 @@ def bpe_run(tmp_path_factory, bpe_corpus) -> Path:
     proc = run_cli("train.py", SMOKE_BPE, f"data.path={bpe_corpus}", f"train.out_dir={out}", *QUIET)
     assert proc.returncode == 0, proc.stderr.decode()
     return out
+
+
+def random_merges(seed: int, n: int = 7, alphabet: bytes = b"abc") -> list[tuple[bytes, bytes]]:
+    """n random BPE merges over single-byte atoms, each making a new token from two existing ones."""
+    rng = random.Random(seed)
+    toks, merges = [bytes([c]) for c in alphabet], []
+    while len(merges) < n:
+        left, right = rng.choice(toks), rng.choice(toks)
+        if left + right not in toks:
+            merges.append((left, right))
+            toks.append(left + right)
+    return merges

@@ -6,23 +6,13 @@ import random
 
 import pytest
 import torch
+from conftest import random_merges
 
 from hlm.bytes import ByteLM, Ensemble, MissingCoverError, NativeByteLM, as_byte_lm
 from hlm.tokenizers import BPETokenizer
 
 ALPHABET = b"abc"
 MAX_LEN = 6
-
-
-def random_merges(seed: int, n: int = 7) -> list[tuple[bytes, bytes]]:
-    rng = random.Random(seed)
-    toks, merges = [bytes([c]) for c in ALPHABET], []
-    while len(merges) < n:
-        left, right = rng.choice(toks), rng.choice(toks)
-        if left + right not in toks:
-            merges.append((left, right))
-            toks.append(left + right)
-    return merges
 
 
 def markov_source(seed: int) -> dict[bytes, float]:

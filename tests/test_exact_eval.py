@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_merges
 
 from hlm.bytes import ByteLM, Ensemble, NativeByteLM, sample_bytes, sample_prompt_boundary
 from hlm.bytes.exact_eval import DocPlan, exact_bpb
@@ -283,13 +284,7 @@ def test_single_token_validity_equals_the_mask(which, sp_bpe):
     if which == "sentencepiece":
         tok = sp_bpe
     else:
-        toks, merges = [b"a", b"b", b"c", b" "], []
-        while len(merges) < 40:
-            left, right = rng.choice(toks), rng.choice(toks)
-            if left + right not in toks:
-                merges.append((left, right))
-                toks.append(left + right)
-        tok = BPETokenizer.from_merges(merges)
+        tok = BPETokenizer.from_merges(random_merges(1, n=40, alphabet=b"abc "))
     rules = ConversionRules(tok)
     lasts = [None] + rng.sample([t for t in range(tok.vocab_size) if tok.token_bytes(t)], 60)
     checked = 0
@@ -357,7 +352,7 @@ def random_plan(rng: np.random.Generator, n_trunk: int, max_height: int) -> DocP
         if on:
             trunk.append(len(parent) - 1)
     n = len(parent)
-    return DocPlan(0, np.array(parent), rng.integers(0, 50, n), np.array(depth), [(None, b"")] * n,
+    return DocPlan(0, np.array(parent), rng.integers(0, 50, n), np.array(depth), np.zeros(n, dtype=np.int64),
                    np.array(trunk), np.zeros((0, 4), dtype=np.int64), np.zeros((0, 5), dtype=np.int64),
                    np.zeros((0, 2), dtype=np.int64))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_merges
 
 from hlm import HLMError
 from hlm.bytes import ConversionRules, CoverTracker
@@ -91,13 +92,7 @@ def test_pair_masks_agree_with_re_encoding(which, sp_bpe):
     """The merge-history rule behind `pair_valid_mask` equals re-encoding the pair, for reachable tokens."""
     rng = random.Random(0)
     if which == "toy":
-        toks, merges = [b"a", b"b", b"c"], []
-        while len(merges) < 30:
-            left, right = rng.choice(toks), rng.choice(toks)
-            if left + right not in toks:
-                merges.append((left, right))
-                toks.append(left + right)
-        tok = BPETokenizer.from_merges(merges)
+        tok = BPETokenizer.from_merges(random_merges(0, n=30))
     else:
         tok = sp_bpe
     reach = tok.reachable_mask()
