@@ -88,7 +88,6 @@ def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:
 
     dev = torch.device(args.device)
     res = exact_bpb(model, tok, docs, ckpt["data_meta"]["separator_id"], dev, args.batch_size,
-                    chunk_rows=8192 if dev.type == "cuda" else 2048,  # rows per vocabulary-wide scoring step
                     autocast=inference_autocast(dev), workers=args.workers)
     res.pop("per_doc")
     return res

@@ -442,7 +442,7 @@ def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.T
 
 @torch.no_grad()
 def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
-              device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int = 2048,
+              device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int | None = None,
               autocast: contextlib.AbstractContextManager | None = None, workers: int = 1,
               segment: bool = True) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
@@ -465,7 +465,7 @@ def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_i
 
 @torch.no_grad()
 def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
-                          device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int = 2048,
+                          device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int | None = None,
                           autocast: contextlib.AbstractContextManager | None = None,
                           workers: int = 1) -> list[torch.Tensor | None]:
     """For each document, the full next-byte distributions [len+1, 257] after each of its prefixes (what
@@ -497,7 +497,7 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
 
 
 @torch.no_grad()
-def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: int, chunk_rows: int, autocast,
+def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: int, chunk_rows: int | None, autocast,
                full: bool = False, split: dict | None = None, info: dict | None = None):
     """Score every node; returns (log q(token | parent) per node, log q(EOS | node) per node,
     log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query).
@@ -511,6 +511,7 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     tok = rules.tok
     autocast = autocast or contextlib.nullcontext()
     device = torch.device(device)
+    chunk_rows = chunk_rows or (8192 if device.type == "cuda" else 2048)  # rows per vocabulary-wide scoring step
     perm = rules.index.perm.to(device)
     invalid, key_row = _invalid_masks(rules, flat.key, device)
     split["masks"] = time.perf_counter() - t0
