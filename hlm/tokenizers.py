@@ -97,35 +97,39 @@ class _ConversionMixin:
         return cache[a]
 
     def pair_valid_by_merges(self, a: int, t: int) -> bool:
-        """`pair_valid_mask(a)[t]` for one pair, memoised (the cover tracker asks one token at a time):
-        [a, t] fails iff a node x on a's right spine and a node y on t's left spine merge at a rank
-        below x's limit and not above y's."""
+        """`pair_valid_mask(a)[t]` for one pair, memoised (the cover tracker asks one token at a time), from
+        the same tables as the batched join: [a, t] fails iff a merge (x, y) that can fire across a's right
+        edge meets a node y on t's left spine that is still unfinished at the merge's rank."""
         memo = self.__dict__.setdefault("_pair_memo", {})
         hit = memo.get((a, t))
         if hit is None:
-            crossing, right, left = self._spine_lists()
-            hit = bool(left[t]) and not any((r := crossing.get((x, y))) is not None and r < lx and r <= ly
-                                            for x, lx in right[a] for y, ly in left[t])
+            crossing, left = self._crossing_merges(a), self._left_spine_lists()[t]
+            hit = bool(left) and not any((r := crossing.get(y)) is not None and r <= limit for y, limit in left)
             if len(memo) > 4_000_000:
                 memo.clear()
             memo[(a, t)] = hit
         return hit
 
-    def _spine_lists(self) -> tuple[dict, list, list]:
-        """{(x, y): rank} of every merge, and every token's right and left spine as (node, limit) lists."""
-        if getattr(self, "_spine_list_cache", None) is None:
-            _, left, right, rank = self._histories()
-            has_bytes = self._has_bytes()
-            m_left, m_right, m_rank = self._merges()
-            crossing = dict(zip(zip(m_left.tolist(), m_right.tolist(), strict=True), m_rank.tolist(), strict=True))
+    def _crossing_merges(self, a: int) -> dict[int, float]:
+        """{y: earliest rank} of the merges (x, y) that can fire across a's right edge (`_pair_tables`' rows of a)."""
+        cache = self.__dict__.setdefault("_crossing_cache", {})
+        if a not in cache:
+            (right, rank, start, count), _ = self._pair_tables()
+            lo, hi = int(start[a]), int(start[a] + count[a])
+            merges: dict[int, float] = {}
+            for y, r in zip(right[lo:hi].tolist(), rank[lo:hi].tolist(), strict=True):
+                merges[y] = min(r, merges.get(y, r))
+            cache[a] = merges
+        return cache[a]
 
-            def lists(child: torch.Tensor) -> list[list[tuple[int, float]]]:
-                nodes, limits = _spines(child, rank, has_bytes)
-                return [[(n, r) for n, r in zip(row_n, row_r, strict=True) if n < self.vocab_size]
-                        for row_n, row_r in zip(nodes.tolist(), limits.tolist(), strict=True)]
-
-            self._spine_list_cache = (crossing, lists(right), lists(left))
-        return self._spine_list_cache
+    def _left_spine_lists(self) -> list[list[tuple[int, float]]]:
+        """Every token's left spine as (node, rank that merges it away) pairs (empty for tokens without bytes)."""
+        if getattr(self, "_left_lists", None) is None:
+            _, left, _, rank = self._histories()
+            nodes, limits = _spines(left, rank, self._has_bytes())
+            self._left_lists = [[(n, r) for n, r in zip(row_n, row_r, strict=True) if n < self.vocab_size]
+                                for row_n, row_r in zip(nodes.tolist(), limits.tolist(), strict=True)]
+        return self._left_lists
 
     def pair_valid_masks(self, lasts: torch.Tensor) -> torch.Tensor:
         """Bool[K, V]: `pair_valid(lasts[k], t)` for every t, from the merge histories of the right edge of

@@ -92,7 +92,8 @@ class ConversionRules:
         self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
         self._allowed_alone: list[bool] | None = None
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
-            tok._pair_tables()
+            tok._pair_tables()  # (and before planning workers fork, so they inherit them)
+            tok._left_spine_lists()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
