@@ -47,7 +47,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "bf16"  # autocast dtype on CUDA: bf16 | fp32 (CPU always runs fp32)
     compile: bool | None = None  # None: on for CUDA, off for CPU
-    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (autotuned Triton GEMMs, fused epilogues)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (FSDP2: shard params, grads, optimizer)
@@ -171,7 +171,8 @@ def config_from_dict(raw: dict) -> Config:
 
 
 CHOICES = {"train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
-           "train.device": ("auto", "cpu", "cuda"), "train.compile_mode": ("default", "max-autotune-no-cudagraphs")}
+           "train.device": ("auto", "cpu", "cuda"),
+           "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
 AT_LEAST_ONE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_interval", "log.interval",
                 "eval.batches")
 

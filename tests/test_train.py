@@ -281,11 +281,11 @@ def test_flops_counted_on_one_row_equal_the_whole_batch(name):
     assert count_flops(model, batch, contextlib.nullcontext()) == counter.get_total_flops() > 0
 
 
-def test_compile_mode_reaches_torch_compile(tmp_path, byte_corpus, monkeypatch):
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_mode_reaches_torch_compile(tmp_path, byte_corpus, monkeypatch, mode):
     """train.compile_mode is handed to torch.compile (checked without compiling: the CPU suite
     does not build Triton kernels)."""
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
-    Trainer(tiny_config(byte_corpus, tmp_path / "run", "train.compile=true",
-                        "train.compile_mode=max-autotune-no-cudagraphs"))
-    assert seen["mode"] == "max-autotune-no-cudagraphs"
+    Trainer(tiny_config(byte_corpus, tmp_path / "run", "train.compile=true", f"train.compile_mode={mode}"))
+    assert seen["mode"] == mode
