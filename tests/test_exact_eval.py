@@ -370,24 +370,28 @@ def naive_windows(plan: DocPlan, block: int) -> list[list[int]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def naive_pack(windows: list[list[int]], parent, token, depth, n_rows: int, length: int):
-    """Ids, positions and masks by walking each node's ancestors inside its window (padding: zeros,
-    seeing only itself)."""
-    ids = torch.zeros(n_rows, length, dtype=torch.int64)
-    pos = torch.zeros(n_rows, length, dtype=torch.int64)
-    mask = torch.eye(length, dtype=torch.bool).repeat(n_rows, 1, 1, 1)
-    for r, window in enumerate(windows):
-        slot = {v: i for i, v in enumerate(window)}
-        for i, v in enumerate(window):
-            ids[r, i], pos[r, i] = int(token[v]), int(depth[v] - depth[window[0]])
-            u = v
-            while u in slot:
-                mask[r, 0, i, slot[u]] = True
-                u = parent[u]
-    return ids, pos, mask
+def dense_of(tree, width: int) -> torch.Tensor:
+    """The bool [B, 1, width, width] mask that a `TreeMask` stands for (rows trunk first)."""
+    t, c, s = tree.n_trunk, tree.chunk, tree.span
+    n = (width - t) // c
+    keep = tree.keep.view(-1, n, c, t + s + c)
+    dense = torch.zeros(keep.size(0), 1, width, width, dtype=torch.bool)
+    dense[:, 0, :t, :t] = torch.ones(t, t, dtype=torch.bool).tril()
+    for chunk in range(n):
+        q = slice(t + chunk * c, t + (chunk + 1) * c)
+        dense[:, 0, q, :t] = keep[:, chunk, :, :t]
+        for j in range(s + c):
+            p = chunk * c - s + j  # off-trunk position of band key j
+            if p >= 0:
+                dense[:, 0, q, t + p] = keep[:, chunk, :, t + j]
+            else:
+                assert not keep[:, chunk, :, t + j].any()
+    return dense
 
 
 def check_windows_and_masks(plans: list[DocPlan], block: int, batch_size: int) -> None:
+    """Windows hold what `naive_windows` says; in each packed row a node sees exactly its ancestors inside
+    its window (and itself), at position depth - the window's first depth; padding sees only itself."""
     from hlm.bytes.exact_eval import _Flat, _pack, _windows
 
     flat = _Flat(plans)
@@ -402,16 +406,30 @@ def check_windows_and_masks(plans: list[DocPlan], block: int, batch_size: int) -
             while v != window[0]:
                 v = int(flat.parent[v])
                 assert v in members
-    length = max(len(w) for w in got) + 3  # every batch padded to one shape
+    width = windows.n_trunk + windows.n_off
     for i in range(0, len(got), batch_size):
         batch = got[i : i + batch_size]
-        ids, pos, mask, rows, nodes = _pack(windows, i, i + len(batch), batch_size, length)
-        assert ids.shape == (batch_size, length) and mask.shape == (batch_size, 1, length, length)
-        ref_ids, ref_pos, ref_mask = naive_pack(batch, flat.parent, flat.token, flat.depth, batch_size, length)
-        assert torch.equal(ids, ref_ids) and torch.equal(pos, ref_pos) and torch.equal(mask, ref_mask)
-        assert int(pos.max()) < block
+        ids, pos, tree, rows, nodes = _pack(windows, i, i + len(batch), batch_size)
+        assert ids.shape == pos.shape == (batch_size, width)
         assert nodes.tolist() == [v for w in batch for v in w]
-        assert rows.tolist() == [r * ids.shape[1] + j for r, w in enumerate(batch) for j in range(len(w))]
+        dense = dense_of(tree, width)
+        col = {v: int(r) for v, r in zip(nodes.tolist(), rows.tolist(), strict=True)}
+        real = set(col.values())
+        for r, window in enumerate(batch):
+            members = set(window)
+            for v in window:
+                assert r * width <= col[v] < (r + 1) * width
+                j = col[v] - r * width
+                assert ids[r, j] == flat.token[v] and pos[r, j] == flat.depth[v] - flat.depth[window[0]] < block
+                sees, u = set(), v
+                while u in members:
+                    sees.add(col[u] - r * width)
+                    u = int(flat.parent[u])
+                assert set(torch.nonzero(dense[r, 0, j]).flatten().tolist()) == sees
+        for q in range(windows.n_trunk, width):  # off-trunk padding
+            for r in range(batch_size):
+                if r * width + q not in real:
+                    assert torch.nonzero(dense[r, 0, q]).flatten().tolist() == [q]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -465,3 +483,24 @@ def test_mask_key_codes_round_trip():
     keys = [(None, b""), (0, b""), (16383, b""), (5, b"\xe6"), (5, b"\xe6\x97"), (7, b"\xf0\x9f\x98"), (7, b"\x00")]
     codes = [mask_key_code(*k) for k in keys]
     assert len(set(codes)) == len(keys) and [_mask_key(c) for c in codes] == keys
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_attention_equals_attention_under_the_dense_mask(seed):
+    """`tree_attention` (trunk causal, off-trunk chunks over the trunk and a band) computes attention
+    under the mask the TreeMask stands for, on every position including padding."""
+    from hlm.models.blocks import TreeMask, tree_attention
+
+    g = torch.Generator().manual_seed(seed)
+    B, H, D, t, c, s, n = 2, 3, 8, 5, 4, 3 + seed, 3
+    width = t + n * c
+    keep = torch.rand(B * n, 1, c, t + s + c, generator=g) < 0.4
+    keep[:, 0, torch.arange(c), t + s + torch.arange(c)] = True  # every query sees itself
+    for chunk in range(n):
+        for j in range(s + c):
+            if chunk * c - s + j < 0:  # band keys before the first off-trunk position do not exist
+                keep.view(B, n, 1, c, -1)[:, chunk, 0, :, t + j] = False
+    tree = TreeMask(t, c, s, keep)
+    q, k, v = (torch.randn(B, H, width, D, generator=g, dtype=torch.float64) for _ in range(3))
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_of(tree, width))
+    assert torch.allclose(tree_attention(q, k, v, tree), expect, atol=1e-12, rtol=0)

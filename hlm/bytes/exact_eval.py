@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from hlm import LN2, HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
-from hlm.models.blocks import at_least_fp32
+from hlm.models.blocks import TreeMask, at_least_fp32
 from hlm.tokenizers import Tokenizer, round_trips
 
 
@@ -314,10 +314,17 @@ def _drop_first_byte(plan: DocPlan) -> DocPlan:
 @dataclass
 class _Windows:
     """Windows of the model's context over all nodes, as arrays in window order (a window's nodes
-    ascending, its first trunk node first), to move to the device once and slice per batch."""
+    ascending, its first trunk node first), to move to the device once and slice per batch. Each window
+    is one row of `n_trunk + n_off` positions for `TreeMask` attention: its trunk stretch in order, then
+    its off-trunk nodes (an ancestor before its descendants) in chunks of `chunk`."""
 
     start: np.ndarray  # [windows + 1] (host): window w holds entries start[w] : start[w + 1]
     chain: np.ndarray  # [windows] (host): the longest off-trunk chain above a node of the window
+    col: np.ndarray  # (host) position of each entry in its window's row
+    n_trunk: int  # trunk positions of a row (the longest trunk stretch, rounded up)
+    n_off: int  # off-trunk positions of a row (a multiple of chunk)
+    chunk: int
+    span: int  # how far (in off-trunk positions) a node's off-trunk ancestors may lie before its chunk
     node: torch.Tensor  # global node id
     token: torch.Tensor
     pos: torch.Tensor  # depth within the window
@@ -326,6 +333,13 @@ class _Windows:
 
     def to(self, device: torch.device) -> _Windows:
         return replace(self, **{k: getattr(self, k).to(device) for k in ("node", "token", "pos", "anchor_pos", "back")})
+
+
+TREE_CHUNK = 128  # off-trunk queries per attention chunk (fewer when no window has that many)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def _windows(flat: _Flat, block: int) -> _Windows:
@@ -351,8 +365,21 @@ def _windows(flat: _Flat, block: int) -> _Windows:
     height = flat.height[order]
     back = np.where(height > 1, np.arange(len(order)) - entry[flat.parent[order]], 0)
     chain = np.maximum.reduceat(height, start[:-1]) - 1 if len(count) else count
-    return _Windows(start, chain, *(torch.from_numpy(a) for a in (
-        order, flat.token[order], flat.depth[order] - base, flat.depth[flat.anchor[order]] - base, back)))
+    # rows: trunk entries at their depth in the window, off-trunk ones after the trunk in entry order
+    off = ~flat.on_trunk[order]
+    n_off = np.add.reduceat(off.astype(np.int64), start[:-1]) if len(count) else count
+    rank = np.cumsum(off) - 1 - np.repeat(np.cumsum(n_off) - n_off, count)  # among the window's off entries
+    top = np.arange(len(order))  # each entry's topmost off-trunk ancestor (itself on the trunk)
+    for _ in range(int(chain.max(initial=0))):
+        top = top - back[top]
+    chunk = min(TREE_CHUNK, _round_up(int(n_off.max(initial=1)), 16))
+    n_trunk = _round_up(int((count - n_off).max(initial=1)), 64)
+    pos = flat.depth[order] - base
+    return _Windows(start, chain, np.where(off, n_trunk + rank, pos), n_trunk,
+                    max(chunk, _round_up(int(n_off.max(initial=1)), chunk)), chunk,
+                    _round_up(int(np.max(np.where(off, rank - rank[top], 0), initial=0)), 16),
+                    *(torch.from_numpy(a) for a in (
+                        order, flat.token[order], pos, flat.depth[flat.anchor[order]] - base, back)))
 
 
 class _Flat:
@@ -538,13 +565,12 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     split["packing"] = 0.0
     sorted_lp = sorted_p = None
     forward = _ForwardTimer(device)
-    length = -(-int(np.diff(windows.start).max(initial=1)) // 128) * 128
     for i in range(0, n_windows, batch_size):
         t0 = time.perf_counter()
-        ids, pos, mask, rows, nodes = _pack(windows, i, min(i + batch_size, n_windows), batch_size, length)
+        ids, pos, tree, rows, nodes = _pack(windows, i, min(i + batch_size, n_windows), batch_size)
         split["packing"] += time.perf_counter() - t0
         with autocast, forward:
-            logits = model.logits(ids, attn_mask=mask, positions=pos)
+            logits = model.logits(ids, attn_mask=tree, positions=pos)
         logits = logits.flatten(0, 1)
         for c in range(0, len(rows), chunk_rows):
             g = nodes[c : c + chunk_rows]
@@ -655,36 +681,40 @@ def _invalid_masks(rules: ConversionRules, keys: np.ndarray, device: torch.devic
     return table, torch.from_numpy(key_row.reshape(-1).astype(np.int64)).to(device)
 
 
-def _pack(windows: _Windows, first: int, last: int, n_win: int, length: int):
-    """Token ids, positions, ancestor masks [n_win, 1, length, length] (built on the windows' device), the
-    flat rows (host) and global nodes (device) of the real positions of windows first..last-1. A node sees
-    the window's trunk up to its anchor plus its own short off-trunk chain, found by walking parents.
-    Every batch has the same shape (padding sees only itself): a new shape costs the attention kernel a
-    new plan, ~0.7 s on an H200, more than the padded work."""
+def _pack(windows: _Windows, first: int, last: int, n_win: int):
+    """Token ids and positions [n_win, n_trunk + n_off], the `TreeMask` (built on the windows' device),
+    the flat rows (host) and global nodes (device) of the real positions of windows first..last-1. An
+    off-trunk node sees the window's trunk up to its anchor plus its own short off-trunk chain, found by
+    walking parents. Every batch has the same shape (padding sees only itself): a new shape costs the
+    attention kernel a new plan, ~0.7 s on an H200, more than the padded work."""
     start = windows.start[first : last + 1]
     count = np.diff(start)
     a, b = int(start[0]), int(start[-1])
-    rows = torch.from_numpy(np.repeat(np.arange(len(count)) * length - (start[:-1] - a), count) + np.arange(b - a))
+    t, c, s, n_off = windows.n_trunk, windows.chunk, windows.span, windows.n_off
+    width = t + n_off
+    rows = torch.from_numpy(np.repeat(np.arange(len(count)) * width, count) + windows.col[a:b])
     device = windows.node.device
     r = rows.to(device)
-    pos, anchor_pos = windows.pos[a:b], windows.anchor_pos[a:b]
-    ids = torch.zeros(n_win * length, dtype=torch.int64, device=device).index_put_((r,), windows.token[a:b])
-    pos_all = torch.zeros(n_win * length, dtype=torch.int64, device=device).index_put_((r,), pos)
-    big = torch.iinfo(torch.int64).max
-    key = torch.full((n_win * length,), big, device=device).index_put_((r,), pos.masked_fill(pos != anchor_pos, big))
-    query = torch.full((n_win * length,), -1, device=device).index_put_((r,), anchor_pos)
-    mask = key.view(n_win, 1, length) <= query.view(n_win, length, 1)  # trunk keys up to the query's anchor
-    flat_mask = mask.view(-1)  # entry (w, q, k) at (w * length + q) * length + k
-    every = torch.arange(n_win * length, device=device)
-    flat_mask[every * length + every % length] = True
-    back = windows.back[a:b]
-    t = torch.arange(b - a, device=device)
-    own = r * length + r % length  # entry (q, q) of each node
-    up = t
-    for _ in range(int(windows.chain[first:last].max())):  # up the off-trunk chains; at a chain's top
-        up = up - back[up]  # `up` stays, marking an entry already True
-        flat_mask[own - (t - up)] = True
-    return ids.view(n_win, length), pos_all.view(n_win, length), mask.unsqueeze(1), rows, windows.node[a:b]
+    pos, anchor_pos, back = windows.pos[a:b], windows.anchor_pos[a:b], windows.back[a:b]
+    ids = torch.zeros(n_win * width, dtype=torch.int64, device=device).index_put_((r,), windows.token[a:b])
+    pos_all = torch.zeros(n_win * width, dtype=torch.int64, device=device).index_put_((r,), pos)
+    row_of = torch.from_numpy(np.repeat(np.arange(len(count)), count)).to(device)
+    slot = r - row_of * width - t  # position among the row's off-trunk entries (negative on the trunk)
+    e = torch.nonzero(slot >= 0).flatten()
+    w, o = row_of[e], slot[e]
+    anchor = torch.full((n_win, n_off), -1, dtype=torch.int64, device=device).index_put_((w, o), anchor_pos[e])
+    trunk_keep = torch.arange(t, device=device) <= anchor[:, :, None]  # trunk keys up to the query's anchor
+    band = torch.zeros(n_win, n_off, s + c, dtype=torch.bool, device=device)
+    every = torch.arange(n_off, device=device)
+    band[:, every, s + every % c] = True  # itself
+    base = s - o // c * c  # band key of off-trunk position p is base + p
+    up = e
+    for _ in range(int(windows.chain[first:last].max(initial=0))):  # up the off-trunk chains; at a chain's
+        up = up - back[up]  # top `up` stays, marking an entry already True
+        band[w, o, base + slot[up]] = True
+    keep = torch.cat([trunk_keep, band], dim=2).view(n_win * (n_off // c), 1, c, t + s + c)
+    tree = TreeMask(t, c, s, keep)
+    return ids.view(n_win, width), pos_all.view(n_win, width), tree, rows, windows.node[a:b]
 
 
 def _scatter_logsumexp(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
