@@ -5,7 +5,9 @@ recursion would query is known before the model runs (`plan_document`, no model)
 form a token tree around the canonical encoding (the trunk). `exact_bpb` packs them into
 windows of the model's context (trunk tokens plus the off-trunk nodes hanging from them, each
 node attending to its ancestors, position = depth) and scores them with one forward per batch
-of windows through `GPT.logits(ids, attn_mask=..., positions=...)`. Every next-byte term is
+of windows through `GPT.logits(ids, attn_mask=TreeMask(...), positions=...)`: each window's trunk
+runs as plain causal attention, its off-trunk nodes in chunks over the trunk and a short band of
+keys (`hlm.models.blocks.tree_attention`). Every next-byte term is
 then a range sum over the sorted vocabulary (fp64 prefix sums of the masked next-token
 probabilities), combined per byte with a scatter logsumexp. The same pass gives the canonical
 token NLL on the same windows, so bpb_canon and bpb_conv differ only by the conversion.
