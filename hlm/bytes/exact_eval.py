@@ -374,13 +374,13 @@ def _windows(flat: _Flat, block: int) -> _Windows:
     top = np.arange(len(order))  # each entry's topmost off-trunk ancestor (itself on the trunk)
     for _ in range(int(chain.max(initial=0))):
         top = top - back[top]
-    chunk = min(TREE_CHUNK, _round_up(int(n_off.max(initial=1)), 16))
+    most_off = int(n_off.max(initial=1))
+    chunk = min(TREE_CHUNK, _round_up(most_off, 16))
     n_trunk = _round_up(int((count - n_off).max(initial=1)), 64)
+    span = _round_up(int(np.max(np.where(off, rank - rank[top], 0), initial=0)), 16)
     pos = flat.depth[order] - base
-    return _Windows(start, chain, np.where(off, n_trunk + rank, pos), n_trunk,
-                    max(chunk, _round_up(int(n_off.max(initial=1)), chunk)), chunk,
-                    _round_up(int(np.max(np.where(off, rank - rank[top], 0), initial=0)), 16),
-                    *(torch.from_numpy(a) for a in (
+    return _Windows(start, chain, np.where(off, n_trunk + rank, pos), n_trunk, _round_up(most_off, chunk), chunk,
+                    span, *(torch.from_numpy(a) for a in (
                         order, flat.token[order], pos, flat.depth[flat.anchor[order]] - base, back)))
 
 
