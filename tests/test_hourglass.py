@@ -296,6 +296,21 @@ def test_compiled_flex_path_matches_sdpa(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_flex_tile_sizes_apply_only_where_measured(monkeypatch):
+    """The tuned tiles are for sm90 at head dim 64 (their sweep); other GPUs, head dims and the CPU
+    keep inductor's defaults, and the tiles divide the 128-position block mask as flex requires."""
+    import hlm.models.blocks as blocks
+
+    assert blocks.flex_kernel_options(torch.device("cpu"), 64) == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    tuned = blocks.flex_kernel_options(torch.device("cuda"), 64)
+    assert tuned == blocks.FLEX_SM90_HEAD64 and tuned is not blocks.FLEX_SM90_HEAD64
+    assert all(blocks.FLEX_BLOCK % v == 0 for k, v in tuned.items() if "BLOCK" in k)
+    assert blocks.flex_kernel_options(torch.device("cuda"), 128) == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert blocks.flex_kernel_options(torch.device("cuda"), 64) == {}
+
+
 def test_windowed_transformer_kv_cache_matches_full_forward():
     torch.manual_seed(9)
     stack = Transformer(2, 16, 2, 32, window=5).double()
