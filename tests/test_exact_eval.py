@@ -61,34 +61,6 @@ def test_batched_tree_pass_equals_sequential(sp_bpe):
     assert all(d["nll_conv"] <= d["nll_canon"] + 1e-9 for d in small["per_doc"])  # many windows per document
 
 
-def test_parts_score_like_one_pass(sp_bpe):
-    """Planning and scoring in groups of documents (a GPU run scores one while the workers plan the next)
-    gives the numbers of one pass: a segment is planned once, with the group where it first appears, and
-    later groups reuse the row layout of earlier ones, padded where they need less."""
-    from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.exact_eval import _Flat, _windows, plan_parts
-
-    model = tiny_gpt(sp_bpe.vocab_size, block=16)
-    docs = DOCS + [b"the cat and the cat", b"\xff bad utf-8", b" the dog", b"and the cat again, the end"]
-    one = exact_bpb(model, sp_bpe, docs, start_id=sp_bpe.eos_id, batch_size=2)
-    four = exact_bpb(model, sp_bpe, docs, start_id=sp_bpe.eos_id, batch_size=2, workers=2, parts=4)
-    assert four["docs_skipped"] == one["docs_skipped"] == 1 and four["nodes"] == one["nodes"]
-    assert four["planning"]["texts"] == one["planning"]["texts"]
-    for a, b in zip(one["per_doc"], four["per_doc"], strict=True):
-        assert torch.allclose(a["per_byte_nll"], b["per_byte_nll"], atol=1e-12, rtol=0)
-        assert abs(a["nll_canon"] - b["nll_canon"]) < 1e-12
-    assert abs(four["bpb_conv"] - one["bpb_conv"]) < 1e-12 and abs(four["bpb_canon"] - one["bpb_canon"]) < 1e-12
-    groups = list(plan_parts(docs, ConversionRules(sp_bpe), sp_bpe.eos_id, workers=2, parts=4))
-    assert len(groups) == 4 and [d for _, kept in groups for d in kept] == [0, 1, 2, 3, 5, 6]
-    shape: dict = {}
-    wide = _windows(_Flat(groups[0][0]), 16, shape)
-    narrow = _windows(_Flat(groups[-1][0][:1]), 16, shape)
-    def layout(w):
-        return w.n_trunk, w.n_off, w.chunk, w.span
-
-    assert layout(narrow) == layout(wide)
-
-
 def test_dummy_prefix_tokenizer():
     """A sentencepiece model that adds a leading '▁': the text is scored after that space, exactly."""
     import io

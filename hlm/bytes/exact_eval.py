@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -263,71 +262,44 @@ def _plan_chunk(texts: list[bytes]) -> tuple[_PlanTable, float]:
     return _PlanTable.of(plans), time.perf_counter() - t0
 
 
-def plan_parts(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1, segment: bool = True,
-               parts: int = 1, stats: dict | None = None) -> Iterator[tuple[list[DocPlan], list[int]]]:
-    """Plans of the documents that round-trip and can be tracked, and their indices in `docs`, in `parts`
-    groups of consecutive documents (about equal bytes), each yielded as soon as it is planned, while the
-    workers go on with the next: the caller can score one group on the device while the next is planned.
-
-    With `segment` (sentencepiece BPE), documents are cut at every `segment_points` position and each
-    distinct segment (mostly a word with its leading space) is planned once: text repeats words, so this
-    plans a fraction of the bytes. A segment is planned with the group where it first appears, so a group
-    needs only its own and earlier groups' plans. `stats` receives the number of distinct texts planned,
-    the number of chunks sent to the workers, and the sum and maximum of the chunks' seconds."""
-    dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
-    distinct: dict[bytes, int] = {}
-    layouts, seen = [], []  # per document: its segments' ids, and how many distinct texts exist after it
-    for x in docs:
-        cuts = [0] + (segment_points(x, rules) if segment else []) + [len(x)]
-        layouts.append(np.array([distinct.setdefault(dummy + x[a:b], len(distinct))
-                                 for a, b in zip(cuts[:-1], cuts[1:], strict=True)], dtype=np.int64))
-        seen.append(len(distinct))
-    texts = list(distinct)
-    _WORKER.update(rules=rules, start_id=start_id, dummy=dummy)
-    size = max(1, -(-len(texts) // (8 * workers))) if workers > 1 else max(1, len(texts))
-    doc_bytes = np.cumsum([len(x) for x in docs])
-    cut = np.searchsorted(doc_bytes, doc_bytes[-1] * np.arange(1, parts) / parts, side="right") if docs else []
-    bounds = sorted({0, len(docs), *map(int, cut)})
-    part_chunks = []  # the distinct texts that first appear in each group, in chunks
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        lo, hi = (seen[a - 1] if a else 0), seen[b - 1]
-        part_chunks.append([texts[i : min(i + size, hi)] for i in range(lo, hi, size)])
-    chunk_s: list[float] = []
-    pool = None
-    if workers > 1 and len(texts) > size:
-        one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
-        pool = multiprocessing.get_context("fork").Pool(workers, **one_thread)
-    try:
-        pending = [pool.map_async(_plan_chunk, c) for c in part_chunks] if pool else None
-        tables: list[_PlanTable] = []
-        for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            results = pending[p].get() if pool else [_plan_chunk(c) for c in part_chunks[p]]
-            tables += [t for t, _ in results]
-            chunk_s += [sec for _, sec in results]
-            if p == len(bounds) - 2 and stats is not None:
-                stats.update(texts=len(texts), text_bytes=sum(map(len, texts)), chunks=len(chunk_s),
-                             chunk_seconds_sum=sum(chunk_s), chunk_seconds_max=max(chunk_s, default=0.0))
-            table = _PlanTable.join(tables) if len(tables) != 1 else tables[0]
-            plans, kept = [], []
-            for d in range(a, b):
-                plan = table.assemble(layouts[d])
-                if plan is not None:
-                    plans.append(_drop_first_byte(plan) if dummy else plan)
-                    kept.append(d)
-            yield plans, kept
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
 def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, workers: int = 1,
                    segment: bool = True, stats: dict | None = None) -> tuple[list[DocPlan], list[int]]:
-    """All of `plan_parts` at once: the plans of the documents that round-trip and can be tracked, and their
-    indices in `docs`."""
+    """Plans of the documents that round-trip and can be tracked, and their indices in `docs`.
+    With `segment` (sentencepiece BPE), documents are cut at every `segment_points` position and each
+    distinct segment (mostly a word with its leading space) is planned once: text repeats words, so this
+    plans a fraction of the bytes. `stats` receives the number of distinct texts planned, the number of
+    chunks sent to the workers, and the sum and maximum of the chunks' seconds."""
+    dummy = b" " if getattr(rules.tok, "add_dummy_prefix", False) else b""
+    distinct: dict[bytes, int] = {}
+    layouts: dict[int, np.ndarray] = {}
+    for d, x in enumerate(docs):
+        cuts = [0] + (segment_points(x, rules) if segment else []) + [len(x)]
+        layouts[d] = np.array([distinct.setdefault(dummy + x[a:b], len(distinct))
+                               for a, b in zip(cuts[:-1], cuts[1:], strict=True)], dtype=np.int64)
+    texts = list(distinct)
+    _WORKER.update(rules=rules, start_id=start_id, dummy=dummy)
+    n_chunks = max(1, min(len(texts), 8 * workers)) if workers > 1 else 1
+    size = -(-len(texts) // n_chunks) if texts else 1
+    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+    if workers > 1 and len(chunks) > 1:
+        one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
+        with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
+            results = pool.map(_plan_chunk, chunks)
+    else:
+        results = [_plan_chunk(c) for c in chunks]
+    if stats is not None:
+        chunk_s = [s for _, s in results]
+        stats.update(texts=len(texts), text_bytes=sum(map(len, texts)), chunks=len(chunk_s),
+                     chunk_seconds_sum=sum(chunk_s), chunk_seconds_max=max(chunk_s, default=0.0))
     plans, kept = [], []
-    for part_plans, part_kept in plan_parts(docs, rules, start_id, workers, segment, 1, stats):
-        plans += part_plans
-        kept += part_kept
+    if not results:
+        return plans, kept
+    table = _PlanTable.join([t for t, _ in results])
+    for d, seq in layouts.items():
+        plan = table.assemble(seq)
+        if plan is not None:
+            plans.append(_drop_first_byte(plan) if dummy else plan)
+            kept.append(d)
     return plans, kept
 
 
@@ -366,7 +338,6 @@ class _Windows:
         return replace(self, **{k: getattr(self, k).to(device) for k in ("node", "token", "pos", "anchor_pos", "back")})
 
 
-PARTS = 8  # groups of documents on a GPU: each is scored while the workers plan the next
 TREE_CHUNK = 128  # off-trunk queries per attention chunk (fewer when no window has that many)
 
 
@@ -374,11 +345,9 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def _windows(flat: _Flat, block: int, shape: dict | None = None) -> _Windows:
+def _windows(flat: _Flat, block: int) -> _Windows:
     """Split each document's nodes into windows of at most `block` positions: stretches of the trunk
-    with the off-trunk nodes that hang from them (a node goes with its anchor). `shape` (n_trunk, n_off,
-    chunk, span) is a floor on the row layout, raised to what these windows need: passes that share it
-    run one batch shape, so the attention kernels are planned once."""
+    with the off-trunk nodes that hang from them (a node goes with its anchor)."""
     sizes = np.diff(np.append(flat.offset, flat.n_nodes)).astype(np.int64)
     spill = np.maximum.reduceat(flat.height, flat.offset) if len(sizes) else sizes
     stride = block - spill
@@ -406,16 +375,13 @@ def _windows(flat: _Flat, block: int, shape: dict | None = None) -> _Windows:
     top = np.arange(len(order))  # each entry's topmost off-trunk ancestor (itself on the trunk)
     for _ in range(int(chain.max(initial=0))):
         top = top - back[top]
-    shape = {} if shape is None else shape
     most_off = int(n_off.max(initial=1))
-    chunk = max(min(TREE_CHUNK, _round_up(most_off, 16)), shape.get("chunk", 0))
-    shape.update(chunk=chunk, n_off=_round_up(max(most_off, shape.get("n_off", 0)), chunk),
-                 n_trunk=max(_round_up(int((count - n_off).max(initial=1)), 64), shape.get("n_trunk", 0)),
-                 span=max(_round_up(int(np.max(np.where(off, rank - rank[top], 0), initial=0)), 16),
-                          shape.get("span", 0)))
+    chunk = min(TREE_CHUNK, _round_up(most_off, 16))
+    n_trunk = _round_up(int((count - n_off).max(initial=1)), 64)
+    span = _round_up(int(np.max(np.where(off, rank - rank[top], 0), initial=0)), 16)
     pos = flat.depth[order] - base
-    return _Windows(start, chain, np.where(off, shape["n_trunk"] + rank, pos), shape["n_trunk"], shape["n_off"],
-                    chunk, shape["span"], *(torch.from_numpy(a) for a in (
+    return _Windows(start, chain, np.where(off, n_trunk + rank, pos), n_trunk, _round_up(most_off, chunk), chunk,
+                    span, *(torch.from_numpy(a) for a in (
                         order, flat.token[order], pos, flat.depth[flat.anchor[order]] - base, back)))
 
 
@@ -505,39 +471,23 @@ def _select(csr: tuple[np.ndarray, np.ndarray, np.ndarray], nodes: np.ndarray) -
 def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
               device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int | None = None,
               autocast: contextlib.AbstractContextManager | None = None, workers: int = 1,
-              segment: bool = True, parts: int | None = None) -> dict:
+              segment: bool = True) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
-    round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted.
-    Documents are planned and scored in `parts` groups (default: `PARTS` on a GPU, else 1), each queued on
-    the device while the workers plan the next; one pass over all of them runs one batch shape."""
+    round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
     t0 = time.perf_counter()
     rules = ConversionRules(tok)
-    split = {"rules": time.perf_counter() - t0, "planning": 0.0, "flattening": 0.0}
+    split = {"rules": time.perf_counter() - t0}
+    t1 = time.perf_counter()
     info: dict = {"planning": {}}
-    device = torch.device(device)
-    forward, shape, done, kept = _ForwardTimer(device), {}, [], []
-    parts = parts or (PARTS if device.type == "cuda" else 1)
+    plans, kept = plan_documents(docs, rules, start_id, workers, segment, stats=info["planning"])
+    skipped = len(docs) - len(kept)
+    split["planning"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    for plans, part_kept in plan_parts(docs, rules, start_id, workers, segment, parts, info["planning"]):
-        split["planning"] += time.perf_counter() - t1  # waiting for the workers
-        kept += part_kept
-        if plans:
-            t1 = time.perf_counter()
-            flat = _Flat(plans)
-            split["flattening"] += time.perf_counter() - t1
-            scores = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast, split=split, info=info,
-                                forward=forward, shape=shape)  # queued on the device while the next part is planned
-            done.append((plans, flat, scores))
-        t1 = time.perf_counter()
-    split["planning"] += time.perf_counter() - t1
-    info["forward_seconds"] = forward.seconds()
-    t1 = time.perf_counter()
-    out = _combine([(plans, flat, *(x.cpu() for x in scores[:3])) for plans, flat, scores in done])
-    split["combining"] = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
-    split["model_and_scoring"] = seconds - sum(split.values())
-    return out | info | {"docs_skipped": len(docs) - len(kept), "seconds": seconds, "seconds_split": split,
-                         "bytes_per_s": out["bytes"] / max(seconds, 1e-9)}
+    flat = _Flat(plans)
+    split["flattening"] = time.perf_counter() - t1
+    point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast,
+                                               split=split, info=info)
+    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, time.perf_counter() - t0) | info
 
 
 @torch.no_grad()
@@ -552,8 +502,8 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
     rules = ConversionRules(tok)
     plans, keep = plan_documents(docs, rules, start_id, workers)
     flat = _Flat(plans)
-    scores = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast, full=True)
-    point_lp, eos_lp, _, bins_lp = (x.cpu() for x in scores)
+    point_lp, eos_lp, _, bins_lp = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast,
+                                              full=True)
     logq = _log_prefix_probs(flat, point_lp)
     scores = torch.full((flat.n_pos, 257), float("-inf"), dtype=torch.float64)
     values = logq[flat.q_node[flat.den_q]][:, None] + bins_lp
@@ -575,13 +525,12 @@ def exact_prefix_logprobs(model: torch.nn.Module, tok: Tokenizer, docs: list[byt
 
 @torch.no_grad()
 def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: int, chunk_rows: int | None, autocast,
-               full: bool = False, split: dict | None = None, info: dict | None = None,
-               forward: _ForwardTimer | None = None, shape: dict | None = None):
-    """Score every node; returns, on the device and without waiting for it, (log q(token | parent) per node,
-    log q(EOS | node) per node, log of each range query's mass, and with `full` the 256 next-byte bins of each
-    normaliser query). `split` adds up the seconds of its host phases: validity masks, windows, and packing
-    (on a GPU: queuing its kernels); `info` the number of windows and batches; `forward` times the model's
-    forward passes; `shape` is the row layout floor that `_windows` shares between passes."""
+               full: bool = False, split: dict | None = None, info: dict | None = None):
+    """Score every node; returns (log q(token | parent) per node, log q(EOS | node) per node,
+    log of each range query's mass, and with `full` the 256 next-byte bins of each normaliser query).
+    `split` receives the seconds of its host phases: validity masks, windows, and packing (on a GPU: queuing
+    its kernels); `info` the device time of the model's forward passes (`forward_seconds`, CUDA events on a
+    GPU) and the number of windows and batches."""
     split = {} if split is None else split
     t0 = time.perf_counter()
     if not hasattr(model, "logits") or not hasattr(getattr(model, "cfg", None), "block_size"):
@@ -592,7 +541,7 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     chunk_rows = chunk_rows or (8192 if device.type == "cuda" else 2048)  # rows per vocabulary-wide scoring step
     perm = rules.index.perm.to(device)
     invalid, key_row = _invalid_masks(rules, flat.key, device)
-    split["masks"] = split.get("masks", 0.0) + time.perf_counter() - t0
+    split["masks"] = time.perf_counter() - t0
     q_lo, q_hi = flat.q_lo.to(device), flat.q_hi.to(device)
     range_lp = torch.full((len(flat.q_node),), float("-inf"), dtype=torch.float64, device=device)
     point_lp = torch.zeros(flat.n_nodes, dtype=torch.float64, device=device)
@@ -605,13 +554,13 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
         den_of_query[flat.den_q.numpy()] = np.arange(len(flat.den_q))
         bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
     t0 = time.perf_counter()
-    on_host = _windows(flat, model.cfg.block_size, shape)
+    on_host = _windows(flat, model.cfg.block_size)
     windows = on_host.to(device)
     n_windows = len(windows.start) - 1
-    split["windows"] = split.get("windows", 0.0) + time.perf_counter() - t0
-    split.setdefault("packing", 0.0)
+    split["windows"] = time.perf_counter() - t0
+    split["packing"] = 0.0
     sorted_lp = sorted_p = None
-    forward = forward or _ForwardTimer(device)
+    forward = _ForwardTimer(device)
     for i in range(0, n_windows, batch_size):
         t0 = time.perf_counter()
         ids, pos, tree, rows, nodes = _pack(windows, i, min(i + batch_size, n_windows), batch_size)
@@ -649,10 +598,11 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
                 edges = _prefix_sum(csum, j_has[:, None], bounds[which[dq_d]])
                 bins_lp[dq_d] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
             point_lp[kid_d] = lp[parent_row_d, kid_token].double()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     if info is not None:
-        info["windows"] = info.get("windows", 0) + n_windows
-        info["batches"] = info.get("batches", 0) + -(-n_windows // batch_size)
-    return point_lp, eos_lp, range_lp, bins_lp
+        info.update(forward_seconds=forward.seconds(), windows=n_windows, batches=-(-n_windows // batch_size))
+    return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
 
 
 def _to(device: torch.device, a: np.ndarray) -> torch.Tensor:
@@ -793,30 +743,27 @@ def _log_prefix_probs(flat: _Flat, point_lp: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(logq)
 
 
-def _combine(parts: list[tuple[list[DocPlan], _Flat, torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
-    """bpb_canon and bpb_conv over parts scored apart: (plans, flat, point_lp, eos_lp, range_lp) each."""
-    per_doc, nll_canon, nll_conv, n_bytes = [], 0.0, 0.0, 0
-    for plans, flat, point_lp, eos_lp, range_lp in parts:
-        logq = _log_prefix_probs(flat, point_lp)
-        num = _scatter_logsumexp(torch.cat([flat.num_pos, flat.end_pos]),
-                                 torch.cat([logq[flat.q_node[flat.num_q]] + range_lp[flat.num_q],
-                                            logq[flat.end_node] + eos_lp[flat.end_node]]), flat.n_pos)
-        den = _scatter_logsumexp(torch.cat([flat.den_pos, flat.eos_pos]),
-                                 torch.cat([logq[flat.q_node[flat.den_q]] + range_lp[flat.den_q],
-                                            logq[flat.eos_node] + eos_lp[flat.eos_node]]), flat.n_pos)
-        per_byte = den - num
-        canon = -(logq[flat.trunk_end] + eos_lp[flat.trunk_end])
-        start = 0
-        for d, plan in enumerate(plans):
-            doc_bytes = per_byte[start : start + plan.n_bytes + 1]
-            per_doc.append({"bytes": plan.n_bytes, "nll_canon": float(canon[d]), "nll_conv": float(doc_bytes.sum()),
-                            "per_byte_nll": doc_bytes})
-            start += plan.n_bytes + 1
-        nll_canon += float(canon.sum())
-        nll_conv += float(per_byte.sum())
-        n_bytes += flat.n_pos
-    bpb_canon = nll_canon / (LN2 * max(n_bytes, 1))
-    bpb_conv = nll_conv / (LN2 * max(n_bytes, 1))
+def _combine(plans, flat: _Flat, point_lp, eos_lp, range_lp, skipped, split: dict, seconds) -> dict:
+    logq = _log_prefix_probs(flat, point_lp)
+    num = _scatter_logsumexp(torch.cat([flat.num_pos, flat.end_pos]),
+                             torch.cat([logq[flat.q_node[flat.num_q]] + range_lp[flat.num_q],
+                                        logq[flat.end_node] + eos_lp[flat.end_node]]), flat.n_pos)
+    den = _scatter_logsumexp(torch.cat([flat.den_pos, flat.eos_pos]),
+                             torch.cat([logq[flat.q_node[flat.den_q]] + range_lp[flat.den_q],
+                                        logq[flat.eos_node] + eos_lp[flat.eos_node]]), flat.n_pos)
+    per_byte = den - num
+    canon = -(logq[flat.trunk_end] + eos_lp[flat.trunk_end])
+    per_doc, start = [], 0
+    for d, plan in enumerate(plans):
+        doc_bytes = per_byte[start : start + plan.n_bytes + 1]
+        per_doc.append({"bytes": plan.n_bytes, "nll_canon": float(canon[d]), "nll_conv": float(doc_bytes.sum()),
+                        "per_byte_nll": doc_bytes})
+        start += plan.n_bytes + 1
+    n_bytes = flat.n_pos
+    bpb_canon = float(canon.sum()) / (LN2 * max(n_bytes, 1))
+    bpb_conv = float(per_byte.sum()) / (LN2 * max(n_bytes, 1))
     return {"bpb_canon": bpb_canon, "bpb_conv": bpb_conv, "bpb_gap": bpb_canon - bpb_conv, "bytes": n_bytes,
-            "docs": len(per_doc), "nodes": sum(flat.n_nodes for _, flat, *_ in parts),
-            "tokens": sum(len(p.trunk) for plans, *_ in parts for p in plans), "per_doc": per_doc}
+            "docs": len(plans), "docs_skipped": skipped, "nodes": flat.n_nodes,
+            "tokens": sum(len(p.trunk) for p in plans), "seconds": seconds,
+            "seconds_split": {**split, "model_and_scoring": seconds - sum(split.values())},
+            "bytes_per_s": n_bytes / max(seconds, 1e-9), "per_doc": per_doc}
