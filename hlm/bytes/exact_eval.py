@@ -25,7 +25,6 @@ import contextlib
 import multiprocessing
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 
 import numpy as np
 import torch
@@ -434,9 +433,12 @@ class _Flat:
         self.on_trunk[self.trunk] = True
         self.anchor = _anchors(self.parent, self.on_trunk)
         self.height = self.depth - self.depth[self.anchor]
-        self.by_node = _csr(self.q_node.numpy(), n_nodes)  # queries of each node
-        self.kids = np.flatnonzero(self.parent >= 0)
-        self.by_parent = _csr(self.parent[self.kids], n_nodes)  # children of each node (indices into kids)
+        parent = torch.from_numpy(self.parent)
+        self.child_token = torch.from_numpy(self.token)
+        self.by_node = _csr(self.q_node, n_nodes)  # queries of each node
+        self.kids = torch.nonzero(parent >= 0).flatten()
+        self.kid_parent = parent[self.kids]
+        self.by_parent = _csr(self.kid_parent, n_nodes)  # children of each node
 
 
 def _anchors(parent: np.ndarray, on_trunk: np.ndarray) -> np.ndarray:
@@ -450,21 +452,21 @@ def _anchors(parent: np.ndarray, on_trunk: np.ndarray) -> np.ndarray:
         hop = up
 
 
-def _csr(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _csr(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, start, count): the items with key k are order[start[k] : start[k] + count[k]]."""
-    order = np.argsort(keys, kind="stable")  # timsort: keys come nearly sorted
-    count = np.bincount(keys, minlength=n)
-    return order, np.cumsum(count) - count, count
+    order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))  # timsort: keys come nearly sorted
+    count = torch.bincount(keys, minlength=n)
+    start = torch.cumsum(count, 0) - count
+    return order, start, count
 
 
-def _select(csr: tuple[np.ndarray, np.ndarray, np.ndarray], nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The items of every node in `nodes`, and the index in `nodes` each belongs to. On the host, so that the
-    tree pass never waits for the device to learn how many there are."""
+def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.Tensor) -> torch.Tensor:
+    """Indices of the items of every node in `nodes` (all tensors on one device)."""
     order, start, count = csr
     lens = count[nodes]
-    owner = np.repeat(np.arange(len(nodes)), lens)
-    first = np.repeat(start[nodes] - (np.cumsum(lens) - lens), lens)
-    return order[first + np.arange(len(owner))], owner
+    total = int(lens.sum())
+    first = torch.repeat_interleave(start[nodes] - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+    return order[first + torch.arange(total, device=nodes.device)]
 
 
 @torch.no_grad()
@@ -542,20 +544,24 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     perm = rules.index.perm.to(device)
     invalid, key_row = _invalid_masks(rules, flat.key, device)
     split["masks"] = time.perf_counter() - t0
-    q_lo, q_hi = flat.q_lo.to(device), flat.q_hi.to(device)
+    q_node, q_lo, q_hi = flat.q_node.to(device), flat.q_lo.to(device), flat.q_hi.to(device)
+    by_node = tuple(x.to(device) for x in flat.by_node)
+    by_parent = tuple(x.to(device) for x in flat.by_parent)
+    kids_all, kid_parent, child_token = flat.kids.to(device), flat.kid_parent.to(device), flat.child_token.to(device)
     range_lp = torch.full((len(flat.q_node),), float("-inf"), dtype=torch.float64, device=device)
     point_lp = torch.zeros(flat.n_nodes, dtype=torch.float64, device=device)
     eos_lp = torch.full((flat.n_nodes,), float("-inf"), dtype=torch.float64, device=device)
+    row_of = torch.full((flat.n_nodes,), -1, dtype=torch.int64, device=device)
     bins_lp = bounds = den_of_query = None
     if full:
         table, which = _next_byte_bounds(rules.index, flat)
         bounds, which = table.to(device), which.to(device)
-        den_of_query = np.full(len(flat.q_node), -1, dtype=np.int64)
-        den_of_query[flat.den_q.numpy()] = np.arange(len(flat.den_q))
+        den_of_query = torch.full((len(flat.q_node),), -1, dtype=torch.int64)
+        den_of_query[flat.den_q] = torch.arange(len(flat.den_q))
+        den_of_query = den_of_query.to(device)
         bins_lp = torch.full((len(flat.den_q), 256), float("-inf"), dtype=torch.float64, device=device)
     t0 = time.perf_counter()
-    on_host = _windows(flat, model.cfg.block_size)
-    windows = on_host.to(device)
+    windows = _windows(flat, model.cfg.block_size).to(device)
     n_windows = len(windows.start) - 1
     split["windows"] = time.perf_counter() - t0
     split["packing"] = 0.0
@@ -568,13 +574,11 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
         with autocast, forward:
             logits = model.logits(ids, attn_mask=tree, positions=pos)
         logits = logits.flatten(0, 1)
-        batch_nodes = on_host.node[windows.start[i] : windows.start[min(i + batch_size, n_windows)]].numpy()
         for c in range(0, len(rows), chunk_rows):
             g = nodes[c : c + chunk_rows]
             span = rows[c : c + chunk_rows]
             first, last = int(span[0]), int(span[-1])
-            contiguous = last - first == len(span) - 1
-            out = logits[first : last + 1] if contiguous else logits[_to(device, span.numpy())]  # no copy
+            out = logits[first : last + 1] if last - first == len(span) - 1 else logits[span.to(device)]  # no copy
             lp = F.log_softmax(at_least_fp32(out), dim=-1)
             lp = lp[:, : tok.vocab_size]
             if sorted_lp is None or len(sorted_lp) < len(g):  # reused buffers: one chunk of the sorted vocab
@@ -582,33 +586,26 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
                 sorted_p = torch.empty(len(g), len(perm), dtype=torch.float64, device=device)
             probs = torch.index_select(lp, 1, perm, out=sorted_lp[: len(g)]).exp_().masked_fill_(invalid[key_row[g]], 0)
             csum = torch.cumsum(probs, 1, dtype=torch.float64, out=sorted_p[: len(g)])  # fp64: ranges are differences
+            row_of[g] = torch.arange(len(g), device=device)
             if tok.eos_id is not None:
                 eos_lp[g] = lp[:, tok.eos_id].double()
-            sel, j = _select(flat.by_node, batch_nodes[c : c + chunk_rows])  # queries of these nodes, and their rows
-            kid, parent_row = _select(flat.by_parent, batch_nodes[c : c + chunk_rows])  # children, their parent's row
-            kid = flat.kids[kid]
-            sel_d, j_d, kid_d, parent_row_d, kid_token = map(partial(_to, device),
-                                                             (sel, j, kid, parent_row, flat.token[kid]))
-            mass = _prefix_sum(csum, j_d, q_hi[sel_d]) - _prefix_sum(csum, j_d, q_lo[sel_d])
-            range_lp[sel_d] = mass.clamp_min(1e-300).log()
+            sel = _select(by_node, g)
+            j = row_of[q_node[sel]]
+            range_lp[sel] = (_prefix_sum(csum, j, q_hi[sel]) - _prefix_sum(csum, j, q_lo[sel])).clamp_min(1e-300).log()
             if full:
                 dq = den_of_query[sel]
                 has = dq >= 0
-                dq_d, j_has = _to(device, dq[has]), _to(device, j[has])
-                edges = _prefix_sum(csum, j_has[:, None], bounds[which[dq_d]])
-                bins_lp[dq_d] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
-            point_lp[kid_d] = lp[parent_row_d, kid_token].double()
+                edges = _prefix_sum(csum, j[has, None], bounds[which[dq[has]]])
+                bins_lp[dq[has]] = (edges[:, 1:] - edges[:, :-1]).clamp_min(0).log()
+            k = _select(by_parent, g)
+            kids = kids_all[k]
+            point_lp[kids] = lp[row_of[kid_parent[k]], child_token[kids]].double()
+            row_of[g] = -1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if info is not None:
         info.update(forward_seconds=forward.seconds(), windows=n_windows, batches=-(-n_windows // batch_size))
     return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
-
-
-def _to(device: torch.device, a: np.ndarray) -> torch.Tensor:
-    """A host index array on the device without waiting for the device: a blocking copy would first
-    synchronise the stream (pageable memory is staged before the call returns, so the array may go)."""
-    return torch.from_numpy(a).to(device, non_blocking=True)
 
 
 class _ForwardTimer:
@@ -697,16 +694,16 @@ def _pack(windows: _Windows, first: int, last: int, n_win: int):
     a, b = int(start[0]), int(start[-1])
     t, c, s, n_off = windows.n_trunk, windows.chunk, windows.span, windows.n_off
     width = t + n_off
-    row_of = np.repeat(np.arange(len(count)), count)
-    rows = torch.from_numpy(row_of * width + windows.col[a:b])
+    rows = torch.from_numpy(np.repeat(np.arange(len(count)) * width, count) + windows.col[a:b])
     device = windows.node.device
-    r = _to(device, rows.numpy())
+    r = rows.to(device)
     pos, anchor_pos, back = windows.pos[a:b], windows.anchor_pos[a:b], windows.back[a:b]
     ids = torch.zeros(n_win * width, dtype=torch.int64, device=device).index_put_((r,), windows.token[a:b])
     pos_all = torch.zeros(n_win * width, dtype=torch.int64, device=device).index_put_((r,), pos)
-    slot = windows.col[a:b] - t  # position among the row's off-trunk entries (negative on the trunk)
-    e = np.flatnonzero(slot >= 0)
-    w, o, e, slot = (_to(device, x) for x in (row_of[e], slot[e], e, slot))
+    row_of = torch.from_numpy(np.repeat(np.arange(len(count)), count)).to(device)
+    slot = r - row_of * width - t  # position among the row's off-trunk entries (negative on the trunk)
+    e = torch.nonzero(slot >= 0).flatten()
+    w, o = row_of[e], slot[e]
     anchor = torch.full((n_win, n_off), -1, dtype=torch.int64, device=device).index_put_((w, o), anchor_pos[e])
     trunk_keep = torch.arange(t, device=device) <= anchor[:, :, None]  # trunk keys up to the query's anchor
     band = torch.zeros(n_win, n_off, s + c, dtype=torch.bool, device=device)
