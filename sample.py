@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         elif tokenized:
             pieces = sample_prompt_boundary(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen)
         else:
-            ids = torch.tensor([[ckpt["data_meta"]["separator_id"]] + list(prompt)], device=args.device)
+            separator = ckpt["data_meta"]["separator_id"]
+            ids = torch.tensor([[separator] + list(prompt)], device=args.device)
             stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen)
-            ids_out = (int(nxt) for nxt in stream)  # an id past the bytes (a FIM sentinel) ends the sample
-            pieces = (bytes([i]) for i in itertools.takewhile(lambda i: i < 256, ids_out))
+            ids_out = (int(nxt) for nxt in stream)  # the separator (end of document) or a FIM sentinel ends it
+            pieces = (bytes([i]) for i in itertools.takewhile(lambda i: i < 256 and i != separator, ids_out))
         t0, written = time.perf_counter(), 0
         for piece in pieces:
             out.write(piece)

@@ -172,7 +172,8 @@ def config_from_dict(raw: dict) -> Config:
 
 CHOICES = {"train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf16", "fp32"),
            "train.device": ("auto", "cpu", "cuda"),
-           "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")}
+           "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+           "train.parallel": ("ddp", "fsdp")}
 AT_LEAST_ONE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_interval", "log.interval",
                 "eval.batches")
 

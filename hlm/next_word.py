@@ -57,8 +57,10 @@ def next_word_accuracy(model: torch.nn.Module, ids: torch.Tensor, block: int, ba
         for i in range(0, len(group), batch_size):
             x = group[i : i + batch_size].to(dev)
             with autocast:
-                logprobs = model.next_logprobs(x)
-            h, c = word_hits(logprobs.float(), x, max_word_bytes)
+                logprobs = model.next_logprobs(x).float()
+            if logprobs.size(-1) > 256:  # a FIM model's sentinels: the next byte given that one follows
+                logprobs = torch.log_softmax(logprobs[..., :256], dim=-1)
+            h, c = word_hits(logprobs, x, max_word_bytes)
             hits += h
             count += c
     if int(count) == 0:

@@ -27,16 +27,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hlm.config import ConfigError
 from hlm.models.blocks import Block
 
-PARALLEL_MODES = ("ddp", "fsdp")
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def check_mode(mode: str) -> None:
-    if mode not in PARALLEL_MODES:
-        raise ConfigError(f"train.parallel: unknown mode '{mode}' ({', '.join(PARALLEL_MODES)})")
 
 
 def apply_fsdp(model: nn.Module, world: int, device_type: str, param_dtype: torch.dtype | None = None) -> nn.Module:

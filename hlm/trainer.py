@@ -41,7 +41,6 @@ from hlm.models import build_model
 from hlm.parallel import (
     apply_ddp,
     apply_fsdp,
-    check_mode,
     clip_grad_norm,
     full_state_dicts,
     gradient_sync,
@@ -135,7 +134,6 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         tc = cfg.train  # values already checked by config.check_values when the config was read
-        check_mode(tc.parallel)
         self.rt = rt = setup_runtime(tc.device)
         self.out_dir = Path(tc.out_dir)
         self.data_dir = Path(cfg.data.path)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import eval as eval_cli
 import sample as sample_cli
@@ -62,3 +63,17 @@ def test_sample_mid_word_prompt(runs, capsysbinary):
             out = capsysbinary.readouterr()
             assert out.out.startswith(b"The hist") and len(out.out) <= len(b"The hist") + 12 + 1
             assert b"bytes/s" in out.err
+
+
+def test_native_byte_sample_ends_at_the_document_separator(runs, capsysbinary, monkeypatch):
+    """A byte model's sample stops where its document ends (the separator byte), as a token model's stops
+    at EOS: the separator is not written and nothing after it is."""
+    from hlm.models.gpt import GPT
+
+    ckpt = torch.load(runs["bytes"][0], map_location="cpu", weights_only=True)
+    separator = ckpt["data_meta"]["separator_id"]
+    script = [ord("o"), ord("r"), ord("y"), separator, ord("X"), ord("Y")]
+    monkeypatch.setattr(GPT, "generate_stream", lambda self, *a, **k: (torch.tensor([i]) for i in script))
+    assert sample_cli.main([str(runs["bytes"][0]), "--prompt", "The hist", "--max-bytes", "12"]) == 0
+    out = capsysbinary.readouterr()
+    assert out.out == b"The history\n" and b"3 bytes" in out.err

@@ -11,7 +11,7 @@ from hlm.config import ConfigError, load_config
 from hlm.models import build_model
 from hlm.models.hat import HAT, HATConfig
 from hlm.next_word import main as next_word_main
-from hlm.next_word import word_hits
+from hlm.next_word import next_word_accuracy, word_hits
 from hlm.splitter import split_words, utf8_allowed_next, word_starts
 from hlm.trainer import train
 
@@ -182,6 +182,24 @@ def test_next_word_hits_counts_exact_greedy_words():
     first = lp.clone()
     first[0, 1, ord("z")] = 20.0
     assert [int(v) for v in word_hits(first, x)] == [n_scored, n_scored]
+
+
+def test_next_word_accuracy_ignores_fim_sentinels():
+    """A FIM byte model (vocabulary 259) is scored on its next-byte distribution given that a byte
+    follows: sentinels, however likely, neither crash the count nor win the greedy word."""
+    class Oracle(torch.nn.Module):
+        def __init__(self, sentinels: int):
+            super().__init__()
+            self.sentinels = sentinels
+
+        def next_logprobs(self, x):
+            lp = oracle_logprobs(x)
+            return torch.cat([lp, torch.full((*lp.shape[:2], self.sentinels), 5.0, dtype=lp.dtype)], -1)
+
+    ids = torch.tensor(list(b"The cat sat on the mat, and the dog sat on the log. " * 4))
+    plain = next_word_accuracy(Oracle(0), ids, block=64)
+    assert plain["next_word_acc"] == 1.0 and plain["words"] > 10
+    assert next_word_accuracy(Oracle(3), ids, block=64) == plain
 
 
 def test_next_word_cli(tmp_path, capsys):
