@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     if not args.token and not args.byte:
         raise HLMError("give --token and/or --byte checkpoints")
     if min(args.cuts, args.max_middle, args.prefix_bytes, args.suffix_bytes) < 1 or args.max_new_bytes < 0:
-        raise HLMError("--cuts, --max-middle, --prefix-bytes and --suffix-bytes must be >= 1")
+        raise HLMError("--cuts, --max-middle, --prefix-bytes and --suffix-bytes must be >= 1, --max-new-bytes >= 0")
     token = _load(args.token, args.device, "token") if args.token else None
     byte = _load(args.byte, args.device, "byte") if args.byte else None
     data = args.data or (token or byte)[2].data.path
