@@ -46,7 +46,8 @@ def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperatu
     blm.goto(bytes(prompt))
     covers = blm.covers()
     weights = torch.tensor([c[3] for c in covers], dtype=torch.float64)
-    pick = int(torch.multinomial(torch.softmax(weights, 0), 1, generator=_cpu_generator(generator))[0])
+    cpu_gen = _cpu_generator(generator)  # one stream for the cover and any host-side token draws after it
+    pick = int(torch.multinomial(torch.softmax(weights, 0), 1, generator=cpu_gen)[0])
     node, token, consumed, _ = covers[pick]
     path = blm.tracker.trie.path(node)
     written = 0
@@ -55,7 +56,7 @@ def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperatu
         piece = blm.tok.token_bytes(token)[consumed:][:max_bytes]
         written += len(piece)
         yield piece
-    for t in _token_stream(blm, path, temperature, top_k, generator):
+    for t in _token_stream(blm, path, temperature, top_k, generator, cpu_gen):
         if written >= max_bytes or t == blm.eos_id or t >= blm.tok.vocab_size:  # ids past the tokenizer: FIM sentinels
             return
         piece = blm.tok.token_bytes(t)[: max_bytes - written]
@@ -64,8 +65,9 @@ def sample_prompt_boundary(blm: ByteLM, prompt: bytes, max_bytes: int, temperatu
 
 
 def _token_stream(blm: ByteLM, path: list[int], temperature: float, top_k: int | None,
-                  generator: torch.Generator | None) -> Iterator[int]:
-    """Ordinary token sampling after `path`: the model's own KV-cached generator when it has one."""
+                  generator: torch.Generator | None, cpu_gen: torch.Generator | None) -> Iterator[int]:
+    """Ordinary token sampling after `path`: the model's own KV-cached generator (drawing from `generator`)
+    when it has one, else host-side draws from `cpu_gen`."""
     model = blm.model
     if hasattr(model, "generate_stream") and blm.runner.cached_gpt:
         ids = torch.tensor([blm.context + path], device=blm.runner.device)
@@ -73,9 +75,8 @@ def _token_stream(blm: ByteLM, path: list[int], temperature: float, top_k: int |
             yield int(nxt[0])
         return
     path = list(path)
-    gen = _cpu_generator(generator)
     while True:
         lp = blm.runner.logprobs(path)
-        t = int(sample_next(lp[None], temperature, top_k, gen)[0])
+        t = int(sample_next(lp[None], temperature, top_k, cpu_gen)[0])
         path.append(t)
         yield t
