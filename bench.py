@@ -26,7 +26,7 @@ from hlm.checkpoint import write_atomic
 from hlm.config import load_config
 from hlm.trainer import Trainer
 
-MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the lent H200 (DESIGN §8)
+MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the H200 of BENCHMARKS.md
 # First match wins. triton_tem_* (inductor templates) are FlexAttention; cudnn::fusion are cuDNN SDPA helpers.
 KERNEL_KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|triton_tem|cudnn::fusion|aten::_scaled_dot", re.I)),

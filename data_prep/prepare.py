@@ -1,4 +1,4 @@
-"""Corpus -> train.bin / val.bin / test.bin + meta.json (DESIGN §6).
+"""Corpus -> train.bin / val.bin / test.bin + meta.json (README: Data).
 
 Inputs (--input):
   * a text file: one document, split by fraction at line boundaries;

@@ -1,4 +1,4 @@
-"""Reading prepared corpora (DESIGN §6): memory-mapped `.bin` splits, their `meta.json`, the
+"""Reading prepared corpora (README: Data): memory-mapped `.bin` splits, their `meta.json`, the
 bytes each token covers, and a stateless window sampler that makes resume exact and gives
 every rank different data.
 

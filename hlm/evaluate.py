@@ -1,4 +1,4 @@
-"""Bits per byte of a model on a byte stream (DESIGN §5).
+"""Bits per byte of a model on a byte stream (README: Bits per byte).
 
 The bytes of a split are re-encoded with each model's own tokenizer (raw bytes for byte
 models), so models with different vocabularies are scored on identical bytes. The stream

@@ -1,4 +1,4 @@
-"""Fill-in-the-middle evaluation with prompts that end inside a token (research/byte_conversion.md §2e).
+"""Fill-in-the-middle evaluation with prompts that end inside a token (Phan et al. 2024).
 
 A cut takes a file and a random middle span [a, b) at byte positions (so the prefix often ends
 inside a token). Models see the SPM prompt `<PRE> <SUF> suffix <MID> prefix` (sentinels as in

@@ -1,4 +1,4 @@
-"""A causal word splitter on raw bytes, in the spirit of the HAT splitter (anchors §8).
+"""A causal word splitter on raw bytes, in the spirit of the HAT splitter.
 
 The rule works on *characters*: a character is a UTF-8 lead byte followed by the
 continuation bytes (0x80-0xBF) it announces, read leniently and causally: a continuation

@@ -1,7 +1,7 @@
 """Tokenizers as byte-exact maps between bytes and ids.
 
 Every tokenizer here exposes `encode(bytes) -> list[int]`, `decode(ids) -> bytes`,
-`token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id` (DESIGN §9). For exact
+`token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id`. For exact
 byte-level conversion (hlm.bytes) they also expose `encode_piece` (the BPE of one pretoken,
 without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` / `pair_valid_masks`
 (canonical adjacency inside one pretoken: of one pair, after one token, after each of a batch)
@@ -61,7 +61,7 @@ def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], float | None]) 
 
 
 class _ConversionMixin:
-    """Validity helpers shared by the BPE tokenizers (see research/byte_conversion.md §1.4)."""
+    """Validity helpers shared by the BPE tokenizers (Phan et al. 2024)."""
 
     vocab_size: int
     _bytes: list[bytes]

@@ -1,4 +1,4 @@
-"""The one training loop for every model family (DESIGN §8).
+"""The one training loop for every model family.
 
 Single process or `torchrun` (NCCL on CUDA, gloo on CPU) with DDP or FSDP2 (`train.parallel`,
 see hlm/parallel.py). Each optimizer step runs `grad_accum` micro-batches per rank, skipping

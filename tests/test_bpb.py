@@ -1,4 +1,4 @@
-"""Bits-per-byte accounting (DESIGN §5), checked by hand on tiny cases: a stub model with known
+"""Bits-per-byte accounting, checked by hand on tiny cases: a stub model with known
 NLL per target over a token vocabulary whose tokens cover different numbers of bytes."""
 
 from __future__ import annotations

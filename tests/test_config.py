@@ -1,4 +1,4 @@
-"""Config loader (DESIGN §7): YAML -> dataclasses, overrides, and errors that name the key."""
+"""Config loader: YAML -> dataclasses, overrides, and errors that name the key."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fill-in-the-middle: the training transform (round trip, purity, exact resume, sentinels in
 byte and token batches), sentinel encode/decode, the cut invariance of exact conversion that
-plain token prompting lacks (research/byte_conversion.md T11, fp64), and fim_eval.py end to end."""
+plain token prompting lacks (fp64), and fim_eval.py end to end."""
 
 from __future__ import annotations
 

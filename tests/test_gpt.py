@@ -1,4 +1,4 @@
-"""GPT (byte and token) against the model contract (DESIGN §4): shapes, causality, KV cache,
+"""GPT (byte and token) against the model contract (README): shapes, causality, KV cache,
 next_logprobs agreeing with forward, generation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""data_prep/prepare.py (DESIGN §6): exact byte round trips, byte counts, input kinds, the
+"""data_prep/prepare.py: exact byte round trips, byte counts, input kinds, the
 document rule, and bad inputs that fail in one line without leaving half-written folders."""
 
 from __future__ import annotations

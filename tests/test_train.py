@@ -1,4 +1,4 @@
-"""The training loop (DESIGN §8): loss falls, exact resume, gradient accumulation, schedules,
+"""The training loop: loss falls, exact resume, gradient accumulation, schedules,
 the window sampler, and bad inputs that stop with one line."""
 
 from __future__ import annotations

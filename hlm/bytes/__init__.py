@@ -1,4 +1,4 @@
-"""Exact byte-level views of tokenized LMs, byte-level sampling and ensembles (DESIGN §9).
+"""Exact byte-level views of tokenized LMs, byte-level sampling and ensembles.
 
     from hlm.bytes import ByteLM, as_byte_lm, Ensemble
     blm = ByteLM(token_model, tok)                 # or as_byte_lm(model, tok)

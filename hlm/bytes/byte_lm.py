@@ -1,4 +1,4 @@
-"""Byte-level views of language models (DESIGN §9): `ByteLM` converts a token model exactly,
+"""Byte-level views of language models: `ByteLM` converts a token model exactly,
 `NativeByteLM` wraps models that already predict bytes, `as_byte_lm` picks the right one.
 
 Every byte LM here has `next_byte_logprobs(prefix) -> Tensor[257]` (bytes 0..255, then

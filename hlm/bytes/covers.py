@@ -1,4 +1,4 @@
-"""Model-free bookkeeping of cover encodings (research/byte_conversion.md §1.3-2.0).
+"""Model-free bookkeeping of cover encodings (Phan et al. 2024).
 
 For a byte prefix s, every valid cover is `E + [t]`: E is a valid token path decoding to
 s[:i] (an *exact node* at i) and t's bytes start with s[i:]. `CoverTracker` follows s byte by

@@ -1,4 +1,4 @@
-"""Ensembles of byte LMs over the shared 257-symbol alphabet (research/byte_conversion.md §2f)."""
+"""Ensembles of byte LMs over the shared 257-symbol alphabet."""
 
 from __future__ import annotations
 

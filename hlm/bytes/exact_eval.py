@@ -1,4 +1,4 @@
-"""Exact bits per byte of a token model in one batched tree pass (research/byte_conversion.md §2c).
+"""Exact bits per byte of a token model in one batched tree pass (Phan et al. 2024).
 
 In teacher-forced evaluation the whole text is known, so every exact node the byte-by-byte
 recursion would query is known before the model runs (`plan_document`, no model). The nodes

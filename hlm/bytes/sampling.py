@@ -1,4 +1,4 @@
-"""Sampling from byte LMs (research/byte_conversion.md §2d).
+"""Sampling from byte LMs.
 
 `sample_bytes`: byte by byte from any byte LM. Temperature and top-k act on the 257 next-byte
 outcomes (256 bytes and end-of-text): p_T(b) ∝ p(b)^(1/T), keeping the k most likely. This is

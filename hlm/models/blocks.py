@@ -16,8 +16,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 class ModelOutput(NamedTuple):
-    """What every model returns (DESIGN §4): `loss` to backpropagate, `nll[B, T]` in nats per
-    target without auxiliary terms, and scalar tensors to log (`metrics`)."""
+    """What every model returns (the README's model contract): `loss` to backpropagate, `nll[B, T]` in nats
+    per target without auxiliary terms, and scalar tensors to log (`metrics`)."""
 
     loss: torch.Tensor
     nll: torch.Tensor

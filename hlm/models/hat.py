@@ -19,8 +19,8 @@ Thawani et al. 2023).
   the splitter) are masked out of it; the first byte of word w+1 comes from the backbone
   output of word w through the same head, restricted to bytes that do start a word. So the
   next-byte distribution is proper: p(b) = p_dec(b) when b continues the word, and
-  p_dec(EOW) * p_first(b) when b starts the next one (DESIGN §4: the EOW cost is charged to
-  the byte that starts the next word). `nll` is then comparable with byte_gpt.
+  p_dec(EOW) * p_first(b) when b starts the next one (the EOW cost is charged to the byte that
+  starts the next word, as the README says). `nll` is then comparable with byte_gpt.
 
 Static shapes: `max_words` word slots per window. From the word in the last slot on, a
 window is in "overflow": those bytes are predicted by the decoder alone, over the 256 bytes,
