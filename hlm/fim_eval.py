@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hlm import LN2, HLMError
-from hlm.bytes.byte_lm import END, ByteLM, NativeByteLM
+from hlm.bytes.byte_lm import END, ByteLM, ByteLMBase, NativeByteLM
 from hlm.bytes.covers import ConversionRules
 from hlm.bytes.exact_eval import segment_points
 from hlm.fim import Sentinels, spm_prompt
@@ -217,20 +217,20 @@ def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
     return blm, replace(cut, prefix=cut.prefix[points[-1] :])
 
 
-def native_byte_lm(model, cut: Cut) -> NativeByteLM:
+def native_byte_lm(model: torch.nn.Module, cut: Cut) -> NativeByteLM:
     """A byte FIM model (sentinels 256..258) after `0x00 <PRE> <SUF> suffix <MID>`."""
     s = Sentinels.after(256)
     return NativeByteLM(model, 0, spm_prompt([], list(cut.suffix), s, start=0))
 
 
-def byte_nll(blm, cut: Cut) -> float:
+def byte_nll(blm: ByteLMBase, cut: Cut) -> float:
     """-log p(middle + end | prefix) under a byte LM (257 outcomes, end = 256)."""
     rows = blm.prefix_logprobs(cut.prefix + cut.middle)[len(cut.prefix) :]
     targets = torch.tensor(list(cut.middle) + [END])
     return -float(rows[torch.arange(len(targets)), targets].sum())
 
 
-def byte_fill(blm, cut: Cut, max_bytes: int) -> bytes:
+def byte_fill(blm: ByteLMBase, cut: Cut, max_bytes: int) -> bytes:
     """Greedy bytes after the prefix until the end of the middle."""
     out = bytearray()
     while len(out) < max_bytes:
@@ -242,7 +242,7 @@ def byte_fill(blm, cut: Cut, max_bytes: int) -> bytes:
 
 
 @torch.no_grad()
-def native_byte_fill(model, cut: Cut, max_bytes: int) -> bytes:
+def native_byte_fill(model: torch.nn.Module, cut: Cut, max_bytes: int) -> bytes:
     """`byte_fill` of `native_byte_lm(model, cut)`, but an hlm GPT decodes with its KV cache: one
     single-byte forward per new byte instead of a full forward over the prompt. Same greedy rule:
     the best of the 256 bytes (the separator excluded), or END when the separator's logit beats

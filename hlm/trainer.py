@@ -115,7 +115,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
-def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast, **forward_kwargs) -> int:
+def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast: contextlib.AbstractContextManager,
+                **forward_kwargs) -> int:
     """Model FLOPs of one forward+backward on `batch`, counted by FlopCounterMode (matmuls and
     attention; attention is counted as full, not halved for the causal mask). Counted on the
     first row and scaled by the rows (FLOPs are linear in the batch), so the probe's activations

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from hlm.bytes.byte_lm import END, ByteLM
+from hlm.bytes.byte_lm import END, ByteLM, ByteLMBase
 from hlm.models.blocks import sample_next
 
 
@@ -26,7 +26,7 @@ def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(generator.initial_seed())
 
 
-def sample_bytes(blm, prompt: bytes, max_bytes: int, temperature: float = 1.0, top_k: int | None = None,
+def sample_bytes(blm: ByteLMBase, prompt: bytes, max_bytes: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> Iterator[int]:
     """Yield sampled bytes one at a time until end-of-text or `max_bytes`."""
     gen = _cpu_generator(generator)

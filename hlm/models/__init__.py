@@ -26,6 +26,6 @@ def model_config_class(family: str) -> type:
     return FAMILIES[family][0]
 
 
-def build_model(model_cfg) -> nn.Module:
+def build_model(model_cfg: GPTConfig | HourglassConfig | HATConfig) -> nn.Module:
     """Instantiate the model for a family config dataclass."""
     return FAMILIES[model_cfg.family][1](model_cfg)

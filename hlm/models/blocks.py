@@ -134,7 +134,8 @@ def flex_kernel_options(device: torch.device, head_dim: int) -> dict:
     return {}
 
 
-def local_causal_attention(q, k, v, window: int, backend: str = "auto") -> torch.Tensor:
+def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                           backend: str = "auto") -> torch.Tensor:
     """Causal attention where query i sees keys i-window+1..i; q, k, v are [B, H, T, D].
 
     backend "flex": FlexAttention with a block-sparse mask (only tiles inside the window are
@@ -198,8 +199,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0, attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
         """`attn_mask` (bool [B, 1, T, T], True = may attend, or a `TreeMask`) replaces the causal mask,
         e.g. for a token tree where each node sees only its ancestors; it cannot be combined with a cache."""
         B, T, C = x.shape
@@ -243,8 +244,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = MLP(d_model, mlp_ratio)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0, attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 

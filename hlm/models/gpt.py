@@ -10,9 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm.models.blocks import (
+    KVCache,
     ModelOutput,
     RMSNorm,
     Transformer,
+    TreeMask,
     at_least_fp32,
     generate_ids,
     init_weights,
@@ -47,11 +49,13 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def hidden(self, x: torch.Tensor, cache=None, attn_mask=None, positions=None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | TreeMask | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed states for input embeddings x [B, T, D]."""
         return self.norm(self.transformer(x, cache, positions, attn_mask))
 
-    def logits(self, idx: torch.Tensor, cache=None, attn_mask=None, positions=None) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | TreeMask | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits [B, T, V] for ids [B, T] (continuing `cache` when given; `attn_mask` and
         `positions` score a token tree in one pass, see Transformer.forward)."""
         return self.head(self.hidden(self.embed(idx), cache, attn_mask, positions))
