@@ -27,6 +27,7 @@ import torch
 
 from hlm import LN2, HLMError
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
+from hlm.config import Config
 from hlm.evaluate import encode_stream, evaluate, inference_autocast, split_documents
 
 
@@ -144,9 +145,14 @@ def truncate(docs: list[bytes], limit: int) -> list[bytes]:
     return out
 
 
-def describe(cfg) -> str:
+def describe(cfg: Config) -> str:
+    """The model column: family and shape."""
     m = cfg.model
-    return f"{m.family} {m.n_layer}L/{m.d_model}d V={m.vocab_size}" if hasattr(m, "n_layer") else m.family
+    if m.family == "hourglass":
+        return f"hourglass {m.n_pre}+{m.n_short}+{m.n_post}L/{m.d_model}d {m.boundaries}"
+    if m.family == "hat":
+        return f"hat {m.n_enc_layer}+{m.n_layer}+{m.n_dec_layer}L/{m.d_byte}-{m.d_model}d"
+    return f"{m.family} {m.n_layer}L/{m.d_model}d V={m.vocab_size}"
 
 
 def print_table(rows: list[dict]) -> None:

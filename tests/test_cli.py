@@ -222,3 +222,12 @@ def test_bench_counts_the_flops_of_the_mode_it_times(byte_corpus, tmp_path, caps
     assert 0.15 < flops["patch"] / flops["token"] < 0.4
     assert bench.main([str(cfg), f"data.path={byte_corpus}", "--steps", "30", "--warmup", "1"]) == 1
     assert "switch" in capsys.readouterr().err
+
+
+def test_eval_model_column_names_each_family():
+    from hlm.config import load_config
+
+    describe = load_cli("eval").describe
+    assert describe(load_config(ROOT / "configs" / "hourglass_whitespace.yaml")) == "hourglass 2+8+2L/768d whitespace"
+    assert describe(load_config(ROOT / "configs" / "hat.yaml")) == "hat 2+12+2L/384-768d"
+    assert describe(load_config(ROOT / "configs" / "byte_gpt.yaml")) == "gpt 12L/768d V=256"
