@@ -146,8 +146,10 @@ def truncate(docs: list[bytes], limit: int) -> list[bytes]:
 
 
 def describe(cfg: Config) -> str:
-    """The model column: family and shape."""
+    """The model column: family and shape (a family's config may say it with its own `describe()`)."""
     m = cfg.model
+    if callable(getattr(m, "describe", None)):
+        return m.describe()
     if m.family == "hourglass":
         return f"hourglass {m.n_pre}+{m.n_short}+{m.n_post}L/{m.d_model}d {m.boundaries}"
     if m.family == "hat":
