@@ -15,11 +15,8 @@ from typing import Any
 
 import yaml
 
-from hlm import HLMError
-
-
-class ConfigError(HLMError):
-    """A config file or override that cannot be used; the message names the key."""
+from hlm import ConfigError
+from hlm.models import model_config_class
 
 
 @dataclass
@@ -154,8 +151,6 @@ def _apply_override(raw: dict, override: str) -> None:
 
 def config_from_dict(raw: dict) -> Config:
     """Build a Config from a plain dict (a parsed YAML file or a checkpoint's saved config)."""
-    from hlm.models import model_config_class
-
     unknown = set(raw) - set(SECTIONS) - {"model"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")

@@ -4,9 +4,11 @@ base key merges, chains and refuses cycles."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, cli_env
 
 from hlm.config import ConfigError, config_to_dict, load_config
 
@@ -93,3 +95,10 @@ def test_base_is_not_a_section_of_a_saved_config():
     """A checkpoint stores the resolved config, so `base` never reaches config_from_dict."""
     cfg = load_config(ROOT / "configs" / "smoke" / "hourglass_fixed.yaml")
     assert "base" not in config_to_dict(cfg)
+
+
+def test_model_files_do_not_import_the_config_loader():
+    """hlm.config imports the model registry; a model file importing hlm.config back would be a cycle."""
+    code = "import sys, hlm.models; assert 'hlm.config' not in sys.modules, 'hlm.models imported hlm.config'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlm.config import ConfigError
+from hlm import ConfigError
 from hlm.models.blocks import (
     ModelOutput,
     RMSNorm,
