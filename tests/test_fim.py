@@ -26,7 +26,7 @@ from hlm.fim import (
     restore_spm,
     spm_prompt,
 )
-from hlm.fim_eval import (
+from hlm.infilling import (
     Cut,
     TokenFIM,
     byte_fill,
@@ -251,7 +251,7 @@ def test_fim_eval_cli_end_to_end(code, tmp_path, capsysbinary, monkeypatch):
     def killed(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fim_eval.fe, "native_byte_fill", killed)  # killed in the byte method: plain is kept
+    monkeypatch.setattr(fim_eval.infilling, "native_byte_fill", killed)  # killed in the byte method: plain is kept
     with pytest.raises(KeyboardInterrupt):
         fim_eval.main(["--token", str(runs["bpe"] / "ckpt.pt"), "--byte", str(runs["bytes"] / "ckpt.pt"),
                        "--data", str(code / "bytes"), "--cuts", "2", "--max-middle", "6", "--prefix-bytes", "48",
