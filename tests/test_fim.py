@@ -153,7 +153,7 @@ def test_sentinels_in_encode_and_decode(code):
 
 
 def test_exact_conversion_is_cut_invariant_plain_prompting_is_not():
-    """T11 on a toy BPE and a random fp64 GPT: for cuts k of one text x (the middle is x[k:]), the
+    """On a toy BPE and a random fp64 GPT: for cuts k of one text x (the middle is x[k:]), the
     score of the prompt plus the score of the middle given it is the same for every k under exact
     conversion (to 1e-9), but not under plain token prompting when k falls inside a token."""
     tok = BPETokenizer.from_merges([(b"a", b"b"), (b"ab", b"c"), (b"c", b"a"), (b" ", b"ab")])
