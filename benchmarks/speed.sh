@@ -30,7 +30,7 @@ for c in hat hourglass_whitespace; do bench configs/$c.yaml train.compile_mode=r
 bench configs/hat.yaml train.batch_size=32 train.compile_mode=reduce-overhead --steps 20
 
 # the dynamic-pooling paper's shape (d=512, T=2048, batch 8)
-bench configs/paper_byte_gpt.yaml --steps 30
+bench configs/byte_gpt.yaml model.d_model=512 model.n_head=8 model.block_size=2048 train.batch_size=8 --steps 30
 for c in paper_hourglass_whitespace paper_hourglass_gumbel; do bench configs/$c.yaml --steps 30; done
 
 # where the step time goes
