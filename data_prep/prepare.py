@@ -70,25 +70,32 @@ def _split_of(path: Path) -> str | None:
 
 def read_documents(path: Path, text_field: str) -> list[bytes]:
     """All documents of one file: a JSONL file gives one per record, any other file one."""
-    if _is_jsonl(path):
+    if not _is_jsonl(path):
+        return [path.read_bytes()]
+    try:
         try:
             import datasets
         except ImportError:  # e.g. a GPU image without it: read the records with the standard library
             return _read_jsonl(path, text_field)
+        return _read_jsonl_datasets(datasets, path, text_field)
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # e.g. a damaged .xz, text not UTF-8
+        raise PrepareError(f"{path}: cannot read it as JSON lines ({e})") from None
 
-        datasets.disable_progress_bars()
-        try:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise PrepareError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from None
-        if text_field not in ds.column_names:
-            raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
-        texts = ds[text_field]
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
-        return [t.encode("utf-8") for t in texts]
-    return [path.read_bytes()]
+
+def _read_jsonl_datasets(datasets, path: Path, text_field: str) -> list[bytes]:
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failure reports would add lines to ours
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise PrepareError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from None
+    if text_field not in ds.column_names:
+        raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
+    texts = ds[text_field]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
+    return [t.encode("utf-8") for t in texts]
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[bytes]:
@@ -103,6 +110,8 @@ def _read_jsonl(path: Path, text_field: str) -> list[bytes]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PrepareError(f"{path}: not valid JSON lines (record {i}: {e})") from None
+            if not isinstance(record, dict):
+                raise PrepareError(f"{path}: record {i} is not a JSON object ({line.strip()[:40]})")
             if text_field not in record:
                 raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {list(record)})")
             if not isinstance(record[text_field], str):
