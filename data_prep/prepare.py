@@ -35,6 +35,7 @@ import io
 import json
 import lzma
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -210,9 +211,18 @@ def train_sentencepiece(docs: list[str], kind: str, vocab_size: int, out_file: P
             split_digits=False, character_coverage=1.0, max_sentence_length=MAX_SENTENCE_BYTES,
             input_sentence_size=4_000_000, shuffle_input_sentence=True, max_sentencepiece_length=16,
             num_threads=threads, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
-    except (RuntimeError, ValueError) as e:  # e.g. a vocabulary smaller than the corpus's characters + 256 bytes
-        raise PrepareError(f"sentencepiece training failed: {str(e).strip().splitlines()[0]}") from None
+    except (RuntimeError, ValueError) as e:
+        raise PrepareError(sentencepiece_message(str(e), vocab_size)) from None
     out_file.write_bytes(proto.getvalue())
+
+
+def sentencepiece_message(error: str, vocab_size: int) -> str:
+    """sentencepiece's training error as one line in our terms, without its source location."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", error)
+    if too_small:
+        return (f"--vocab-size {vocab_size:,} is too small for this corpus: the tokenizer needs at least "
+                f"{int(too_small[1]):,} pieces (every character of the train split, 256 bytes, 3 special)")
+    return "sentencepiece training failed: " + re.sub(r"^(\w+): \S+\(\d+\) ", r"\1: ", " ".join(error.split()))
 
 
 def encode_documents(tok, docs: list[str], sep: int, threads: int, name: str) -> np.ndarray:
@@ -269,8 +279,6 @@ def prepare(args: argparse.Namespace) -> dict:
             out[f"{name}.bin"] = np.frombuffer(data, dtype=np.uint8)
             meta["splits"][name] = {"documents": len(docs), "tokens": len(data), "bytes": len(data)}
     else:
-        from hlm.tokenizers import SentencePieceTokenizer
-
         texts = {name: [decode_utf8(d, f"{name} document {i}") for i, d in enumerate(docs)]
                  for name, docs in splits.items()}
         with tempfile.TemporaryDirectory() as tmpdir:
@@ -278,6 +286,8 @@ def prepare(args: argparse.Namespace) -> dict:
             if not args.tokenizer_model:
                 print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}")
                 train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
+            from hlm.tokenizers import SentencePieceTokenizer  # imports torch: not before a quick failure
+
             tok = SentencePieceTokenizer(model_file)
             if tok.model_type != args.tokenizer:
                 raise PrepareError(f"--tokenizer-model {model_file} is a {tok.model_type} model, not {args.tokenizer}")
