@@ -128,19 +128,14 @@ def _write_synced(path: Path, content: bytes | np.ndarray) -> None:
 def swap_folder_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
     """Write all files into a temporary folder beside `folder`, then swap it in. On any failure the
     temporary folder and the parents this made are removed and `folder` is as it was."""
-    missing = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()][::-1]
+    made = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # deepest first
+    tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_name(folder, "tmp"), dir=folder.parent))
-    except BaseException:
-        for p in reversed(missing):
-            if p.exists():
-                p.rmdir()
-        raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         for name, content in files.items():
             _write_synced(tmp / name, content)
         if folder.exists() and any(folder.iterdir()):
@@ -151,12 +146,13 @@ def swap_folder_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> No
             except BaseException:
                 old.rename(folder)
                 raise
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the swap is done; a leftover goes on the next run
         else:
             tmp.rename(folder)  # over an empty folder too (POSIX rename)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in reversed(missing):
-            if p.exists() and not any(p.iterdir()):
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:
+            if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         raise

@@ -283,3 +283,19 @@ def test_read_only_out_checked_before_touching(root, monkeypatch, capsys, out, n
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert snapshot(root) == before
+
+
+def test_disk_full_while_writing_leaves_nothing(root, monkeypatch):
+    """A write that fails halfway (disk full) removes the temporary folder and the parents made for --out."""
+    import data_prep.out_folder as out_folder
+
+    before = snapshot(root)
+
+    def disk_full(path, content):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(out_folder, "_write_synced", disk_full)
+    assert prepare(*args(root, out="a/b/c")) == 1
+    assert prepare(*args(root, out="data")) == 1
+    assert snapshot(root) == before
