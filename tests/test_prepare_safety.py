@@ -299,3 +299,20 @@ def test_disk_full_while_writing_leaves_nothing(root, monkeypatch):
     assert prepare(*args(root, out="a/b/c")) == 1
     assert prepare(*args(root, out="data")) == 1
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize(("extra", "damage", "needle"), [
+    (["--threads", "0"], None, "--threads"),
+    (["--vocab-size", "-1"], None, "--vocab-size"),
+    ([], lambda r: resize(r / "data" / "train.bin", -5), "truncated"),
+], ids=["threads", "vocab", "truncated-train"])
+def test_boundaries_refuses_and_touches_nothing(root, capsys, extra, damage, needle):
+    from data_prep import boundaries
+
+    if damage:
+        damage(root)
+    before = snapshot(root)
+    assert boundaries.main(["unigram", "--data", str(root / "data"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert snapshot(root) == before
