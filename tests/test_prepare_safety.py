@@ -316,3 +316,37 @@ def test_boundaries_refuses_and_touches_nothing(root, capsys, extra, damage, nee
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert snapshot(root) == before
+
+
+KILL_DURING = {  # python run with prepare's main, SIGKILLed at one moment of the write
+    "write": "import data_prep.out_folder as o\n"
+             "def write(path, content):\n    path.write_bytes(b'partial'); os.kill(os.getpid(), signal.SIGKILL)\n"
+             "o._write_synced = write\n",
+    "swap": "from pathlib import Path\nrename = Path.rename\n"
+            "def kill_on_swap(self, target):\n"
+            "    if '.tmp.' in self.name: os.kill(os.getpid(), signal.SIGKILL)\n    return rename(self, target)\n"
+            "Path.rename = kill_on_swap\n",
+}
+
+
+@pytest.mark.parametrize("moment", KILL_DURING)
+def test_killed_prepare_is_cleaned_up_by_the_next_run(root, moment):
+    """kill -9 while writing leaves a temporary folder, and between moving the old output aside and moving
+    the new one in leaves no --out: the next run removes the one and restores the other before replacing it."""
+    original = snapshot(root / "data")
+    code = ("import os, signal, sys\n" + KILL_DURING[moment] + "from data_prep.prepare import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    argv = [str(a) for a in args(root, out="data")]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=cli_env(), capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(".data."))
+    assert [name.split(".")[2] for name in leftovers] == (["tmp"] if moment == "write" else ["old", "tmp"])
+    if moment == "write":
+        assert snapshot(root / "data") == original
+    else:
+        assert not (root / "data").exists()
+        assert snapshot(root / leftovers[0]) == original
+    proc = run("data_prep/prepare.py", *argv)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert sorted(p.name for p in root.iterdir()) == ["corpus.txt", "data", "readme.txt"]
+    assert read_meta(root / "data")["written_by"] == WRITTEN_BY
