@@ -43,6 +43,7 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def check_meta(meta: object, meta_path: Path) -> None:
+    """Raise a DataError naming `meta_path` and the key if `meta` lacks what the readers use."""
     def bad(what: str) -> DataError:
         return DataError(f"{meta_path}: {what}; prepare the corpus again with data_prep/prepare.py")
 
