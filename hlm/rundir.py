@@ -121,15 +121,17 @@ def _short(value: object) -> str:
 
 
 # Settings that decide which data each step sees, or the phase a step is in: changing them on a
-# resume would not continue the same run, so a resume refuses it.
-FIXED_ON_RESUME = ("train.batch_size", "train.grad_accum", "train.seed", "train.patch_size", "train.patch_fraction",
+# resume would not continue the same run, so a resume refuses it. train.batch_size counts per
+# rank: what must stay is the global batch, batch_size x ranks.
+FIXED_ON_RESUME = ("train.grad_accum", "train.seed", "train.patch_size", "train.patch_fraction",
                    "data.fim_rate", "data.fim_spm_rate")
 IGNORED_ON_RESUME = ("train.resume", "train.init_from")  # a resume is on; init_from only starts a fresh run
 
 
-def resume_changes(saved: dict, current: dict, path: Path) -> list[str]:
+def resume_changes(saved: dict, current: dict, path: Path, saved_world: int | None, world: int) -> list[str]:
     """The data/train/eval/log settings that differ from the checkpoint's, as `key: old -> new`
-    (a key the checkpoint predates counts at its default). Raises for FIXED_ON_RESUME keys."""
+    (a key the checkpoint predates counts at its default). Raises for FIXED_ON_RESUME keys and a
+    changed global batch (checked where the checkpoint records its number of ranks)."""
     changes = []
     for section, cls in SECTIONS.items():
         old = {**dataclasses.asdict(cls()), **(saved.get(section) or {})}
@@ -138,6 +140,10 @@ def resume_changes(saved: dict, current: dict, path: Path) -> list[str]:
             if name not in IGNORED_ON_RESUME and old.get(key) != new:
                 changes.append((name, old.get(key), new))
     fixed = [f"{k} {o!r} -> {n!r}" for k, o, n in changes if k in FIXED_ON_RESUME]
+    old_batch = (saved.get("train") or {}).get("batch_size")
+    if saved_world is not None and old_batch * saved_world != current["train"]["batch_size"] * world:
+        fixed.insert(0, f"global batch (train.batch_size x ranks) {old_batch} x {saved_world} -> "
+                        f"{current['train']['batch_size']} x {world}")
     if fixed:
         raise ConfigError(f"cannot resume {path} with changed {', '.join(fixed)}: these decide which data each step "
                           "sees; restore them or use a new train.out_dir")

@@ -328,7 +328,8 @@ class Trainer:
         """A resume refuses another corpus and settings that decide the data of each step
         (rundir.FIXED_ON_RESUME); other changed settings are listed, then used."""
         check_same_corpus(ckpt.get("data_meta"), self.meta, self.data_dir, self.ckpt_path)
-        changes = resume_changes(ckpt["config"], config_to_dict(self.cfg), self.ckpt_path)
+        changes = resume_changes(ckpt["config"], config_to_dict(self.cfg), self.ckpt_path, ckpt.get("world"),
+                                 self.rt.world)
         if changes and self.rt.master:
             print(f"resuming {self.ckpt_path} (step {ckpt['step']}) with changed settings: {'; '.join(changes)}",
                   flush=True)
@@ -437,6 +438,7 @@ class Trainer:
             "step": self.step,
             "train_time": self.train_time,
             "bad_steps": self.bad_steps,
+            "world": self.rt.world,  # ranks: a resume keeps the global batch, batch_size x world
             "log_window": self.log_window.state_dict(),
             "tokens_seen": self.tokens_seen,
             "bytes_seen": self.bytes_seen,

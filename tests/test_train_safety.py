@@ -171,7 +171,7 @@ def test_resume_refuses_another_corpus_and_data_fixing_settings(tmp_path, byte_c
     assert_one_line_error(rc, err, "different corpus", "source.sha256")
 
     rc, _, err = run_train(capsys, f"data.path={byte_corpus}", *args, "train.batch_size=2", "train.seed=7")
-    assert_one_line_error(rc, err, "train.batch_size 4 -> 2", "train.seed 1337 -> 7")
+    assert_one_line_error(rc, err, "global batch (train.batch_size x ranks) 4 x 1 -> 2 x 1", "train.seed 1337 -> 7")
     assert snapshot(out) == before
 
     # the same corpus in another folder, with a longer run: resumes, and says what changed
