@@ -225,6 +225,9 @@ class Trainer:
         self.log_window = LogWindow(torch.zeros(2, device=rt.device, dtype=torch.float64))
         self.bad_steps = 0  # non-finite steps skipped so far (train.max_bad_steps)
         self._first_bad = torch.tensor(NO_BAD_STEP, device=rt.device)  # first non-finite step not yet reported
+        self.window = cfg.model.block_size + 1
+        if self.val_split.n_tokens < self.window:  # fail now, not at the first validation
+            raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
         self._lock_out_dir()  # before reading ckpt.pt: another run may be about to replace it
         try:
             resume_ckpt = self._load_weights()
@@ -234,9 +237,6 @@ class Trainer:
 
         use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-        self.window = cfg.model.block_size + 1
-        if self.val_split.n_tokens < self.window:  # fail now, not at the first validation
-            raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
         sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
                                 rt.rank, rt.world, tc.seed)
         probe = self._batch(sampler, self.train_split, 0, 0)
@@ -392,8 +392,7 @@ class Trainer:
         limit = self.cfg.train.max_bad_steps
         if self.bad_steps > limit:
             raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step}, bad step {self.bad_steps} "
-                                 f"of at most train.max_bad_steps={limit}: training stopped, {self.ckpt_path} "
-                                 "not overwritten")
+                                 f"of at most train.max_bad_steps={limit}: training stopped, {self._kept()}")
         self.log({"kind": "skip", "step": self.step, "bad_steps": self.bad_steps})
         if self.rt.master:
             print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
@@ -406,9 +405,8 @@ class Trainer:
         if self.rt.world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if (step := int(first.item())) != NO_BAD_STEP:
-            raise NonFiniteError(f"non-finite loss or gradient norm at step {step}: training stopped, "
-                                 f"{self.ckpt_path} not overwritten (lower train.lr, or let train.max_bad_steps "
-                                 "skip such steps)")
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {step}: training stopped, {self._kept()} "
+                                 "(lower train.lr, or let train.max_bad_steps skip such steps)")
 
     def _check_finite_state(self) -> None:
         """Never save non-finite weights: every parameter and optimizer tensor (this rank's shard)
@@ -419,7 +417,10 @@ class Trainer:
         n_bad = torch.stack([(~torch.isfinite(t.detach())).sum().to(self.rt.device, torch.float64) for t in local])
         if self.all_sum(n_bad.sum()).item() > 0:
             raise NonFiniteError(f"non-finite weights or optimizer state after step {self.step}: training stopped, "
-                                 f"{self.ckpt_path} not overwritten (lower train.lr)")
+                                 f"{self._kept()} (lower train.lr)")
+
+    def _kept(self) -> str:
+        return f"{self.ckpt_path} not overwritten" if self.ckpt_path.is_file() else "no checkpoint written"
 
     def save(self) -> None:
         self._check_finite_steps()
