@@ -42,6 +42,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    max_bad_steps: int = 0  # non-finite loss/grad-norm steps skipped (no update) before stopping; 0: stop at the first
     dtype: str = "bf16"  # autocast dtype on CUDA: bf16 | fp32 (CPU always runs fp32)
     compile: bool | None = None  # None: on for CUDA, off for CPU
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
