@@ -118,7 +118,9 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, byte_corpus):
     acc = Trainer(tiny_config(byte_corpus, tmp_path / "acc", *common, "train.batch_size=4", "train.grad_accum=2"))
     acc.fit()
     for p, q in zip(big.raw_model.parameters(), acc.raw_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        # fp32 sums in another order; Adam's m/sqrt(v) magnifies that where v is tiny (1.3e-6 seen on
+        # some CPUs), still 10x under the 1e-4 that half the data moves the weights
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
     ref = Trainer(tiny_config(byte_corpus, tmp_path / "ref", *common, "train.batch_size=4"))
     ref.fit()  # half the data: clearly different weights, so the comparison above has teeth
     pairs = zip(big.raw_model.parameters(), ref.raw_model.parameters(), strict=True)
