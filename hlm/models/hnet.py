@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn as nn
@@ -188,8 +189,8 @@ def confidence(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ratio_loss(b: torch.Tensor, p: torch.Tensor, n: float, valid: torch.Tensor) -> torch.Tensor:
     """N/(N-1) ((N-1) F G + (1-F)(1-G)), F = boundary fraction, G = mean p, over valid positions
     (1 at the target F = G = 1/N)."""
-    count = valid.sum().clamp(min=1)
-    f = (b & valid).sum() / count
+    count = valid.sum().clamp(min=1).to(p.dtype)
+    f = (b & valid).sum().to(p.dtype) / count
     g = (p * valid).sum() / count
     return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
 
@@ -299,7 +300,7 @@ class HNet(nn.Module):
         S = cfg.n_stages
         if S < 1 or len(cfg.n_enc) != S or len(cfg.n_dec) != S or len(cfg.ratio_target) != S:
             raise HNetError("model.d_model needs stages + 1 widths and n_enc, n_dec, ratio_target one per stage")
-        if any(b < a for a, b in zip(cfg.d_model, cfg.d_model[1:])) or any(d % cfg.head_dim for d in cfg.d_model):
+        if any(b < a for a, b in pairwise(cfg.d_model)) or any(d % cfg.head_dim for d in cfg.d_model):
             raise HNetError("model.d_model: widths must not shrink inward and must be multiples of head_dim")
         if any(n <= 1 for n in cfg.ratio_target):
             raise HNetError("model.ratio_target: each N must be > 1")
