@@ -231,6 +231,16 @@ def test_lr_scale_groups_follow_the_stages():
 
 
 @pytest.mark.parametrize("stages", [ONE, TWO])
+def test_the_lm_loss_alone_reaches_every_router(stages):
+    """Through the smoothing's P and the confidence STE, not only through the ratio loss."""
+    model = tiny(stages, ratio_weight=0.0)
+    model(text_batch(2, 49, seed=8)).loss.backward()
+    routers = [m.routing for m in model.modules() if hasattr(m, "routing")]
+    assert len(routers) == len(stages["n_enc"])
+    assert all(r.q.weight.grad.abs().sum() > 0 and r.k.weight.grad.abs().sum() > 0 for r in routers)
+
+
+@pytest.mark.parametrize("stages", [ONE, TWO])
 def test_loss_falls_and_the_ratio_loss_reaches_the_router(stages):
     model = tiny(stages)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
