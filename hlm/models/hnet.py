@@ -20,9 +20,11 @@ cap are dropped (the positions after keep reading the last chunk that fits, whic
 Widths: when d_{s+1} > d_s a learned vector of d_{s+1} - d_s values is appended to each
 chunk, and the main network's output is cut back to its first d_s values (as the reference).
 
-Generation (`CachedDecoder`, one per row) keeps KV caches for every stack, the routing
-module's last key and the last smoothed chunk; a chunk enters the inner stage the moment its
-first position arrives, so a byte costs one position of each outer stack.
+Generation (`CachedDecoder`) keeps KV caches for every stack, the routing module's last key
+and the last smoothed chunk; a chunk enters the inner stage the moment its first position
+arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
+rows that start a chunk, one position of the inner stage (per row: rows differ in where
+their chunks start).
 """
 
 from __future__ import annotations
@@ -206,12 +208,16 @@ class StageOutput:
 
 @dataclass
 class StageCache:
+    """Decoding state of one stage for B rows: batched KV caches of its own stacks, and per row
+    the inner caches (rows start chunks at different positions), the count of chunks, the
+    routing module's last key and the last smoothed chunk (fp32 or wider)."""
+
     enc: KVCache
     dec: KVCache
-    inner: StageCache | KVCache
+    inner: list[StageCache | KVCache]
     k_last: torch.Tensor | None = None
     zbar: torch.Tensor | None = None
-    n: int = 0
+    n: list[int] = field(default_factory=list)
 
 
 def transformer(cfg: HNetConfig, n_layer: int, width: int, length: int, window: int = 0) -> Transformer:
@@ -247,41 +253,57 @@ class HNetStage(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor, cache: StageCache | None = None
                 ) -> tuple[torch.Tensor, list[StageOutput]]:
         """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing. With `cache`
-        (one row, empty caches): a prefill that sends only the real chunks inward."""
+        (empty caches): a prefill that sends each row's real chunks, and only those, inward."""
         h = self.enc_norm(self.encoder(x, cache.enc if cache else None))
         p, b = self.routing(h, valid)
         chunks, pos, chunk_valid = chunk(h, b, self.cap)
         P = p.gather(1, pos)
-        if cache is not None:
-            n = int(chunk_valid.sum())
-            chunks, chunk_valid, P = chunks[:, :n], chunk_valid[:, :n], P[:, :n]
-        z, inner = self.run_main(self.widen(chunks), chunk_valid, cache.inner if cache else None)
-        zbar = smooth(self.inner_norm(z)[..., : h.size(-1)], P)
-        out = dechunk(zbar, b) * ste(confidence(p, b)).to(h.dtype)[..., None] + self.residual(h)
+        inner = []
+        if cache is None:
+            z, inner = self.run_main(self.widen(chunks), chunk_valid)
+            read = dechunk(smooth(self.inner_norm(z)[..., : h.size(-1)], P), b)
+        else:
+            read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], cache, r)
+                              for r in range(h.size(0))])
+            cache.k_last = self.routing.k(h[:, -1:])
+        out = read * ste(confidence(p, b)).to(h.dtype)[..., None] + self.residual(h)
         y = self.dec_norm(self.decoder(out, cache.dec if cache else None))
-        if cache is not None:
-            cache.k_last, cache.zbar, cache.n = self.routing.k(h[:, -1:]), zbar[:, -1:], n
         return y, [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
 
-    def new_cache(self, device, dtype) -> StageCache:
-        inner = self.main.new_cache(device, dtype) if isinstance(self.main, HNetStage) else \
-            self.main.new_cache(1, self.cap, device, dtype)
-        return StageCache(self.encoder.new_cache(1, self.length, device, dtype),
-                          self.decoder.new_cache(1, self.length, device, dtype), inner)
+    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, cache: StageCache, r: int
+                    ) -> torch.Tensor:
+        """Row r of a prefill: its n real chunks through the inner caches, then dechunked."""
+        n = int(b.sum().clamp(max=self.cap))
+        z, _ = self.run_main(self.widen(chunks[:, :n]), b.new_ones(1, n), cache.inner[r])
+        zbar = smooth(self.inner_norm(z)[..., : chunks.size(-1)], P[:, :n])
+        cache.zbar[r : r + 1], cache.n[r] = zbar[:, -1:], n
+        return dechunk(zbar, b)
+
+    def new_cache(self, batch: int, device, dtype) -> StageCache:
+        inner = [self.main.new_cache(1, device, dtype) if isinstance(self.main, HNetStage) else
+                 self.main.new_cache(1, self.cap, device, dtype) for _ in range(batch)]
+        d = self.residual.in_features
+        return StageCache(self.encoder.new_cache(batch, self.length, device, dtype),
+                          self.decoder.new_cache(batch, self.length, device, dtype), inner,
+                          zbar=torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32)),
+                          n=[0] * batch)
 
     def step(self, x: torch.Tensor, cache: StageCache) -> torch.Tensor:
-        """One new position x [1, 1, d_s] after a prefill: same result as the full forward."""
+        """One new position x [B, 1, d_s] after a prefill: same result as the full forward. The
+        rows that start a chunk here (and have room) step their inner caches one at a time."""
         h = self.enc_norm(self.encoder(x, cache.enc))
-        k = self.routing.k(h)
         p = boundary_prob(self.routing.q(h), cache.k_last)
-        cache.k_last = k
-        if bool(p >= 0.5) and cache.n < self.cap:
-            inner = self.widen(h)
-            z = self.main.step(inner, cache.inner) if isinstance(self.main, HNetStage) else \
-                self.main(inner, cache.inner)
-            P = at_least_fp32(p).clamp(1e-4, 1 - 1e-4)[..., None]
-            zbar = P * at_least_fp32(self.inner_norm(z)[..., : h.size(-1)]) + (1 - P) * at_least_fp32(cache.zbar)
-            cache.zbar, cache.n = zbar, cache.n + 1
+        cache.k_last = self.routing.k(h)
+        for r in torch.nonzero(p[:, 0] >= 0.5).flatten().tolist():
+            if cache.n[r] == self.cap:
+                continue
+            inner = self.widen(h[r : r + 1])
+            z = self.main.step(inner, cache.inner[r]) if isinstance(self.main, HNetStage) else \
+                self.main(inner, cache.inner[r])
+            P = at_least_fp32(p[r : r + 1]).clamp(1e-4, 1 - 1e-4)[..., None]
+            z = at_least_fp32(self.inner_norm(z)[..., : h.size(-1)])
+            cache.zbar[r : r + 1] = P * z + (1 - P) * cache.zbar[r : r + 1]
+            cache.n[r] += 1
         return self.dec_norm(self.decoder(cache.zbar.to(h.dtype) + self.residual(h), cache.dec))
 
 
@@ -371,15 +393,14 @@ class HNet(nn.Module):
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
                         top_k: int | None = None, generator: torch.Generator | None = None
                         ) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time (eval mode), each row with its own caches
-        (rows start chunks at different bytes). When the context fills up, the caches are
-        rebuilt from the last half of the window, as in gpt.py."""
-        rows = [CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))]
+        """Yield one new byte per row [B] at a time (eval mode) through one `CachedDecoder` for
+        the batch. When the context fills up, the caches are rebuilt from the last half of the
+        window, as in gpt.py."""
+        dec = CachedDecoder(self, prompt)
         for _ in range(max_new):
-            nxt = sample_next(torch.cat([row.logits for row in rows]), temperature, top_k, generator)
+            nxt = sample_next(dec.logits, temperature, top_k, generator)
             yield nxt
-            for row, byte in zip(rows, nxt.tolist(), strict=True):
-                row.push(byte)
+            dec.push(nxt)
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
@@ -392,8 +413,9 @@ class HNet(nn.Module):
 
 
 class CachedDecoder:
-    """Incremental decoding of one sequence; `logits` [1, V] predicts the next byte, equal to
-    the full forward on the bytes since the last (re)start of the window."""
+    """Incremental decoding of B rows; `logits` [B, V] predicts each row's next byte, equal to
+    the full forward on the bytes since the last (re)start of the window. The byte stacks run
+    batched; the inner stages run per row, when that row starts a chunk."""
 
     def __init__(self, model: HNet, ids: torch.Tensor):
         if not ids.size(1):
@@ -404,14 +426,14 @@ class CachedDecoder:
     def prefill(self, ids: torch.Tensor) -> None:
         m = self.model
         p = next(m.parameters())
-        self.ids, self.cache = ids, m.stage.new_cache(p.device, p.dtype)
+        self.ids, self.cache = ids, m.stage.new_cache(ids.size(0), p.device, p.dtype)
         y, _ = m.stage(m.embed(ids), torch.ones_like(ids, dtype=torch.bool), self.cache)
         self.logits = m.head(y[:, -1])
 
-    def push(self, byte: int) -> None:
-        """Append one byte and update `logits`."""
+    def push(self, nxt: torch.Tensor) -> None:
+        """Append one byte per row (nxt [B]) and update `logits`."""
         m = self.model
-        self.ids = torch.cat([self.ids, self.ids.new_tensor([[byte]])], dim=1)
+        self.ids = torch.cat([self.ids, nxt.view(-1, 1).to(self.ids)], dim=1)
         if self.cache.enc.pos >= m.cfg.block_size:
             self.prefill(self.ids[:, -(m.cfg.block_size // 2) :])
             return
