@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -199,11 +200,14 @@ def ratio_loss(b: torch.Tensor, p: torch.Tensor, n: float, valid: torch.Tensor) 
 
 # ----- one stage and the model -----
 
-class StageOutput:
-    """What a stage hands up for the losses and metrics: p, b, validity and chunk positions."""
+class StageOutput(NamedTuple):
+    """What a stage hands up for the losses and metrics, all [B, L_s] but the last two."""
 
-    def __init__(self, p, b, valid, pos, n_cap):
-        self.p, self.b, self.valid, self.pos, self.n_cap = p, b, valid, pos, n_cap
+    p: torch.Tensor  # boundary probabilities
+    b: torch.Tensor  # chunk starts (bool, only at valid positions)
+    valid: torch.Tensor  # real positions (stage 0: all; inner stages: the real chunks of the outer one)
+    pos: torch.Tensor  # [B, max_chunks]: the position each chunk starts at
+    n_starts: torch.Tensor  # [B]: chunk starts, before the cap
 
 
 @dataclass
@@ -225,9 +229,12 @@ def transformer(cfg: HNetConfig, n_layer: int, width: int, length: int, window: 
 
 
 class HNetStage(nn.Module):
+    """Stage s: encoder, routing, chunking, the main network (stage s + 1 or the innermost
+    Transformer), dechunking and decoder, as in the module docstring."""
+
     def __init__(self, cfg: HNetConfig, s: int):
         super().__init__()
-        self.s, self.cap = s, cfg.chunk_caps()[s]
+        self.cap = cfg.chunk_caps()[s]
         d, d_in = cfg.d_model[s], cfg.d_model[s + 1]
         self.length = cfg.block_size if s == 0 else cfg.chunk_caps()[s - 1]
         window = cfg.byte_window if s == 0 else cfg.inner_window
@@ -364,12 +371,12 @@ class HNet(nn.Module):
             hits = (starts * ws).sum()
             valid = st.valid.sum().clamp(min=1)
             metrics |= {
-                f"bytes_per_chunk_s{s}": x.numel() / st.n_cap.clamp(max=cap).sum().clamp(min=1),
+                f"bytes_per_chunk_s{s}": x.numel() / st.n_starts.clamp(max=cap).sum().clamp(min=1),
                 f"boundary_rate_s{s}": (st.b & st.valid).sum() / valid,
                 f"rate_vs_target_s{s}": (st.b & st.valid).sum() / valid * n,
                 f"mean_prob_s{s}": (st.p * st.valid).sum() / valid,
                 f"ratio_loss_s{s}": loss.detach(),
-                f"chunk_cap_hit_s{s}": (st.n_cap > cap).float().mean(),
+                f"chunk_cap_hit_s{s}": (st.n_starts > cap).float().mean(),
                 f"past_cap_s{s}": ((st.b.long().cumsum(1) > cap) & st.valid).sum() / valid,
                 f"ws_precision_s{s}": hits / starts.sum().clamp(min=1),
                 f"ws_recall_s{s}": hits / ws.sum().clamp(min=1),
