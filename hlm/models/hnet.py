@@ -1,0 +1,447 @@
+"""H-Net: dynamic chunking learned end to end (Hwang, Wang, Gu 2025, "Dynamic Chunking for
+End-to-End Hierarchical Sequence Modeling", arXiv 2507.07955), in plain PyTorch.
+
+One stage s maps a sequence x [B, L, d_s] to y [B, L, d_s]:
+
+    encoder (local attention) -> routing p_t, b_t -> chunk: keep h_t where b_t = 1
+      -> widen to d_{s+1} -> main network (a stage again, or the causal Transformer)
+      -> narrow to d_s -> dechunk: EMA over chunks, each position reads its chunk
+      -> * STE(confidence) + W_res h -> decoder (local attention)
+
+Boundary convention: `b[t] = 1` means position t STARTS a chunk (the opposite of the
+hourglass, whose b[t] = 1 ends a group). p_0 = 1, so position 0 always starts chunk 0 and
+every position t reads chunk cumsum(b)_t - 1, the latest chunk starting at or before t:
+its main-network state depends on positions <= t only, so no shift is needed.
+
+Static shapes: a stage keeps at most `max_chunks` chunks per window. Chunk starts past the
+cap are dropped (the positions after keep reading the last chunk that fits, which is causal);
+`chunk_cap_hit` and `past_cap` log how often. Empty chunk slots are zero and never read.
+
+Widths: when d_{s+1} > d_s a learned vector of d_{s+1} - d_s values is appended to each
+chunk, and the main network's output is cut back to its first d_s values (as the reference).
+
+Generation (`CachedDecoder`) keeps KV caches for every stack, the routing module's last key
+and the last smoothed chunk; a chunk enters the inner stage the moment its first position
+arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
+rows that start a chunk, one position of the inner stage (per row: rows differ in where
+their chunks start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hlm import HLMError
+from hlm.models.blocks import (
+    KVCache,
+    ModelOutput,
+    RMSNorm,
+    Transformer,
+    at_least_fp32,
+    generate_ids,
+    init_weights,
+    sample_next,
+)
+
+WHITESPACE_BYTES = (0x00, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)  # with the document separator
+SMOOTH_BLOCK = 64  # block length of the two-level smoothing scan
+
+
+class HNetError(HLMError):
+    """An H-Net config or input that cannot be used."""
+
+
+@dataclass
+class HNetConfig:
+    family: str = "hnet"
+    vocab_size: int = 256
+    block_size: int = 4096  # context in bytes
+    d_model: list[int] = field(default_factory=lambda: [768, 768])  # widths, bytes first; stages + 1
+    n_enc: list[int] = field(default_factory=lambda: [2])  # encoder layers per stage
+    n_dec: list[int] = field(default_factory=lambda: [2])  # decoder layers per stage
+    n_main: int = 12  # layers of the innermost, full causal Transformer
+    head_dim: int = 64
+    mlp_ratio: float = 4.0
+    byte_window: int = 512  # local attention of stage 0's encoder and decoder (0: causal over the window)
+    inner_window: int = 0  # local attention of the inner stages' encoders and decoders
+    max_chunks: list[int] = field(default_factory=list)  # chunk cap per stage (empty or 0: see chunk_caps)
+    ratio_target: list[float] = field(default_factory=lambda: [6.0])  # N per stage: positions per chunk
+    ratio_weight: float = 0.03  # alpha: loss = LM loss + alpha * sum of the stages' ratio losses
+    lr_scale: list[float] = field(default_factory=list)  # per stage then main network (empty: all 1)
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.d_model) - 1
+
+    def chunk_caps(self) -> list[int]:
+        """Chunk slots per stage: `max_chunks`, or by default twice the target count rounded up
+        to a multiple of 8, never more than the stage's length."""
+        caps, length = [], self.block_size
+        for s in range(self.n_stages):
+            given = self.max_chunks[s] if s < len(self.max_chunks) else 0
+            default = -(-int(-(-2 * length // self.ratio_target[s])) // 8) * 8
+            caps.append(min(length, given or default))
+            length = caps[-1]
+        return caps
+
+    def describe(self) -> str:
+        layers = "+".join(map(str, [*self.n_enc, self.n_main, *reversed(self.n_dec)]))
+        ratios = ",".join(f"{n:g}" for n in self.ratio_target)
+        return f"hnet {self.n_stages}-stage {layers}L/{'-'.join(map(str, self.d_model))}d N={ratios}"
+
+
+# ----- the dynamic-chunking parts -----
+
+def boundary_prob(q: torch.Tensor, k_prev: torch.Tensor) -> torch.Tensor:
+    """p = (1 - cos(q_t, k_{t-1})) / 2 clamped to [0, 1], in fp32 or wider."""
+    cos = F.cosine_similarity(at_least_fp32(q), at_least_fp32(k_prev), dim=-1)
+    return ((1 - cos) / 2).clamp(0, 1)
+
+
+class RoutingModule(nn.Module):
+    """Boundary source: p_t from the cosine of consecutive projected states (W_q = W_k = I at
+    initialisation, so p_t = (1 - cos(h_t, h_{t-1})) / 2 then); p_0 = 1; b_t = 1[p_t >= 0.5]."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.q.weight.copy_(torch.eye(self.q.in_features))
+            self.k.weight.copy_(torch.eye(self.k.in_features))
+
+    def forward(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities p [B, L] and boundaries b [B, L] (bool, False at invalid positions)."""
+        p = boundary_prob(self.q(h[:, 1:]), self.k(h[:, :-1]))
+        p = F.pad(p, (1, 0), value=1.0)
+        return p, (p >= 0.5) & valid
+
+
+def chunk(h: torch.Tensor, b: torch.Tensor, max_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ChunkLayer (downsample): the states at chunk starts. h [B, L, D], b [B, L] bool ->
+    chunks [B, M, D] (empty slots zero), their positions [B, M] and validity [B, M]."""
+    count = b.long().cumsum(1)
+    slots = torch.arange(1, max_chunks + 1, device=h.device).expand(h.size(0), max_chunks).contiguous()
+    pos = torch.searchsorted(count, slots).clamp(max=h.size(1) - 1)  # first t with count_t = j + 1
+    valid = slots <= count[:, -1:]
+    chunks = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1))) * valid[..., None]
+    return chunks, pos, valid
+
+
+def segsum(log_a: torch.Tensor) -> torch.Tensor:
+    """S[..., j, i] = sum of log_a[..., i+1 .. j] for i <= j, -inf above the diagonal; summed
+    from masked copies, so no large cumulative sums are subtracted."""
+    n = log_a.size(-1)
+    x = log_a[..., :, None].expand(*log_a.shape, n)
+    x = x.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1), 0).cumsum(-2)
+    return x.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(0), float("-inf"))
+
+
+def ema_scan(x: torch.Tensor, log_a: torch.Tensor, block: int = SMOOTH_BLOCK) -> torch.Tensor:
+    """y_j = x_j + a_j y_{j-1} (y_{-1} = 0) over dim 1 for x [B, M, D], log a [B, M] <= 0.
+    Two levels: exact decay matrices inside blocks of `block`, then the same scan over the
+    blocks' final states (recursively) carried into each block. Every exponent is <= 0."""
+    B, M, D = x.shape
+    pad = -M % block
+    xb = F.pad(x, (0, 0, 0, pad)).view(B, -1, block, D)
+    lb = F.pad(log_a, (0, pad)).view(B, -1, block)
+    y = torch.exp(segsum(lb)) @ xb  # [B, blocks, block, D] from a zero state at each block start
+    if xb.size(1) > 1:
+        into = lb.cumsum(-1)  # decay from the state before the block to each position
+        ends = ema_scan(y[:, :, -1], into[..., -1], block)  # true state at the end of each block
+        carry = F.pad(ends[:, :-1], (0, 0, 1, 0))
+        y = y + torch.exp(into)[..., None] * carry[:, :, None]
+    return y.reshape(B, -1, D)[:, :M]
+
+
+def smooth(z: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """DeChunkLayer's smoothing: zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}, P clamped to
+    [1e-4, 1 - 1e-4]; computed in fp32 (or fp64) outside autocast."""
+    with torch.autocast(z.device.type, enabled=False):
+        P = at_least_fp32(P).clamp(1e-4, 1 - 1e-4)
+        return ema_scan(at_least_fp32(z) * P[..., None], torch.log1p(-P)).to(z.dtype)
+
+
+def dechunk(zbar: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each position t reads its chunk: zbar[min(cumsum(b)_t, M) - 1]."""
+    index = (b.long().cumsum(1) - 1).clamp(0, zbar.size(1) - 1)
+    return zbar.gather(1, index[..., None].expand(-1, -1, zbar.size(-1)))
+
+
+def ste(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through: exactly 1 forward, identity gradient."""
+    return (x - x.detach()) + 1.0
+
+
+def confidence(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c_t = p_t where t starts a chunk, 1 - p_t elsewhere."""
+    return torch.where(b, p, 1 - p)
+
+
+def ratio_loss(b: torch.Tensor, p: torch.Tensor, n: float, valid: torch.Tensor) -> torch.Tensor:
+    """N/(N-1) ((N-1) F G + (1-F)(1-G)), F = boundary fraction, G = mean p, over valid positions
+    (1 at the target F = G = 1/N)."""
+    count = valid.sum().clamp(min=1).to(p.dtype)
+    f = (b & valid).sum().to(p.dtype) / count
+    g = (p * valid).sum() / count
+    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
+
+
+# ----- one stage and the model -----
+
+class StageOutput(NamedTuple):
+    """What a stage hands up for the losses and metrics, all [B, L_s] but the last two."""
+
+    p: torch.Tensor  # boundary probabilities
+    b: torch.Tensor  # chunk starts (bool, only at valid positions)
+    valid: torch.Tensor  # real positions (stage 0: all; inner stages: the real chunks of the outer one)
+    pos: torch.Tensor  # [B, max_chunks]: the position each chunk starts at
+    n_starts: torch.Tensor  # [B]: chunk starts, before the cap
+
+
+@dataclass
+class StageCache:
+    """Decoding state of one stage for B rows: batched KV caches of its own stacks, and per row
+    the inner caches (rows start chunks at different positions), the count of chunks, the
+    routing module's last key and the last smoothed chunk (fp32 or wider)."""
+
+    enc: KVCache
+    dec: KVCache
+    inner: list[StageCache | KVCache]
+    k_last: torch.Tensor | None = None
+    zbar: torch.Tensor | None = None
+    n: list[int] = field(default_factory=list)
+
+
+def transformer(cfg: HNetConfig, n_layer: int, width: int, length: int, window: int = 0) -> Transformer:
+    return Transformer(n_layer, width, width // cfg.head_dim, length, cfg.mlp_ratio, cfg.rope_theta, window)
+
+
+class HNetStage(nn.Module):
+    """Stage s: encoder, routing, chunking, the main network (stage s + 1 or the innermost
+    Transformer), dechunking and decoder, as in the module docstring."""
+
+    def __init__(self, cfg: HNetConfig, s: int):
+        super().__init__()
+        self.cap = cfg.chunk_caps()[s]
+        d, d_in = cfg.d_model[s], cfg.d_model[s + 1]
+        self.length = cfg.block_size if s == 0 else cfg.chunk_caps()[s - 1]
+        window = cfg.byte_window if s == 0 else cfg.inner_window
+        self.encoder, self.enc_norm = transformer(cfg, cfg.n_enc[s], d, self.length, window), RMSNorm(d)
+        self.routing = RoutingModule(d)
+        self.pad = nn.Parameter(torch.zeros(d_in - d)) if d_in > d else None
+        if s + 1 < cfg.n_stages:
+            self.main = HNetStage(cfg, s + 1)
+        else:
+            self.main = transformer(cfg, cfg.n_main, d_in, self.cap)
+        self.inner_norm = RMSNorm(d_in)
+        self.residual = nn.Linear(d, d, bias=False)
+        self.decoder, self.dec_norm = transformer(cfg, cfg.n_dec[s], d, self.length, window), RMSNorm(d)
+
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.pad is None else torch.cat([x, self.pad.to(x.dtype).expand(*x.shape[:-1], -1)], -1)
+
+    def run_main(self, x, valid, cache=None) -> tuple[torch.Tensor, list[StageOutput]]:
+        if isinstance(self.main, HNetStage):
+            return self.main(x, valid, cache)
+        return self.main(x, cache), []
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, cache: StageCache | None = None
+                ) -> tuple[torch.Tensor, list[StageOutput]]:
+        """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing. With `cache`
+        (empty caches): a prefill that sends each row's real chunks, and only those, inward."""
+        h = self.enc_norm(self.encoder(x, cache.enc if cache else None))
+        p, b = self.routing(h, valid)
+        chunks, pos, chunk_valid = chunk(h, b, self.cap)
+        P = p.gather(1, pos)
+        inner = []
+        if cache is None:
+            z, inner = self.run_main(self.widen(chunks), chunk_valid)
+            read = dechunk(smooth(self.inner_norm(z)[..., : h.size(-1)], P), b)
+        else:
+            read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], cache, r)
+                              for r in range(h.size(0))])
+            cache.k_last = self.routing.k(h[:, -1:])
+        out = read * ste(confidence(p, b)).to(h.dtype)[..., None] + self.residual(h)
+        y = self.dec_norm(self.decoder(out, cache.dec if cache else None))
+        return y, [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
+
+    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, cache: StageCache, r: int
+                    ) -> torch.Tensor:
+        """Row r of a prefill: its n real chunks through the inner caches, then dechunked."""
+        n = int(b.sum().clamp(max=self.cap))
+        z, _ = self.run_main(self.widen(chunks[:, :n]), b.new_ones(1, n), cache.inner[r])
+        zbar = smooth(self.inner_norm(z)[..., : chunks.size(-1)], P[:, :n])
+        cache.zbar[r : r + 1], cache.n[r] = zbar[:, -1:], n
+        return dechunk(zbar, b)
+
+    def new_cache(self, batch: int, device, dtype) -> StageCache:
+        inner = [self.main.new_cache(1, device, dtype) if isinstance(self.main, HNetStage) else
+                 self.main.new_cache(1, self.cap, device, dtype) for _ in range(batch)]
+        d = self.residual.in_features
+        return StageCache(self.encoder.new_cache(batch, self.length, device, dtype),
+                          self.decoder.new_cache(batch, self.length, device, dtype), inner,
+                          zbar=torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32)),
+                          n=[0] * batch)
+
+    def step(self, x: torch.Tensor, cache: StageCache) -> torch.Tensor:
+        """One new position x [B, 1, d_s] after a prefill: same result as the full forward. The
+        rows that start a chunk here (and have room) step their inner caches one at a time."""
+        h = self.enc_norm(self.encoder(x, cache.enc))
+        p = boundary_prob(self.routing.q(h), cache.k_last)
+        cache.k_last = self.routing.k(h)
+        for r in torch.nonzero(p[:, 0] >= 0.5).flatten().tolist():
+            if cache.n[r] == self.cap:
+                continue
+            inner = self.widen(h[r : r + 1])
+            z = self.main.step(inner, cache.inner[r]) if isinstance(self.main, HNetStage) else \
+                self.main(inner, cache.inner[r])
+            P = at_least_fp32(p[r : r + 1]).clamp(1e-4, 1 - 1e-4)[..., None]
+            z = at_least_fp32(self.inner_norm(z)[..., : h.size(-1)])
+            cache.zbar[r : r + 1] = P * z + (1 - P) * cache.zbar[r : r + 1]
+            cache.n[r] += 1
+        return self.dec_norm(self.decoder(cache.zbar.to(h.dtype) + self.residual(h), cache.dec))
+
+
+def whitespace_starts(x: torch.Tensor) -> torch.Tensor:
+    """The whitespace rule in H-Net's convention: byte t starts a chunk iff byte t-1 is
+    whitespace or 0x00 and byte t is not (never at t = 0, which always starts one)."""
+    ws = torch.zeros_like(x, dtype=torch.bool)
+    for byte in WHITESPACE_BYTES:
+        ws |= x == byte
+    return F.pad(ws[:, :-1] & ~ws[:, 1:], (1, 0), value=False)
+
+
+class HNet(nn.Module):
+    def __init__(self, cfg: HNetConfig):
+        super().__init__()
+        S = cfg.n_stages
+        if S < 1 or len(cfg.n_enc) != S or len(cfg.n_dec) != S or len(cfg.ratio_target) != S:
+            raise HNetError("model.d_model needs stages + 1 widths and n_enc, n_dec, ratio_target one per stage")
+        if any(b < a for a, b in pairwise(cfg.d_model)) or any(d % cfg.head_dim for d in cfg.d_model):
+            raise HNetError("model.d_model: widths must not shrink inward and must be multiples of head_dim")
+        if any(n <= 1 for n in cfg.ratio_target):
+            raise HNetError("model.ratio_target: each N must be > 1")
+        if cfg.lr_scale and len(cfg.lr_scale) != S + 1:
+            raise HNetError("model.lr_scale: one multiplier per stage and one for the main network")
+        self.cfg = cfg
+        d = cfg.d_model[0]
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.stage = HNetStage(cfg, 0)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        init_weights(self, sum(cfg.n_enc) + sum(cfg.n_dec) + cfg.n_main, cfg.init_std)
+        for m in self.modules():
+            if isinstance(m, HNetStage):
+                m.routing.reset_parameters()
+                nn.init.zeros_(m.residual.weight)
+                if m.pad is not None:
+                    nn.init.normal_(m.pad, std=cfg.init_std)
+
+    def param_groups_lr_scale(self) -> list[tuple[float, list[nn.Parameter]]]:
+        """(lr multiplier, parameters) per stage, outer first, then the main network. A parameter
+        belongs to the stage whose `main` attributes lead to it (embedding and head: stage 0)."""
+        scales = self.cfg.lr_scale or [1.0] * (self.cfg.n_stages + 1)
+        groups: list[list[nn.Parameter]] = [[] for _ in scales]
+        for name, p in self.named_parameters():
+            groups[name.split(".").count("main")].append(p)
+        return list(zip(scales, groups, strict=True))
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [B, T, V] for byte ids x [B, T], the weighted ratio loss and the metrics."""
+        cfg = self.cfg
+        y, stages = self.stage(self.embed(x), torch.ones_like(x, dtype=torch.bool))
+        aux, metrics = torch.zeros((), device=x.device), {}
+        byte_pos, ws = torch.arange(x.size(1), device=x.device).expand_as(x), whitespace_starts(x)
+        for s, (st, n, cap) in enumerate(zip(stages, cfg.ratio_target, cfg.chunk_caps(), strict=True)):
+            loss = ratio_loss(st.b, st.p, n, st.valid)
+            aux = aux + loss
+            starts = torch.zeros_like(x, dtype=torch.float).scatter_add(1, byte_pos, (st.b & st.valid).float())
+            starts[:, 0] = 0  # byte 0 always starts a chunk
+            hits = (starts * ws).sum()
+            valid = st.valid.sum().clamp(min=1)
+            metrics |= {
+                f"bytes_per_chunk_s{s}": x.numel() / st.n_starts.clamp(max=cap).sum().clamp(min=1),
+                f"boundary_rate_s{s}": (st.b & st.valid).sum() / valid,
+                f"rate_vs_target_s{s}": (st.b & st.valid).sum() / valid * n,
+                f"mean_prob_s{s}": (st.p * st.valid).sum() / valid,
+                f"ratio_loss_s{s}": loss.detach(),
+                f"chunk_cap_hit_s{s}": (st.n_starts > cap).float().mean(),
+                f"past_cap_s{s}": ((st.b.long().cumsum(1) > cap) & st.valid).sum() / valid,
+                f"ws_precision_s{s}": hits / starts.sum().clamp(min=1),
+                f"ws_recall_s{s}": hits / ws.sum().clamp(min=1),
+            }
+            byte_pos = byte_pos.gather(1, st.pos)
+        return self.head(y), cfg.ratio_weight * aux, {k: v.detach().float() for k, v in metrics.items()}
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        """idx [B, T+1] byte ids; `loss` adds the weighted ratio losses, `nll` does not."""
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        logits, aux, metrics = self._run(inputs)
+        nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten(), reduction="none")
+        nll = nll.view_as(targets)
+        return ModelOutput(nll.mean() + aux, nll, metrics)
+
+    def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
+        return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
+
+    @torch.no_grad()
+    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
+                        top_k: int | None = None, generator: torch.Generator | None = None
+                        ) -> Iterator[torch.Tensor]:
+        """Yield one new byte per row [B] at a time (eval mode) through one `CachedDecoder` for
+        the batch. When the context fills up, the caches are rebuilt from the last half of the
+        window, as in gpt.py."""
+        dec = CachedDecoder(self, prompt)
+        for _ in range(max_new):
+            nxt = sample_next(dec.logits, temperature, top_k, generator)
+            yield nxt
+            dec.push(nxt)
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
+        """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
+        LongTensor [B, T] in, the prompt with the continuation appended out."""
+        if len(prompt) == 0 or (torch.is_tensor(prompt) and prompt.size(1) == 0):
+            raise HNetError("generate needs a non-empty prompt (start with the separator byte 0x00)")
+        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+
+
+class CachedDecoder:
+    """Incremental decoding of B rows; `logits` [B, V] predicts each row's next byte, equal to
+    the full forward on the bytes since the last (re)start of the window. The byte stacks run
+    batched; the inner stages run per row, when that row starts a chunk."""
+
+    def __init__(self, model: HNet, ids: torch.Tensor):
+        if not ids.size(1):
+            raise HNetError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
+        self.model = model
+        self.prefill(ids[:, -model.cfg.block_size :])
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        m = self.model
+        p = next(m.parameters())
+        self.ids, self.cache = ids, m.stage.new_cache(ids.size(0), p.device, p.dtype)
+        y, _ = m.stage(m.embed(ids), torch.ones_like(ids, dtype=torch.bool), self.cache)
+        self.logits = m.head(y[:, -1])
+
+    def push(self, nxt: torch.Tensor) -> None:
+        """Append one byte per row (nxt [B]) and update `logits`."""
+        m = self.model
+        self.ids = torch.cat([self.ids, nxt.view(-1, 1).to(self.ids)], dim=1)
+        if self.cache.enc.pos >= m.cfg.block_size:
+            self.prefill(self.ids[:, -(m.cfg.block_size // 2) :])
+            return
+        self.logits = m.head(m.stage.step(m.embed(self.ids[:, -1:]), self.cache)[:, -1])
