@@ -161,12 +161,18 @@ def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA); weight decay on matrices and embeddings, not on gains or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    """AdamW (fused on CUDA); weight decay on matrices and embeddings, not on gains or biases. A model
+    with `param_groups_lr_scale() -> [(multiplier, params)]` (H-Net's stages) gets a learning-rate
+    multiplier per part, kept in each group's `lr_scale`."""
+    if hasattr(model, "param_groups_lr_scale"):
+        parts = [(scale, list(params), {"lr_scale": scale}) for scale, params in model.param_groups_lr_scale()]
+    else:
+        parts = [(1.0, list(model.parameters()), {})]
+    groups = []
+    for _, params, extra in parts:
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, **extra},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
@@ -542,7 +548,7 @@ class Trainer:
         else:
             lr = lr_at(tc, self.step, self.progress())
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         patch_size = self.phases.patch_size_at(self.step)
         stats = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
         n_targets, metrics = 0, {}

@@ -27,7 +27,7 @@ from hlm.models.hnet import (
     ste,
     whitespace_starts,
 )
-from hlm.trainer import train
+from hlm.trainer import Trainer, make_optimizer, train
 
 TEXT = open(ROOT / "tests" / "fixtures" / "tinyshakespeare_head32k.txt", "rb").read()
 ONE = dict(d_model=[32, 32], n_enc=[1], n_dec=[1], ratio_target=[3.0])
@@ -226,6 +226,30 @@ def test_lr_scale_groups_follow_the_stages():
     assert owner["stage.main.encoder.blocks.0.attn.qkv.weight"] == owner["stage.main.residual.weight"] == 1
     assert owner["stage.pad"] == owner["stage.inner_norm.weight"] == 0
     assert owner["stage.main.main.blocks.0.mlp.fc.weight"] == 2
+
+
+def test_the_optimizer_applies_each_stage_lr_scale():
+    """make_optimizer gives every stage its own groups (decayed and not), and the step sets lr x scale."""
+    cfg = load_config(ROOT / "configs/smoke/hnet_2stage.yaml", ["model.lr_scale=[3.0, 1.7, 0.9]", "train.lr=0.01"])
+    model = tiny(TWO, lr_scale=[3.0, 1.7, 0.9])
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
+    assert [g["lr_scale"] for g in opt.param_groups] == [3.0, 3.0, 1.7, 1.7, 0.9, 0.9]
+    assert [g["weight_decay"] > 0 for g in opt.param_groups] == [True, False] * 3
+    by_group = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    scale_of = {id(p): s for s, ps in model.param_groups_lr_scale() for p in ps}
+    assert all(scale_of[i] == g["lr_scale"] for g, ids in zip(opt.param_groups, by_group, strict=True) for i in ids)
+    assert sum(map(len, by_group)) == len(list(model.parameters()))
+
+
+def test_a_training_step_sets_each_groups_lr_times_its_scale(tmp_path, byte_corpus):
+    cfg = load_config(ROOT / "configs/smoke/hnet_2stage.yaml",
+                      [f"data.path={byte_corpus}", f"train.out_dir={tmp_path}", "model.lr_scale=[3.0, 1.7, 0.9]",
+                       "train.max_steps=1", "eval.interval=0", "log.tensorboard=false"])
+    trainer = Trainer(cfg)
+    lr = trainer.train_step()[0]
+    assert lr > 0
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [lr * s for s in (3.0, 3.0, 1.7, 1.7, 0.9, 0.9)]
+    trainer.close()
 
 
 @pytest.mark.parametrize("stages", [ONE, TWO])
