@@ -217,3 +217,24 @@ def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokeniz
             "ppl_token_canonicalized": math.exp(canz / max(n_tokens, 1)), "bytes": int(b), "tokens": n_tokens,
             "mask_keys": len(masks.codes), "mask_bytes": masks.packed.numel(), "mask_seconds": mask_seconds,
             "seconds": seconds}
+
+
+def canonical_eval(model: torch.nn.Module, tok: Tokenizer, ids: torch.Tensor, end_id: int,
+                   token_nbytes: torch.Tensor, block: int, stride: int | None = None, batch_size: int = 8,
+                   device: torch.device | str = "cpu", autocast=None) -> dict:
+    """`canonicalized_stream` and its cost: canonical scoring alone (`hlm.evaluate.score_stream`) is timed
+    on the same ids and windows right before it, so `cost_vs_canonical` compares like with like (run it
+    after a warm-up pass, as eval.py does)."""
+    from hlm.evaluate import score_stream
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    score_stream(model, ids, token_nbytes, block, stride, batch_size, dev, autocast)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    canonical_seconds = time.perf_counter() - t0
+    res = canonicalized_stream(model, ids, tok, end_id, token_nbytes, block, stride, batch_size, dev, autocast)
+    return res | {"canonical_seconds": canonical_seconds,
+                  "cost_vs_canonical": res["seconds"] / max(canonical_seconds, 1e-9)}
