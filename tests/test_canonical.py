@@ -128,11 +128,93 @@ def test_stream_windows_and_bpb_match_plain_scoring(sp_bpe):
         assert 0 < res["mean_leak"] < 1 and 0 < res["share_leak_above_1pct"] <= 1
 
 
-@pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
-def test_regex_tokenizers_never_mask_a_canonical_token(name):
+@pytest.fixture(scope="module", params=["gpt2", "cl100k_base"])
+def regex_tok(request):
     shared = FIXTURES / "tokenizers"
-    tok = load_tokenizer(shared / "gpt2" if name == "gpt2" else shared / "tiktoken" / f"{name}.tiktoken")
+    return load_tokenizer(shared / "gpt2" if request.param == "gpt2" else shared / "tiktoken" / "cl100k_base.tiktoken")
+
+
+def test_regex_tokenizers_never_mask_a_canonical_token(regex_tok):
+    tok = regex_tok
     model = tiny_gpt(tok.vocab_size, seed=2)
     for doc in ["a  b\t\n\n  c", "I'VE 12345 caf\u00e9 \U0001f44d\u200d x"]:
         res = per_doc_canonicalized(model, tok, doc.encode(), tok.eos_id)
         assert res["masked_targets"] == 0 and res["nll_canonicalized"] <= res["nll_canon"]
+
+
+class MaskedGPT(torch.nn.Module):
+    """`MaskedModel` with the hlm GPT interface `cut_logprobs` calls (attention mask and positions): each
+    row's path is read off its attention mask."""
+
+    def __init__(self, model: GPT, tok, end_id: int):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+        self.masked = MaskedModel(model, tok, end_id)
+
+    def logits(self, ids, attn_mask=None, positions=None):
+        out = self.model.logits(ids, attn_mask=attn_mask, positions=positions)[0]
+        keep = attn_mask[0, 0]
+        rows = [out[i].masked_fill(~self.masked.allowed(ids[0, keep[i]].tolist()), float("-inf"))
+                for i in range(ids.size(1))]
+        return torch.stack(rows)[None]
+
+
+def check_cut_equals_conversion(tok, model, docs):
+    """At every cut of every document: log P(prefix) from `cut_logprobs` == the sum of the conversion's
+    next-byte log-probs up to the cut, for a model that leaks nothing; and canonical(doc + end) minus
+    it == the conversion's log-prob of the rest and the end."""
+    from hlm.bytes.cut import cut_logprobs
+
+    end = tok.eos_id
+    masked, rules = MaskedGPT(model, tok, end), ConversionRules(tok)
+    for doc in docs:
+        rows = ByteLM(MaskedModel(model, tok, end), tok, start_id=end).prefix_logprobs(doc)
+        per_byte = rows[torch.arange(len(doc) + 1), torch.tensor(list(doc) + [256])]
+        full = tok.encode(doc)
+        for cut in range(1, len(doc) + 1):
+            res = cut_logprobs(masked, rules, end, doc[:cut], full, end)
+            assert abs(res["prefix"] - float(per_byte[:cut].sum())) < 1e-9
+            assert abs(res["text"] - res["prefix"] - float(per_byte[cut:].sum())) < 1e-9
+            assert res["canonical_prefix"] >= res["text"] - 1e-12  # a prefix of the canonical path
+
+
+def test_prefix_at_a_cut_equals_the_conversion_on_toy_bpes():
+    for seed in (0, 1):
+        tok = BPETokenizer.from_merges(random_merges(seed, n=9))
+        check_cut_equals_conversion(tok, tiny_gpt(tok.vocab_size, seed=seed), TOY_DOCS[:2])
+
+
+def test_prefix_at_a_cut_equals_the_conversion_on_sentencepiece(sp_bpe):
+    """Cuts inside multi-byte characters (byte-fallback pieces) included."""
+    check_cut_equals_conversion(sp_bpe, tiny_gpt(sp_bpe.vocab_size, seed=4), [SP_DOCS[1], b"a cat's"])
+
+
+def cover_total(blm: ByteLM) -> float:
+    """log of the total weight of `blm.covers()` (per anchor range, not token by token)."""
+    n, terms = len(blm.tracker.text), []
+    for a in blm.tracker.anchors:
+        lo, hi = blm.index.strict_range(blm.tracker.remainder(a))
+        if blm.tracker.trie.pos[a] == n:
+            terms.append(torch.tensor(blm._logq[a], dtype=torch.float64))
+        elif lo < hi:
+            terms.append(blm._logq[a] + blm._sorted_probs(a)[lo:hi].sum().log())
+    return float(torch.logsumexp(torch.stack(terms), 0))
+
+
+def test_prefix_at_a_cut_on_regex_tokenizers(regex_tok):
+    """Lookahead pretokenizers (several exact nodes at some cuts): log P(prefix) from one forward equals
+    the total weight of the covers the byte-by-byte tracker finds (those prompt-boundary sampling draws
+    from), on any model."""
+    from hlm.bytes.cut import cut_logprobs
+
+    tok = regex_tok
+    model = tiny_gpt(tok.vocab_size, seed=2)
+    rules, blm = ConversionRules(tok), ByteLM(model, tok, start_id=tok.eos_id)
+    doc = "a  b\t\n\n  c caf\u00e9".encode()
+    several = 0
+    for cut in (3, 4, 7, 9, len(doc) - 3, len(doc) - 1, len(doc)):  # mid-word, whitespace runs, mid-character
+        res = cut_logprobs(model, rules, tok.eos_id, doc[:cut], tok.encode(doc), tok.eos_id)
+        blm.goto(doc[:cut])
+        assert abs(res["prefix"] - cover_total(blm)) < 1e-9
+        several += len(blm.tracker.exact) > 1
+    assert several >= 1
