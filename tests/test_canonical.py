@@ -218,3 +218,24 @@ def test_prefix_at_a_cut_on_regex_tokenizers(regex_tok):
         assert abs(res["prefix"] - cover_total(blm)) < 1e-9
         several += len(blm.tracker.exact) > 1
     assert several >= 1
+
+
+def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
+    """TokenFIM.cut_nll (one forward) == log P_v(prefix) - log P_v(prefix + middle, end) from the byte-by-byte
+    cover state after the FIM prompt; never below the conversion's renormalised NLL (exact method)."""
+    from hlm.fim_eval import Cut, TokenFIM, exact_byte_lm, exact_fill_and_nll
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=sp_bpe.vocab_size + 3, block_size=128, n_layer=1, n_head=2, d_model=16,
+                          init_std=0.3)).double().eval()
+    fim = TokenFIM(model, sp_bpe, sp_bpe.eos_id, sp_bpe.vocab_size)
+    text = "def area(w):\n    return w * w  # caf\u00e9\n".encode()
+    for k, m in ((9, 15), (20, 21), (35, 38), (36, len(text))):  # inside words, tokens and a character
+        cut = Cut(0, text[:k], text[k:m], text[m:], text[:k], text[m:])
+        blm = exact_byte_lm(fim, cut)
+        blm.goto(cut.prefix)
+        at_prefix = cover_total(blm)
+        blm.goto(cut.prefix + cut.middle)
+        expect = at_prefix - float(blm.unnormalized_scores()[256])
+        assert abs(fim.cut_nll(cut) - expect) < 1e-9
+        assert fim.cut_nll(cut) >= exact_fill_and_nll(exact_byte_lm(fim, cut), cut, 0)[1] - 1e-9
