@@ -66,11 +66,18 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
 
 def test_sample_mid_word_prompt(runs, capsysbinary):
     for ckpt in (runs["bpe"][0], runs["bytes"][0]):
-        for extra in ([], ["--byte-level", "--top-k", "5"]):
+        modes = [[], ["--byte-level", "--top-k", "5"]] + [["--canonical-sampling"]] * (ckpt == runs["bpe"][0])
+        for extra in modes:
             assert sample_cli.main([str(ckpt), "--prompt", "The hist", "--max-bytes", "12", *extra]) == 0
             out = capsysbinary.readouterr()
             assert out.out.startswith(b"The hist") and len(out.out) <= len(b"The hist") + 12 + 1
             assert b"bytes/s" in out.err
+
+
+def test_canonical_sampling_needs_token_sampling(runs, capsys):
+    for ckpt, extra in ((runs["bytes"][0], []), (runs["bpe"][0], ["--byte-level"])):
+        assert sample_cli.main([str(ckpt), "--canonical-sampling", *extra]) == 1
+        assert capsys.readouterr().err.startswith("error: --canonical-sampling")
 
 
 def test_native_byte_sample_ends_at_the_document_separator(runs, capsysbinary, monkeypatch):

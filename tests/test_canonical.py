@@ -10,7 +10,7 @@ from conftest import random_merges
 
 from hlm import LN2
 from hlm.bytes import ByteLM
-from hlm.bytes.canonical import canonicalized_stream, stream_keys
+from hlm.bytes.canonical import canonicalized_stream, incomplete_char, stream_keys
 from hlm.bytes.covers import ConversionRules
 from hlm.bytes.exact_eval import mask_key_code
 from hlm.evaluate import encode_stream, score_stream
@@ -38,7 +38,7 @@ def tiny_gpt(vocab: int, block: int = 64, seed: int = 0) -> GPT:
     return GPT(cfg).double().eval()
 
 
-def incomplete_char(data: bytes) -> bytes:
+def brute_incomplete_char(data: bytes) -> bytes:
     """The trailing incomplete UTF-8 character of data (b"" on a boundary), by brute force."""
     for k in (1, 2, 3):
         tail = data[-k:]
@@ -61,7 +61,7 @@ class MaskedModel:
 
     def allowed(self, path: list[int]) -> torch.Tensor:
         last = None if len(path) == 1 or path[-1] == self.end_id else path[-1]
-        mask = self.rules.next_mask(last, incomplete_char(self.tok.decode(path[1:]))).clone()
+        mask = self.rules.next_mask(last, brute_incomplete_char(self.tok.decode(path[1:]))).clone()
         mask[self.end_id] = True
         return mask
 
@@ -109,7 +109,7 @@ def test_stream_keys_carry_the_incomplete_character(sp_bpe):
     text, expect = b"", []
     for t in ids.tolist():
         text = b"" if t == sp_bpe.eos_id else text + sp_bpe.token_bytes(t)
-        expect.append(mask_key_code(None if t == sp_bpe.eos_id else t, incomplete_char(text)))
+        expect.append(mask_key_code(None if t == sp_bpe.eos_id else t, brute_incomplete_char(text)))
     assert codes.tolist() == expect
     assert sum(c & 0xFFFFFFFF != 0 for c in expect) >= 5  # 日, 本, 😀 (twice the first bytes), Ж...
 
@@ -134,8 +134,8 @@ def regex_tok(request):
     return load_tokenizer(shared / "gpt2" if request.param == "gpt2" else shared / "tiktoken" / "cl100k_base.tiktoken")
 
 
-def test_regex_tokenizers_never_mask_a_canonical_token(regex_tok):
-    tok = regex_tok
+def test_gpt2_never_masks_a_canonical_token():
+    tok = load_tokenizer(FIXTURES / "tokenizers" / "gpt2")
     model = tiny_gpt(tok.vocab_size, seed=2)
     for doc in ["a  b\t\n\n  c", "I'VE 12345 caf\u00e9 \U0001f44d\u200d x"]:
         res = per_doc_canonicalized(model, tok, doc.encode(), tok.eos_id)
@@ -239,3 +239,65 @@ def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
         expect = at_prefix - float(blm.unnormalized_scores()[256])
         assert abs(fim.cut_nll(cut) - expect) < 1e-9
         assert fim.cut_nll(cut) >= exact_fill_and_nll(exact_byte_lm(fim, cut), cut, 0)[1] - 1e-9
+
+
+def draw(blm: ByteLM, canonical: bool, n_tokens: int, seed: int) -> list[int]:
+    from hlm.bytes.sampling import canonical_token_stream
+    from hlm.models.blocks import sample_next
+
+    gen = torch.Generator().manual_seed(seed)
+    path = [blm.start_id]
+    stream = canonical_token_stream(blm, path, 1.0, None, gen) if canonical else iter(
+        lambda: int(sample_next(blm.runner.logprobs(path)[None], 1.0, None, gen)[0]), None)
+    ids = []
+    for t in stream:
+        if t == blm.eos_id or len(ids) == n_tokens:
+            break
+        ids.append(t)
+        path.append(t)
+    return ids
+
+
+def test_canonical_sampling_gives_canonical_sequences_on_a_toy_bpe():
+    tok = BPETokenizer.from_merges(random_merges(3, n=12))
+    model = tiny_gpt(tok.vocab_size, seed=5)
+    support = torch.tensor([set(tok.token_bytes(i)) <= set(b"abc") for i in range(tok.vocab_size)])
+    support[tok.eos_id] = True  # the tokens over the merges' alphabet: their pairs are often not canonical
+    blm = ByteLM(lambda ids: model.logits(ids).masked_fill(~support, float("-inf")), tok, start_id=tok.eos_id)
+    for seed in range(30):
+        ids = draw(blm, True, 12, seed)
+        assert tok.encode(tok.decode(ids)) == ids
+    assert any(tok.encode(tok.decode(ids)) != ids for ids in (draw(blm, False, 12, s) for s in range(30)))
+
+
+def test_canonical_sampling_gives_canonical_sequences_on_sentencepiece(sp_bpe):
+    """Byte pieces only where a character needs them, completed before the end (or cut at the limit)."""
+    blm = ByteLM(tiny_gpt(sp_bpe.vocab_size, seed=6), sp_bpe, start_id=sp_bpe.eos_id)
+    for seed in range(10):
+        ids = draw(blm, True, 15, seed)
+        while ids and incomplete_char(sp_bpe.decode(ids)):  # stopped inside a character by the limit
+            ids.pop()
+        assert sp_bpe.encode(sp_bpe.decode(ids)) == ids
+
+
+def test_canonical_sampling_from_a_prompt_ending_mid_word(sp_bpe):
+    from hlm.bytes import sample_prompt_boundary
+
+    blm = ByteLM(tiny_gpt(sp_bpe.vocab_size, seed=7), sp_bpe, start_id=sp_bpe.eos_id)
+    for seed in range(5):
+        out = b"".join(sample_prompt_boundary(blm, b"The hist", 40, generator=torch.Generator().manual_seed(seed),
+                                              canonical=True))
+        assert len(out) <= 40
+
+
+def test_canonical_sampling_on_gpt2_stays_a_prefix_of_an_encoding():
+    from hlm.bytes.covers import PROBES
+
+    tok = load_tokenizer(FIXTURES / "tokenizers" / "gpt2")
+    blm = ByteLM(tiny_gpt(tok.vocab_size, seed=8), tok, start_id=tok.eos_id)
+    for seed in range(4):
+        ids = draw(blm, True, 8, seed)
+        while ids and incomplete_char(tok.decode(ids)):
+            ids.pop()
+        text = tok.decode(ids)
+        assert any(tok.encode(text + z.encode())[: len(ids)] == ids for z in PROBES)

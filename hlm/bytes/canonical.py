@@ -141,6 +141,17 @@ def _extend_char(partial: bytes, b: bytes) -> bytes:
     return data if 1 < need and len(data) < need else b""
 
 
+def incomplete_char(data: bytes) -> bytes:
+    """The trailing incomplete UTF-8 character of data (b"" when data ends on a character boundary)."""
+    for k in (1, 2, 3):
+        lead = data[-k:-k + 1] if k > 1 else data[-1:]
+        if not lead:
+            return b""
+        if not 0x80 <= lead[0] < 0xC0:
+            return data[-k:] if k < _char_len(lead[0]) else b""
+    return b""
+
+
 def _char_len(lead: int) -> int:
     return 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 1
 
