@@ -227,6 +227,9 @@ def print_table(rows: list[dict]) -> None:
             if c["masked_targets"]:
                 print(f"{r['checkpoint']}: {c['masked_targets']} canonical tokens rejected by the validity masks "
                       "(scored unmasked)")
+            if c.get("bpb_canon_open_end") is not None:
+                print(f"{r['checkpoint']}: bpb_canon {c['bpb_canon_open_end']:.4f} with the split's unterminated last "
+                      "document scored as a prefix (covers at its end) instead of ending on a token boundary")
             print(f"{r['checkpoint']}: validity masks for {c['mask_keys']:,} keys ({c['mask_bytes'] / 2**20:.1f} MiB "
                   f"packed) built in {c['mask_seconds']:.2f} s, not in the cost")
 

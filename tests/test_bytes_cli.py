@@ -56,6 +56,7 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
     assert abs(canon["bpb_canon"] - rows[0]["bpb"]) < 1e-5 and canon["tokens"] == rows[0]["tokens"]  # same windows
     assert 0 < canon["bpb_leak"] and canon["bpb_canonicalized"] < canon["bpb_canon"] and canon["masked_targets"] == 0
     assert canon["cost_vs_canonical"] > 0 and 0 < canon["mean_leak"] < 1
+    assert canon["bpb_canon_open_end"] <= canon["bpb_canon"]  # a prefix is at least as likely as one tokenization
     assert "exact" not in rows[1] and "canonical" not in rows[1]  # byte model: nothing to convert
     ens = rows[2]
     assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2

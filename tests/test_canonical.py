@@ -10,7 +10,7 @@ from conftest import random_merges
 
 from hlm import LN2
 from hlm.bytes import ByteLM
-from hlm.bytes.canonical import canonicalized_stream, incomplete_char, stream_keys
+from hlm.bytes.canonical import canonicalized_stream, incomplete_char, open_end_correction, stream_keys
 from hlm.bytes.covers import ConversionRules
 from hlm.bytes.exact_eval import mask_key_code
 from hlm.evaluate import encode_stream, score_stream
@@ -117,7 +117,7 @@ def test_stream_keys_carry_the_incomplete_character(sp_bpe):
 def test_stream_windows_and_bpb_match_plain_scoring(sp_bpe):
     """On the windows of eval's canonical scoring (several per document), bpb_canon is its bpb."""
     model = tiny_gpt(sp_bpe.vocab_size, block=8, seed=1)
-    ids = encode_stream(SP_DOCS, sp_bpe, sp_bpe.eos_id)
+    ids = encode_stream(SP_DOCS + [b"in th"], sp_bpe, sp_bpe.eos_id)
     nbytes = torch.tensor([max(len(sp_bpe.token_bytes(i)), 1) for i in range(sp_bpe.vocab_size)])
     for stride in (None, 3):
         plain = score_stream(model, ids, nbytes, 8, stride)
@@ -126,6 +126,13 @@ def test_stream_windows_and_bpb_match_plain_scoring(sp_bpe):
         assert abs(res["bpb_canon"] - plain["nll"] / (LN2 * plain["bytes"])) < 1e-9
         assert 0 < res["bpb_leak"] == pytest.approx(res["bpb_canon"] - res["bpb_canonicalized"])
         assert 0 < res["mean_leak"] < 1 and 0 < res["share_leak_above_1pct"] <= 1
+    model = tiny_gpt(sp_bpe.vocab_size, block=64, seed=1)  # one window: the last document sees the others
+    sep = len(ids) - 1 - ids.tolist()[::-1].index(sp_bpe.eos_id)
+    blm = ByteLM(model, sp_bpe, start_id=sp_bpe.eos_id, context=ids[:sep].tolist())
+    blm.goto(b"in th")
+    expect = cover_total(blm) - blm._logq[blm.tracker.exact[0]]
+    assert open_end_correction(model, ids, sp_bpe, sp_bpe.eos_id, 64) == pytest.approx(expect, abs=1e-9)
+    assert expect > 0  # "in th" ends inside a word: longer tokens starting with " th" count too
 
 
 @pytest.fixture(scope="module", params=["gpt2", "cl100k_base"])

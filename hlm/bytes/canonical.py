@@ -246,6 +246,43 @@ def canonical_eval(model: torch.nn.Module, tok: Tokenizer, ids: torch.Tensor, en
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     canonical_seconds = time.perf_counter() - t0
-    res = canonicalized_stream(model, ids, tok, end_id, token_nbytes, block, stride, batch_size, dev, autocast)
-    return res | {"canonical_seconds": canonical_seconds,
-                  "cost_vs_canonical": res["seconds"] / max(canonical_seconds, 1e-9)}
+    rules = ConversionRules(tok)
+    res = canonicalized_stream(model, ids, tok, end_id, token_nbytes, block, stride, batch_size, dev, autocast,
+                               rules)
+    res |= {"canonical_seconds": canonical_seconds, "cost_vs_canonical": res["seconds"] / max(canonical_seconds, 1e-9)}
+    open_end = open_end_correction(model, ids, tok, end_id, block, stride, autocast, rules)
+    if open_end is not None:
+        res["bpb_canon_open_end"] = (res["nll_canon"] - open_end) / (LN2 * res["bytes"])
+    return res
+
+
+def open_end_correction(model: torch.nn.Module, ids: torch.Tensor, tok: Tokenizer, end_id: int, block: int,
+                        stride: int | None = None, autocast=None, rules: ConversionRules | None = None) -> float | None:
+    """The split's last document has no end of text, so its canonical score conditions on a token boundary
+    at its last byte. Scored as a prefix instead (hlm/bytes/cut.py), its log-probability rises by the
+    returned amount (nats): log P(doc) - log Q(encode(doc)), from one forward over the stream's last
+    window (as much of it as fits with the chains of covers at the end). None when that document
+    starts before the last window or its covers cannot be tracked."""
+    from hlm import HLMError
+    from hlm.bytes.cut import cut_logprobs, plan_cut
+
+    ids_list = ids.tolist()
+    if ids_list[-1] == end_id:
+        return 0.0
+    start, length, _ = eval_windows(len(ids_list), block, stride)[-1]
+    sep = len(ids_list) - 1 - ids_list[::-1].index(end_id)
+    if sep < start:
+        return None
+    tokens = ids_list[sep + 1 :]
+    text = tok.decode(tokens)
+    if getattr(tok, "add_dummy_prefix", False):
+        text = text[1:]
+    rules = rules or ConversionRules(tok)
+    try:
+        room = block - 1 - max(plan_cut(rules, end_id, text, tokens).positions)  # context that fits before it
+        before = ids_list[start:sep]
+        context = before[max(0, len(before) - room) :] if room > 0 else []
+        res = cut_logprobs(model, rules, end_id, text, tokens, None, context, autocast)
+    except HLMError:
+        return None
+    return res["prefix"] - res["text"]
