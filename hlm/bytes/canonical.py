@@ -261,28 +261,23 @@ def open_end_correction(model: torch.nn.Module, ids: torch.Tensor, tok: Tokenize
     """The split's last document has no end of text, so its canonical score conditions on a token boundary
     at its last byte. Scored as a prefix instead (hlm/bytes/cut.py), its log-probability rises by the
     returned amount (nats): log P(doc) - log Q(encode(doc)), from one forward over the stream's last
-    window (as much of it as fits with the chains of covers at the end). None when that document
-    starts before the last window or its covers cannot be tracked."""
+    window and the chains of covers at the end (its first positions dropped if they do not fit the
+    context). None when the covers cannot be tracked."""
     from hlm import HLMError
-    from hlm.bytes.cut import cut_logprobs, plan_cut
+    from hlm.bytes.cut import cut_logprobs
 
     ids_list = ids.tolist()
     if ids_list[-1] == end_id:
         return 0.0
-    start, length, _ = eval_windows(len(ids_list), block, stride)[-1]
+    start = eval_windows(len(ids_list), block, stride)[-1][0]
     sep = len(ids_list) - 1 - ids_list[::-1].index(end_id)
-    if sep < start:
-        return None
     tokens = ids_list[sep + 1 :]
     text = tok.decode(tokens)
     if getattr(tok, "add_dummy_prefix", False):
         text = text[1:]
-    rules = rules or ConversionRules(tok)
     try:
-        room = block - 1 - max(plan_cut(rules, end_id, text, tokens).positions)  # context that fits before it
-        before = ids_list[start:sep]
-        context = before[max(0, len(before) - room) :] if room > 0 else []
-        res = cut_logprobs(model, rules, end_id, text, tokens, None, context, autocast)
+        res = cut_logprobs(model, rules or ConversionRules(tok), end_id, text, tokens, None,
+                           ids_list[start:sep] if sep >= start else [], autocast, slide=True)
     except HLMError:
         return None
     return res["prefix"] - res["text"]

@@ -101,18 +101,23 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
 @torch.no_grad()
 def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, prefix: bytes,
                  text_tokens: list[int] | None = None, end_id: int | None = None, context: list[int] = (),
-                 autocast: contextlib.AbstractContextManager | None = None) -> dict:
+                 autocast: contextlib.AbstractContextManager | None = None, slide: bool = False) -> dict:
     """Log-probabilities (nats, given `context` + start symbol) from one forward of an hlm GPT:
     `prefix`: log P(prefix) over its covers; `canonical_prefix`: log Q of the canonical prefix T (the
     part every cover shares); `text`: log Q(text_tokens (+ end_id)), the canonical score of the longer
-    text (default: the canonical encoding of prefix itself)."""
+    text (default: the canonical encoding of prefix itself). With `slide`, a layout longer than the
+    model's context loses its first positions (at most up to T), and the three values are relative to
+    the first position kept: differences between them stay exact."""
     tok = rules.tok
     if text_tokens is None:
         text_tokens = tok.encode(prefix)
     plan = plan_cut(rules, start_id, prefix, text_tokens, context)
+    drop = max(plan.positions) + 1 - model.cfg.block_size
+    if drop > 0 and (not slide or drop > plan.prefix_pos):
+        raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {model.cfg.block_size}")
+    if drop > 0:
+        plan = _slide(plan, drop)
     n = len(plan.ids)
-    if max(plan.positions) >= model.cfg.block_size:
-        raise MissingCoverError(f"{n} positions do not fit the model's context of {model.cfg.block_size}")
     device = next(model.parameters()).device
     parent = torch.tensor(plan.parent)
     keep = torch.ones(n, n, dtype=torch.bool).tril()
@@ -124,13 +129,14 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
     pos = torch.tensor([plan.positions], device=device)
     with autocast or contextlib.nullcontext():
         logits = model.logits(ids, attn_mask=keep.to(device)[None, None], positions=pos)[0]
-    need = sorted({p for p in plan.parent[plan.n_context + 1 :]} | {p for p, _, _ in plan.covers}
+    need = sorted({p for p in plan.parent[plan.n_context + 1 :] if p >= 0} | {p for p, _, _ in plan.covers}
                   | {plan.n_trunk - 1})
     lp = torch.full((n, logits.size(-1)), float("-inf"), dtype=torch.float64)
     lp[need] = F.log_softmax(logits[need].double(), dim=-1).cpu()
     logq = torch.zeros(n, dtype=torch.float64)
     for i in range(plan.n_context + 1, n):  # parents come first
-        logq[i] = logq[parent[i]] + lp[parent[i], plan.ids[i]]
+        if parent[i] >= 0:
+            logq[i] = logq[parent[i]] + lp[parent[i], plan.ids[i]]
     perm = rules.index.perm
     terms = []
     for p, lo, hi in plan.covers:
@@ -143,3 +149,14 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
     text = logq[plan.n_trunk - 1] + (lp[plan.n_trunk - 1, end_id] if end_id is not None else 0.0)
     return {"prefix": float(torch.logsumexp(torch.stack(terms), 0)), "canonical_prefix": float(logq[plan.prefix_pos]),
             "text": float(text), "positions": n, "extra_positions": n - plan.n_trunk}
+
+
+def _slide(plan: CutPlan, drop: int) -> CutPlan:
+    """The plan without its first `drop` trunk positions (all positions shift down by `drop`)."""
+    def shift(i: int) -> int:
+        return i - drop if i >= drop else -1
+
+    return CutPlan(plan.ids[drop:], [p - drop for p in plan.positions[drop:]], [shift(p) for p in plan.parent[drop:]],
+                   plan.n_trunk - drop, plan.n_context - drop if plan.n_context >= drop else -1,
+                   [(p - drop, lo, hi) for p, lo, hi in plan.covers], plan.prefix_pos - drop,
+                   {p - drop: m for p, m in plan.masks.items()})
