@@ -67,15 +67,6 @@ def _unpack(packed: torch.Tensor, v: int) -> torch.Tensor:
     return (packed[..., None] & _BITS.to(packed.device)).ne(0).flatten(-2)[..., :v]
 
 
-def key_of(tok: Tokenizer, rule: str, last: int | None, partial: bytes) -> int:
-    """`mask_key_code` with the parts the rule ignores dropped, so that equal masks share a row."""
-    if rule == "regex":
-        return mask_key_code(None, b"")
-    if rule == "none":
-        return mask_key_code(last, b"")
-    return mask_key_code(last, partial)
-
-
 class CanonicalMasks:
     """Invalid next tokens for every validity key of a stream, as packed bits on one device.
 
@@ -126,7 +117,7 @@ def stream_keys(ids: np.ndarray, tok: Tokenizer, end_id: int, rules: ConversionR
             partial = b""  # a piece (or separator) before: the character started at this byte
         partial = _extend_char(partial, tok.token_bytes(int(ids[i])))
         if partial:
-            codes[i] = key_of(tok, rule, int(ids[i]), partial)
+            codes[i] = mask_key_code(int(ids[i]), partial)
     return codes
 
 

@@ -50,24 +50,28 @@ class CutPlan:
 def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: list[int],
              context: list[int] = ()) -> CutPlan:
     """Model-free layout for the covers of `prefix` hanging from `text_tokens` (the canonical encoding of
-    a text that starts with prefix, or of prefix itself)."""
+    a text that starts with prefix, or of prefix itself). Sentencepiece: covers are tracked from the
+    prefix's last `segment_points` cut only, where every cover has a token boundary and the tokens
+    before it are the canonical ones (as in fim_eval's `exact_tail`)."""
     tok = rules.tok
-    tracker = CoverTracker(rules, start_id)
-    if getattr(tok, "add_dummy_prefix", False):
+    head = _head_tokens(rules, prefix, text_tokens)
+    tracker = CoverTracker(rules, head[-1] if head else start_id)
+    if getattr(tok, "add_dummy_prefix", False) and not head:
         tracker.advance(0x20)
-    for b in prefix:
+    for b in prefix[len(tok.decode(head)) :]:
         tracker.advance(b)
     trie, n = tracker.trie, len(tracker.text)
     covers = [(a, *rules.index.strict_range(tracker.remainder(a))) for a in tracker.anchors if trie.pos[a] < n]
     covers = [(a, lo, hi) for a, lo, hi in covers if lo < hi] + [(e, 0, 0) for e in tracker.exact]
     trunk = [0]  # trie nodes along the text's canonical tokens, as far as the trie has them
-    for t in text_tokens:
+    for t in text_tokens[len(head) :]:
         nxt = trie.children[trunk[-1]].get(t)
         if nxt is None:
             break
         trunk.append(nxt)
     n_context = len(context)
-    pos_of = {node: n_context + i for i, node in enumerate(trunk)}
+    root = n_context + len(head)  # the position of the trie's root
+    pos_of = {node: root + i for i, node in enumerate(trunk)}
     ids = list(context) + [start_id] + list(text_tokens)
     positions = list(range(len(ids)))
     parent = [-1] * n_context + [-1] + list(range(n_context, len(ids) - 1))
@@ -82,7 +86,7 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
             pos_of[node] = len(ids)
             ids.append(trie.token[node])
             parent.append(pos_of[trie.parent[node]])
-            positions.append(n_context + len(trie.path(node)) - 1)
+            positions.append(root + len(trie.path(node)) - 1)
     paths = [trie.path(c) for c, _, _ in covers]
     depth = 0
     while all(len(p) > depth + 1 and p[depth + 1] == paths[0][depth + 1] for p in paths):
@@ -96,6 +100,17 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
     masks = {pos_of[a]: tracker.mask(a) for a, lo, hi in covers if lo < hi}
     return CutPlan(ids, positions, parent, n_trunk, n_context, [(pos_of[c], lo, hi) for c, lo, hi in covers],
                    pos_of[node], masks)
+
+
+def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) -> list[int]:
+    """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one)."""
+    from hlm.bytes.exact_eval import segment_points
+
+    points = segment_points(prefix, rules)
+    if not points:
+        return []
+    head = rules.tok.encode(prefix[: points[-1]])
+    return head if text_tokens[: len(head)] == head else []
 
 
 @torch.no_grad()
