@@ -134,7 +134,6 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
         plan = _slide(plan, drop)
     n = len(plan.ids)
     device = next(model.parameters()).device
-    parent = torch.tensor(plan.parent)
     keep = torch.ones(n, n, dtype=torch.bool).tril()
     keep[plan.n_trunk :] = False
     for i in range(plan.n_trunk, n):  # a chain node sees what its parent sees, and itself
@@ -146,12 +145,15 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
         logits = model.logits(ids, attn_mask=keep.to(device)[None, None], positions=pos)[0]
     need = sorted({p for p in plan.parent[plan.n_context + 1 :] if p >= 0} | {p for p, _, _ in plan.covers}
                   | {plan.n_trunk - 1})
-    lp = torch.full((n, logits.size(-1)), float("-inf"), dtype=torch.float64)
-    lp[need] = F.log_softmax(logits[need].double(), dim=-1).cpu()
+    row = {p: k for k, p in enumerate(need)}  # log-probs of the needed positions only
+    lp = F.log_softmax(logits[torch.tensor(need, device=logits.device)].double(), dim=-1).cpu()
+    scored = [i for i in range(n) if plan.parent[i] >= 0]
+    step = lp[[row[plan.parent[i]] for i in scored], [plan.ids[i] for i in scored]].tolist()
     logq = torch.zeros(n, dtype=torch.float64)
-    for i in range(plan.n_context + 1, n):  # parents come first
-        if parent[i] >= 0:
-            logq[i] = logq[parent[i]] + lp[parent[i], plan.ids[i]]
+    on_trunk = [i for i in scored if i < plan.n_trunk]  # consecutive, each after its parent: a running sum
+    logq[on_trunk] = torch.tensor(step[: len(on_trunk)], dtype=torch.float64).cumsum(0)
+    for i, value in zip(scored[len(on_trunk) :], step[len(on_trunk) :], strict=True):  # chains: parents first
+        logq[i] = logq[plan.parent[i]] + value
     perm = rules.index.perm
     terms = []
     for p, lo, hi in plan.covers:
@@ -159,9 +161,9 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
             terms.append(logq[p])
         else:
             ids_range = perm[lo:hi]
-            mass = (lp[p, ids_range].exp() * plan.masks[p][ids_range]).sum()
+            mass = (lp[row[p], ids_range].exp() * plan.masks[p][ids_range]).sum()
             terms.append(logq[p] + mass.log())
-    text = logq[plan.n_trunk - 1] + (lp[plan.n_trunk - 1, end_id] if end_id is not None else 0.0)
+    text = logq[plan.n_trunk - 1] + (lp[row[plan.n_trunk - 1], end_id] if end_id is not None else 0.0)
     return {"prefix": float(torch.logsumexp(torch.stack(terms), 0)), "canonical_prefix": float(logq[plan.prefix_pos]),
             "text": float(text), "positions": n, "extra_positions": n - plan.n_trunk}
 
