@@ -8,8 +8,9 @@ those tokens at every position and renormalising gives a proper model over canon
 
 Scoring the canonical encoding of a document (plus its end of text) under q_c gives
 bpb_canonicalized. It is never above bpb_canon (every canonical token is allowed, so each term only
-loses the leaked mass from its normaliser), and it equals bpb_conv (hlm/bytes/exact_eval.py) of the
-masked model q_c: a model that leaks nothing has conv = canon (research note §2c).
+loses the leaked mass from its normaliser), and where the masks are exact (raw byte and
+sentencepiece BPE) it equals bpb_conv (hlm/bytes/exact_eval.py) of the masked model q_c: a model
+that leaks nothing has conv = canon (research note §2c).
 
 "Allowed after E" is `ConversionRules.next_mask(last token of E, incomplete character E ends
 with)`, the same validity the exact conversion uses (hlm/bytes/covers.py), plus the end of text
@@ -62,9 +63,9 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
     return (padded * _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
 
 
-def _unpack(packed: torch.Tensor, v: int) -> torch.Tensor:
-    """uint8 [..., ceil(V/8)] -> bool [..., V]."""
-    return (packed[..., None] & _BITS.to(packed.device)).ne(0).flatten(-2)[..., :v]
+def _unpack(packed: torch.Tensor, v: int, bits: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., ceil(V/8)] -> bool [..., V] (`bits`: `_BITS` on packed's device)."""
+    return (packed[..., None] & bits).ne(0).flatten(-2)[..., :v]
 
 
 class CanonicalMasks:
@@ -87,6 +88,7 @@ class CanonicalMasks:
             invalid[:, perm] = self.rules.invalid_table(keys, device)
             invalid[:, end_id] = False
             parts.append(_pack(invalid))
+        self.bits = _BITS.to(device)
         self.packed = torch.cat(parts) if parts else torch.zeros(0, -(-v // 8), dtype=torch.uint8, device=device)
 
     def rows(self, codes: np.ndarray) -> np.ndarray:
@@ -94,7 +96,7 @@ class CanonicalMasks:
 
     def invalid(self, rows: torch.Tensor, n_logits: int) -> torch.Tensor:
         """Bool [N, n_logits]; ids past the tokenizer's vocabulary (padding, FIM sentinels) are invalid."""
-        out = _unpack(self.packed[rows], self.tok.vocab_size)
+        out = _unpack(self.packed[rows], self.tok.vocab_size, self.bits)
         if n_logits > out.size(1):
             out = F.pad(out, (0, n_logits - out.size(1)), value=True)
         return out
@@ -147,18 +149,19 @@ def _char_len(lead: int) -> int:
     return 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 1
 
 
-def canonicalized_terms(lp: torch.Tensor, targets: torch.Tensor, invalid: torch.Tensor
+def canonicalized_terms(logits: torch.Tensor, targets: torch.Tensor, invalid: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From next-token log-probs [N, V] (fp32 or fp64), their targets [N] and invalid masks [N, V]:
-    canonical NLL, canonicalized NLL (target renormalised over the allowed tokens), leaked mass and
-    whether the mask rejects the target, each [N]. A rejected target (text the tokenizer's rules do
-    not track) keeps its canonical NLL and counts no leak."""
-    canon = -lp.gather(1, targets[:, None]).squeeze(1)
-    log_allowed = lp.masked_fill(invalid, float("-inf")).logsumexp(1)
+    """From next-token logits [N, V] (fp32 or fp64), their targets [N] and invalid masks [N, V]: canonical
+    NLL, canonicalized NLL (target renormalised over the allowed tokens), leaked mass and whether the
+    mask rejects the target, each [N]. Three passes over the logits (two logsumexps and the mask), no
+    log-softmax. A rejected target (text the tokenizer's rules do not track) keeps its canonical NLL
+    and counts no leak."""
+    target = logits.gather(1, targets[:, None]).squeeze(1)
+    log_total = logits.logsumexp(1)
+    log_allowed = logits.masked_fill(invalid, float("-inf")).logsumexp(1)
     hit = invalid.gather(1, targets[:, None]).squeeze(1)
-    log_allowed = torch.where(hit, torch.zeros_like(log_allowed), log_allowed)
-    leak = -torch.expm1(log_allowed)
-    return canon, canon + log_allowed, leak, hit
+    log_allowed = torch.where(hit, log_total, log_allowed)
+    return log_total - target, log_allowed - target, -torch.expm1(log_allowed - log_total), hit
 
 
 @torch.no_grad()
@@ -200,9 +203,9 @@ def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokeniz
             targets = x[:, -n_scored:].flatten()
             rows = key_row[pos[:, -n_scored - 1 : -1]].flatten()
             for c in range(0, len(targets), chunk_rows):
-                lp = F.log_softmax(at_least_fp32(logits[c : c + chunk_rows]), dim=-1)
-                invalid = masks.invalid(rows[c : c + chunk_rows], lp.size(1))
-                canon, canz, leak, hit = canonicalized_terms(lp, targets[c : c + chunk_rows], invalid)
+                part = at_least_fp32(logits[c : c + chunk_rows])
+                invalid = masks.invalid(rows[c : c + chunk_rows], part.size(1))
+                canon, canz, leak, hit = canonicalized_terms(part, targets[c : c + chunk_rows], invalid)
                 sums += torch.stack([canon.double().sum(), canz.double().sum(), leak.double().sum(),
                                      (leak > LEAK_THRESHOLD).double().sum(), hit.double().sum()])
             n_bytes += token_nbytes[targets].double().sum()
