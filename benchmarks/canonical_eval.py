@@ -59,7 +59,7 @@ def eval_table(args) -> None:
 
 
 def fim_overhead(args) -> None:
-    from hlm import fim_eval as fe
+    from hlm import infilling as fe
     from hlm.checkpoint import load_model, tokenizer_from_checkpoint
     from hlm.evaluate import split_documents
 

@@ -230,7 +230,7 @@ def test_prefix_at_a_cut_on_regex_tokenizers(regex_tok):
 def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
     """TokenFIM.cut_nll (one forward) == log P_v(prefix) - log P_v(prefix + middle, end) from the byte-by-byte
     cover state after the FIM prompt; never below the conversion's renormalised NLL (exact method)."""
-    from hlm.fim_eval import Cut, TokenFIM, exact_byte_lm, exact_fill_and_nll
+    from hlm.infilling import Cut, TokenFIM, exact_byte_lm, exact_fill_and_nll
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=sp_bpe.vocab_size + 3, block_size=128, n_layer=1, n_head=2, d_model=16,

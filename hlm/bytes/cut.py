@@ -52,7 +52,7 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
     """Model-free layout for the covers of `prefix` hanging from `text_tokens` (the canonical encoding of
     a text that starts with prefix, or of prefix itself). Sentencepiece: covers are tracked from the
     prefix's last `segment_points` cut only, where every cover has a token boundary and the tokens
-    before it are the canonical ones (as in fim_eval's `exact_tail`)."""
+    before it are the canonical ones (as in hlm/infilling.py's `exact_tail`)."""
     tok = rules.tok
     head = _head_tokens(rules, prefix, text_tokens)
     tracker = CoverTracker(rules, head[-1] if head else start_id)
