@@ -308,3 +308,13 @@ def test_canonical_sampling_on_gpt2_stays_a_prefix_of_an_encoding():
             ids.pop()
         text = tok.decode(ids)
         assert any(tok.encode(text + z.encode())[: len(ids)] == ids for z in PROBES)
+
+
+def test_ids_past_the_tokenizer_are_masked(sp_bpe):
+    """A model with more ids than the tokenizer (FIM sentinels, padding): their mass counts as leak."""
+    model = tiny_gpt(sp_bpe.vocab_size + 3, seed=9)
+    with torch.no_grad():
+        model.head.weight[sp_bpe.vocab_size :] *= 40  # most of the mass on the three extra ids
+    res = per_doc_canonicalized(model, sp_bpe, SP_DOCS[0], sp_bpe.eos_id)
+    assert res["masked_targets"] == 0 and res["mean_leak"] > 0.5
+    assert res["nll_canonicalized"] < res["nll_canon"] - 10
