@@ -4,7 +4,8 @@
       --data data/code_bytes --cuts 200 --json fim.json
 
 --token: a FIM-trained token model, filled by plain prompting, token healing and exact byte-level
-conversion; --byte: a FIM-trained byte model. Every method fills the same cuts. Prints a markdown
+conversion (method cut: healing's fill, scored by the one-forward ratio at the cut of
+hlm/bytes/cut.py); --byte: a FIM-trained byte model. Every method fills the same cuts. Prints a markdown
 table: exact match of the middle, bits per byte of the true middle (plus its end), the share of
 filled files that ast.parse accepts, and wall time. Each method's row is printed (and the --json
 file rewritten) as soon as that method is done, so a run killed midway keeps the finished methods.
@@ -25,7 +26,7 @@ from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.evaluate import split_documents
 from hlm.fim import N_SENTINELS
 
-METHODS = ("plain", "healing", "exact", "byte")
+METHODS = ("plain", "healing", "exact", "cut", "byte")
 
 
 def _load(path: str, device: str, kind: str):
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         methods["plain"] = lambda c, m: (fim.plain_fill(c, m), fim.plain_nll(c))
         methods["healing"] = lambda c, m: (fim.healing_fill(c, m), fim.healing_nll(c))
         methods["exact"] = lambda c, m: infilling.exact_fill_and_nll(*infilling.exact_tail(fim, c), m)
+        methods["cut"] = lambda c, m: (fim.healing_fill(c, m), fim.cut_nll(c))
     if byte:
         bmodel = byte[0]
         methods["byte"] = lambda c, m: (infilling.native_byte_fill(bmodel, c, m),
@@ -94,7 +96,7 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--token", help="FIM-trained token model checkpoint (plain, healing, exact)")
+    p.add_argument("--token", help="FIM-trained token model checkpoint (plain, healing, exact, cut)")
     p.add_argument("--byte", help="FIM-trained byte model checkpoint")
     p.add_argument("--data", help="prepared data folder (default: the first checkpoint's data.path)")
     p.add_argument("--split", default="test")

@@ -4,7 +4,9 @@ Byte models stream bytes as they are sampled. Token models use exact prompt-boun
 (hlm/bytes/sampling.py): the prompt may end anywhere, even mid-word; one cover of the prompt is
 drawn with its exact probability, then tokens are sampled as usual (temperature and top-k on
 tokens). --byte-level samples any model byte by byte through its exact byte-level view, with
-temperature and top-k applied to the 257 next-byte outcomes. Output goes to stdout as raw bytes.
+temperature and top-k applied to the 257 next-byte outcomes. --canonical-sampling (token models)
+masks the next tokens that cannot occur in a canonical encoding, so the sampled tokens are the
+tokenizer's own encoding of the text (hlm/bytes/sampling.py). Output goes to stdout as raw bytes.
 """
 
 import argparse
@@ -27,19 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--byte-level", action="store_true", help="sample byte by byte (byte-level temperature/top-k)")
+    p.add_argument("--canonical-sampling", action="store_true",
+                   help="token models: mask non-canonical next tokens while sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     out = sys.stdout.buffer
     try:
         blm, model, _, ckpt = byte_lm_from_checkpoint(args.checkpoint, args.device)
         tokenized = isinstance(blm, ByteLM)
+        if args.canonical_sampling and (not tokenized or args.byte_level):
+            raise HLMError("--canonical-sampling applies to token-level sampling of a token model")
         prompt = args.prompt.encode("utf-8")
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         out.write(prompt)
         if args.byte_level:
             pieces = (bytes([b]) for b in sample_bytes(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen))
         elif tokenized:
-            pieces = sample_prompt_boundary(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen)
+            pieces = sample_prompt_boundary(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen,
+                                            canonical=args.canonical_sampling)
         else:
             separator = ckpt["data_meta"]["separator_id"]
             ids = torch.tensor([[separator] + list(prompt)], device=args.device)

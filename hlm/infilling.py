@@ -10,6 +10,10 @@ hlm/fim.py) and fill the middle greedily; the middle ends at the document separa
   exact    exact byte-level conversion of the token model (hlm.bytes.ByteLM after the
            `<MID>` sentinel): greedy over the exact next-byte distribution. The prefix up to
            its last point where every cover restarts goes in as canonical tokens (`exact_tail`).
+  cut      token healing's fill; its NLL is the telescoped exact ratio
+           -log [Q(encode(prefix + middle) + [EOS]) / P(prefix)], P(prefix) over the covers at the
+           cut (hlm/bytes/cut.py): one forward, a few positions more than plain. With a model that
+           leaks no mass to non-canonical tokens it equals exact's NLL; otherwise it is above it.
   byte     a byte-level FIM model, greedy over bytes.
 
 Scores per method: exact match of the middle, the share of filled files `ast.parse` accepts
@@ -188,6 +192,16 @@ class TokenFIM:
         if not self.token_bytes[targets[0]].startswith(dropped):
             targets = [last] + self.tok.encode(cut.middle)
         return self._score(prompt, targets + [self.sep], self._allowed(dropped))
+
+    def cut_nll(self, cut: Cut) -> float:
+        """-log P(middle + end | prefix) as a ratio of whole-text probabilities from one forward: the canonical
+        score of prefix + middle + [EOS] over the prefix probability at the cut (covers included)."""
+        from hlm.bytes.cut import cut_logprobs
+
+        context, tokens = self.context(cut), self.tok.encode(cut.prefix + cut.middle)
+        self._check(len(context) + len(tokens))
+        res = cut_logprobs(self.model, self.rules, self.s.middle, cut.prefix, tokens, self.sep, context[:-1])
+        return res["prefix"] - res["text"]
 
     def healing_fill(self, cut: Cut, max_bytes: int) -> bytes:
         prompt, dropped, last = self._healed(cut)

@@ -37,7 +37,8 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
     byte_ckpt, _ = runs["bytes"]
     js = tmp_path / "out.json"
     assert eval_cli.main([str(bpe_ckpt), str(byte_ckpt), "--data", str(bpe_data), "--split", "val", "--exact-bytes",
-                          "--max-bytes", "600", "--ensemble", "mixture", "--workers", "1", "--json", str(js)]) == 0
+                          "--max-bytes", "600", "--ensemble", "mixture", "--workers", "1", "--json", str(js),
+                          "--canonical"]) == 0
     rows = json.loads(js.read_text())
     exact = rows[0]["exact"]
     assert exact["docs_skipped"] == 0 and exact["bpb_conv"] <= exact["bpb_canon"] + 1e-9
@@ -48,21 +49,36 @@ def test_eval_exact_bytes_and_ensemble(runs, tmp_path, capsys):
     plan = exact["planning"]
     assert plan["chunks"] >= 1 and 0 < plan["chunk_seconds_max"] <= plan["chunk_seconds_sum"] <= phases["planning"]
     assert 1 <= plan["texts"] and plan["text_bytes"] <= exact["bytes"]  # distinct segments, planned once
-    assert "exact" not in rows[1]  # byte model: nothing to convert
+    assert exact["canonical_seconds"] > 0
+    assert exact["cost_vs_canonical"] == exact["seconds"] / exact["canonical_seconds"]
+    assert abs(exact["bpb_canon_trunk"] - exact["bpb_canon"]) < 1e-5  # canonical scoring on the same windows
+    canon = rows[0]["canonical"]
+    assert abs(canon["bpb_canon"] - rows[0]["bpb"]) < 1e-5 and canon["tokens"] == rows[0]["tokens"]  # same windows
+    assert 0 < canon["bpb_leak"] and canon["bpb_canonicalized"] < canon["bpb_canon"] and canon["masked_targets"] == 0
+    assert canon["cost_vs_canonical"] > 0 and 0 < canon["mean_leak"] < 1
+    assert canon["bpb_canon_open_end"] <= canon["bpb_canon"]  # a prefix is at least as likely as one tokenization
+    assert "exact" not in rows[1] and "canonical" not in rows[1]  # byte model: nothing to convert
     ens = rows[2]
     assert ens["checkpoint"] == "ensemble (mixture)" and len(ens["members_bpb"]) == 2
     assert 0 < ens["bpb"] <= sum(ens["members_bpb"]) / 2 + 1e-9  # Jensen: a mixture beats the mean member
     out = capsys.readouterr().out
-    assert "bpb_conv" in out and "model forwards" in out
+    assert "bpb_conv" in out and "model forwards" in out and "bpb_canonicalized" in out
 
 
 def test_sample_mid_word_prompt(runs, capsysbinary):
     for ckpt in (runs["bpe"][0], runs["bytes"][0]):
-        for extra in ([], ["--byte-level", "--top-k", "5"]):
+        modes = [[], ["--byte-level", "--top-k", "5"]] + [["--canonical-sampling"]] * (ckpt == runs["bpe"][0])
+        for extra in modes:
             assert sample_cli.main([str(ckpt), "--prompt", "The hist", "--max-bytes", "12", *extra]) == 0
             out = capsysbinary.readouterr()
             assert out.out.startswith(b"The hist") and len(out.out) <= len(b"The hist") + 12 + 1
             assert b"bytes/s" in out.err
+
+
+def test_canonical_sampling_needs_token_sampling(runs, capsys):
+    for ckpt, extra in ((runs["bytes"][0], []), (runs["bpe"][0], ["--byte-level"])):
+        assert sample_cli.main([str(ckpt), "--canonical-sampling", *extra]) == 1
+        assert capsys.readouterr().err.startswith("error: --canonical-sampling")
 
 
 def test_native_byte_sample_ends_at_the_document_separator(runs, capsysbinary, monkeypatch):

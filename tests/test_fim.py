@@ -243,7 +243,8 @@ def test_fim_eval_cli_end_to_end(code, tmp_path, capsysbinary, monkeypatch):
                           "--data", str(code / "bytes"), "--cuts", "4", "--max-middle", "6", "--prefix-bytes", "48",
                           "--suffix-bytes", "24", "--device", "cpu", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["plain", "healing", "exact", "byte"]
+    assert [r["method"] for r in rows] == ["plain", "healing", "exact", "cut", "byte"]
+    assert rows[3]["middle_bpb"] >= rows[2]["middle_bpb"] - 1e-9  # the ratio keeps the leak that exact removes
     for r in rows:
         assert r["cuts"] == 4 and 0 <= r["exact_match"] <= 1 and 0 <= r["parse_rate"] <= 1 and r["middle_bpb"] > 0
     printed = capsysbinary.readouterr().out

@@ -473,9 +473,11 @@ def _select(csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nodes: torch.T
 def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_id: int,
               device: str | torch.device = "cpu", batch_size: int = 8, chunk_rows: int | None = None,
               autocast: contextlib.AbstractContextManager | None = None, workers: int = 1,
-              segment: bool = True) -> dict:
+              segment: bool = True, time_canonical: bool = False) -> dict:
     """bpb_canon, bpb_conv (and their gap) of an hlm token GPT on documents; documents that do not
-    round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted."""
+    round-trip through the tokenizer, or whose covers cannot be tracked, are skipped and counted.
+    `time_canonical`: also run canonical scoring alone on the same windows (`canonical_seconds`,
+    `canonical_forward_seconds`, and its `bpb_canon_trunk`, equal to bpb_canon up to rounding)."""
     t0 = time.perf_counter()
     rules = ConversionRules(tok)
     split = {"rules": time.perf_counter() - t0}
@@ -489,7 +491,12 @@ def exact_bpb(model: torch.nn.Module, tok: Tokenizer, docs: list[bytes], start_i
     split["flattening"] = time.perf_counter() - t1
     point_lp, eos_lp, range_lp, _ = _tree_pass(model, rules, flat, device, batch_size, chunk_rows, autocast,
                                                split=split, info=info)
-    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, time.perf_counter() - t0) | info
+    seconds = time.perf_counter() - t0
+    if time_canonical:
+        nll, wall, fwd = _trunk_pass(model, flat, tok.eos_id, device, batch_size, autocast)
+        info.update(canonical_seconds=wall, canonical_forward_seconds=fwd,
+                    bpb_canon_trunk=nll / (LN2 * max(flat.n_pos, 1)))
+    return _combine(plans, flat, point_lp, eos_lp, range_lp, skipped, split, seconds) | info
 
 
 @torch.no_grad()
@@ -606,6 +613,45 @@ def _tree_pass(model, rules: ConversionRules, flat: _Flat, device, batch_size: i
     if info is not None:
         info.update(forward_seconds=forward.seconds(), windows=n_windows, batches=-(-n_windows // batch_size))
     return point_lp.cpu(), eos_lp.cpu(), range_lp.cpu(), None if bins_lp is None else bins_lp.cpu()
+
+
+@torch.no_grad()
+def _trunk_pass(model, flat: _Flat, eos_id: int | None, device, batch_size: int,
+                autocast) -> tuple[float, float, float]:
+    """Canonical scoring on the tree pass's windows: each window's trunk stretch alone, in plain causal
+    attention, rows padded as in the tree pass. Returns (canonical NLL in nats, wall seconds, device
+    seconds of the forwards): the like-for-like denominator of the exact pass's cost."""
+    autocast = autocast or contextlib.nullcontext()
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    windows = _windows(flat, model.cfg.block_size)
+    n_windows, width = len(windows.start) - 1, windows.n_trunk
+    target = np.full(flat.n_nodes, -1, dtype=np.int64)  # the next trunk token of each trunk node (EOS last)
+    for a, b in zip(flat.trunk_start[:-1], flat.trunk_start[1:], strict=True):
+        target[flat.trunk[a : b - 1]] = flat.token[flat.trunk[a + 1 : b]]
+        target[flat.trunk[b - 1]] = -1 if eos_id is None else eos_id
+    on_trunk = windows.col < width
+    win = np.repeat(np.arange(n_windows), np.diff(windows.start))[on_trunk]
+    flat_pos = torch.from_numpy(win * width + windows.col[on_trunk]).to(device)
+    node = windows.node[torch.from_numpy(on_trunk)]
+    ids = torch.zeros(n_windows * width, dtype=torch.int64).index_put_((flat_pos.cpu(),), windows.token[
+        torch.from_numpy(on_trunk)]).to(device).view(n_windows, width)
+    targets = torch.from_numpy(target)[node].to(device)
+    win, nll = torch.from_numpy(win).to(device), torch.zeros((), dtype=torch.float64, device=device)
+    positions = torch.arange(width, device=device).clamp_max(model.cfg.block_size - 1).expand(batch_size, -1)
+    forward = _ForwardTimer(device)
+    for i in range(0, n_windows, batch_size):
+        j = min(i + batch_size, n_windows)
+        x = ids[i:j]
+        if len(x) < batch_size:  # every batch has the tree pass's shape (padding comes after the real rows)
+            x = F.pad(x, (0, 0, 0, batch_size - len(x)))
+        with autocast, forward:
+            logits = model.logits(x, positions=positions)
+        sel = (win >= i) & (win < j) & (targets >= 0)
+        rows = logits.flatten(0, 1)[flat_pos[sel] - i * width]
+        nll -= F.log_softmax(at_least_fp32(rows), -1).gather(1, targets[sel, None]).double().sum()
+    nll = float(nll)  # (syncs the device)
+    return nll, time.perf_counter() - t0, forward.seconds()
 
 
 class _ForwardTimer:

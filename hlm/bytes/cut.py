@@ -1,0 +1,179 @@
+"""Prefix probability of a text that ends mid-token, at about the cost of canonical scoring.
+
+For a byte string s the probability that the generated text starts with s is the total of
+Q(c) over the valid covers c of s (the BTR lemma; hlm/bytes/covers.py): the exact nodes that
+end at |s| (`encode(s)`, a few under regex lookahead) and the anchors a that end before |s|
+followed by any allowed token whose bytes start with, and extend, the rest of s. All covers
+share the path from the start symbol to their deepest common ancestor T, the *canonical prefix*:
+the canonical tokens of s up to the last position where every cover agrees (for sentencepiece,
+at least every pretoken before the last). So
+
+    log P(s) = log Q(T) + log Σ_c Q(c) / Q(T)
+
+where the second term sums over short chains below T (a token or two: the partial last word).
+`cut_logprobs` scores T, the chains and, optionally, the canonical encoding of a longer text x
+(with s = x[:cut]) in ONE forward: the chain nodes go after x's tokens, each seeing the context up
+to T and its own ancestors (a dense attention mask, position = depth), so the cut costs a few
+positions more than scoring x canonically. With a model that leaks nothing, P(s) equals the
+product of the conversion's next-byte conditionals up to the cut, and
+log Q(encode(x) + EOS) - log P(s) is the exact log-probability of x[cut:] and its end given s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
+
+
+@dataclass
+class CutPlan:
+    """One forward's layout: `ids` = context, start symbol, canonical tokens of the text, then the chain
+    nodes; `parent[i]` the position whose logits predict position i (-1 where no term is needed);
+    the covers as (position, sorted-vocabulary lo, hi; lo == hi for a cover ending at the cut); the
+    canonical prefix's position; and the mask rows of the straddling covers' anchors."""
+
+    ids: list[int]
+    positions: list[int]
+    parent: list[int]
+    n_trunk: int  # context + start + text tokens: the trunk, causal
+    n_context: int
+    covers: list[tuple[int, int, int]]
+    prefix_pos: int
+    masks: dict[int, torch.Tensor]
+
+
+def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: list[int],
+             context: list[int] = ()) -> CutPlan:
+    """Model-free layout for the covers of `prefix` hanging from `text_tokens` (the canonical encoding of
+    a text that starts with prefix, or of prefix itself). Sentencepiece: covers are tracked from the
+    prefix's last `segment_points` cut only, where every cover has a token boundary and the tokens
+    before it are the canonical ones (as in hlm/infilling.py's `exact_tail`)."""
+    tok = rules.tok
+    head = _head_tokens(rules, prefix, text_tokens)
+    tracker = CoverTracker(rules, head[-1] if head else start_id)
+    if getattr(tok, "add_dummy_prefix", False) and not head:
+        tracker.advance(0x20)
+    for b in prefix[len(tok.decode(head)) :]:
+        tracker.advance(b)
+    trie, n = tracker.trie, len(tracker.text)
+    covers = [(a, *rules.index.strict_range(tracker.remainder(a))) for a in tracker.anchors if trie.pos[a] < n]
+    covers = [(a, lo, hi) for a, lo, hi in covers if lo < hi] + [(e, 0, 0) for e in tracker.exact]
+    trunk = [0]  # trie nodes along the text's canonical tokens, as far as the trie has them
+    for t in text_tokens[len(head) :]:
+        nxt = trie.children[trunk[-1]].get(t)
+        if nxt is None:
+            break
+        trunk.append(nxt)
+    n_context = len(context)
+    root = n_context + len(head)  # the position of the trie's root
+    pos_of = {node: root + i for i, node in enumerate(trunk)}
+    ids = list(context) + [start_id] + list(text_tokens)
+    positions = list(range(len(ids)))
+    parent = [-1] * n_context + [-1] + list(range(n_context, len(ids) - 1))
+    n_trunk = len(ids)
+    for c, _, _ in covers:
+        chain = []
+        node = c
+        while node not in pos_of:
+            chain.append(node)
+            node = trie.parent[node]
+        for node in reversed(chain):
+            pos_of[node] = len(ids)
+            ids.append(trie.token[node])
+            parent.append(pos_of[trie.parent[node]])
+            positions.append(root + len(trie.path(node)) - 1)
+    paths = [trie.path(c) for c, _, _ in covers]
+    depth = 0
+    while all(len(p) > depth + 1 and p[depth + 1] == paths[0][depth + 1] for p in paths):
+        depth += 1
+    common = paths[0][: depth + 1]
+    node = 0
+    for t in common[1:]:
+        node = trie.children[node][t]
+    if node not in pos_of or pos_of[node] >= n_trunk:
+        raise MissingCoverError("the canonical prefix of the cut is not on the text's canonical encoding")
+    masks = {pos_of[a]: tracker.mask(a) for a, lo, hi in covers if lo < hi}
+    return CutPlan(ids, positions, parent, n_trunk, n_context, [(pos_of[c], lo, hi) for c, lo, hi in covers],
+                   pos_of[node], masks)
+
+
+def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) -> list[int]:
+    """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one)."""
+    from hlm.bytes.exact_eval import segment_points
+
+    points = segment_points(prefix, rules)
+    if not points:
+        return []
+    head = rules.tok.encode(prefix[: points[-1]])
+    return head if text_tokens[: len(head)] == head else []
+
+
+@torch.no_grad()
+def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, prefix: bytes,
+                 text_tokens: list[int] | None = None, end_id: int | None = None, context: list[int] = (),
+                 autocast: contextlib.AbstractContextManager | None = None, slide: bool = False) -> dict:
+    """Log-probabilities (nats, given `context` + start symbol) from one forward of an hlm GPT:
+    `prefix`: log P(prefix) over its covers; `canonical_prefix`: log Q of the canonical prefix T (the
+    part every cover shares); `text`: log Q(text_tokens (+ end_id)), the canonical score of the longer
+    text (default: the canonical encoding of prefix itself). With `slide`, a layout longer than the
+    model's context loses its first positions (at most up to T), and the three values are relative to
+    the first position kept: differences between them stay exact."""
+    tok = rules.tok
+    if text_tokens is None:
+        text_tokens = tok.encode(prefix)
+    plan = plan_cut(rules, start_id, prefix, text_tokens, context)
+    drop = max(plan.positions) + 1 - model.cfg.block_size
+    if drop > 0 and (not slide or drop > plan.prefix_pos):
+        raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {model.cfg.block_size}")
+    if drop > 0:
+        plan = _slide(plan, drop)
+    n = len(plan.ids)
+    device = next(model.parameters()).device
+    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    keep[plan.n_trunk :] = False
+    for i in range(plan.n_trunk, n):  # a chain node sees what its parent sees, and itself
+        keep[i] = keep[plan.parent[i]]
+        keep[i, i] = True
+    ids = torch.tensor([plan.ids], device=device)
+    pos = torch.tensor([plan.positions], device=device)
+    with autocast or contextlib.nullcontext():
+        logits = model.logits(ids, attn_mask=keep.to(device)[None, None], positions=pos)[0]
+    need = sorted({p for p in plan.parent[plan.n_context + 1 :] if p >= 0} | {p for p, _, _ in plan.covers}
+                  | {plan.n_trunk - 1})
+    row = {p: k for k, p in enumerate(need)}  # log-probs of the needed positions only
+    lp = F.log_softmax(logits[torch.tensor(need, device=logits.device)].double(), dim=-1).cpu()
+    scored = [i for i in range(n) if plan.parent[i] >= 0]
+    step = lp[[row[plan.parent[i]] for i in scored], [plan.ids[i] for i in scored]].tolist()
+    logq = torch.zeros(n, dtype=torch.float64)
+    on_trunk = [i for i in scored if i < plan.n_trunk]  # consecutive, each after its parent: a running sum
+    logq[on_trunk] = torch.tensor(step[: len(on_trunk)], dtype=torch.float64).cumsum(0)
+    for i, value in zip(scored[len(on_trunk) :], step[len(on_trunk) :], strict=True):  # chains: parents first
+        logq[i] = logq[plan.parent[i]] + value
+    perm = rules.index.perm
+    terms = []
+    for p, lo, hi in plan.covers:
+        if lo == hi:
+            terms.append(logq[p])
+        else:
+            ids_range = perm[lo:hi]
+            mass = (lp[row[p], ids_range].exp() * plan.masks[p][ids_range]).sum()
+            terms.append(logq[p] + mass.log())
+    text = logq[plan.n_trunk - 1] + (lp[row[plan.n_trunk - 1], end_id] if end_id is not None else 0.0)
+    return {"prefix": float(torch.logsumexp(torch.stack(terms), 0)), "canonical_prefix": float(logq[plan.prefix_pos]),
+            "text": float(text), "positions": n, "extra_positions": n - plan.n_trunk}
+
+
+def _slide(plan: CutPlan, drop: int) -> CutPlan:
+    """The plan without its first `drop` trunk positions (all positions shift down by `drop`)."""
+    def shift(i: int) -> int:
+        return i - drop if i >= drop else -1
+
+    return CutPlan(plan.ids[drop:], [p - drop for p in plan.positions[drop:]], [shift(p) for p in plan.parent[drop:]],
+                   plan.n_trunk - drop, plan.n_context - drop if plan.n_context >= drop else -1,
+                   [(p - drop, lo, hi) for p, lo, hi in plan.covers], plan.prefix_pos - drop,
+                   {p - drop: m for p, m in plan.masks.items()})
