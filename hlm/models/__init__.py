@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from hlm.models.blt import BLT, BLTConfig
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.models.hat import HAT, HATConfig
 from hlm.models.hourglass import Hourglass, HourglassConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
+    "blt": (BLTConfig, BLT),
     "gpt": (GPTConfig, GPT),
     "hat": (HATConfig, HAT),
     "hourglass": (HourglassConfig, Hourglass),
@@ -26,6 +28,6 @@ def model_config_class(family: str) -> type:
     return FAMILIES[family][0]
 
 
-def build_model(model_cfg: GPTConfig | HourglassConfig | HATConfig) -> nn.Module:
+def build_model(model_cfg: GPTConfig | HourglassConfig | HATConfig | BLTConfig) -> nn.Module:
     """Instantiate the model for a family config dataclass."""
     return FAMILIES[model_cfg.family][1](model_cfg)
