@@ -152,7 +152,7 @@ class PatchPooling(nn.Module):
     def forward(self, h: torch.Tensor, pid: torch.Tensor, n_slots: int) -> torch.Tensor:
         """h [B, T, D], patch of each byte pid [B, T] in 0..n_slots-1 -> [B, n_slots, D] (empty slots 0)."""
         B, T, D = h.shape
-        H, acc = self.n_head, at_least_fp32(h).dtype
+        H = self.n_head
         slot = (pid + torch.arange(B, device=h.device)[:, None] * n_slots).flatten()
         hf = h.flatten(0, 1)
         pooled = hf.new_zeros(B * n_slots, D).scatter_reduce(0, slot[:, None].expand(-1, D), hf, "amax",

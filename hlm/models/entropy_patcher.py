@@ -55,8 +55,9 @@ class EntropyModel(nn.Module):
         return ent.half().to(ent.dtype)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, max_len: int) -> EntropyModel:
-        """The entropy model of an hlm byte GPT checkpoint, window = its training context."""
+    def from_checkpoint(cls, path: str | Path, length: int) -> EntropyModel:
+        """The entropy model of an hlm byte GPT checkpoint, window = its training context, for
+        sequences of up to `length` + window bytes."""
         from hlm.checkpoint import load_checkpoint, require_keys
 
         ckpt = load_checkpoint(path)
@@ -64,7 +65,8 @@ class EntropyModel(nn.Module):
         m = ckpt["config"]["model"]
         if m.get("family", "gpt") != "gpt" or m.get("vocab_size") != 256:
             raise PatcherError(f"{path} is not a byte GPT checkpoint (family gpt, vocab_size 256)")
-        model = cls(m["n_layer"], m["n_head"], m["d_model"], m["block_size"], max_len, m.get("mlp_ratio", 4.0),
+        model = cls(m["n_layer"], m["n_head"], m["d_model"], m["block_size"], length + m["block_size"],
+                    m.get("mlp_ratio", 4.0),
                     m.get("rope_theta", 10000.0))
         model.load_gpt_state(ckpt["model"], path)
         return model
