@@ -121,6 +121,21 @@ def test_stream_entropies_see_the_window_before_each_byte():
     assert ent[0] == ent[1]
 
 
+def test_float16_side_files_are_read_as_floats(tmp_path):
+    from hlm.data import DataError, Split
+
+    data = tmp_path / "data"
+    assert prepare_data.main(["--input", str(SHAKESPEARE), "--out", str(data)]) == 0
+    split = Split(data, "val")
+    values = np.linspace(0, 5, split.n_tokens).astype(np.float16)
+    values.tofile(data / "val.entropy.bin")
+    windows = split.windows(np.array([0, 100]), 10, "entropy")
+    assert windows.dtype == torch.float32 and windows[1].tolist() == values[100:110].astype(np.float32).tolist()
+    values[:-1].tofile(data / "val.entropy.bin")
+    with pytest.raises(DataError, match="one uint8 or float16 per token"):
+        split.windows(np.array([0]), 10, "entropy")
+
+
 # ----- hash n-grams, pooling and reading on hand-built patches -----
 
 def test_hash_ngrams_depend_only_on_their_bytes():

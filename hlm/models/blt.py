@@ -94,8 +94,9 @@ class BLTConfig:
 
     def describe(self) -> str:
         hashes = f"hash{min(self.hash_sizes)}-{max(self.hash_sizes)}" if self.hash_ngrams else "nohash"
+        theta = "unset" if self.entropy_threshold is None else f"{self.entropy_threshold:.4g}"
         return (f"blt {self.n_enc}+{self.n_layer}+{self.n_dec}L/{self.d_local}-{self.d_model}d "
-                f"{self.patching} θ={self.entropy_threshold} {hashes}")
+                f"{self.patching} θ={theta} {hashes}")
 
 
 def ngram_hashes(x: torch.Tensor, sizes: list[int], vocab: int) -> list[torch.Tensor]:
