@@ -47,6 +47,7 @@ from hlm.models.blocks import (
     ModelOutput,
     RMSNorm,
     Transformer,
+    apply_rotary,
     at_least_fp32,
     generate_ids,
     init_weights,
@@ -358,12 +359,33 @@ def check_config(cfg: BLTConfig) -> None:
         raise BLTError("model.max_patch_len must be >= 0 and model.cross_attn_k >= 1")
 
 
+def global_step(glob: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """The global transformer on patches x [n, T, D] of cache rows `rows` [n] at their own
+    positions [n, T]: each row's keys and values go to its slots of `cache` (batch B, length
+    max_patches), and a patch attends to that row's keys at positions <= its own. Rows complete
+    patches at different bytes, so in generation each row's global sequence has its own length."""
+    n, T, C = x.shape
+    cos, sin = glob.rotary.at(positions)
+    keep = (torch.arange(cache.k.size(3), device=x.device) <= positions[..., None])[:, None]  # [n, 1, T, P]
+    for i, block in enumerate(glob.blocks):
+        attn = block.attn
+        q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2)
+        cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
+        x = x + attn.proj(y.transpose(1, 2).reshape(n, T, C))
+        x = x + block.mlp(block.mlp_norm(x))
+    return x
+
+
 class CachedDecoder:
     """Incremental decoding of a batch: KV caches for the entropy model, the encoder and the
-    decoder (all rows advance together), one global cache per row (rows complete patches at
-    different bytes). A patch enters the global transformer when the entropy after its last
-    byte says the next byte starts a new one. `logits` [B, 256] always predicts the next byte,
-    equal to the full forward on the bytes since the last (re)start of the window."""
+    decoder (all rows advance together) and the global transformer (each row at its own patch
+    count, `global_step`). A patch enters the global transformer when the entropy after its
+    last byte says the next byte starts a new one. `logits` [B, 256] always predicts the next
+    byte, equal to the full forward on the bytes since the last (re)start of the window."""
 
     def __init__(self, model: BLT, ids: torch.Tensor):
         if not ids.size(1):
@@ -382,24 +404,21 @@ class CachedDecoder:
         self.ent_cache = self._new_cache(m.entropy.transformer, B, cfg.block_size)
         self.enc_cache = self._new_cache(m.encoder, B, cfg.block_size)
         self.dec_cache = self._new_cache(m.decoder.stack, B, cfg.block_size)
+        self.glob_cache = self._new_cache(m.glob, B, P)
         ent = m.entropy.entropies(ids, self.ent_cache)
         s = patch_starts(torch.cat([ent[:, :1], ent], dim=1), cfg.patching, cfg.entropy_threshold, cfg.max_patch_len)
         pid, read = patch_index(s, P)
         self.h = torch.zeros(B, cfg.block_size, cfg.d_local, device=ids.device, dtype=m.null_patch.dtype)
         self.h[:, :T] = m.encoder(m.embed(ids), self.enc_cache)
+        rows = torch.arange(B, device=ids.device)
         patches = m.down(m.pool(self.h[:, :T], pid, P + 1)[:, :P])
-        memory = m.null_patch.expand(B, P + 1, -1).clone()
-        self.glob_caches = [self._new_cache(m.glob, 1, P) for _ in range(B)]
-        self.n_done = read[:, -1].tolist()  # patches in the global transformer, per row
-        for r, n in enumerate(self.n_done):
-            if n:
-                memory[r, 1 : n + 1] = m.glob(patches[r : r + 1, :n], self.glob_caches[r])[0]
-        slots = m.memory_slots(memory)
+        g = global_step(m.glob, self.glob_cache, patches, rows, torch.arange(P, device=ids.device).expand(B, P))
+        slots = m.memory_slots(torch.cat([m.null_patch.expand(B, 1, -1), g], dim=1))
         out = m.decoder(self.h[:, :T], slots, read, self.dec_cache)
         self.logits = m.head(m.norm(out[:, -1]))
-        self.slots = slots[torch.arange(B), read[:, -1]][:, None]  # [B, 1, k, d_local]: what the next byte reads
-        last_start = torch.where(s, torch.arange(T + 1, device=ids.device), 0).cummax(1).values[:, -1]
-        self.open_from = last_start.tolist()  # first byte of the open patch (T: none yet)
+        self.slots = slots[rows, read[:, -1]][:, None]  # [B, 1, k, d_local]: what the next byte reads
+        self.n_done = read[:, -1]  # patches in the global transformer, per row
+        self.open_from = torch.where(s, torch.arange(T + 1, device=ids.device), 0).cummax(1).values[:, -1]
         self.last_ent = ent[:, -1]
 
     def push(self, nxt: torch.Tensor) -> None:
@@ -414,16 +433,18 @@ class CachedDecoder:
         x = nxt[:, None]
         ent = m.entropy.entropies(x, self.ent_cache)[:, 0]
         self.h[:, t] = m.encoder(m.embed(x, context), self.enc_cache)[:, 0]
-        open_len = torch.tensor([t + 1 - f for f in self.open_from], device=x.device)
-        closes = next_start(ent, self.last_ent, open_len, cfg.patching, cfg.entropy_threshold, cfg.max_patch_len)
-        for r in torch.nonzero(closes).flatten().tolist():
-            if self.n_done[r] < P:
-                pid = torch.zeros(1, t + 1 - self.open_from[r], dtype=torch.long, device=x.device)
-                patch = m.down(m.pool(self.h[r : r + 1, self.open_from[r] : t + 1], pid, 1))
-                g = m.glob(patch, self.glob_caches[r])
-                self.slots[r] = m.memory_slots(g)[0, 0]
-                self.n_done[r] += 1
-            self.open_from[r] = t + 1
+        closes = next_start(ent, self.last_ent, t + 1 - self.open_from, cfg.patching, cfg.entropy_threshold,
+                            cfg.max_patch_len)
+        rows = torch.nonzero(closes & (self.n_done < P)).flatten()
+        if len(rows):  # pool each closing row's patch: its last bytes, the ones before it go to a discarded slot
+            span = int((t + 1 - self.open_from[rows]).max())
+            pos = torch.arange(t + 1 - span, t + 1, device=x.device)
+            pid = (pos[None] < self.open_from[rows, None]).long()
+            patch = m.down(m.pool(self.h[rows, t + 1 - span : t + 1], pid, 2)[:, :1])
+            g = global_step(m.glob, self.glob_cache, patch, rows, self.n_done[rows, None])
+            self.slots[rows] = m.memory_slots(g)
+            self.n_done[rows] += 1
+        self.open_from = torch.where(closes, t + 1, self.open_from)
         out = m.decoder(self.h[:, t : t + 1], self.slots, torch.zeros_like(x), self.dec_cache)
         self.logits = m.head(m.norm(out[:, -1]))
         self.last_ent = ent
