@@ -338,6 +338,15 @@ def test_config_errors_name_the_key(tmp_path):
 
 # ----- the pipeline through the CLIs -----
 
+def test_entropy_patches_cli_errors_are_one_line(tmp_path, capsys):
+    from tests.conftest import assert_one_line_error
+
+    rc = entropy_patches.main(["x.pt", "--data", str(tmp_path / "none"), "--target-bytes-per-patch", "4"])
+    assert_one_line_error(rc, capsys.readouterr().err, "meta.json")
+    rc = entropy_patches.main(["x.pt", "--data", str(tmp_path), "--target-bytes-per-patch", "0.5"])
+    assert_one_line_error(rc, capsys.readouterr().err, "--target-bytes-per-patch")
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The fixture as bytes, an entropy model (the smoke byte GPT, briefly trained), entropy side
