@@ -28,6 +28,10 @@ size [B, T, patches] is built.
 Hash n-grams: e_t = E(x_t) + sum_n E_n[hash(x_{t-n+1..t}) mod hash_vocab], a polynomial
 hash; bytes before the window count as 0x00 (the document separator), so an n-gram near the
 start of a window hashes as if a document had just begun.
+
+Generation (`CachedDecoder`) keeps KV caches for the entropy model, the encoder, the decoder
+and the global transformer; a new byte costs one position of each byte stack, and one global
+position for the rows whose patch it closes.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class HashEmbedding(nn.Module):
         self.ngrams = nn.ModuleList(nn.Embedding(vocab, d) for _ in sizes) if enabled else nn.ModuleList()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings of x [B, T]; `context` [B, <=7] are the bytes just before x (generation)."""
+        """Embeddings of x [B, T]; `context` [B, < max(sizes)] are the bytes just before x (generation)."""
         e = self.byte(x)
         if len(self.ngrams):
             full = x if context is None else torch.cat([context, x], dim=1)
