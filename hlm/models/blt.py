@@ -241,23 +241,24 @@ class BLT(nn.Module):
                                     cfg.block_size)
         init_weights(self.entropy, cfg.entropy_n_layer, cfg.init_std)
         self.entropy.requires_grad_(False)
-        self.entropy_ready = cfg.entropy_model == "random" or self._load_entropy_model(cfg.entropy_model)
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "entropy_ready", True))
+        # why the entropy model has no weights yet (None: it has them); a BLT checkpoint's state brings them
+        self.entropy_missing = None if cfg.entropy_model == "random" else self._load_entropy_model(cfg.entropy_model)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "entropy_missing", None))
 
-    def _load_entropy_model(self, path: str) -> bool:
-        """Weights of the entropy model from its checkpoint, when the file is here (eval and
-        sample rebuild the model from a BLT checkpoint, which holds them)."""
+    def _load_entropy_model(self, path: str) -> str | None:
+        """Load the entropy model's weights from its checkpoint; or say why not. Evaluation and
+        sampling rebuild the model from a BLT checkpoint, which holds them: the file may be gone."""
         if not Path(path).is_file():
-            return False
+            return f"model.entropy_model: {path} not found; the BLT model needs its trained entropy model"
         other = EntropyModel.from_checkpoint(path, self.cfg.block_size)
         cfg = self.cfg
         got = (len(other.transformer.blocks), other.transformer.n_head, other.embed.embedding_dim, other.window)
         want = (cfg.entropy_n_layer, cfg.entropy_n_head, cfg.entropy_d_model, cfg.entropy_window)
         if got != want:
-            raise BLTError(f"{path} has (layers, heads, d_model, block_size) {got} but model.entropy_n_layer, "
-                           f"entropy_n_head, entropy_d_model, entropy_window say {want}")
+            return (f"{path} has (layers, heads, d_model, block_size) {got} but model.entropy_n_layer, "
+                    f"entropy_n_head, entropy_d_model, entropy_window say {want}")
         self.entropy.load_gpt_state(other.state_dict(), path)
-        return True
+        return None
 
     @property
     def side_inputs(self) -> dict[str, str]:
@@ -279,9 +280,8 @@ class BLT(nn.Module):
         """Patch starts s [B, T+1] for inputs x [B, T]: s[:, t] for t < T says byte t starts a
         patch, s[:, T] whether the next byte would. `entropies` [B, T+1] are H of x (side file)."""
         if entropies is None:
-            if not self.entropy_ready:
-                raise BLTError(f"model.entropy_model: {self.cfg.entropy_model or '(empty)'} not found; the BLT "
-                               "model needs its trained entropy model (a byte GPT checkpoint)")
+            if self.entropy_missing:
+                raise BLTError(self.entropy_missing)
             with torch.no_grad():
                 h = self.entropy.entropies(x)
             entropies = torch.cat([h[:, :1], h], dim=1)  # H[0] := H[1] (no context)
