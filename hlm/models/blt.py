@@ -280,8 +280,6 @@ class BLT(nn.Module):
         """Patch starts s [B, T+1] for inputs x [B, T]: s[:, t] for t < T says byte t starts a
         patch, s[:, T] whether the next byte would. `entropies` [B, T+1] are H of x (side file)."""
         if entropies is None:
-            if self.entropy_missing:
-                raise BLTError(self.entropy_missing)
             with torch.no_grad():
                 h = self.entropy.entropies(x)
             entropies = torch.cat([h[:, :1], h], dim=1)  # H[0] := H[1] (no context)
@@ -296,6 +294,8 @@ class BLT(nn.Module):
     def _run(self, x: torch.Tensor, entropies: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits [B, T, 256] for byte ids x [B, T], and the metrics."""
+        if self.entropy_missing:  # also with side-file entropies: validation and checkpoints need the model
+            raise BLTError(self.entropy_missing)
         B, T = x.shape
         P = self.max_patches
         s = self.starts(x, entropies)
