@@ -112,21 +112,29 @@ class Split:
         return np.memmap(self.path, dtype=self.dtype, mode="r")
 
     def side_path(self, stem: str) -> Path:
-        """A per-token uint8 file aligned with this split (`<split>.<stem>.bin`, e.g. boundary
-        targets written by data_prep/boundaries.py), checked to have one byte per token."""
+        """A per-token file aligned with this split (`<split>.<stem>.bin`): uint8 (e.g. boundary
+        targets written by data_prep/boundaries.py) or float16 (e.g. entropies written by
+        data_prep/entropy_patches.py), checked to have one entry per token."""
         path = self.folder / f"{self.name}.{stem}.bin"
         if not path.is_file():
-            raise DataError(f"missing {path}: the model needs it (see data_prep/boundaries.py)")
-        if path.stat().st_size != self.n_tokens:
-            raise DataError(f"{path} has {path.stat().st_size} entries but {self.path} has {self.n_tokens} "
-                            "tokens: prepare it again for this corpus")
+            raise DataError(f"missing {path}: the model needs it (see data_prep/boundaries.py, "
+                            "data_prep/entropy_patches.py)")
+        if path.stat().st_size not in (self.n_tokens, 2 * self.n_tokens):
+            raise DataError(f"{path} has {path.stat().st_size} bytes but {self.path} has {self.n_tokens} "
+                            "tokens (one uint8 or float16 per token): prepare it again for this corpus")
         return path
 
     def windows(self, starts: np.ndarray, length: int, stem: str | None = None) -> torch.Tensor:
         """Token windows [len(starts), length] as int64; with `stem`, the same windows of the
-        aligned side file `<split>.<stem>.bin` instead."""
-        data = np.memmap(self.side_path(stem), dtype=np.uint8, mode="r") if stem else self.memmap()
-        return torch.from_numpy(np.stack([data[s : s + length].astype(np.int64) for s in starts]))
+        aligned side file `<split>.<stem>.bin` instead (int64 from uint8, float32 from float16)."""
+        if stem:
+            path = self.side_path(stem)
+            float16 = path.stat().st_size == 2 * self.n_tokens != self.n_tokens
+            data = np.memmap(path, dtype=np.float16 if float16 else np.uint8, mode="r")
+            out = np.float32 if float16 else np.int64
+        else:
+            data, out = self.memmap(), np.int64
+        return torch.from_numpy(np.stack([data[s : s + length].astype(out) for s in starts]))
 
 
 class WindowSampler:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from hlm import ConfigError
+from hlm.models.blt import BLT, BLTConfig
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.models.hat import HAT, HATConfig
 from hlm.models.hnet import HNet, HNetConfig
 from hlm.models.hourglass import Hourglass, HourglassConfig
 
 FAMILIES: dict[str, tuple[type, type]] = {
+    "blt": (BLTConfig, BLT),
     "gpt": (GPTConfig, GPT),
     "hat": (HATConfig, HAT),
     "hnet": (HNetConfig, HNet),
@@ -27,6 +29,6 @@ def model_config_class(family: str) -> type:
     return FAMILIES[family][0]
 
 
-def build_model(model_cfg: GPTConfig | HourglassConfig | HATConfig | HNetConfig) -> nn.Module:
+def build_model(model_cfg: GPTConfig | HourglassConfig | HATConfig | HNetConfig | BLTConfig) -> nn.Module:
     """Instantiate the model for a family config dataclass."""
     return FAMILIES[model_cfg.family][1](model_cfg)

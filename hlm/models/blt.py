@@ -1,0 +1,454 @@
+"""Byte Latent Transformer with entropy patches (Pagnoni et al. 2024, "Byte Latent Transformer:
+Patches Scale Better Than Tokens").
+
+    bytes -> byte + hash n-gram embeddings -> local encoder (local-attention byte layers)
+          -> cross-attention pooling: one query per patch, attending to its own bytes only
+          -> global transformer over patches (causal)
+          -> local decoder: byte layers, each byte cross-attending to the global output of
+             the last patch completed at or before it -> byte head
+
+Patches come from a frozen entropy model (hlm/models/entropy_patcher.py has the rules): byte
+t starts a patch when the entropy of p(x_t | x_<t) is high. Byte t belongs to patch
+pid(t) = sum(s[1..t]) and reads memory slot read(t) = sum(s[1..t+1]), where slot 0 is a
+learned null patch and slot k the global output of patch k-1. Patch j ends at t exactly when
+byte t+1 starts a patch, which H[t+1] (a function of x_<=t) decides: so byte t reads the
+patches whose bytes are all <= t and never one that is still open (the shift BLT's
+`decoder_patch_ids_from_lengths` makes; the last byte of a patch reads that patch).
+
+Entropies: in training from the precomputed side file `<split>.<entropy_file>.bin` when the
+config names one (data_prep/entropy_patches.py), else from the entropy model, which also runs
+at evaluation and generation. The entropy model's weights are a frozen submodule, saved in
+the checkpoint.
+
+Static shapes: the global transformer sees `max_patches` positions. Patches past the cap are
+dropped and later bytes keep reading the last patch that fits; `patch_cap_hit` logs it.
+Pooling and reading are gathers and `index_add_` over [B, max_patches + 1] slots; nothing of
+size [B, T, patches] is built.
+
+Hash n-grams: e_t = E(x_t) + sum_n E_n[hash(x_{t-n+1..t}) mod hash_vocab], a polynomial
+hash; bytes before the window count as 0x00 (the document separator), so an n-gram near the
+start of a window hashes as if a document had just begun.
+
+Generation (`CachedDecoder`) keeps KV caches for the entropy model, the encoder, the decoder
+and the global transformer; a new byte costs one position of each byte stack, and one global
+position for the rows whose patch it closes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hlm import HLMError
+from hlm.models.blocks import (
+    KVCache,
+    ModelOutput,
+    RMSNorm,
+    Transformer,
+    apply_rotary,
+    at_least_fp32,
+    generate_ids,
+    init_weights,
+    sample_next,
+)
+from hlm.models.entropy_patcher import PATCHING_MODES, EntropyModel, next_start, patch_starts
+
+HASH_PRIME, HASH_BASE = 1_000_000_007, 1_000_003  # products stay below 2**51
+
+
+class BLTError(HLMError):
+    """A BLT config or input that cannot be used."""
+
+
+@dataclass
+class BLTConfig:
+    family: str = "blt"
+    vocab_size: int = 256  # bytes
+    block_size: int = 4096  # context length in bytes
+    d_local: int = 768  # width of the encoder and decoder byte layers
+    n_head_local: int = 12
+    n_enc: int = 1  # local encoder byte layers
+    n_dec: int = 2  # local decoder byte layers (each with a cross-attention to its patch)
+    byte_window: int = 512  # local attention window of the byte layers (0: full causal)
+    d_model: int = 768  # width of the global transformer
+    n_head: int = 12
+    n_layer: int = 12  # global layers
+    mlp_ratio: float = 4.0
+    max_patches: int = 0  # global positions per window (0: block_size // 4)
+    cross_attn_k: int = 2  # the decoder reads each patch as this many d_local slots
+    hash_ngrams: bool = True
+    hash_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    hash_vocab: int = 16384  # rows of each n-gram table
+    entropy_model: str = ""  # hlm byte GPT checkpoint (configs/entropy_gpt.yaml); "random": untrained (tests)
+    entropy_n_layer: int = 4  # the entropy model's shape (checked against the checkpoint)
+    entropy_n_head: int = 6
+    entropy_d_model: int = 384
+    entropy_window: int = 1024  # its training context: it reads this many bytes back
+    entropy_file: str = ""  # side-file stem of precomputed entropies for training ("": compute on the fly)
+    patching: str = "global"  # global | monotonic
+    entropy_threshold: float | None = None  # θ, from data_prep/entropy_patches.py --target-bytes-per-patch
+    max_patch_len: int = 0  # 0: no limit
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def describe(self) -> str:
+        hashes = f"hash{min(self.hash_sizes)}-{max(self.hash_sizes)}" if self.hash_ngrams else "nohash"
+        theta = "unset" if self.entropy_threshold is None else f"{self.entropy_threshold:.4g}"
+        return (f"blt {self.n_enc}+{self.n_layer}+{self.n_dec}L/{self.d_local}-{self.d_model}d "
+                f"{self.patching} θ={theta} {hashes}")
+
+
+def ngram_hashes(x: torch.Tensor, sizes: list[int], vocab: int) -> list[torch.Tensor]:
+    """Table rows [B, T] of each n-gram ending at each byte of x [B, T], one tensor per n in
+    `sizes`: a polynomial hash of x_{t-n+1..t} (bytes before x count as 0) mod `vocab`."""
+    longest = max(sizes)
+    padded = F.pad(x, (longest - 1, 0))
+    h, out = torch.zeros_like(x), {}
+    for n in range(1, longest + 1):  # add byte t-n+1 to the (n-1)-gram hash
+        h = (h * HASH_BASE + padded[:, longest - n : longest - n + x.size(1)] + 1) % HASH_PRIME
+        out[n] = h % vocab
+    return [out[n] for n in sizes]
+
+
+def patch_index(starts: torch.Tensor, max_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For patch starts s [B, T+1] (s[:, 0] True): the patch of each of the T bytes, clamped to
+    `max_patches` (the overflow slot), and the memory slot each byte reads (module docstring)."""
+    ends = starts[:, 1:].long().cumsum(1)  # patches completed at or before t
+    pid = (ends - starts[:, 1:].long()).clamp(max=max_patches)
+    return pid, ends.clamp(max=max_patches)
+
+
+class HashEmbedding(nn.Module):
+    """Byte embedding plus hashed n-gram embeddings."""
+
+    def __init__(self, d: int, sizes: list[int], vocab: int, enabled: bool):
+        super().__init__()
+        self.sizes, self.vocab = list(sizes), vocab
+        self.byte = nn.Embedding(256, d)
+        self.ngrams = nn.ModuleList(nn.Embedding(vocab, d) for _ in sizes) if enabled else nn.ModuleList()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of x [B, T]; `context` [B, < max(sizes)] are the bytes just before x (generation)."""
+        e = self.byte(x)
+        if len(self.ngrams):
+            full = x if context is None else torch.cat([context, x], dim=1)
+            for table, ids in zip(self.ngrams, ngram_hashes(full, self.sizes, self.vocab), strict=True):
+                e = e + table(ids[:, full.size(1) - x.size(1) :])
+        return e
+
+
+class PatchPooling(nn.Module):
+    """Cross-attention pooling: each patch's query starts as the max of its bytes' states and
+    attends (multi-head) to the bytes of that patch only; output = that max + attention."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q_norm, self.kv_norm = RMSNorm(d), RMSNorm(d)
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, h: torch.Tensor, pid: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """h [B, T, D], patch of each byte pid [B, T] in 0..n_slots-1 -> [B, n_slots, D] (empty slots 0)."""
+        B, T, D = h.shape
+        H = self.n_head
+        slot = (pid + torch.arange(B, device=h.device)[:, None] * n_slots).flatten()
+        hf = h.flatten(0, 1)
+        pooled = hf.new_zeros(B * n_slots, D).scatter_reduce(0, slot[:, None].expand(-1, D), hf, "amax",
+                                                             include_self=False)
+        q = self.q(self.q_norm(pooled)).view(-1, H, D // H)
+        k, v = self.kv(self.kv_norm(hf)).view(-1, 2, H, D // H).unbind(1)
+        score = (at_least_fp32(q[slot]) * at_least_fp32(k)).sum(-1) / math.sqrt(D // H)  # [B*T, H]
+        top = score.new_full((B * n_slots, H), -torch.inf).scatter_reduce(
+            0, slot[:, None].expand(-1, H), score.detach(), "amax")
+        w = torch.exp(score - top[slot])
+        denom = w.new_zeros(B * n_slots, H).index_add_(0, slot, w)
+        mixed = w.new_zeros(B * n_slots, H, D // H).index_add_(0, slot, w[..., None] * at_least_fp32(v))
+        mixed = (mixed / denom.clamp(min=1e-30)[..., None]).to(h.dtype).view(B * n_slots, D)
+        return (pooled + self.proj(mixed)).view(B, n_slots, D)
+
+
+class PatchReader(nn.Module):
+    """Cross-attention of each byte to the `k` slots of the patch it reads."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.norm = RMSNorm(d)
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, h: torch.Tensor, slots: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        """h [B, T, D], slots [B, S, k, D], read [B, T] in 0..S-1 -> the update [B, T, D]."""
+        B, T, D = h.shape
+        H = self.n_head
+        kv = self.kv(slots).view(B, slots.size(1), slots.size(2), 2, H, D // H)
+        k, v = kv[torch.arange(B, device=h.device)[:, None], read].unbind(3)  # [B, T, k, H, Dh]
+        q = self.q(self.norm(h)).view(B, T, H, D // H)
+        w = torch.softmax(at_least_fp32(torch.einsum("bthd,btjhd->bthj", q, k)) / math.sqrt(D // H), dim=-1)
+        return self.proj(torch.einsum("bthj,btjhd->bthd", w.to(v.dtype), v).reshape(B, T, D))
+
+
+class LocalDecoder(nn.Module):
+    """Byte layers, each preceded by a cross-attention to the patch the byte reads."""
+
+    def __init__(self, cfg: BLTConfig):
+        super().__init__()
+        d = cfg.d_local
+        self.stack = Transformer(cfg.n_dec, d, cfg.n_head_local, cfg.block_size, cfg.mlp_ratio, cfg.rope_theta,
+                                 cfg.byte_window)
+        self.readers = nn.ModuleList(PatchReader(d, cfg.n_head_local) for _ in range(cfg.n_dec))
+
+    def forward(self, h: torch.Tensor, slots: torch.Tensor, read: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        cos, sin = self.stack.rotary(cache.pos if cache is not None else 0, h.size(1))
+        for i, (reader, block) in enumerate(zip(self.readers, self.stack.blocks, strict=True)):
+            h = block(h + reader(h, slots, read), cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += h.size(1)
+        return h
+
+
+class BLT(nn.Module):
+    def __init__(self, cfg: BLTConfig):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.max_patches = P = cfg.max_patches or max(1, cfg.block_size // 4)
+        dl, dg = cfg.d_local, cfg.d_model
+        self.embed = HashEmbedding(dl, cfg.hash_sizes, cfg.hash_vocab, cfg.hash_ngrams)
+        self.encoder = Transformer(cfg.n_enc, dl, cfg.n_head_local, cfg.block_size, cfg.mlp_ratio, cfg.rope_theta,
+                                   cfg.byte_window)
+        self.pool = PatchPooling(dl, cfg.n_head_local)
+        self.down = nn.Sequential(RMSNorm(dl), nn.Linear(dl, dg, bias=False))
+        self.glob = Transformer(cfg.n_layer, dg, cfg.n_head, P, cfg.mlp_ratio, cfg.rope_theta)
+        self.null_patch = nn.Parameter(torch.zeros(dg))
+        self.up = nn.Sequential(RMSNorm(dg), nn.Linear(dg, cfg.cross_attn_k * dl, bias=False))
+        self.decoder = LocalDecoder(cfg)
+        self.norm = RMSNorm(dl)
+        self.head = nn.Linear(dl, 256, bias=False)
+        init_weights(self, cfg.n_enc + cfg.n_layer + cfg.n_dec, cfg.init_std)
+        nn.init.normal_(self.null_patch, std=cfg.init_std)
+        self.entropy = EntropyModel(cfg.entropy_n_layer, cfg.entropy_n_head, cfg.entropy_d_model, cfg.entropy_window,
+                                    cfg.block_size)
+        init_weights(self.entropy, cfg.entropy_n_layer, cfg.init_std)
+        self.entropy.requires_grad_(False)
+        # why the entropy model has no weights yet (None: it has them); a BLT checkpoint's state brings them
+        self.entropy_missing = None if cfg.entropy_model == "random" else self._load_entropy_model(cfg.entropy_model)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "entropy_missing", None))
+
+    def _load_entropy_model(self, path: str) -> str | None:
+        """Load the entropy model's weights from its checkpoint; or say why not. Evaluation and
+        sampling rebuild the model from a BLT checkpoint, which holds them: the file may be gone."""
+        if not Path(path).is_file():
+            return f"model.entropy_model: {path} not found; the BLT model needs its trained entropy model"
+        other = EntropyModel.from_checkpoint(path, self.cfg.block_size)
+        cfg = self.cfg
+        got = (len(other.transformer.blocks), other.transformer.n_head, other.embed.embedding_dim, other.window)
+        want = (cfg.entropy_n_layer, cfg.entropy_n_head, cfg.entropy_d_model, cfg.entropy_window)
+        if got != want:
+            return (f"{path} has (layers, heads, d_model, block_size) {got} but model.entropy_n_layer, "
+                    f"entropy_n_head, entropy_d_model, entropy_window say {want}")
+        self.entropy.load_gpt_state(other.state_dict(), path)
+        return None
+
+    @property
+    def side_inputs(self) -> dict[str, str]:
+        """Per-byte files the trainer reads beside each split and passes to forward (training only)."""
+        return {"entropies": self.cfg.entropy_file} if self.cfg.entropy_file else {}
+
+    def entropy_flops_per_byte(self) -> float:
+        """Forward FLOPs per byte of the entropy model over a full window (FlopCounterMode, which
+        counts attention as full): what patching costs when it runs (evaluation, generation,
+        training without a side file), and what precomputed side files save in training."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(1, self.cfg.block_size, dtype=torch.long, device=self.null_patch.device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.entropy.entropies(x)
+        return counter.get_total_flops() / self.cfg.block_size
+
+    def starts(self, x: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch starts s [B, T+1] for inputs x [B, T]: s[:, t] for t < T says byte t starts a
+        patch, s[:, T] whether the next byte would. `entropies` [B, T+1] are H of x (side file)."""
+        if entropies is None:
+            with torch.no_grad():
+                h = self.entropy.entropies(x)
+            entropies = torch.cat([h[:, :1], h], dim=1)  # H[0] := H[1] (no context)
+        else:
+            entropies = torch.cat([entropies[:, 1:2], entropies[:, 1:]], dim=1).float()
+        return patch_starts(entropies, self.cfg.patching, self.cfg.entropy_threshold, self.cfg.max_patch_len)
+
+    def memory_slots(self, glob_out: torch.Tensor) -> torch.Tensor:
+        """[null, patches...] [B, S, D_global] -> decoder slots [B, S, k, d_local]."""
+        return self.up(glob_out).view(*glob_out.shape[:2], self.cfg.cross_attn_k, self.cfg.d_local)
+
+    def _run(self, x: torch.Tensor, entropies: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [B, T, 256] for byte ids x [B, T], and the metrics."""
+        if self.entropy_missing:  # also with side-file entropies: validation and checkpoints need the model
+            raise BLTError(self.entropy_missing)
+        B, T = x.shape
+        P = self.max_patches
+        s = self.starts(x, entropies)
+        pid, read = patch_index(s, P)
+        h = self.encoder(self.embed(x))
+        patches = self.pool(h, pid, P + 1)[:, :P]  # slot P collects the bytes past the cap
+        g = self.glob(self.down(patches))
+        memory = torch.cat([self.null_patch.to(g.dtype).expand(B, 1, -1), g], dim=1)
+        out = self.decoder(h, self.memory_slots(memory), read)
+        n_patches = s[:, :T].sum(1).float()
+        metrics = {"bytes_per_patch": B * T / n_patches.clamp(max=P).sum(),
+                   "patch_cap_hit": (n_patches > P).float().mean(),
+                   "bytes_past_cap": (pid >= P).float().mean()}
+        return self.head(self.norm(out)), metrics
+
+    def forward(self, idx: torch.Tensor, entropies: torch.Tensor | None = None) -> ModelOutput:
+        """idx [B, T+1] byte ids; entropies [B, T+1] H of each byte of idx, from a side file (training
+        only; the last one, H of the last target, decides whether that target starts a patch)."""
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        logits, metrics = self._run(inputs, entropies)
+        nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), targets.flatten(), reduction="none")
+        nll = nll.view_as(targets)
+        return ModelOutput(nll.mean(), nll, metrics)
+
+    def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
+        return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
+
+    @torch.no_grad()
+    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
+                        top_k: int | None = None, generator: torch.Generator | None = None
+                        ) -> Iterator[torch.Tensor]:
+        """Yield one new byte per row [B] at a time (eval mode), decoding all rows together with
+        KV caches (`CachedDecoder`)."""
+        dec = CachedDecoder(self, prompt)
+        for _ in range(max_new):
+            nxt = sample_next(dec.logits, temperature, top_k, generator)
+            yield nxt
+            dec.push(nxt)
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
+        """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
+        LongTensor [B, T] in, the prompt with the continuation appended out."""
+        if len(prompt) == 0 or (torch.is_tensor(prompt) and prompt.size(1) == 0):
+            raise BLTError("generate needs a non-empty prompt (start with the separator byte 0x00)")
+        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+
+
+def check_config(cfg: BLTConfig) -> None:
+    if cfg.vocab_size != 256:
+        raise BLTError("model.vocab_size must be 256: BLT reads bytes")
+    if cfg.patching not in PATCHING_MODES:
+        raise BLTError(f"model.patching: unknown '{cfg.patching}' (one of {', '.join(PATCHING_MODES)})")
+    if cfg.entropy_threshold is None:
+        raise BLTError("model.entropy_threshold is not set: calibrate it with data_prep/entropy_patches.py "
+                       "--target-bytes-per-patch P and pass model.entropy_threshold=θ")
+    if not cfg.entropy_model:
+        raise BLTError("model.entropy_model: give the checkpoint of a trained byte GPT (configs/entropy_gpt.yaml), "
+                       "or 'random' for an untrained one")
+    if cfg.hash_ngrams and (not cfg.hash_sizes or min(cfg.hash_sizes) < 1 or cfg.hash_vocab < 1):
+        raise BLTError("model.hash_sizes must be n-gram lengths >= 1 and model.hash_vocab >= 1")
+    if cfg.max_patch_len < 0 or cfg.cross_attn_k < 1:
+        raise BLTError("model.max_patch_len must be >= 0 and model.cross_attn_k >= 1")
+
+
+def global_step(glob: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """The global transformer on patches x [n, T, D] of cache rows `rows` [n] at their own
+    positions [n, T]: each row's keys and values go to its slots of `cache` (batch B, length
+    max_patches), and a patch attends to that row's keys at positions <= its own. Rows complete
+    patches at different bytes, so in generation each row's global sequence has its own length."""
+    n, T, C = x.shape
+    cos, sin = glob.rotary.at(positions)
+    keep = (torch.arange(cache.k.size(3), device=x.device) <= positions[..., None])[:, None]  # [n, 1, T, P]
+    for i, block in enumerate(glob.blocks):
+        attn = block.attn
+        q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2)
+        cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
+        x = x + attn.proj(y.transpose(1, 2).reshape(n, T, C))
+        x = x + block.mlp(block.mlp_norm(x))
+    return x
+
+
+class CachedDecoder:
+    """Incremental decoding of a batch: KV caches for the entropy model, the encoder and the
+    decoder (all rows advance together) and the global transformer (each row at its own patch
+    count, `global_step`). A patch enters the global transformer when the entropy after its
+    last byte says the next byte starts a new one. `logits` [B, 256] always predicts the next
+    byte, equal to the full forward on the bytes since the last (re)start of the window."""
+
+    def __init__(self, model: BLT, ids: torch.Tensor):
+        if not ids.size(1):
+            raise BLTError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
+        self.model = model
+        self.prefill(ids[:, -model.cfg.block_size :])
+
+    def _new_cache(self, stack: Transformer, batch: int, max_len: int) -> KVCache:
+        p = self.model.null_patch
+        return stack.new_cache(batch, max_len, p.device, p.dtype)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        m, cfg, P = self.model, self.model.cfg, self.model.max_patches
+        B, T = ids.shape
+        self.ids = ids
+        self.ent_cache = self._new_cache(m.entropy.transformer, B, cfg.block_size)
+        self.enc_cache = self._new_cache(m.encoder, B, cfg.block_size)
+        self.dec_cache = self._new_cache(m.decoder.stack, B, cfg.block_size)
+        self.glob_cache = self._new_cache(m.glob, B, P)
+        ent = m.entropy.entropies(ids, self.ent_cache)
+        s = patch_starts(torch.cat([ent[:, :1], ent], dim=1), cfg.patching, cfg.entropy_threshold, cfg.max_patch_len)
+        pid, read = patch_index(s, P)
+        self.h = torch.zeros(B, cfg.block_size, cfg.d_local, device=ids.device, dtype=m.null_patch.dtype)
+        self.h[:, :T] = m.encoder(m.embed(ids), self.enc_cache)
+        rows = torch.arange(B, device=ids.device)
+        patches = m.down(m.pool(self.h[:, :T], pid, P + 1)[:, :P])
+        g = global_step(m.glob, self.glob_cache, patches, rows, torch.arange(P, device=ids.device).expand(B, P))
+        slots = m.memory_slots(torch.cat([m.null_patch.expand(B, 1, -1), g], dim=1))
+        out = m.decoder(self.h[:, :T], slots, read, self.dec_cache)
+        self.logits = m.head(m.norm(out[:, -1]))
+        self.slots = slots[rows, read[:, -1]][:, None]  # [B, 1, k, d_local]: what the next byte reads
+        self.n_done = read[:, -1]  # patches in the global transformer, per row
+        self.open_from = torch.where(s, torch.arange(T + 1, device=ids.device), 0).cummax(1).values[:, -1]
+        self.last_ent = ent[:, -1]
+
+    def push(self, nxt: torch.Tensor) -> None:
+        """Append one byte per row (nxt [B]) and update `logits`."""
+        m, cfg, P = self.model, self.model.cfg, self.model.max_patches
+        if self.ids.size(1) >= cfg.block_size:
+            self.prefill(torch.cat([self.ids, nxt[:, None]], dim=1)[:, -(cfg.block_size // 2) :])
+            return
+        t = self.ids.size(1)
+        context = self.ids[:, max(0, t - max(cfg.hash_sizes) + 1) :] if cfg.hash_ngrams else None
+        self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
+        x = nxt[:, None]
+        ent = m.entropy.entropies(x, self.ent_cache)[:, 0]
+        self.h[:, t] = m.encoder(m.embed(x, context), self.enc_cache)[:, 0]
+        closes = next_start(ent, self.last_ent, t + 1 - self.open_from, cfg.patching, cfg.entropy_threshold,
+                            cfg.max_patch_len)
+        rows = torch.nonzero(closes & (self.n_done < P)).flatten()
+        if len(rows):  # pool each closing row's patch: its last bytes, the ones before it go to a discarded slot
+            span = int((t + 1 - self.open_from[rows]).max())
+            pos = torch.arange(t + 1 - span, t + 1, device=x.device)
+            pid = (pos[None] < self.open_from[rows, None]).long()
+            patch = m.down(m.pool(self.h[rows, t + 1 - span : t + 1], pid, 2)[:, :1])
+            g = global_step(m.glob, self.glob_cache, patch, rows, self.n_done[rows, None])
+            self.slots[rows] = m.memory_slots(g)
+            self.n_done[rows] += 1
+        self.open_from = torch.where(closes, t + 1, self.open_from)
+        out = m.decoder(self.h[:, t : t + 1], self.slots, torch.zeros_like(x), self.dec_cache)
+        self.logits = m.head(m.norm(out[:, -1]))
+        self.last_ent = ent
