@@ -143,6 +143,11 @@ def eval_command(out_dir: Path, run: Run, batch_size: int) -> list[str]:
             "--batch-size", str(batch_size), "--json", str(out_dir / "eval_test.json")]
 
 
+def shown(cmd: list[str]) -> str:
+    """A CLI command as a user types it from the repository root."""
+    return " ".join(["python", Path(cmd[1]).name, *cmd[2:]])
+
+
 def run_logged(cmd: list[str], log_path: Path) -> None:
     """Run a CLI with its output in `log_path`; a failure raises with the CLI's last line."""
     with open(log_path, "ab") as log:
@@ -244,7 +249,7 @@ def execute(run: Run, grid: Grid) -> dict:
             "epochs": epochs, "over_epoch_flag": epochs > EPOCH_FLAG, "test_bpb": test["bpb"],
             "test_bytes": test["bytes"], **measure_checkpoint(out_dir / "ckpt.pt", run.data, grid.generation,
                                                               grid.device),
-            "commands": [" ".join(train_cmd[1:]), " ".join(eval_cmd[1:])],
+            "commands": [shown(train_cmd), shown(eval_cmd)],
             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
@@ -280,6 +285,9 @@ def run_grid(grid_path: str | Path, say=print) -> dict:
             continue
         with open(results_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        flag = f" (past {EPOCH_FLAG:g} epochs)" if record["over_epoch_flag"] else ""
+        tqdm.write(f"{run.name}: test bpb {record['test_bpb']:.4f}, {record['steps']} steps, "
+                   f"{record['epochs']:.2f} epochs{flag}", file=sys.stderr)
     write_report(read_results(results_path), grid.out, str(grid_path), say)
     return {"done": len(todo) - len(failed), "skipped": len(grid.runs) - len(todo), "failed": failed}
 
@@ -290,7 +298,7 @@ def all_runs_listing(grid_path: str | Path) -> list[str]:
     lines = []
     for run in grid.runs:
         out_dir = grid.out / run.name
-        lines += [" ".join(cmd[1:]) for cmd in (train_command(run, out_dir),
+        lines += [shown(cmd) for cmd in (train_command(run, out_dir),
                                                 eval_command(out_dir, run, grid.eval_batch_size))]
     return lines
 

@@ -86,6 +86,26 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/ckpt.pt")} == stamps
     assert (out / "results.jsonl").read_bytes() == results_before
 
+    # a run trained but without a record (say eval failed) resumes: train.py finds its finished
+    # checkpoint and trains no further step, then eval and the measurements run again
+    monkeypatch.undo()
+    (out / "results.jsonl").write_bytes(results_before.splitlines(keepends=True)[0])
+    assert run_grid(grid_file, say=lambda _: None) == {"done": 1, "skipped": 1, "failed": []}
+    redone = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][1]
+    assert redone["model"] == "spacebyte" and redone["steps"] == records[1]["steps"]
+    assert redone["test_bpb"] == records[1]["test_bpb"]
+    assert (out / redone["run"] / "train.log").read_text().count("$ ") == 2
+
+
+def test_matched_compute_grid_expands_to_the_issue_grid():
+    grid = load_grid("benchmarks/grids/matched_compute.yaml")
+    assert len(grid.runs) == 6 * 2 * (1 + 2 + 1)  # families x corpora x (2 min, 5 min x 2 seeds, FLOPs)
+    assert {r.budget for r in grid.runs if r.budget_kind == "flops"} == {1.7e17}
+    assert {r.seed for r in grid.runs if r.budget == 300} == {1337, 1338}
+    assert {r.data for r in grid.runs if r.model == "bpe_gpt"} == {"data/enwiki_bpe", "data/code_bpe"}
+    for config in {r.config for r in grid.runs}:
+        load_config(config)
+
 
 def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
     compare = load_cli("compare")
