@@ -73,3 +73,17 @@ def test_cached_decoder_matches_teacher_forcing(pooling, feedback, max_groups):
         torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
         dec.push(int(seq[0, t]))
     assert dec.ids.size(1) < 48  # the window restarted on the way
+
+
+def test_checkpoints_from_before_pooling_and_feedback_still_resume():
+    """A checkpoint's saved model config predating `pooling`/`feedback` means their defaults."""
+    import dataclasses
+
+    from hlm.checkpoint import CheckpointError, check_same_model
+    from hlm.models.hourglass import HourglassConfig
+
+    current = dataclasses.asdict(HourglassConfig())
+    old = {k: v for k, v in current.items() if k not in ("pooling", "feedback")}
+    check_same_model(old, current, "old.pt")
+    with pytest.raises(CheckpointError, match="pooling"):
+        check_same_model(old, {**current, "pooling": "last"}, "old.pt")
