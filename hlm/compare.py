@@ -20,6 +20,9 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
     generation: {prompt_tokens: 512, new_tokens: 256, batch_sizes: [1, 64]}
     device: auto                           # where generation speed and inference FLOPs are measured
 
+Every run is scored with eval.py on the test split of its corpus's `bytes` folder where the corpus
+has one (token models encode those bytes with their own tokenizer, so all score the same bytes),
+else of its own folder, using the final checkpoint; the best val bpb of the run is kept beside it.
 A run whose record is in results.jsonl is never redone; a run whose folder holds a checkpoint but
 no record resumes through train.py's own resume. A failed run is reported and left out, so the
 next invocation tries it again.
@@ -62,6 +65,7 @@ class Run:
     budget: float
     seed: int
     overrides: tuple[str, ...] = ()
+    eval_data: str = ""  # the corpus's byte folder where it has one: every model scores the same bytes
 
     @property
     def budget_label(self) -> str:
@@ -122,7 +126,8 @@ def load_grid(path: str | Path) -> Grid:
                 _require(value > 0, f"budgets[{i}]: the budget must be > 0")
                 for seed in budget.get("seeds", default_seeds):
                     runs.append(Run(model, str(spec["config"]), corpus, str(folders[kind]), budget_kind, value,
-                                    int(seed), tuple(common + [str(o) for o in spec.get("overrides", [])])))
+                                    int(seed), tuple(common + [str(o) for o in spec.get("overrides", [])]),
+                                    str(folders.get("bytes", folders[kind]))))
     generation = {**GENERATION_DEFAULTS, **(raw.get("generation") or {})}
     _require(set(generation) == set(GENERATION_DEFAULTS),
              f"generation: keys are {', '.join(GENERATION_DEFAULTS)}")
@@ -139,7 +144,8 @@ def train_command(run: Run, out_dir: Path) -> list[str]:
 
 
 def eval_command(out_dir: Path, run: Run, batch_size: int) -> list[str]:
-    return [sys.executable, str(ROOT / "eval.py"), str(out_dir / "ckpt.pt"), "--data", run.data, "--split", "test",
+    return [sys.executable, str(ROOT / "eval.py"), str(out_dir / "ckpt.pt"), "--data", run.eval_data or run.data,
+            "--split", "test",
             "--batch-size", str(batch_size), "--json", str(out_dir / "eval_test.json")]
 
 
@@ -225,9 +231,13 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
     window = torch.from_numpy(ids[: cfg.model.block_size + 1].astype(np.int64))[None].to(dev)
     speed = {str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"],
                                       generation["new_tokens"], dev) for b in generation["batch_sizes"]}
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "inference_flops_per_byte": inference_flops_per_byte(model, window, nbytes),
-            "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    result = {"params": sum(p.numel() for p in model.parameters()),
+              "inference_flops_per_byte": inference_flops_per_byte(model, window, nbytes),
+              "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the next run's train.py gets the whole GPU
+    return result
 
 
 def execute(run: Run, grid: Grid) -> dict:

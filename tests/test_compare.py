@@ -103,6 +103,7 @@ def test_matched_compute_grid_expands_to_the_issue_grid():
     assert {r.budget for r in grid.runs if r.budget_kind == "flops"} == {1.7e17}
     assert {r.seed for r in grid.runs if r.budget == 300} == {1337, 1338}
     assert {r.data for r in grid.runs if r.model == "bpe_gpt"} == {"data/enwiki_bpe", "data/code_bpe"}
+    assert {r.eval_data for r in grid.runs} == {"data/enwiki_bytes", "data/code_bytes"}  # the same bytes for all
     for config in {r.config for r in grid.runs}:
         load_config(config)
 
