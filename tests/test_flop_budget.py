@@ -56,3 +56,14 @@ def test_auxiliary_model_flops_count_toward_the_budget(tmp_path, byte_corpus, mo
     per_step = probe.flops_per_step + 1000 * seen["tokens"]
     trainer = make_trainer(byte_corpus, tmp_path / "run", f"train.flop_budget={3.0 * per_step}")
     assert trainer.fit()["step"] == 3
+
+
+def test_patch_steps_count_the_patch_phase_flops(tmp_path, byte_corpus):
+    cfg = load_config("configs/smoke/patch_byte_gpt.yaml", [f"data.path={byte_corpus}",
+                                                             f"train.out_dir={tmp_path}", *QUIET])
+    trainer = Trainer(cfg)
+    switch, patch, token = trainer.phases.switch_step, trainer.patch_flops_per_step, trainer.flops_per_step
+    assert switch == 28 and patch < token  # a patch step runs 1/K of the positions
+    for step, want in ((0, 0), (5, 5 * patch), (switch, switch * patch), (40, switch * patch + 12 * token)):
+        trainer.step = step
+        assert trainer.flops_seen() == want
