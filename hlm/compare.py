@@ -92,6 +92,17 @@ def _require(cond: bool, message: str) -> None:
         raise CompareError(message)
 
 
+def _list(value, key: str) -> list:
+    _require(isinstance(value, list), f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _int_list(value, key: str) -> list[int]:
+    _require(isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in value), f"{key}: expected a list of integers")
+    return value
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file (module docstring), expanding it to its runs."""
     path = Path(path)
@@ -106,9 +117,12 @@ def load_grid(path: str | Path) -> Grid:
                           f"(known: {', '.join(sorted(GRID_KEYS))})")
     for key in ("out", "corpora", "models", "budgets"):
         _require(bool(raw.get(key)), f"{path}: '{key}' is missing or empty")
+    for key in ("corpora", "models"):
+        _require(isinstance(raw[key], dict), f"{path}: '{key}' must be a mapping of names")
+    _require(isinstance(raw["budgets"], list), f"{path}: 'budgets' must be a list")
     corpora = {name: spec if isinstance(spec, dict) else {"bytes": spec} for name, spec in raw["corpora"].items()}
-    default_seeds = raw.get("seeds", [1337])
-    common = [str(o) for o in raw.get("overrides", [])]
+    default_seeds = _int_list(raw.get("seeds", [1337]), "seeds")
+    common = [str(o) for o in _list(raw.get("overrides", []), "overrides")]
     runs = []
     for model, spec in raw["models"].items():
         _require(isinstance(spec, dict) and "config" in spec, f"models.{model}: needs a 'config'")
@@ -122,11 +136,16 @@ def load_grid(path: str | Path) -> Grid:
                          and set(budget) <= {"time_s", "flops", "seeds"},
                          f"budgets[{i}]: give exactly one of time_s, flops (and optionally seeds)")
                 budget_kind = "time" if "time_s" in budget else "flops"
-                value = float(budget.get("time_s", budget.get("flops")))
+                try:
+                    value = float(budget.get("time_s", budget.get("flops")))
+                except (TypeError, ValueError):
+                    raise CompareError(f"budgets[{i}]: the budget must be a number") from None
                 _require(value > 0, f"budgets[{i}]: the budget must be > 0")
-                for seed in budget.get("seeds", default_seeds):
+                seeds = _int_list(budget["seeds"], f"budgets[{i}].seeds") if "seeds" in budget else default_seeds
+                for seed in seeds:
+                    own = [str(o) for o in _list(spec.get("overrides", []), f"models.{model}.overrides")]
                     runs.append(Run(model, str(spec["config"]), corpus, str(folders[kind]), budget_kind, value,
-                                    int(seed), tuple(common + [str(o) for o in spec.get("overrides", [])]),
+                                    seed, tuple(common + own),
                                     str(folders.get("bytes", folders[kind]))))
     generation = {**GENERATION_DEFAULTS, **(raw.get("generation") or {})}
     _require(set(generation) == set(GENERATION_DEFAULTS),
