@@ -2,9 +2,10 @@
 
 Builds the model exactly as train.py does (same data, compile, autocast), runs warm-up steps,
 then times --steps optimizer steps with the device synchronised at both ends. Prints one
-markdown row: bytes/s, tokens/s, model TFLOP/s (FlopCounterMode), MFU against the datasheet
-peak (989 TFLOP/s dense bf16 for H100/H200) and against the matmul rate measured on the lent
-H200 (791 TFLOP/s; on H200s only), and peak memory. `--json FILE` appends the row as JSON.
+markdown row: bytes/s, tokens/s, model TFLOP/s (FlopCounterMode), MFU and peak memory. MFU is
+against the GPU's datasheet dense bf16 peak (hlm.trainer.peak_flops: 989 TFLOP/s for H100/H200),
+or against `--peak-flops N`, or `--peak-flops measure`: the rate of a bf16 8192^3 matmul on this
+GPU, the most a model's matmuls could reach. `--json FILE` appends the row as JSON.
 `--profile FILE` then runs a few more steps under torch.profiler and writes where the GPU time
 goes: each kernel's share, and the shares of matmuls, attention, the optimizer and the rest.
 """
@@ -24,9 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from hlm import HLMError
 from hlm.checkpoint import write_atomic
 from hlm.config import load_config
-from hlm.trainer import Trainer
+from hlm.trainer import Trainer, peak_flops
 
-MEASURED_MATMUL_FLOPS = 791e12  # bf16 8192^3 matmul on the H200 of BENCHMARKS.md
 # First match wins. triton_tem_* (inductor templates) are FlexAttention; cudnn::fusion are cuDNN SDPA helpers.
 KERNEL_KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|triton_tem|cudnn::fusion|aten::_scaled_dot", re.I)),
@@ -75,6 +75,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_flops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    """FLOP/s of a bf16 n x n x n matmul on a GPU: an attainable peak to set beside the datasheet's."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def mfu_peak(arg: str | None, device: torch.device) -> tuple[float | None, str]:
+    """The peak FLOP/s MFU is measured against, and where it comes from."""
+    if arg is None:
+        return peak_flops(device), "datasheet"
+    if arg == "measure":
+        if device.type != "cuda":
+            raise HLMError("--peak-flops measure needs a CUDA device")
+        return matmul_flops(device), "measured bf16 8192^3 matmul"
+    try:
+        value = float(arg)
+    except ValueError:
+        raise HLMError(f"--peak-flops: expected a number of FLOP/s or 'measure', got {arg!r}") from None
+    if not value > 0:
+        raise HLMError(f"--peak-flops must be > 0, got {arg}")
+    return value, "--peak-flops"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -85,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"], help="force one attention backend")
     p.add_argument("--profile", metavar="FILE", help="then profile --profile-steps steps; write the breakdown as JSON")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--peak-flops", metavar="FLOPS|measure",
+                   help="MFU against this peak (e.g. 791e12) or a measured bf16 matmul rate; "
+                        "default: the GPU's datasheet dense bf16 peak")
     args = p.parse_args(argv)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -94,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, [*args.overrides, f"train.out_dir={tmp}", "train.resume=false",
                                             "log.tensorboard=false"])
             trainer = Trainer(cfg)
+            peak, peak_source = mfu_peak(args.peak_flops, trainer.rt.device)
         except HLMError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -128,24 +162,22 @@ def main(argv: list[str] | None = None) -> int:
             breakdown = kernel_breakdown(prof, args.profile_steps, cuda)
     flops = (trainer.patch_flops_per_step if patch_mode else trainer.flops_per_step) * args.steps / dt
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    measured_peak = MEASURED_MATMUL_FLOPS if "H200" in device_name else None
     row = {"config": args.config, "overrides": args.overrides, "sdpa": args.sdpa, "device": device_name,
            "mode": "patch" if patch_mode else "token",
            "step_s": dt / args.steps, "bytes_per_s": stats[1].item() / dt,
            "tokens_per_s": n_targets / dt, "tflops": flops / 1e12,
-           "mfu": flops / trainer.peak if trainer.peak else None,
-           "mfu_measured_peak": flops / measured_peak if measured_peak else None,
+           "mfu": flops / peak if peak else None, "peak_flops": peak, "peak_source": peak_source,
            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            "params_m": sum(q.numel() for q in trainer.raw_model.parameters()) / 1e6,
            "torch": torch.__version__}
     mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "-"
     mem = f"{row['peak_mem_gib']:.1f}" if row["peak_mem_gib"] else "-"
-    measured = f"{100 * row['mfu_measured_peak']:.1f}%" if row["mfu_measured_peak"] else "-"
-    print("| config | bytes/s | tokens/s | TFLOP/s | MFU (989) | MFU (791 measured) | step s | mem GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    mfu_of = f"MFU (of {peak / 1e12:,.0f} TFLOP/s, {peak_source})" if peak else "MFU"
+    print(f"| config | bytes/s | tokens/s | TFLOP/s | {mfu_of} | step s | mem GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     name = " ".join([args.config, *args.overrides, args.sdpa or ""]).strip()
     print(f"| {name} | {row['bytes_per_s']:,.0f} | {row['tokens_per_s']:,.0f} | "
-          f"{row['tflops']:.1f} | {mfu} | {measured} | {row['step_s']:.3f} | {mem} |")
+          f"{row['tflops']:.1f} | {mfu} | {row['step_s']:.3f} | {mem} |")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")

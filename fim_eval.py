@@ -1,4 +1,4 @@
-"""Fill-in-the-middle evaluation on Python files with prompts cut at random bytes (hlm/fim_eval.py).
+"""Fill-in-the-middle evaluation on Python files with prompts cut at random bytes (hlm/infilling.py).
 
   python fim_eval.py --token runs/fim_bpe_gpt/ckpt.pt --byte runs/fim_byte_gpt/ckpt.pt \\
       --data data/code_bytes --cuts 200 --json fim.json
@@ -20,8 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from hlm import HLMError
-from hlm import fim_eval as fe
+from hlm import HLMError, infilling
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.evaluate import split_documents
 from hlm.fim import N_SENTINELS
@@ -50,30 +49,31 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     byte = _load(args.byte, args.device, "byte") if args.byte else None
     data = args.data or (token or byte)[2].data.path
     docs = split_documents(data, args.split)
-    cuts = fe.make_cuts(docs, args.cuts, args.seed, args.max_middle, args.prefix_bytes, args.suffix_bytes)
+    cuts = infilling.make_cuts(docs, args.cuts, args.seed, args.max_middle, args.prefix_bytes, args.suffix_bytes)
     max_new = args.max_new_bytes or 2 * args.max_middle
     methods = {}  # name -> (cut, max new bytes) -> (fill, nll of the true middle)
     if token:
         model, tok, _, ckpt = token
-        fim = fe.TokenFIM(model, tok, ckpt["data_meta"]["separator_id"], ckpt["data_meta"]["vocab_size"])
+        fim = infilling.TokenFIM(model, tok, ckpt["data_meta"]["separator_id"], ckpt["data_meta"]["vocab_size"])
         methods["plain"] = lambda c, m: (fim.plain_fill(c, m), fim.plain_nll(c))
         methods["healing"] = lambda c, m: (fim.healing_fill(c, m), fim.healing_nll(c))
-        methods["exact"] = lambda c, m: fe.exact_fill_and_nll(*fe.exact_tail(fim, c), m)
+        methods["exact"] = lambda c, m: infilling.exact_fill_and_nll(*infilling.exact_tail(fim, c), m)
     if byte:
         bmodel = byte[0]
-        methods["byte"] = lambda c, m: (fe.native_byte_fill(bmodel, c, m), fe.byte_nll(fe.native_byte_lm(bmodel, c), c))
+        methods["byte"] = lambda c, m: (infilling.native_byte_fill(bmodel, c, m),
+                                        infilling.byte_nll(infilling.native_byte_lm(bmodel, c), c))
     for name, model, length in (
             ("token", token and token[0], lambda c: len(fim.context(c)) + len(token[1].encode(c.prefix))),
             ("byte", byte and byte[0], lambda c: len(c.suffix) + len(c.prefix) + 4)):
         if model and max(map(length, cuts)) + max_new > model.cfg.block_size:
             raise HLMError(f"FIM prompts plus {max_new} new bytes do not fit the {name} model's context of "
                            f"{model.cfg.block_size}: lower --prefix-bytes / --suffix-bytes / --max-new-bytes")
-    inside = sum(fe.inside_token(token[1], c) for c in cuts) / len(cuts) if token else None
+    inside = sum(infilling.inside_token(token[1], c) for c in cuts) / len(cuts) if token else None
     for name in [m for m in args.methods if m in methods]:
         t0 = time.perf_counter()
         with torch.no_grad():
             fills, nlls = zip(*[methods[name](c, max_new) for c in cuts], strict=True)
-        yield fe.summarize(name, cuts, fills, nlls, time.perf_counter() - t0) | {"inside_token_share": inside}
+        yield infilling.summarize(name, cuts, fills, nlls, time.perf_counter() - t0) | {"inside_token_share": inside}
 
 
 HEADER = "| method | cuts | exact match | middle bpb | ast.parse ok | time (s) |\n|---|---:|---:|---:|---:|---:|"

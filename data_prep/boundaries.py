@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.data)
     name = args.name or args.kind
     try:
+        for flag, value, least in (("--threads", args.threads, 1), ("--batch-size", args.batch_size, 1),
+                                   ("--spikes-left", args.spikes_left, 0), ("--vocab-size", args.vocab_size, 1)):
+            if value < least:
+                raise HLMError(f"{flag} must be at least {least}, got {value}")
         meta = read_meta(folder)
         info: dict = {"kind": args.kind, "convention": "1 = last byte of a segment; separator 0x00 is always 1"}
         if args.kind == "unigram":

@@ -21,6 +21,10 @@ reaches past a newline; every document is checked to decode back to its exact by
 Examples:
   python data_prep/prepare.py --input corpora/tinyshakespeare.txt --out data/shakespeare
   python data_prep/prepare.py --input enwiki_wv100M --out data/enwiki_bpe --tokenizer bpe --vocab-size 16384
+
+--out is written whole or not at all: into a temporary folder beside it, then swapped in. An existing
+--out is replaced only if it is empty or a previous output of this script (its meta.json says so and
+it holds nothing but what prepare.py and boundaries.py write); anything else is refused untouched.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import argparse
 import hashlib
 import io
 import json
+import lzma
 import os
-import shutil
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -38,10 +43,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hlm import HLMError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find hlm and data_prep
+
+from data_prep.out_folder import WRITTEN_BY, check_out_folder, clean_stale_temps, swap_folder_atomic  # noqa: E402
+from hlm import HLMError  # noqa: E402
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".json")
+MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece skips longer lines in training
+MAX_VOCAB = (1 << 31) - 1  # sentencepiece's vocab_size is a 32-bit int
 
 
 class PrepareError(HLMError):
@@ -61,31 +71,37 @@ def _split_of(path: Path) -> str | None:
 
 def read_documents(path: Path, text_field: str) -> list[bytes]:
     """All documents of one file: a JSONL file gives one per record, any other file one."""
-    if _is_jsonl(path):
+    if not _is_jsonl(path):
+        return [path.read_bytes()]
+    try:
         try:
             import datasets
         except ImportError:  # e.g. a GPU image without it: read the records with the standard library
             return _read_jsonl(path, text_field)
+        return _read_jsonl_datasets(datasets, path, text_field)
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # e.g. a damaged .xz, text not UTF-8
+        raise PrepareError(f"{path}: cannot read it as JSON lines ({e})") from None
 
-        datasets.disable_progress_bars()
-        try:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise PrepareError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from None
-        if text_field not in ds.column_names:
-            raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
-        texts = ds[text_field]
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
-        return [t.encode("utf-8") for t in texts]
-    return [path.read_bytes()]
+
+def _read_jsonl_datasets(datasets, path: Path, text_field: str) -> list[bytes]:
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failure reports would add lines to ours
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise PrepareError(f"{path}: not valid JSON lines ({e.__cause__ or e})") from None
+    if text_field not in ds.column_names:
+        raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {ds.column_names})")
+    texts = ds[text_field]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise PrepareError(f"{path}: record {bad} has no text in '{text_field}' ({texts[bad]!r})")
+    return [t.encode("utf-8") for t in texts]
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[bytes]:
     """JSON lines (plain, .xz or .gz) without `datasets`: one document per record's `text_field`."""
     import gzip
-    import lzma
 
     opener = lzma.open if path.name.endswith(".xz") else gzip.open if path.name.endswith(".gz") else open
     docs = []
@@ -95,6 +111,8 @@ def _read_jsonl(path: Path, text_field: str) -> list[bytes]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PrepareError(f"{path}: not valid JSON lines (record {i}: {e})") from None
+            if not isinstance(record, dict):
+                raise PrepareError(f"{path}: record {i} is not a JSON object ({line.strip()[:40]})")
             if text_field not in record:
                 raise PrepareError(f"{path}: records have no field '{text_field}' (fields: {list(record)})")
             if not isinstance(record[text_field], str):
@@ -181,18 +199,30 @@ def train_sentencepiece(docs: list[str], kind: str, vocab_size: int, out_file: P
         for doc in docs:
             yield from doc.splitlines(keepends=True)
 
+    if not any(len(line.encode()) <= MAX_SENTENCE_BYTES for line in lines()):
+        raise PrepareError(f"every line of the train split is longer than {MAX_SENTENCE_BYTES:,} bytes and "
+                           "sentencepiece trains on lines: break the text into lines or prepare bytes (no --tokenizer)")
     proto = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines(), model_writer=proto, model_type=kind, vocab_size=vocab_size,
             byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
             remove_extra_whitespaces=False, split_by_whitespace=True, allow_whitespace_only_pieces=True,
-            split_digits=False, character_coverage=1.0, max_sentence_length=1 << 16, input_sentence_size=4_000_000,
-            shuffle_input_sentence=True, max_sentencepiece_length=16, num_threads=threads, minloglevel=2,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
-    except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus's characters + 256 byte pieces
-        raise PrepareError(f"sentencepiece training failed: {str(e).splitlines()[0]}") from None
+            split_digits=False, character_coverage=1.0, max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=4_000_000, shuffle_input_sentence=True, max_sentencepiece_length=16,
+            num_threads=threads, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
+    except (RuntimeError, ValueError) as e:
+        raise PrepareError(sentencepiece_message(str(e), vocab_size)) from None
     out_file.write_bytes(proto.getvalue())
+
+
+def sentencepiece_message(error: str, vocab_size: int) -> str:
+    """sentencepiece's training error as one line in our terms, without its source location."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", error)
+    if too_small:
+        return (f"--vocab-size {vocab_size:,} is too small for this corpus: the tokenizer needs at least "
+                f"{int(too_small[1]):,} pieces (every character of the train split, 256 bytes, 3 special)")
+    return "sentencepiece training failed: " + re.sub(r"^(\w+): \S+\(\d+\) ", r"\1: ", " ".join(error.split()))
 
 
 def encode_documents(tok, docs: list[str], sep: int, threads: int, name: str) -> np.ndarray:
@@ -212,38 +242,34 @@ def encode_documents(tok, docs: list[str], sep: int, threads: int, name: str) ->
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def swap_folder_atomic(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
-    """Write all files into a temporary folder beside `folder`, then swap it in."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        for name, content in files.items():
-            if isinstance(content, np.ndarray):
-                content.tofile(tmp / name)
-            else:
-                (tmp / name).write_bytes(content)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def check_values(args: argparse.Namespace) -> None:
+    for flag, frac in (("--val-fraction", args.val_fraction), ("--test-fraction", args.test_fraction)):
+        if not 0 < frac <= 0.5:
+            raise PrepareError(f"{flag} must be in (0, 0.5], got {frac}")
+    if args.val_fraction + args.test_fraction >= 1:
+        raise PrepareError("--val-fraction and --test-fraction leave nothing to train on")
+    if args.threads < 1:
+        raise PrepareError(f"--threads must be at least 1, got {args.threads}")
+    if args.tokenizer_model and not args.tokenizer:
+        raise PrepareError("--tokenizer-model needs --tokenizer (bpe or unigram, the model's type)")
+    if args.tokenizer and not args.tokenizer_model and not 1 <= args.vocab_size <= MAX_VOCAB:
+        raise PrepareError(f"--vocab-size must be between 1 and {MAX_VOCAB:,} (sentencepiece's limit), "
+                           f"got {args.vocab_size:,}")
 
 
 def prepare(args: argparse.Namespace) -> dict:
+    """Check the arguments and --out, read and split the input, tokenize, and swap the new folder in."""
+    check_values(args)
+    out_dir = Path(args.out).expanduser().resolve()
+    inputs = [Path(args.input).expanduser().resolve()] if Path(args.input).expanduser().exists() else []
+    clean_stale_temps(out_dir)
+    check_out_folder(out_dir, inputs)
     splits, files = load_splits(args.input, args.text_field, args.val_fraction, args.test_fraction)
     for name, docs in splits.items():
         if not any(docs):
             raise PrepareError(f"split '{name}' is empty: the input is too short")
-    meta = {"source": {"input": str(args.input), "sha256": sha256_of(files) if files else None},
-            "splits": {}}
+    meta = {"written_by": WRITTEN_BY,
+            "source": {"input": str(args.input), "sha256": sha256_of(files) if files else None}, "splits": {}}
     out: dict[str, bytes | np.ndarray] = {}
     if args.tokenizer is None:
         meta.update(kind="bytes", dtype="uint8", vocab_size=256, tokenizer=None, separator_id=0,
@@ -253,18 +279,21 @@ def prepare(args: argparse.Namespace) -> dict:
             out[f"{name}.bin"] = np.frombuffer(data, dtype=np.uint8)
             meta["splits"][name] = {"documents": len(docs), "tokens": len(data), "bytes": len(data)}
     else:
-        from hlm.tokenizers import SentencePieceTokenizer
-
         texts = {name: [decode_utf8(d, f"{name} document {i}") for i, d in enumerate(docs)]
                  for name, docs in splits.items()}
         with tempfile.TemporaryDirectory() as tmpdir:
             model_file = Path(args.tokenizer_model or Path(tmpdir) / "tokenizer.model")
             if not args.tokenizer_model:
-                print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}", file=sys.stderr)
+                print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}")
                 train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
+            from hlm.tokenizers import SentencePieceTokenizer  # imports torch: not before a quick failure
+
             tok = SentencePieceTokenizer(model_file)
             if tok.model_type != args.tokenizer:
                 raise PrepareError(f"--tokenizer-model {model_file} is a {tok.model_type} model, not {args.tokenizer}")
+            if not args.tokenizer_model and tok.vocab_size < args.vocab_size:
+                print(f"warning: --vocab-size {args.vocab_size:,} is more than the train split supports: "
+                      f"the tokenizer has {tok.vocab_size:,} pieces", file=sys.stderr)
             out["tokenizer.model"] = model_file.read_bytes()
         dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
         meta.update(kind="tokens", dtype=dtype, vocab_size=tok.vocab_size, tokenizer="tokenizer.model",
@@ -276,30 +305,28 @@ def prepare(args: argparse.Namespace) -> dict:
             nbytes = sum(len(d) for d in splits[name]) + len(docs) - 1
             meta["splits"][name] = {"documents": len(docs), "tokens": int(len(ids)), "bytes": nbytes}
     out["meta.json"] = json.dumps(meta, indent=2).encode()
-    swap_folder_atomic(Path(args.out), out)
+    check_out_folder(out_dir, inputs)  # again: the folder may have changed while the input was read
+    swap_folder_atomic(out_dir, out)
     return meta
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="text file, folder, JSONL file or HF dataset name")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (replaced only if empty or a previous output)")
     p.add_argument("--tokenizer", choices=["bpe", "unigram"], default=None, help="omit for raw bytes")
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--tokenizer-model", help="reuse this sentencepiece .model instead of training one "
                    "(give --tokenizer too, naming its type)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="in (0, 0.5]")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="in (0, 0.5]")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    if args.tokenizer_model and not args.tokenizer:
-        print("error: --tokenizer-model needs --tokenizer (bpe or unigram, the model's type)", file=sys.stderr)
-        return 1
     try:
         meta = prepare(args)
-    except (HLMError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, EOFError, lzma.LZMAError) as e:  # HLMError is a ValueError; JSON, UTF-8 too
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{k} {v['tokens']:,} tokens / {v['bytes']:,} bytes" for k, v in meta["splits"].items())
     print(f"wrote {args.out}: {meta['kind']}, vocab {meta['vocab_size']}; {sizes}")

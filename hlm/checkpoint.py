@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -30,7 +31,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object] | bytes) 
     writes to the open file), synced, then renamed over it. A crash leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # TEMP_NAME: a kill leaves it behind
     try:
         with open(tmp, "wb") as f:
             if isinstance(write, bytes):
@@ -42,6 +43,36 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object] | bytes) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)")  # write_atomic's temporary file
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (one of another user's counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of `write_atomic` in `folder` whose writer is gone (killed
+    mid-write, e.g. during a checkpoint); a live process's file and anything else stay."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        match = TEMP_NAME.fullmatch(path.name)
+        if match and path.is_file() and not path.is_symlink() and not pid_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:

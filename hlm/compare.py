@@ -191,9 +191,10 @@ def metrics_summary(out_dir: Path) -> dict:
     val = [r for r in records if r["kind"] == "val"]
     _require(bool(train and val), f"{out_dir / 'metrics.jsonl'}: no train or val records")
     best = min(val, key=lambda r: r["bpb"])
+    timed = [r["bytes_per_s"] for r in train if "bytes_per_s" in r]  # a window of untimed steps has none
     last = train[-1]
     return {"steps": last["step"], "train_time_s": last["train_time_s"], "flops_seen": last["flops_seen"],
-            "bytes_seen": last["bytes_seen"], "train_bytes_per_s": statistics.median(r["bytes_per_s"] for r in train),
+            "bytes_seen": last["bytes_seen"], "train_bytes_per_s": statistics.median(timed) if timed else float("nan"),
             "val_bpb_best": best["bpb"], "val_best_step": best["step"], "val_bpb_final": val[-1]["bpb"]}
 
 

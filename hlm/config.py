@@ -15,11 +15,8 @@ from typing import Any
 
 import yaml
 
-from hlm import HLMError
-
-
-class ConfigError(HLMError):
-    """A config file or override that cannot be used; the message names the key."""
+from hlm import ConfigError
+from hlm.models import model_config_class
 
 
 @dataclass
@@ -46,6 +43,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    max_bad_steps: int = 0  # non-finite loss/grad-norm steps skipped (no update) before stopping; 0: stop at the first
     dtype: str = "bf16"  # autocast dtype on CUDA: bf16 | fp32 (CPU always runs fp32)
     compile: bool | None = None  # None: on for CUDA, off for CPU
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
@@ -155,8 +153,6 @@ def _apply_override(raw: dict, override: str) -> None:
 
 def config_from_dict(raw: dict) -> Config:
     """Build a Config from a plain dict (a parsed YAML file or a checkpoint's saved config)."""
-    from hlm.models import model_config_class
-
     unknown = set(raw) - set(SECTIONS) - {"model"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
@@ -194,9 +190,7 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value(key)}")
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML experiment file and apply `section.key=value` overrides."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -205,6 +199,44 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """`child` over `base`, key by key: mappings merge recursively, any other value replaces.
+    An empty section in the child (`train:` with nothing under it) keeps the base's."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(merged.get(key), dict) and (isinstance(value, dict) or value is None):
+            merged[key] = _merge(merged[key], value or {})
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_base(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read `path` and, when it names `base: other.yaml` (relative to `path`), merge it over
+    that file, itself resolved the same way; a file that is its own ancestor is refused."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"config base cycle: {cycle}")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected a path to a YAML file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base file not found: {base_path}")
+    return _merge(resolve_base(base_path, (*chain, resolved)), raw)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file (merged over its `base:` file, if it names one) and apply
+    `section.key=value` overrides."""
+    raw = resolve_base(Path(path))
     for override in overrides:
         _apply_override(raw, override)
     return config_from_dict(raw)

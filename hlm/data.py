@@ -25,15 +25,53 @@ class DataError(HLMError):
     """A data folder or file that cannot be used; the message says which and why."""
 
 
+DTYPES = ("uint8", "uint16", "uint32")
+
+
 def read_meta(folder: str | Path) -> dict:
+    """A corpus folder's meta.json, checked to hold what the readers of the folder rely on."""
     folder = Path(folder)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"no meta.json in {folder}: prepare the corpus with data_prep/prepare.py first")
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+    check_meta(meta, meta_path)
+    return meta
+
+
+def check_meta(meta: object, meta_path: Path) -> None:
+    """Raise a DataError naming `meta_path` and the key if `meta` lacks what the readers use."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{meta_path}: {what}; prepare the corpus again with data_prep/prepare.py")
+
+    def natural(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(meta, dict):
+        raise bad(f"holds a JSON {type(meta).__name__}, not an object")
+    for key in ("kind", "dtype", "vocab_size", "separator_id", "splits"):
+        if key not in meta:
+            raise bad(f"missing key '{key}'")
+    if meta["kind"] not in ("bytes", "tokens"):
+        raise bad(f"'kind' must be 'bytes' or 'tokens', got {meta['kind']!r}")
+    if meta["dtype"] not in DTYPES:
+        raise bad(f"'dtype' must be one of {', '.join(DTYPES)}, got {meta['dtype']!r}")
+    limit = np.iinfo(meta["dtype"]).max + 1
+    if not natural(meta["vocab_size"]) or not 0 < meta["vocab_size"] <= limit:
+        raise bad(f"'vocab_size' must be an integer in 1..{limit} for {meta['dtype']}, got {meta['vocab_size']!r}")
+    if not natural(meta["separator_id"]) or meta["separator_id"] >= meta["vocab_size"]:
+        raise bad(f"'separator_id' must be an id below vocab_size, got {meta['separator_id']!r}")
+    if meta["kind"] == "tokens" and not isinstance(meta.get("tokenizer"), str):
+        raise bad("a token corpus needs 'tokenizer' (the tokenizer file's name)")
+    if not isinstance(meta["splits"], dict):
+        raise bad(f"'splits' must be an object, got {meta['splits']!r}")
+    for name, info in meta["splits"].items():
+        if not isinstance(info, dict) or not natural(info.get("tokens")):
+            raise bad(f"'splits.{name}.tokens' must be a count, got "
+                      f"{info.get('tokens') if isinstance(info, dict) else info!r}")
 
 
 def token_byte_lengths(meta: dict, folder: str | Path) -> np.ndarray:
@@ -63,7 +101,12 @@ class Split:
         if not self.path.is_file():
             raise DataError(f"missing {self.path}")
         self.dtype = np.dtype(self.meta["dtype"])
-        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
+        self.n_tokens = self.meta["splits"][name]["tokens"]
+        expected, actual = self.n_tokens * self.dtype.itemsize, self.path.stat().st_size
+        if actual != expected:
+            raise DataError(f"{self.path} is {'truncated' if actual < expected else 'longer than meta.json says'}: "
+                            f"{actual:,} bytes, expected {expected:,} ({self.n_tokens:,} {self.dtype} tokens); "
+                            "prepare the corpus again")
 
     def memmap(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.dtype, mode="r")

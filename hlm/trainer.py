@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from hlm import LN2
+from hlm import LN2, HLMError
 from hlm.checkpoint import (
     check_same_model,
     file_tensor,
     load_checkpoint,
     load_state,
+    remove_stale_temps,
     require_keys,
     save_atomic,
     write_atomic,
@@ -51,6 +52,60 @@ from hlm.parallel import (
     load_optimizer_state,
 )
 from hlm.patch import check_patch_support, patch_phases
+from hlm.rundir import RunDirError, RunLock, check_out_dir, check_same_corpus, resume_changes
+
+NO_BAD_STEP = 2**62  # `Trainer._first_bad` before any non-finite step
+
+
+class NonFiniteError(HLMError):
+    """Training produced a non-finite loss, gradient norm or weight: the run stops, nothing is saved."""
+
+
+@dataclass
+class LogWindow:
+    """Training stats since the last log record. Checkpoints hold it, so the first record after a
+    resume covers the same steps as an uninterrupted run's. The clock is this process's own:
+    throughput counts only the steps since `start` (not a step that compiled, nor eval or save)."""
+
+    stats: torch.Tensor  # nll sum, bytes sum (float64, on the device)
+    targets: int = 0  # per rank
+    steps: int = 0  # steps that trained (a skipped non-finite step adds nothing)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    start: float = 0.0
+    timed_steps: int = 0
+    timed_targets: int = 0
+
+    def add(self, stats: torch.Tensor, targets: int, metrics: dict[str, torch.Tensor], timed: bool) -> None:
+        if targets:
+            self.stats += stats
+            self.targets += targets
+            self.steps += 1
+            for k, v in metrics.items():
+                self.metrics[k] = self.metrics.get(k, 0) + v
+        if timed:
+            self.timed_steps += 1
+            self.timed_targets += targets
+        else:
+            self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.start, self.timed_steps, self.timed_targets = time.perf_counter(), 0, 0
+
+    def reset(self) -> None:
+        self.stats.zero_()
+        self.targets, self.steps, self.metrics = 0, 0, {}
+        self.restart_clock()
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.cpu(), "targets": self.targets, "steps": self.steps,
+                "metrics": {k: v.cpu() for k, v in self.metrics.items()}}
+
+    def load_state_dict(self, state: dict, with_stats: bool) -> None:
+        """`with_stats`: rank 0 only (a saved window holds every rank's sums)."""
+        if with_stats:
+            self.stats.copy_(state["stats"])
+        self.targets, self.steps = state["targets"], state["steps"]
+        self.metrics = {k: v.to(self.stats.device) for k, v in state["metrics"].items()}
 
 
 @dataclass
@@ -141,6 +196,9 @@ class Trainer:
         tc = cfg.train  # values already checked by config.check_values when the config was read
         self.rt = rt = setup_runtime(tc.device)
         self.out_dir = Path(tc.out_dir)
+        check_out_dir(self.out_dir)  # a file in the way or no write access: one line before any work
+        if tc.max_bad_steps < 0:
+            raise ConfigError(f"train.max_bad_steps must be >= 0, got {tc.max_bad_steps}")
         self.data_dir = Path(cfg.data.path)
         self.train_split = Split(self.data_dir, "train")
         self.val_split = Split(self.data_dir, "val")
@@ -168,13 +226,21 @@ class Trainer:
             check_patch_support(self.raw_model)
         self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
         self._bytes_pending = torch.zeros((), device=rt.device, dtype=torch.float64)  # not yet in bytes_seen
-        resume_ckpt = self._load_weights()
-
-        use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        self.log_window = LogWindow(torch.zeros(2, device=rt.device, dtype=torch.float64))
+        self.bad_steps = 0  # non-finite steps skipped so far (train.max_bad_steps)
+        self._first_bad = torch.tensor(NO_BAD_STEP, device=rt.device)  # first non-finite step not yet reported
         self.window = cfg.model.block_size + 1
         if self.val_split.n_tokens < self.window:  # fail now, not at the first validation
             raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
+        self._lock_out_dir()  # before reading ckpt.pt: another run may be about to replace it
+        try:
+            resume_ckpt = self._load_weights()
+        except BaseException:
+            self.release_lock()
+            raise
+
+        use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
                                 rt.rank, rt.world, tc.seed)
         probe = self._batch(sampler, self.train_split, 0, 0)
@@ -220,6 +286,29 @@ class Trainer:
     def ckpt_path(self) -> Path:
         return self.out_dir / "ckpt.pt"
 
+    def _lock_out_dir(self) -> None:
+        """Rank 0 locks out_dir for the run (rundir.RunLock) and clears temporary files that killed
+        runs left there; every rank stops with the same line when another run holds the lock."""
+        self.run_lock, error = None, ""
+        if self.rt.master:
+            try:
+                self.run_lock = RunLock(self.out_dir)
+            except RunDirError as e:
+                error = str(e)
+        if self.rt.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RunDirError(error)
+        if self.rt.master:
+            for path in remove_stale_temps(self.out_dir):
+                print(f"removed {path}: a temporary file of a killed run", flush=True)
+
+    def release_lock(self) -> None:
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+
     def _load_weights(self) -> dict | None:
         """Load weights into the unsharded model from out_dir/ckpt.pt (resume: returns that
         checkpoint for `_restore_training_state`) or from train.init_from. Checkpoints stay on
@@ -231,6 +320,7 @@ class Trainer:
             require_keys(ckpt, self.ckpt_path, ("model", "config", "optimizer", "step", "train_time", "tokens_seen",
                                                 "bytes_seen", "rng"))
             check_same_model(ckpt["config"]["model"], model_cfg, self.ckpt_path)
+            self._check_resume_settings(ckpt)
             load_state(self.raw_model, ckpt["model"], self.ckpt_path)
             return ckpt
         if tc.init_from:
@@ -240,6 +330,16 @@ class Trainer:
             load_state(self.raw_model, ckpt["model"], tc.init_from)
         return None
 
+    def _check_resume_settings(self, ckpt: dict) -> None:
+        """A resume refuses another corpus and settings that decide the data of each step
+        (rundir.FIXED_ON_RESUME); other changed settings are listed, then used."""
+        check_same_corpus(ckpt.get("data_meta"), self.meta, self.data_dir, self.ckpt_path)
+        changes = resume_changes(ckpt["config"], config_to_dict(self.cfg), self.ckpt_path, ckpt.get("world"),
+                                 self.rt.world)
+        if changes and self.rt.master:
+            print(f"resuming {self.ckpt_path} (step {ckpt['step']}) with changed settings: {'; '.join(changes)}",
+                  flush=True)
+
     def _restore_training_state(self, ckpt: dict) -> None:
         """Optimizer, counters and RNG of a resumed run (after the optimizer exists)."""
         load_optimizer_state(self.raw_model, self.optimizer, ckpt["optimizer"])
@@ -248,6 +348,9 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
         if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        self.bad_steps = ckpt.get("bad_steps", 0)
+        if "log_window" in ckpt:
+            self.log_window.load_state_dict(ckpt["log_window"], with_stats=self.rt.master)
         self._trim_metrics()
 
     def _trim_metrics(self) -> None:
@@ -255,7 +358,19 @@ class Trainer:
         a fresh run reuses its out_dir), so metrics.jsonl describes this run only."""
         path = self.out_dir / "metrics.jsonl"
         if self.rt.master and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            keep, torn = [], 0
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                    step = record["step"] if isinstance(record, dict) else None
+                except json.JSONDecodeError:
+                    step = None
+                if isinstance(step, int):
+                    keep += [line] if step <= self.step else []
+                else:  # a line cut short by a crash (power loss mid-write)
+                    torn += 1
+            if torn:
+                print(f"{path}: dropped {torn} unreadable line(s), cut short by a crash", flush=True)
             write_atomic(path, "".join(line + "\n" for line in keep).encode())
 
     def _sync_seen(self) -> None:
@@ -263,7 +378,63 @@ class Trainer:
         self.bytes_seen += int(self.all_sum(self._bytes_pending.clone()).item())
         self._bytes_pending.zero_()
 
+    # ----- non-finite values -----
+    def _note_finite(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step's loss and gradient norm are finite. With train.max_bad_steps > 0
+        that is decided now (one host sync per step, the same on every rank); with 0 the first
+        bad step is only noted on the device and reported by `_check_finite_steps`."""
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        if self.cfg.train.max_bad_steps == 0:
+            step = torch.where(bad, self.step + 1, NO_BAD_STEP)
+            self._first_bad = torch.minimum(self._first_bad, step)
+            return True
+        return self.all_sum(bad.double()).item() == 0
+
+    def _skip_bad_step(self) -> None:
+        """Drop a non-finite step's update: gradients zeroed, optimizer untouched, the step counted."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bad_steps += 1
+        limit = self.cfg.train.max_bad_steps
+        if self.bad_steps > limit:
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step}, bad step {self.bad_steps} "
+                                 f"of at most train.max_bad_steps={limit}: training stopped, {self._kept()}")
+        self.log({"kind": "skip", "step": self.step, "bad_steps": self.bad_steps})
+        if self.rt.master:
+            print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
+                  f"({self.bad_steps} of train.max_bad_steps={limit})", flush=True)
+
+    def _check_finite_steps(self) -> None:
+        """Stop at the first non-finite step (train.max_bad_steps=0), checked before every log,
+        validation and checkpoint."""
+        first = self._first_bad.clone()
+        if self.rt.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if (step := int(first.item())) != NO_BAD_STEP:
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {step}: training stopped, {self._kept()} "
+                                 "(lower train.lr, or let train.max_bad_steps skip such steps)")
+
+    def _check_finite_state(self) -> None:
+        """Never save non-finite weights: every parameter and optimizer tensor (this rank's shard)
+        is checked before a checkpoint."""
+        tensors = [*self.raw_model.parameters(),
+                   *(v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        n_bad = torch.stack([(~torch.isfinite(t.detach())).sum().to(self.rt.device, torch.float64) for t in local])
+        if self.all_sum(n_bad.sum()).item() > 0:
+            raise NonFiniteError(f"non-finite weights or optimizer state after step {self.step}: training stopped, "
+                                 f"{self._kept()} (lower train.lr)")
+
+    def _kept(self) -> str:
+        return f"{self.ckpt_path} not overwritten" if self.ckpt_path.is_file() else "no checkpoint written"
+
     def save(self) -> None:
+        self._check_finite_steps()
+        self._check_finite_state()
+        if self.rt.world > 1:  # rank 0's window takes every rank's sums, so the checkpoint holds them all
+            dist.all_reduce(self.log_window.stats)
+            if not self.rt.master:
+                self.log_window.stats.zero_()
         self._sync_seen()
         model_state, optimizer_state = full_state_dicts(self.raw_model, self.optimizer)  # FSDP: a collective
         if not self.rt.master:
@@ -273,6 +444,9 @@ class Trainer:
             "optimizer": optimizer_state,
             "step": self.step,
             "train_time": self.train_time,
+            "bad_steps": self.bad_steps,
+            "world": self.rt.world,  # ranks: a resume keeps the global batch, batch_size x world
+            "log_window": self.log_window.state_dict(),
             "tokens_seen": self.tokens_seen,
             "bytes_seen": self.bytes_seen,
             "config": config_to_dict(self.cfg),
@@ -366,7 +540,8 @@ class Trainer:
     def train_step(self) -> tuple[float, torch.Tensor | None, torch.Tensor, int, dict[str, torch.Tensor]]:
         """One optimizer step over grad_accum micro-batches. Returns the lr, the gradient norm,
         [nll sum, bytes] of the targets seen, their count and the model's metrics, all left on
-        the device (no host sync)."""
+        the device (no host sync). A skipped non-finite step (train.max_bad_steps) returns no
+        gradient norm, zero stats and no targets."""
         tc = self.cfg.train
         if self.phases.enabled:  # patch training: the schedule restarts at the switch to token mode
             lr = lr_at(tc, *self.phases.schedule_position(self.step))
@@ -391,22 +566,28 @@ class Trainer:
             n_targets += out.nll.numel()
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0) + v.detach().float() / tc.grad_accum
-        grad_norm = None
-        if tc.grad_clip > 0:
-            grad_norm = clip_grad_norm(self.raw_model.parameters(), tc.grad_clip)
+        grad_norm = clip_grad_norm(self.raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if not self._note_finite(stats[0], grad_norm):
+            self._skip_bad_step()
+            return lr, None, torch.zeros_like(stats), 0, {}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return lr, grad_norm, stats, n_targets, metrics
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.release_lock()
+
+    def _fit(self) -> dict:
         cfg, tc, rt = self.cfg, self.cfg.train, self.rt
         self.model.train()
         last_val: dict = {}
-        window_stats = torch.zeros(2, device=rt.device, dtype=torch.float64)  # nll sum, bytes sum
-        window_targets = 0
-        t_log, steps_since_log, t_train = time.perf_counter(), 0, None
-        metrics_acc: dict[str, torch.Tensor] = {}
+        window = self.log_window  # restored on resume: the first record after it covers the same steps as ever
+        window.restart_clock()
+        first_step = True
         if rt.master:
             print(f"model: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.2f}M parameters, "
                   f"{self.flops_per_step / 1e9:.2f} GFLOP per step, world size {rt.world}", flush=True)
@@ -419,40 +600,35 @@ class Trainer:
             lr, grad_norm, stats, n_targets, metrics = self.train_step()
             self.tokens_seen += n_targets * rt.world
             self._bytes_pending += stats[1]
-            window_stats += stats
-            window_targets += n_targets
-            for k, v in metrics.items():
-                metrics_acc[k] = metrics_acc.get(k, 0) + v
-            steps_since_log += 1
-            # the first step (and the first token step after patch mode) carries compilation: keep it out of the clock
-            if t_train is None or self.step - 1 == self.phases.switch_step:
-                t_train = time.perf_counter()
-                t_log, steps_since_log = t_train, 0
-                window_stats.zero_()
-                window_targets = 0
-                metrics_acc = {}
-            else:
+            # the first step (and the first token step after patch mode) carries compilation: its loss
+            # is logged, its time is kept out of the clock
+            timed = not (first_step or self.step - 1 == self.phases.switch_step)
+            first_step = False
+            window.add(stats, n_targets, metrics, timed)
+            if timed:
                 self.train_time += time.perf_counter() - t0
                 if tc.time_budget_s > 0 and rt.world > 1:  # one clock for all ranks: same lr, same last step
                     self.train_time = self.from_rank0(self.train_time)
 
-            if self.step % cfg.log.interval == 0 or self._done() or self.step == self.phases.switch_step:
-                if steps_since_log:
-                    self._log_train(lr, grad_norm, window_stats, window_targets,
-                                    metrics_acc, steps_since_log, time.perf_counter() - t_log)
-                window_stats.zero_()
-                window_targets, steps_since_log, metrics_acc = 0, 0, {}
-                t_log = time.perf_counter()
-            if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or self._done():
+            log_now = self.step % cfg.log.interval == 0 or self._done() or self.step == self.phases.switch_step
+            eval_now = (cfg.eval.interval and self.step % cfg.eval.interval == 0) or self._done()
+            save_now = self.step % tc.ckpt_interval == 0 or self._done()
+            if log_now or eval_now or save_now:
+                self._check_finite_steps()
+            if log_now:
+                if window.steps:
+                    self._log_train(lr, grad_norm, window)
+                window.reset()
+            if eval_now:
                 last_val = self.validate()
                 self.log({"kind": "val", "step": self.step, **last_val})
                 if rt.master:
                     print(f"step {self.step} | val bpb {last_val['bpb']:.4f} | val loss {last_val['loss']:.4f}",
                           flush=True)
-                t_log = time.perf_counter()
-            if self.step % tc.ckpt_interval == 0 or self._done():
+                window.restart_clock()
+            if save_now:
                 self.save()
-                t_log = time.perf_counter()
+                window.restart_clock()
         if self.writer is not None:
             self.writer.close()
         return {"step": self.step, "train_time": self.train_time, "flops_seen": self.flops_seen(),
@@ -490,16 +666,21 @@ class Trainer:
     def _done(self) -> bool:
         return self.progress() >= 1.0
 
-    def _log_train(self, lr, grad_norm, stats, n_targets, metrics, steps, dt) -> None:
+    def _log_train(self, lr: float, grad_norm: torch.Tensor | None, window: LogWindow) -> None:
+        """One train record of the window. Loss fields cover all its steps; throughput covers its
+        timed steps (bytes/s at the window's mean bytes per token) and is left out when none is."""
         tc, rt = self.cfg.train, self.rt
-        stats = self.all_sum(stats.clone())
-        n_targets *= rt.world
-        nll, nbytes = stats.tolist()
+        dt = time.perf_counter() - window.start
+        nll, nbytes = self.all_sum(window.stats.clone()).tolist()
+        n_targets, steps = window.targets * rt.world, window.steps
         self._sync_seen()
         rec = {"kind": "train", "step": self.step, "loss": nll / n_targets, "bpb": nll / (LN2 * nbytes), "lr": lr,
-               "tokens_per_s": n_targets / dt, "bytes_per_s": nbytes / dt, "step_time_s": dt / steps,
                "tokens_seen": self.tokens_seen, "bytes_seen": self.bytes_seen, "train_time_s": self.train_time,
                "flops_seen": self.flops_seen()}
+        if window.timed_steps:
+            timed_targets = window.timed_targets * rt.world
+            rec.update(tokens_per_s=timed_targets / dt, bytes_per_s=nbytes / n_targets * timed_targets / dt,
+                       step_time_s=dt / window.timed_steps)
         patch_mode = self.phases.patch_size_at(self.step - 1) > 1  # logs never span the switch
         if self.phases.enabled:  # in patch mode the loss is the next-patch loss: logged apart, no bpb
             rec["mode"] = "patch" if patch_mode else "token"
@@ -508,12 +689,12 @@ class Trainer:
                 del rec["bpb"]
         if grad_norm is not None:
             rec["grad_norm"] = float(grad_norm)
-        if self.peak:
+        if self.peak and window.timed_steps:
             flops = self.patch_flops_per_step if patch_mode else self.flops_per_step  # all ranks' FLOPs
-            rec["mfu"] = flops * steps / dt / (self.peak * rt.world)
+            rec["mfu"] = flops * window.timed_steps / dt / (self.peak * rt.world)
         if rt.device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-        rec.update({k: float(v) / steps for k, v in metrics.items()})
+        rec.update({k: float(v) / steps for k, v in window.metrics.items()})
         self.log(rec)
         if not rt.master:
             return
@@ -522,8 +703,10 @@ class Trainer:
             parts = [f"step {self.step}/{tc.max_steps} patch", f"patch loss {rec['patch_loss']:.4f}"]
         else:
             parts = [f"step {self.step}/{tc.max_steps}", f"loss {rec['loss']:.4f}", f"bpb {rec['bpb']:.4f}"]
-        parts += [f"lr {lr:.2e}", f"{rec['bytes_per_s'] / 1e3:.1f}k B/s", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s",
-                  f"{self.tokens_seen / 1e6:.2f}M tok"]
+        parts.append(f"lr {lr:.2e}")
+        if "bytes_per_s" in rec:
+            parts += [f"{rec['bytes_per_s'] / 1e3:.1f}k B/s", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
+        parts.append(f"{self.tokens_seen / 1e6:.2f}M tok")
         if "mfu" in rec:
             parts.append(f"mfu {100 * rec['mfu']:.1f}%")
         if "peak_mem_gib" in rec:

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     for run, (train, _) in zip(args.runs, runs, strict=True):
         if len(train) <= args.skip:
             p.error(f"{run}: {len(train)} train records, need more than --skip {args.skip}")
-    speed = [median(r["bytes_per_s"] for r in list(train.values())[args.skip:]) for train, _ in runs]
+    # a record whose steps all carried compilation has no throughput
+    speed = [median(r["bytes_per_s"] for r in list(train.values())[args.skip:] if "bytes_per_s" in r)
+             for train, _ in runs]
     ref_train, ref_val = runs[0]
     print("| run | GPUs | bytes/s | x ref | scaling eff. | peak GiB | final val bpb | max dloss | max dval bpb |")
     print("|---|---|---|---|---|---|---|---|---|")

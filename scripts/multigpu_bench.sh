@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU runs on one host (issue 8). Needs data/enwiki_bytes (scripts/prepare_enwiki.sh).
+# Multi-GPU runs on one host (BENCHMARKS.md, "Multi-GPU"). Needs data/enwiki_bytes (benchmarks/setup.sh).
 #
 #   scripts/multigpu_bench.sh ddp N CONFIG [STEPS]   DDP scaling of configs/CONFIG.yaml on N GPUs vs 1 GPU
 #   scripts/multigpu_bench.sh fsdp N [STEPS]         FSDP2 1.2B GPT: straight vs stop + resume, and DDP memory

@@ -21,9 +21,6 @@ ENWIKI = FIXTURES / "enwiki_wv_test_head64k.txt"  # multi-byte UTF-8
 SMOKE_BYTE = ROOT / "configs" / "smoke" / "byte_gpt.yaml"
 SMOKE_BPE = ROOT / "configs" / "smoke" / "bpe_gpt.yaml"  # vocab 512
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 # A model smaller than the smoke config, for tests that train several times.
 TINY_MODEL = ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32"]
 QUIET = ["log.tensorboard=false"]

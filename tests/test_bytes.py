@@ -1,4 +1,4 @@
-"""Exactness of the byte-level conversion on toy BPEs, brute force in fp64 (research note §5, T1-T5, T9, T10)."""
+"""Exactness of the byte-level conversion on toy BPEs, brute force in fp64."""
 
 import itertools
 import math
@@ -92,7 +92,7 @@ def marginal_nll(lm: OracleLM, tok: BPETokenizer, x: bytes) -> float:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_exact_recovery_of_the_source(seed):
-    """T1: with a canonical oracle LM the conversion recovers every byte conditional of the source."""
+    """With a canonical oracle LM the conversion recovers every byte conditional of the source."""
     tok = BPETokenizer.from_merges(random_merges(seed))
     source = markov_source(seed)
     blm = ByteLM(OracleLM(tok, source), tok)
@@ -109,8 +109,8 @@ def test_exact_recovery_of_the_source(seed):
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_inequalities_with_a_leaky_model(seed):
-    """T3: NLL_conv <= NLL_canon <= NLL_marg for a model that leaks mass to non-canonical sequences;
-    marginal=True equals the brute-force marginal; distributions are normalised (T5)."""
+    """NLL_conv <= NLL_canon <= NLL_marg for a model that leaks mass to non-canonical sequences;
+    marginal=True equals the brute-force marginal; distributions are normalised."""
     tok = BPETokenizer.from_merges(random_merges(seed))
     lm = OracleLM(tok, markov_source(seed), leak=0.05)
     conv, marg = ByteLM(lm, tok), ByteLM(lm, tok, marginal=True)
@@ -131,7 +131,7 @@ def test_inequalities_with_a_leaky_model(seed):
 
 
 def test_gap_is_the_leaked_mass():
-    """T3: NLL_canon - NLL_conv = -Σ_i log(1 - λ_i), λ_i the share of P_v(x[:i]) leaked to invalid tokens."""
+    """NLL_canon - NLL_conv = -Σ_i log(1 - λ_i), λ_i the share of P_v(x[:i]) leaked to invalid tokens."""
     tok = BPETokenizer.from_merges(random_merges(6))
     lm = OracleLM(tok, markov_source(6), leak=0.1)
     blm = ByteLM(lm, tok)
@@ -147,7 +147,7 @@ def test_gap_is_the_leaked_mass():
 
 
 def test_canonical_model_all_three_agree():
-    """T2/T4: a model with canonical-only support has NLL_conv == NLL_canon == NLL_marg."""
+    """A model with canonical-only support has NLL_conv == NLL_canon == NLL_marg."""
     tok = BPETokenizer.from_merges(random_merges(5))
     lm = OracleLM(tok, markov_source(5))
     for x in [b"abcabc", b"aab", b"c", b"bbbb"]:
@@ -170,7 +170,7 @@ def test_shared_rules_give_the_same_byte_lm():
 
 
 def test_canonical_bigram_model_all_three_agree():
-    """T2: a bigram LM whose support is reachable tokens with pair-valid neighbours (plus EOS) puts no mass
+    """A bigram LM whose support is reachable tokens with pair-valid neighbours (plus EOS) puts no mass
     on non-canonical sequences, so NLL_conv == NLL_canon == NLL_marg (brute force)."""
     tok = BPETokenizer.from_merges(random_merges(7, n=9))
     g = torch.Generator().manual_seed(7)
@@ -211,7 +211,7 @@ class _Wrapped(torch.nn.Module):
 
 
 def test_single_tokenization_agrees_with_token_nll():
-    """T9: without merges every string has one tokenization: all NLLs equal the plain token NLL."""
+    """Without merges every string has one tokenization: all NLLs equal the plain token NLL."""
     tok = BPETokenizer.from_merges([])
     g = torch.Generator().manual_seed(0)
     table = torch.randn(tok.vocab_size, tok.vocab_size, generator=g, dtype=torch.float64)
@@ -228,7 +228,7 @@ def test_single_tokenization_agrees_with_token_nll():
 
 
 def test_missing_exact_cover_raises():
-    """T5: a validity oracle that rejects the canonical token must fail loudly, not fall back."""
+    """A validity oracle that rejects the canonical token must fail loudly, not fall back."""
     tok = BPETokenizer.from_merges(random_merges(0))
     blm = ByteLM(OracleLM(tok, markov_source(0)), tok)
     canonical = tok.encode(b"ab")
@@ -252,7 +252,7 @@ class TinyByteModel(torch.nn.Module):
 
 
 def test_ensemble_sanity():
-    """T10: an ensemble of a model with itself is the model; with native byte models it mixes raw distributions."""
+    """An ensemble of a model with itself is the model; with native byte models it mixes raw distributions."""
     tok = BPETokenizer.from_merges(random_merges(1))
     blm = ByteLM(OracleLM(tok, markov_source(1), leak=0.1), tok)
     x = b"abcab"

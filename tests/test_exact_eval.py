@@ -1,4 +1,4 @@
-"""Batched tree evaluation equals the byte-by-byte recursion (research note T8), on an hlm GPT with a
+"""Batched tree evaluation equals the byte-by-byte recursion, on an hlm GPT with a
 sentencepiece BPE tokenizer, in fp64; the KV-cached path equals recomputation; prompt-boundary sampling."""
 
 from pathlib import Path
@@ -143,7 +143,8 @@ def test_ensemble_of_token_and_byte_model(sp_bpe):
 
 @pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
 def test_batched_equals_sequential_on_regex_tokenizers(name):
-    """T8 with a lookahead pretokenizer (several exact nodes per byte at times) on hard strings."""
+    """Batched equals sequential with a lookahead pretokenizer (several exact nodes per byte at times)
+    on hard strings."""
     from hlm.tokenizers import load_tokenizer
 
     shared = FIXTURES / "tokenizers"
@@ -180,7 +181,7 @@ def test_batched_full_distributions_equal_sequential(sp_bpe):
 
 
 def test_brute_force_on_sentencepiece(sp_bpe):
-    """T7: on a real sentencepiece BPE, each next-byte distribution equals brute force over every token
+    """On a real sentencepiece BPE, each next-byte distribution equals brute force over every token
     sequence, with validity decided by sentencepiece itself (a sequence is valid if it is a prefix of the
     encoding of its text, completed to a whole character when it ends inside one)."""
     import itertools

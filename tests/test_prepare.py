@@ -287,10 +287,19 @@ def test_failed_prepare_keeps_existing_folder(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_reprepare_replaces_folder_atomically(tmp_path):
+@pytest.mark.parametrize("marker", [True, False], ids=["marked", "older-output"])
+def test_reprepare_replaces_folder_atomically(tmp_path, marker):
+    """A previous output (meta.json with the marker, or every key from before it), with boundary targets
+    made for the old corpus, is replaced whole."""
     out = tmp_path / "c"
     assert prepare("--input", SHAKESPEARE, "--out", out) == 0
-    (out / "stale.txt").write_text("from an older run")
+    meta = read_meta(out)
+    assert meta["written_by"] == "hlm data_prep/prepare.py"
+    if not marker:
+        del meta["written_by"]
+        (out / "meta.json").write_text(json.dumps(meta))
+    (out / "train.boundaries.unigram.bin").write_bytes(b"\x01" * 10)
+    (out / "boundaries.unigram.json").write_text("{}")
     assert prepare("--input", ENWIKI, "--out", out) == 0
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.bin", "train.bin", "val.bin"]
     assert b"".join(split_bytes(out)[s] for s in SPLITS) == ENWIKI.read_bytes()

@@ -1,5 +1,5 @@
 """Tokenizers for exact byte conversion: loaders agree with the reference libraries, validity helpers
-agree with re-encoding, and cover invariants hold on real tokenizers over hard strings (research note T6)."""
+agree with re-encoding, and cover invariants hold on real tokenizers over hard strings."""
 
 import random
 from pathlib import Path
@@ -157,7 +157,7 @@ def test_round_trip_gate(sp_bpe, gpt2):
 
 @pytest.mark.parametrize("which", ["gpt2", "cl100k", "sp"])
 def test_cover_invariants_on_hard_strings(which, gpt2, cl100k, sp_bpe):
-    """T6: at every byte, every exact node decodes to the prefix, the canonical encoding of the whole text
+    """At every byte, every exact node decodes to the prefix, the canonical encoding of the whole text
     passes through the exact nodes, and the nodes all anchors share are a prefix of the canonical encoding."""
     tok = {"gpt2": gpt2, "cl100k": cl100k, "sp": sp_bpe}[which]
     rules = ConversionRules(tok)
@@ -204,7 +204,7 @@ def test_hf_tokenizer_json(tmp_path, gpt2):
 
 @pytest.mark.parametrize("which", ["toy", "sp"])
 def test_pairwise_valid_sequences_are_canonical(which, sp_bpe):
-    """Bigram criterion (§1.4 fact 3): reachable tokens with pair-valid neighbours inside one pretoken form
+    """Bigram criterion: reachable tokens with pair-valid neighbours inside one pretoken form
     exactly the BPE encoding of their bytes."""
     rng = random.Random(1)
     if which == "toy":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from hlm.data import DataError, WindowSampler
 from hlm.trainer import Trainer, lr_at
 
 SHAKESPEARE_HEAD = SHAKESPEARE.read_bytes()[:5000]
-TIMING_KEYS = {"tokens_per_s", "bytes_per_s", "step_time_s", "train_time_s"}
+# wall-clock fields of a train record: the only ones a resumed run's metrics.jsonl may differ in
+TIMING_KEYS = {"tokens_per_s", "bytes_per_s", "step_time_s", "train_time_s", "mfu", "peak_mem_gib"}
 
 
 def records(run, kind: str) -> list[dict]:
@@ -65,16 +67,27 @@ RESUME = ["train.max_steps=8", "train.ckpt_interval=4", "log.interval=1", "eval.
           "train.grad_accum=2", "train.batch_size=4", "train.warmup_steps=3", "train.schedule=cosine"]
 
 
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_resume_is_bit_exact(tmp_path, byte_corpus):
-    """8 steps straight == 4 steps, a crash right after the checkpoint, then a resumed run to 8."""
+    """8 steps straight == 4 steps, a crash right after the checkpoint (and a temporary checkpoint
+    a kill mid-write would leave), then a resumed run to 8: same weights, optimizer state and
+    metrics.jsonl (every field but the wall-clock ones), and no temporary files left."""
+    resume = [*RESUME, "log.interval=3"]  # the log window open at the crash (step 4) spans the resume
     straight = tmp_path / "straight"
-    Trainer(tiny_config(byte_corpus, straight, *RESUME)).fit()
+    Trainer(tiny_config(byte_corpus, straight, *resume)).fit()
 
     resumed = tmp_path / "resumed"
     with crash_after_save(4):
-        Trainer(tiny_config(byte_corpus, resumed, *RESUME)).fit()
+        Trainer(tiny_config(byte_corpus, resumed, *resume)).fit()
     assert load_checkpoint(resumed / "ckpt.pt")["step"] == 4
-    trainer = Trainer(tiny_config(byte_corpus, resumed, *RESUME))
+    (resumed / f".ckpt.pt.tmp{dead_pid()}").write_bytes(b"half a checkpoint")
+    trainer = Trainer(tiny_config(byte_corpus, resumed, *resume))
     assert trainer.step == 4
     trainer.fit()
 
@@ -87,17 +100,14 @@ def test_resume_is_bit_exact(tmp_path, byte_corpus):
     for i in opt_a:
         assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for k in opt_a[i])
 
-    val_a, val_b = records(straight, "val"), records(resumed, "val")
-    assert [r["step"] for r in val_a] == [r["step"] for r in val_b] == [4, 8]
-    assert val_a == val_b
-    train_a = {r["step"]: r for r in records(straight, "train")}
-    train_b = {r["step"]: r for r in records(resumed, "train")}
-    # the first step of each process is left out of the throughput window, so it has no record
-    assert set(train_b) <= set(train_a) and set(train_a) - set(train_b) <= {5}
-    assert len(train_b) >= 6
-    for step, rec in train_b.items():
-        assert {k: v for k, v in rec.items() if k not in TIMING_KEYS} == \
-            {k: v for k, v in train_a[step].items() if k not in TIMING_KEYS}
+    def compared(run):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert [(r["kind"], r["step"]) for r in compared(straight)] == \
+        [("train", 3), ("val", 4), ("train", 6), ("train", 8), ("val", 8)]
+    assert compared(straight) == compared(resumed)
+    assert sorted(p.name for p in resumed.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]
 
 
 def test_gradient_accumulation_matches_a_big_batch(tmp_path, byte_corpus):
@@ -108,7 +118,9 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, byte_corpus):
     acc = Trainer(tiny_config(byte_corpus, tmp_path / "acc", *common, "train.batch_size=4", "train.grad_accum=2"))
     acc.fit()
     for p, q in zip(big.raw_model.parameters(), acc.raw_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        # fp32 sums in another order; Adam's m/sqrt(v) magnifies that where v is tiny (1.3e-6 seen on
+        # some CPUs), still 10x under the 1e-4 that half the data moves the weights
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
     ref = Trainer(tiny_config(byte_corpus, tmp_path / "ref", *common, "train.batch_size=4"))
     ref.fit()  # half the data: clearly different weights, so the comparison above has teeth
     pairs = zip(big.raw_model.parameters(), ref.raw_model.parameters(), strict=True)

@@ -93,7 +93,7 @@ class _TokenRunner:
 
 
 class ByteLM(ByteLMBase):
-    """Exact next-byte distributions of a token model (the locally canonical conversion, §2b).
+    """Exact next-byte distributions of a token model (the locally canonical conversion).
 
     `token_model(LongTensor[B, T]) -> logits[B, T, V]` is called with [start] + tokens, start =
     `start_id`, else the tokenizer's BOS, else its EOS; `context` ids go before the start (e.g. a
@@ -176,7 +176,7 @@ class ByteLM(ByteLMBase):
         return scores - total
 
     def unnormalized_scores(self) -> torch.Tensor:
-        """log P_v(s + b) for each byte b and log P_v(s + end), before local renormalisation (§2b)."""
+        """log P_v(s + b) for each byte b and log P_v(s + end), before local renormalisation."""
         scores = torch.full((257,), float("-inf"), dtype=torch.float64)
         for a in self.tracker.anchors:
             u = self.tracker.remainder(a)

@@ -8,7 +8,7 @@ the tokenizer and the text, never on the model, so evaluation can enumerate all 
 and score them in one batched pass.
 
 Validity ("which t may follow E") comes from `ConversionRules`:
-- raw byte BPE (`from_merges`): reachable tokens and pair-valid neighbours: exact (§1.4 fact 3);
+- raw byte BPE (`from_merges`): reachable tokens and pair-valid neighbours: exact;
 - sentencepiece BPE: the same inside a whitespace pretoken, a free start after a space that
   follows a non-space; inside a character only the byte-fallback pieces that continue it into
   valid UTF-8 and do not complete a character that is a piece. A byte piece may start any
@@ -16,8 +16,8 @@ Validity ("which t may follow E") comes from `ConversionRules`:
   is not a piece, practically always): exact;
 - regex pretokenizers (GPT-2, cl100k): the last token is checked for reachability only, and
   every node ending on a character boundary is checked against the tokenizer itself (the
-  tail since the last stable pretoken, continued by a set of probe characters, §1.4
-  lookahead). Exact on the nodes; for a model that leaks mass to non-canonical last tokens
+  tail since the last stable pretoken, continued by a set of probe characters that stand for
+  any lookahead). Exact on the nodes; for a model that leaks mass to non-canonical last tokens
   the next-byte distribution keeps that leaked mass (like ByteSampler's default).
 `marginal=True` allows every token and keeps every exact path: the all-tokenizations model.
 """

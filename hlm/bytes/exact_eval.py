@@ -688,7 +688,7 @@ def _pack(windows: _Windows, first: int, last: int, n_win: int):
     the flat rows (host) and global nodes (device) of the real positions of windows first..last-1. An
     off-trunk node sees the window's trunk up to its anchor plus its own short off-trunk chain, found by
     walking parents. Every batch has the same shape (padding sees only itself): a new shape costs the
-    attention kernel a new plan, ~0.7 s on an H200, more than the padded work."""
+    attention kernel a new plan, ~0.7 s on an H100-class GPU, more than the padded work."""
     start = windows.start[first : last + 1]
     count = np.diff(start)
     a, b = int(start[0]), int(start[-1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from hlm import ConfigError
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.models.hat import HAT, HATConfig
 from hlm.models.hourglass import Hourglass, HourglassConfig
@@ -19,8 +20,6 @@ FAMILIES: dict[str, tuple[type, type]] = {
 
 
 def model_config_class(family: str) -> type:
-    from hlm.config import ConfigError
-
     if family not in FAMILIES:
         raise ConfigError(f"model.family: unknown family '{family}' (known: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[family][0]

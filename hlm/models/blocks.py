@@ -119,8 +119,8 @@ def sliding_window_block_mask(T: int, window: int, device, block: int = FLEX_BLO
                                     seq_lengths=(T, T))
 
 
-# FlexAttention tiles for the sliding window on Hopper (sm90) at head dim 64, from a sweep on an H200
-# (BENCHMARKS.md, sixth session): the backward with 32x64 / 64x32 tiles takes 1.40 ms per layer at the
+# FlexAttention tiles for the sliding window on Hopper (sm90) at head dim 64, from a tile sweep
+# (BENCHMARKS.md, "Kernel tuning"): the backward with 32x64 / 64x32 tiles takes 1.40 ms per layer at the
 # hourglass's shape against 1.69 ms with inductor's default 64x128 / 128x64 tiles.
 FLEX_SM90_HEAD64 = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
                     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,

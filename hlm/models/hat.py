@@ -32,7 +32,7 @@ Cost (configs/hat.yaml, forward+backward, as FlopCounterMode counts it on the GP
 per byte against 1,039 for byte_gpt at the same width and depth. The backbone takes 160 (over
 all 1024 word slots), the byte stacks 131, of which 88 is attention counted over the whole
 4096-byte window; with `byte_window: 512` the attention actually needed is 11, so the model
-FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Two MFU columns").
+FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Speed").
 
 Generation runs the backbone once per completed word (with KV caches for all three stacks):
 sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlm.config import ConfigError
+from hlm import ConfigError
 from hlm.models.blocks import (
     ModelOutput,
     RMSNorm,

@@ -22,8 +22,9 @@ Boundary sources (`boundaries`):
               punctuation, whitespace and control bytes and every UTF-8 lead byte (>= 0xC0) are
               spacelike. Byte t closes a group iff it is spacelike and byte t-1 is not (a run of
               spacelike bytes closes once, at its first byte; a window's first byte counts as
-              following a letter), or it is the separator 0x00 (as SpaceByte's BOS). SpaceByte's patch *starts* at that byte and its global block
-              reads the byte's state, so in this module's convention the group *ends* there.
+              following a letter), or it is the separator 0x00 (as SpaceByte's BOS).
+              SpaceByte's patch *starts* at that byte and its global block reads the byte's
+              state, so in this module's convention the group *ends* there.
   unigram,    an MLP on the pre-layer states predicts b[t] (logit > 0); it is trained with
   entropy     BCE toward per-byte targets written by data_prep/boundaries.py (a sentencepiece
               Unigram segmentation / spikes of a small byte GPT's next-byte entropy). The
