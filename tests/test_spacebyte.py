@@ -87,3 +87,12 @@ def test_checkpoints_from_before_pooling_and_feedback_still_resume():
     check_same_model(old, current, "old.pt")
     with pytest.raises(CheckpointError, match="pooling"):
         check_same_model(old, {**current, "pooling": "last"}, "old.pt")
+
+
+def test_eval_model_column_names_pooling_and_feedback_where_not_default():
+    from conftest import load_cli
+
+    describe = load_cli("eval").describe
+    assert describe(load_config("configs/spacebyte.yaml")) == \
+        "hourglass 2+8+2L/768d spacebyte (pooling last, feedback boundary)"
+    assert describe(load_config("configs/hourglass_whitespace.yaml")) == "hourglass 2+8+2L/768d whitespace"

@@ -107,6 +107,13 @@ class HourglassConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
+    def describe(self) -> str:
+        """The model column of eval.py: shape and boundaries, and pooling/feedback where not the default."""
+        text = f"hourglass {self.n_pre}+{self.n_short}+{self.n_post}L/{self.d_model}d {self.boundaries}"
+        if (self.pooling, self.feedback) != ("mean", "group"):
+            text += f" (pooling {self.pooling}, feedback {self.feedback})"
+        return text
+
 
 def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
     """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
