@@ -7,6 +7,7 @@ models) the tokenizer file itself, so eval.py and sample.py need nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -98,7 +99,13 @@ def require_keys(ckpt: dict, path: str | Path, keys: tuple[str, ...]) -> None:
 
 
 def check_same_model(saved: dict, current: dict, path: str | Path) -> None:
-    """Raise if the model config saved in a checkpoint differs from the current one."""
+    """Raise if the model config saved in a checkpoint differs from the current one. A key the
+    checkpoint predates counts as its default (as when `load_model` rebuilds the saved config)."""
+    from hlm.models import model_config_class
+
+    family = current.get("family", "gpt")
+    if saved.get("family", "gpt") == family:
+        saved = {**dataclasses.asdict(model_config_class(family)()), **saved}
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diff)

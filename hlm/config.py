@@ -33,6 +33,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step (per rank)
     max_steps: int = 1000
     time_budget_s: float = 0.0  # > 0: stop and finish the schedule after this many seconds of training
+    flop_budget: float = 0.0  # > 0: stop and finish the schedule once the counted training FLOPs reach this
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100

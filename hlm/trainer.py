@@ -4,8 +4,12 @@ Single process or `torchrun` (NCCL on CUDA, gloo on CPU) with DDP or FSDP2 (`tra
 see hlm/parallel.py). Each optimizer step runs `grad_accum` micro-batches per rank, skipping
 the gradient reduction on all but the last.
 The learning rate is warmup (in steps) times a decay over training progress, where progress
-is step/max_steps or, with `train.time_budget_s`, the larger of that and the share of the
-time budget spent, so a wall-clock-limited run still finishes its schedule.
+is step/max_steps or, with `train.time_budget_s` and/or `train.flop_budget`, the largest of that,
+the share of the time budget spent and the share of the FLOP budget spent, so a wall-clock- or
+compute-limited run still finishes its schedule and stops at the first step that reaches it.
+Training FLOPs are the counted forward+backward FLOPs per step (the patch phase's count for
+patch steps, whose schedule still follows the phases) plus, where the model has a method
+`extra_train_flops(tokens_per_step) -> int`, the FLOPs of a frozen auxiliary model it runs.
 """
 
 from __future__ import annotations
@@ -256,6 +260,8 @@ class Trainer:
             probe = self._batch(self.samplers[K], self.train_split, 0, 0)
             self.patch_flops_per_step = count_flops(self.raw_model, probe, self.autocast, patch_size=K) \
                 * tc.grad_accum * rt.world
+        extra = getattr(self.raw_model, "extra_train_flops", None)
+        self.extra_flops_per_step = int(extra(tc.batch_size * self.window * tc.grad_accum * rt.world)) if extra else 0
         self.peak = peak_flops(rt.device)
 
         if rt.world > 1 and tc.parallel == "fsdp":  # shards raw_model in place: its state dict keeps its names
@@ -631,7 +637,8 @@ class Trainer:
                 window.restart_clock()
         if self.writer is not None:
             self.writer.close()
-        return {"step": self.step, "train_time": self.train_time, **{f"val_{k}": v for k, v in last_val.items()}}
+        return {"step": self.step, "train_time": self.train_time, "flops_seen": self.flops_seen(),
+                **{f"val_{k}": v for k, v in last_val.items()}}
 
     def close(self, wait_for_ranks: bool = True) -> None:
         """Leave the process group. First a barrier (so gloo's worker threads are done freeing the
@@ -651,7 +658,16 @@ class Trainer:
         p = self.step / max(1, tc.max_steps)
         if tc.time_budget_s > 0:
             p = max(p, self.train_time / tc.time_budget_s)
+        if tc.flop_budget > 0:
+            p = max(p, self.flops_seen() / tc.flop_budget)
         return p
+
+    def flops_seen(self) -> int:
+        """Training FLOPs of steps 0..step-1 (all ranks): each step at its phase's count."""
+        patch_steps = min(self.step, self.phases.switch_step)
+        per_patch = self.patch_flops_per_step if patch_steps else 0
+        return (patch_steps * per_patch + (self.step - patch_steps) * self.flops_per_step
+                + self.step * self.extra_flops_per_step)
 
     def _done(self) -> bool:
         return self.progress() >= 1.0
@@ -665,7 +681,8 @@ class Trainer:
         n_targets, steps = window.targets * rt.world, window.steps
         self._sync_seen()
         rec = {"kind": "train", "step": self.step, "loss": nll / n_targets, "bpb": nll / (LN2 * nbytes), "lr": lr,
-               "tokens_seen": self.tokens_seen, "bytes_seen": self.bytes_seen, "train_time_s": self.train_time}
+               "tokens_seen": self.tokens_seen, "bytes_seen": self.bytes_seen, "train_time_s": self.train_time,
+               "flops_seen": self.flops_seen()}
         if window.timed_steps:
             timed_targets = window.timed_targets * rt.world
             rec.update(tokens_per_s=timed_targets / dt, bytes_per_s=nbytes / n_targets * timed_targets / dt,

@@ -17,6 +17,14 @@ Boundary sources (`boundaries`):
               is not, or it is the document separator 0x00. UTF-8 continuation and lead bytes
               are >= 0x80, so a group never splits a multi-byte character; a run of
               whitespace closes once (its later bytes open the next word).
+  spacebyte   SpaceByte's rule (Slagle 2024, arXiv 2404.14408): a byte is "spacelike" unless it is
+              an ASCII letter or digit or a UTF-8 continuation byte (0x80-0xBF); so ASCII
+              punctuation, whitespace and control bytes and every UTF-8 lead byte (>= 0xC0) are
+              spacelike. Byte t closes a group iff it is spacelike and byte t-1 is not (a run of
+              spacelike bytes closes once, at its first byte; a window's first byte counts as
+              following a letter), or it is the separator 0x00 (as SpaceByte's BOS).
+              SpaceByte's patch *starts* at that byte and its global block reads the byte's
+              state, so in this module's convention the group *ends* there.
   unigram,    an MLP on the pre-layer states predicts b[t] (logit > 0); it is trained with
   entropy     BCE toward per-byte targets written by data_prep/boundaries.py (a sentencepiece
               Unigram segmentation / spikes of a small byte GPT's next-byte entropy). The
@@ -25,6 +33,12 @@ Boundary sources (`boundaries`):
   gumbel      the same MLP, trained end to end: relaxed Bernoulli sample with temperature,
               hard threshold with a straight-through gradient, and a Binomial(T, prior) prior
               on the number of boundaries per window. Evaluation uses the mode (p > 0.5).
+
+Pooling and feedback: by default (`pooling: mean`, `feedback: group`, as in the dynamic-pooling
+paper) a group enters the shortened layers as the mean of its bytes, and every byte adds the
+output of the last group completed at or before it. SpaceByte's way is `pooling: last` (the
+group is the state of its last byte, the boundary byte) and `feedback: boundary` (a group's
+output is added at its boundary byte only; the post layers carry it to the following bytes).
 
 Static shapes: the shortened layers always see `max_groups + 1` positions. Boundaries past
 the `max_groups`-th of a window are dropped, so later bytes keep reading the last group that
@@ -59,7 +73,7 @@ from hlm.models.blocks import (
     sample_next,
 )
 
-BOUNDARY_TYPES = ("fixed", "whitespace", "unigram", "entropy", "gumbel")
+BOUNDARY_TYPES = ("fixed", "whitespace", "spacebyte", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
 WHITESPACE_BYTES = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)
 
@@ -80,7 +94,9 @@ class HourglassConfig:
     d_model: int = 768
     mlp_ratio: float = 4.0
     byte_window: int = 0  # local attention window of the byte layers (0: full causal)
-    boundaries: str = "whitespace"  # fixed | whitespace | unigram | entropy | gumbel
+    boundaries: str = "whitespace"  # fixed | whitespace | spacebyte | unigram | entropy | gumbel
+    pooling: str = "mean"  # mean (of the group's bytes) | last (the boundary byte's state, as SpaceByte)
+    feedback: str = "group"  # group (every byte adds its last completed group) | boundary (only the boundary byte)
     fixed_stride: int = 4  # fixed: bytes per group
     max_groups: int = 0  # groups per window the shortened layers see (0: block_size // 4)
     boundary_targets: str = ""  # unigram/entropy: target files <split>.boundaries.<name>.bin ("": boundaries)
@@ -91,6 +107,13 @@ class HourglassConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
+    def describe(self) -> str:
+        """The model column of eval.py: shape and boundaries, and pooling/feedback where not the default."""
+        text = f"hourglass {self.n_pre}+{self.n_short}+{self.n_post}L/{self.d_model}d {self.boundaries}"
+        if (self.pooling, self.feedback) != ("mean", "group"):
+            text += f" (pooling {self.pooling}, feedback {self.feedback})"
+        return text
+
 
 def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
     """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
@@ -99,6 +122,17 @@ def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
         ws |= x == byte
     after_word = F.pad(~ws[:, :-1], (1, 0), value=True)
     return (ws & after_word) | (x == 0)
+
+
+def spacebyte_boundaries(x: torch.Tensor) -> torch.Tensor:
+    """b[t] for byte ids x [B, T] under SpaceByte's rule (this module's docstring)."""
+    letter_or_digit = ((x >= 0x30) & (x <= 0x39)) | ((x >= 0x41) & (x <= 0x5A)) | ((x >= 0x61) & (x <= 0x7A))
+    spacelike = ~(letter_or_digit | ((x >= 0x80) & (x <= 0xBF)))
+    after_other = F.pad(~spacelike[:, :-1], (1, 0), value=True)
+    return (spacelike & after_other) | (x == 0)
+
+
+RULE_BOUNDARIES = {"whitespace": whitespace_boundaries, "spacebyte": spacebyte_boundaries}  # fixed rules on bytes
 
 
 def binomial_log_prob(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
@@ -129,12 +163,31 @@ def pool_groups(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tens
     return means[:, :max_groups].to(h.dtype)
 
 
+def pool_last(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
+    """The state of each group's last byte: h [B, T, D], boundaries b [B, T] -> [B, max_groups, D]
+    (groups not yet closed are zero). Multiplying by b passes a straight-through gradient."""
+    B, T, D = h.shape
+    hard = b.detach().round().long()
+    slot = (hard.cumsum(1) - hard).clamp(max=max_groups)
+    slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
+    out = h.new_zeros(B * (max_groups + 1), D)
+    out.index_add_(0, slot, (h * b[..., None].to(h.dtype)).flatten(0, 1))
+    return out.view(B, max_groups + 1, D)[:, :max_groups]
+
+
 def upsample_groups(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
     """Byte t takes short[:, min(sum(b[:t+1]), max_groups)]: short is [B, max_groups + 1, D]
     with the null group at 0, so each byte sees the last group completed at or before it."""
     B, T = b.shape
     index = b.detach().round().long().cumsum(1).clamp(max=max_groups)
     return short.gather(1, index[..., None].expand(B, T, short.size(-1)))
+
+
+def feed_back_at_boundaries(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
+    """Like `upsample_groups`, but only a byte that closes a group (within the cap) takes it;
+    every other byte takes zero."""
+    kept = b * (b.detach().round().cumsum(1) <= max_groups)
+    return upsample_groups(short, b, max_groups) * kept[..., None].to(short.dtype)
 
 
 class Hourglass(nn.Module):
@@ -144,6 +197,10 @@ class Hourglass(nn.Module):
             raise HourglassError(f"model.boundaries: unknown '{cfg.boundaries}' (one of {', '.join(BOUNDARY_TYPES)})")
         if cfg.boundaries == "fixed" and cfg.fixed_stride < 1:
             raise HourglassError("model.fixed_stride must be >= 1")
+        if cfg.pooling not in ("mean", "last"):
+            raise HourglassError(f"model.pooling: unknown '{cfg.pooling}' (mean, last)")
+        if cfg.feedback not in ("group", "boundary"):
+            raise HourglassError(f"model.feedback: unknown '{cfg.feedback}' (group, boundary)")
         if cfg.boundaries == "gumbel" and not 0 < cfg.prior < 1:
             raise HourglassError("model.prior must be in (0, 1)")
         self.cfg = cfg
@@ -182,8 +239,8 @@ class Hourglass(nn.Module):
         if cfg.boundaries == "fixed":
             t = torch.arange(x.size(1), device=x.device)
             return ((t + 1) % cfg.fixed_stride == 0).float().expand(x.shape), None
-        if cfg.boundaries == "whitespace":
-            return whitespace_boundaries(x).float(), None
+        if cfg.boundaries in RULE_BOUNDARIES:
+            return RULE_BOUNDARIES[cfg.boundaries](x).float(), None
         logits = at_least_fp32(self.predictor(h).squeeze(-1))
         if cfg.boundaries == "gumbel" and self.training:
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
@@ -192,6 +249,15 @@ class Hourglass(nn.Module):
             return hard + soft - soft.detach(), logits
         return (logits > 0).float(), logits
 
+    def pool(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Group vectors [B, max_groups, D] under `pooling`."""
+        return (pool_last if self.cfg.pooling == "last" else pool_groups)(h, b, self.max_groups)
+
+    def feed_back(self, short: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """What each byte adds to its residual from the shortened outputs, under `feedback`."""
+        up = feed_back_at_boundaries if self.cfg.feedback == "boundary" else upsample_groups
+        return up(short, b, self.max_groups)
+
     def _run(self, x: torch.Tensor, boundary_targets: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Logits [B, T, V] for byte ids x [B, T], the auxiliary loss and the metrics."""
@@ -199,10 +265,10 @@ class Hourglass(nn.Module):
         B, T = x.shape
         residual = self.pre(self.embed(x))
         b, logits = self.boundaries(x, residual)
-        pooled = pool_groups(residual, b, G)
+        pooled = self.pool(residual, b)
         short = torch.cat([self.null_group.to(pooled.dtype).expand(B, 1, -1), pooled], dim=1)
         short = self.short(self.down_norm(short))
-        h = self.post(upsample_groups(short, b, G) + residual)
+        h = self.post(self.feed_back(short, b) + residual)
         out_logits = self.head(self.norm(h))
 
         hard = b.detach().round()  # straight-through values are 0/1 only up to rounding
@@ -291,7 +357,7 @@ class CachedDecoder:
         residual = m.pre(m.embed(ids), self.pre)
         b = m.boundaries(ids, residual)[0].round()
         n_groups = min(int(b.sum()), G)
-        short_in = torch.cat([m.null_group.expand(1, 1, -1), pool_groups(residual, b, G)[:, :n_groups]], dim=1)
+        short_in = torch.cat([m.null_group.expand(1, 1, -1), m.pool(residual, b)[:, :n_groups]], dim=1)
         short = m.short(m.down_norm(short_in), self.short)
         self.last_group = short[:, -1:]
         self.n_groups = n_groups
@@ -299,7 +365,7 @@ class CachedDecoder:
         open_from = int(closed[-1]) + 1 if len(closed) else 0
         self.open_sum = at_least_fp32(residual[:, open_from:]).sum(1, keepdim=True)
         self.open_len = ids.size(1) - open_from
-        h = m.post(upsample_groups(short, b, G) + residual, self.post)
+        h = m.post(m.feed_back(short, b) + residual, self.post)
         self.logits = m.head(m.norm(h[:, -1]))
 
     def push(self, byte: int) -> None:
@@ -313,17 +379,19 @@ class CachedDecoder:
         h = m.pre(m.embed(x), self.pre)
         if cfg.boundaries == "fixed":
             closes = self.pre.pos % cfg.fixed_stride == 0
-        elif cfg.boundaries == "whitespace":
-            closes = bool(whitespace_boundaries(self.ids[:, -2:])[0, -1])  # the rule reads the previous byte
+        elif cfg.boundaries in RULE_BOUNDARIES:  # the rules read the previous byte
+            closes = bool(RULE_BOUNDARIES[cfg.boundaries](self.ids[:, -2:])[0, -1])
         else:
             closes = bool(m.boundaries(x, h)[0][0, 0])
         self.open_sum = self.open_sum + at_least_fp32(h)
         self.open_len += 1
-        if closes and self.n_groups < m.max_groups:
-            group = (self.open_sum / self.open_len).to(h.dtype)
+        new_group = closes and self.n_groups < m.max_groups
+        if new_group:
+            group = h if cfg.pooling == "last" else (self.open_sum / self.open_len).to(h.dtype)
             self.last_group = m.short(m.down_norm(group), self.short)
             self.n_groups += 1
         if closes:
             self.open_sum, self.open_len = torch.zeros_like(self.open_sum), 0
-        out = m.post(self.last_group + h, self.post)
+        fed_back = self.last_group if cfg.feedback == "group" or new_group else torch.zeros_like(h)
+        out = m.post(fed_back + h, self.post)
         self.logits = m.head(m.norm(out[:, -1]))

@@ -1,0 +1,121 @@
+"""The comparison runner on a tiny CPU grid (2 smoke configs x 1 corpus x 1 FLOP budget): it writes
+results.jsonl, the table and the charts, and a second invocation redoes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import yaml
+from conftest import assert_one_line_error, load_cli
+
+from hlm.compare import load_grid, run_grid
+from hlm.config import load_config
+from hlm.models import build_model
+from hlm.trainer import count_flops
+
+MODELS = {
+    "byte_gpt": ("configs/smoke/byte_gpt.yaml", ["model.n_layer=1", "model.d_model=32", "model.block_size=32"]),
+    "spacebyte": ("configs/smoke/spacebyte.yaml", ["model.d_model=32", "model.block_size=32",
+                                                   "model.max_groups=12"]),
+}
+COMMON = ["log.tensorboard=false", "eval.batches=2", "train.batch_size=4"]
+
+
+def flops_per_step(config: str, overrides: list[str]) -> int:
+    import torch
+
+    cfg = load_config(config, COMMON + overrides)
+    model = build_model(cfg.model)
+    batch = torch.randint(0, 256, (cfg.train.batch_size, cfg.model.block_size + 1))
+    return count_flops(model, batch, contextlib.nullcontext())
+
+
+@pytest.fixture
+def grid_file(tmp_path, byte_corpus):
+    budget = 4 * max(flops_per_step(c, o) for c, o in MODELS.values())  # every model trains >= 4 steps
+    grid = {
+        "out": str(tmp_path / "out"),
+        "corpora": {"shakespeare": {"bytes": str(byte_corpus)}},
+        "models": {name: {"config": c, "overrides": o} for name, (c, o) in MODELS.items()},
+        "budgets": [{"flops": budget}],
+        "overrides": COMMON,
+        "generation": {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2]},
+        "device": "cpu",
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, monkeypatch):
+    pytest.importorskip("matplotlib")  # in the dev extra; the runner itself only skips the charts
+    summary = run_grid(grid_file, say=lambda _: None)
+    assert summary == {"done": 2, "skipped": 0, "failed": []}
+    out = grid_file.parent / "out"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in records] == ["byte_gpt", "spacebyte"]
+    budget = load_grid(grid_file).runs[0].budget
+    for r in records:
+        assert r["flops_seen"] >= budget  # stopped at the first step that reached the FLOP budget ...
+        assert r["flops_seen"] * (r["steps"] - 1) < budget * r["steps"]  # ... not a step later
+        assert r["steps"] >= 4 and 0 < r["epochs"] < 1 and not r["over_epoch_flag"]
+        assert 0 < r["test_bpb"] < 9 and r["val_bpb_best"] <= r["val_bpb_final"]
+        assert r["inference_flops_per_byte"] > 0
+        assert set(r["generation"]) == {"1", "2"}
+        assert all(g["prefill_bytes_per_s"] > 0 and g["decode_bytes_per_s"] > 0 for g in r["generation"].values())
+    # a training step is one forward and its backward (2x the forward's matmuls, 2.5x its attention)
+    # over batch_size x block_size bytes: 3 to 3.5 times the forward FLOPs per byte counted on a test window
+    gpt = records[0]
+    train_per_byte = gpt["flops_seen"] / gpt["steps"] / (4 * 32)
+    assert 3.0 <= train_per_byte / gpt["inference_flops_per_byte"] <= 3.5
+    table = (out / "results.md").read_text()
+    assert "| byte_gpt | shakespeare |" in table and "| spacebyte | shakespeare |" in table
+    for stem in ("bpb_vs_train_flops", "bpb_vs_wall_clock", "bpb_vs_inference_flops"):
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/ckpt.pt")}
+    results_before = (out / "results.jsonl").read_bytes()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr("hlm.compare.execute", must_not_run)
+    assert run_grid(grid_file, say=lambda _: None) == {"done": 0, "skipped": 2, "failed": []}
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/ckpt.pt")} == stamps
+    assert (out / "results.jsonl").read_bytes() == results_before
+
+    # a run trained but without a record (say eval failed) resumes: train.py finds its finished
+    # checkpoint and trains no further step, then eval and the measurements run again
+    monkeypatch.undo()
+    (out / "results.jsonl").write_bytes(results_before.splitlines(keepends=True)[0])
+    assert run_grid(grid_file, say=lambda _: None) == {"done": 1, "skipped": 1, "failed": []}
+    redone = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][1]
+    assert redone["model"] == "spacebyte" and redone["steps"] == records[1]["steps"]
+    assert redone["test_bpb"] == records[1]["test_bpb"]
+    assert (out / redone["run"] / "train.log").read_text().count("$ ") == 2
+
+
+def test_matched_compute_grid_expands_to_the_issue_grid():
+    grid = load_grid("benchmarks/grids/matched_compute.yaml")
+    assert len(grid.runs) == 6 * 2 * (1 + 2 + 1)  # families x corpora x (2 min, 5 min x 2 seeds, FLOPs)
+    assert {r.budget for r in grid.runs if r.budget_kind == "flops"} == {1.7e17}
+    assert {r.seed for r in grid.runs if r.budget == 300} == {1337, 1338}
+    assert {r.data for r in grid.runs if r.model == "bpe_gpt"} == {"data/enwiki_bpe", "data/code_bpe"}
+    assert {r.eval_data for r in grid.runs} == {"data/enwiki_bytes", "data/code_bytes"}  # the same bytes for all
+    for config in {r.config for r in grid.runs}:
+        load_config(config)
+
+
+def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
+    compare = load_cli("compare")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"out": str(tmp_path / "o"), "corpora": {"c": str(byte_corpus)},
+                                   "models": {"m": {"config": "configs/smoke/byte_gpt.yaml", "data": "bpe"}},
+                                   "budgets": [{"time_s": 1}]}))
+    assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "no 'bpe' data folder")
+    bad.write_text(yaml.safe_dump({"out": "o", "corpora": {"c": "d"}, "models": {"m": {"config": "x.yaml"}},
+                                   "budgets": [{"time_s": 1, "flops": 2}]}))
+    assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "config file not found")
+    assert not (tmp_path / "o").exists()
