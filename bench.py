@@ -160,13 +160,20 @@ def main(argv: list[str] | None = None) -> int:
                     trainer.train_step()
                 sync(dev)
             breakdown = kernel_breakdown(prof, args.profile_steps, cuda)
-    flops = (trainer.patch_flops_per_step if patch_mode else trainer.flops_per_step) * args.steps / dt
+    # counted in the step, plus a frozen model's FLOPs that a side file stood in for (BLT's entropy patcher);
+    # the headline rate leaves the patcher out, `*_with_patcher` keeps it in
+    step_flops = trainer.patch_flops_per_step if patch_mode else trainer.flops_per_step
+    flops_with_patcher = (step_flops + trainer.extra_flops_per_step) * args.steps / dt
+    patcher = patcher_flops(trainer) * args.steps / dt
+    flops = flops_with_patcher - patcher
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     row = {"config": args.config, "overrides": args.overrides, "sdpa": args.sdpa, "device": device_name,
            "mode": "patch" if patch_mode else "token",
            "step_s": dt / args.steps, "bytes_per_s": stats[1].item() / dt,
            "tokens_per_s": n_targets / dt, "tflops": flops / 1e12,
            "mfu": flops / peak if peak else None, "peak_flops": peak, "peak_source": peak_source,
+           **({"tflops_with_patcher": flops_with_patcher / 1e12,
+               "mfu_with_patcher": flops_with_patcher / peak if peak else None} if patcher else {}),
            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            "params_m": sum(q.numel() for q in trainer.raw_model.parameters()) / 1e6,
            "torch": torch.__version__}
@@ -178,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join([args.config, *args.overrides, args.sdpa or ""]).strip()
     print(f"| {name} | {row['bytes_per_s']:,.0f} | {row['tokens_per_s']:,.0f} | "
           f"{row['tflops']:.1f} | {mfu} | {row['step_s']:.3f} | {mem} |")
+    if patcher:
+        print(f"with the entropy patcher's forward: {row['tflops_with_patcher']:.1f} TFLOP/s"
+              + (f", MFU {100 * row['mfu_with_patcher']:.1f}%" if peak else ""))
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -185,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         print_breakdown(breakdown)
         write_atomic(args.profile, json.dumps(breakdown | {"row": row}, indent=1).encode())
     return 0
+
+
+def patcher_flops(trainer: Trainer) -> float:
+    """Forward FLOPs per step of a model's frozen entropy patcher (BLT), 0 for other families."""
+    per_byte = getattr(trainer.raw_model, "entropy_flops_per_byte", None)
+    if per_byte is None:
+        return 0.0
+    tc = trainer.cfg.train
+    return per_byte() * tc.batch_size * trainer.window * tc.grad_accum * trainer.rt.world
 
 
 if __name__ == "__main__":

@@ -422,3 +422,13 @@ def test_entropy_model_loads_from_its_checkpoint_and_is_checked(pipeline):
     with pytest.raises(BLTError, match="entropy_d_model"):
         other.next_logprobs(torch.zeros(1, 4, dtype=torch.long))
     assert not math.isnan(info["calibration"][0]["threshold"])
+
+
+def test_training_flops_count_the_patcher_once():
+    """A side file stands in for the entropy model in training: its forward FLOPs come back through
+    extra_train_flops; without a side file the model runs inside forward and adds nothing extra."""
+    with_file, on_the_fly = tiny(entropy_file="entropy"), tiny(entropy_file="")
+    per_byte = with_file.entropy_flops_per_byte()
+    assert per_byte > 0
+    assert with_file.extra_train_flops(1000) == int(per_byte * 1000)
+    assert on_the_fly.extra_train_flops(1000) == 0

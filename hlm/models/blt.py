@@ -265,6 +265,12 @@ class BLT(nn.Module):
         """Per-byte files the trainer reads beside each split and passes to forward (training only)."""
         return {"entropies": self.cfg.entropy_file} if self.cfg.entropy_file else {}
 
+    def extra_train_flops(self, tokens_per_step: int) -> int:
+        """The patcher's forward FLOPs per training step when a side file stands in for it (the
+        trainer adds them to the counted FLOPs, so a FLOP budget pays for patching either way;
+        without a side file the entropy model runs inside forward and is counted there)."""
+        return int(self.entropy_flops_per_byte() * tokens_per_step) if self.cfg.entropy_file else 0
+
     def entropy_flops_per_byte(self) -> float:
         """Forward FLOPs per byte of the entropy model over a full window (FlopCounterMode, which
         counts attention as full): what patching costs when it runs (evaluation, generation,
