@@ -243,14 +243,16 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
     """Parameters, inference FLOPs per byte and generation speed of a trained checkpoint."""
     from hlm.checkpoint import load_model
     from hlm.data import Split
+    from hlm.evaluate import inference_autocast
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, ckpt = load_model(ckpt_path, dev)
     nbytes = ckpt["token_nbytes"].cpu()
     ids = np.asarray(Split(data, "test").memmap())
     window = torch.from_numpy(ids[: cfg.model.block_size + 1].astype(np.int64))[None].to(dev)
-    speed = {str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"],
-                                      generation["new_tokens"], dev) for b in generation["batch_sizes"]}
+    with inference_autocast(dev):  # bf16 on CUDA, as eval.py scores
+        speed = {str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"],
+                                          generation["new_tokens"], dev) for b in generation["batch_sizes"]}
     result = {"params": sum(p.numel() for p in model.parameters()),
               "inference_flops_per_byte": inference_flops_per_byte(model, window, nbytes),
               "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
