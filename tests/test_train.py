@@ -56,8 +56,10 @@ def test_loss_falls_on_the_fixture(byte_run):
 def test_loss_falls_for_the_bpe_model(bpe_run):
     train, val = records(bpe_run, "train"), records(bpe_run, "val")
     assert [r["step"] for r in val] == [20, 40]
-    assert val[-1]["bpb"] < val[0]["bpb"] < train[0]["bpb"]
-    assert val[-1]["loss"] < math.log(512) - 1.0  # a uniform guess over the 512 tokens costs log(512) nats
+    # observed: train bpb 4.73 over the first 10 steps, val 4.15 and 4.07 at steps 20 and 40 (the
+    # 0.08 bits between the two val passes is too close to assert across CPUs), val loss 5.01 nats
+    assert max(r["bpb"] for r in val) < train[0]["bpb"] - 0.3
+    assert val[-1]["loss"] < math.log(512) - 0.75  # a uniform guess over the 512 tokens costs log(512) nats
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
 
 
