@@ -160,6 +160,8 @@ def config_from_dict(raw: dict) -> Config:
     """Build a Config from a plain dict (a parsed YAML file or a checkpoint's saved config)."""
     from hlm.models import model_config_class
 
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got a {type(raw).__name__}")
     unknown = set(raw) - set(SECTIONS) - {"model"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
@@ -167,6 +169,8 @@ def config_from_dict(raw: dict) -> Config:
     if not isinstance(model_raw, dict):
         raise ConfigError(f"model: expected a mapping, got {model_raw!r}")
     family = model_raw.get("family", "gpt")
+    if not isinstance(family, str):
+        raise ConfigError(f"model.family: expected a name, got {family!r}")
     model_cls = model_config_class(family)
     sections = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     cfg = Config(model=build_dataclass(model_cls, model_raw, "model"), **sections)
