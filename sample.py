@@ -9,6 +9,7 @@ temperature and top-k applied to the 257 next-byte outcomes. Output goes to stdo
 """
 
 import argparse
+import codecs
 import itertools
 import math
 import os
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = Path(args.prompt_file).read_bytes() if args.prompt_file else os.fsencode(args.prompt)
         blm, model, _, ckpt = byte_lm_from_checkpoint(args.checkpoint, args.device)
         tokenized = isinstance(blm, ByteLM)
+        if tokenized:
+            check_text_prompt(prompt)
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         if args.byte_level:
             pieces = (bytes([b]) for b in sample_bytes(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen))
@@ -70,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_text_prompt(prompt: bytes) -> None:
+    """A token model's tokenizer encodes text: the prompt must be UTF-8, though it may end mid-character."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(prompt, final=False)
+    except UnicodeDecodeError as e:
+        raise HLMError(f"the prompt is not UTF-8 (byte {e.start}: {prompt[e.start:e.end]!r}) and this token model's "
+                       "tokenizer encodes text; byte models take any bytes") from None
 
 
 def check_args(args: argparse.Namespace) -> None:

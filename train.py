@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         train(cfg)
-    except HLMError as e:
+    except (HLMError, OSError) as e:  # bad input or an unusable path: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
