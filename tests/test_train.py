@@ -109,12 +109,15 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, byte_corpus):
     big.fit()
     acc = Trainer(tiny_config(byte_corpus, tmp_path / "acc", *common, "train.batch_size=4", "train.grad_accum=2"))
     acc.fit()
+    # summing micro-batches rounds differently, and Adam divides by sqrt(v), which magnifies that
+    # for small gradients (observed up to 1.3e-6); different windows move weights by ~lr = 3e-3 a step
+    # (observed 1.2e-2 for half the data, below): 1e-4 sits two orders of magnitude from both
     for p, q in zip(big.raw_model.parameters(), acc.raw_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
     ref = Trainer(tiny_config(byte_corpus, tmp_path / "ref", *common, "train.batch_size=4"))
     ref.fit()  # half the data: clearly different weights, so the comparison above has teeth
     pairs = zip(big.raw_model.parameters(), ref.raw_model.parameters(), strict=True)
-    assert max((p - q).abs().max().item() for p, q in pairs) > 1e-4
+    assert max((p - q).abs().max().item() for p, q in pairs) > 1e-3
 
 
 def test_sampler_is_deterministic_disjoint_across_ranks_and_in_bounds():
