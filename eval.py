@@ -23,6 +23,7 @@ next-byte distributions: memory grows with the text, so use --max-bytes up to ~1
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="processes planning the exact conversion")
     args = p.parse_args(argv)
     try:
+        check_args(args)
         if args.data:
             docs = split_documents(args.data, args.split)
             source = f"{args.data}:{args.split}"
@@ -81,13 +83,25 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         if args.ensemble:
             rows.append(ensemble_row(docs, source, args))
-    except HLMError as e:
+        print_table(rows)
+        if args.json:
+            write_atomic(args.json, json.dumps(rows, indent=2).encode())
+    except (HLMError, OSError) as e:  # bad input or an unusable path: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print_table(rows)
-    if args.json:
-        write_atomic(args.json, json.dumps(rows, indent=2).encode())
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values that would crash or silently mean something else deep inside the scoring."""
+    for flag, value in (("--stride", args.stride), ("--max-bytes", args.max_bytes)):
+        if value is not None and value < 1:
+            raise HLMError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value < 1:
+            raise HLMError(f"{flag} must be >= 1, got {value}")
+    if args.weights is not None and not all(math.isfinite(w) and w >= 0 for w in args.weights):
+        raise HLMError(f"--weights must be finite and >= 0, got {args.weights}")
 
 
 def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:

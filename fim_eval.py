@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         raise HLMError("give --token and/or --byte checkpoints")
     if min(args.cuts, args.max_middle, args.prefix_bytes, args.suffix_bytes) < 1 or args.max_new_bytes < 0:
         raise HLMError("--cuts, --max-middle, --prefix-bytes and --suffix-bytes must be >= 1, --max-new-bytes >= 0")
+    if args.seed < 0:
+        raise HLMError(f"--seed must be >= 0, got {args.seed}")
     token = _load(args.token, args.device, "token") if args.token else None
     byte = _load(args.byte, args.device, "byte") if args.byte else None
     data = args.data or (token or byte)[2].data.path
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table_row(row), flush=True)
             if args.json:
                 write_atomic(args.json, json.dumps(rows, indent=2).encode())  # a kill keeps earlier rows
-    except HLMError as e:
+    except (HLMError, OSError) as e:  # bad input or an unusable path: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     if summary(rows):

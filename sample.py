@@ -1,6 +1,7 @@
 """Continue a prompt from a checkpoint: `python sample.py CKPT --prompt "The meaning of" --max-bytes 200`.
 
-Byte models stream bytes as they are sampled. Token models use exact prompt-boundary sampling
+The prompt is bytes (--prompt as typed, or --prompt-file): byte models take any bytes, UTF-8 or
+not. Byte models stream bytes as they are sampled. Token models use exact prompt-boundary sampling
 (hlm/bytes/sampling.py): the prompt may end anywhere, even mid-word; one cover of the prompt is
 drawn with its exact probability, then tokens are sampled as usual (temperature and top-k on
 tokens). --byte-level samples any model byte by byte through its exact byte-level view, with
@@ -10,9 +11,13 @@ tokenizer's own encoding of the text (hlm/bytes/sampling.py). Output goes to std
 """
 
 import argparse
+import codecs
 import itertools
+import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,9 +28,11 @@ from hlm.bytes import ByteLM, byte_lm_from_checkpoint, sample_bytes, sample_prom
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
-    p.add_argument("--max-bytes", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    prompt_src = p.add_mutually_exclusive_group()
+    prompt_src.add_argument("--prompt", default="", help="prompt: the argument's exact bytes, UTF-8 or not")
+    prompt_src.add_argument("--prompt-file", help="read the prompt's bytes from this file")
+    p.add_argument("--max-bytes", type=int, default=200, help="bytes to sample after the prompt (0: none)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--byte-level", action="store_true", help="sample byte by byte (byte-level temperature/top-k)")
@@ -35,13 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = sys.stdout.buffer
     try:
+        check_args(args)
+        # argv arrives decoded with surrogateescape: fsencode gives back the bytes as typed
+        prompt = Path(args.prompt_file).read_bytes() if args.prompt_file else os.fsencode(args.prompt)
         blm, model, _, ckpt = byte_lm_from_checkpoint(args.checkpoint, args.device)
         tokenized = isinstance(blm, ByteLM)
         if args.canonical_sampling and (not tokenized or args.byte_level):
             raise HLMError("--canonical-sampling applies to token-level sampling of a token model")
-        prompt = args.prompt.encode("utf-8")
+        if tokenized:
+            check_text_prompt(prompt)
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
-        out.write(prompt)
         if args.byte_level:
             pieces = (bytes([b]) for b in sample_bytes(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen))
         elif tokenized:
@@ -54,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             ids_out = (int(nxt) for nxt in stream)  # the separator (end of document) or a FIM sentinel ends it
             pieces = (bytes([i]) for i in itertools.takewhile(lambda i: i < 256 and i != separator, ids_out))
         t0, written = time.perf_counter(), 0
-        for piece in pieces:
+        pieces = iter(pieces)
+        first = next(pieces, b"")  # a prompt the model cannot take fails here, before anything is written
+        out.write(prompt)
+        for piece in itertools.chain([first], pieces):
             out.write(piece)
             out.flush()
             written += len(piece)
@@ -63,10 +76,29 @@ def main(argv: list[str] | None = None) -> int:
         mode = "byte-level" if args.byte_level else "prompt-boundary" if tokenized else "native bytes"
         print(f"{written} bytes in {seconds:.2f}s ({written / max(seconds, 1e-9):,.0f} bytes/s, {mode})",
               file=sys.stderr)
-    except HLMError as e:
+    except (HLMError, OSError) as e:  # bad input or an unreadable prompt file: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_text_prompt(prompt: bytes) -> None:
+    """A token model's tokenizer encodes text: the prompt must be UTF-8, though it may end mid-character."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(prompt, final=False)
+    except UnicodeDecodeError as e:
+        raise HLMError(f"the prompt is not UTF-8 (byte {e.start}: {prompt[e.start:e.end]!r}) and this token model's "
+                       "tokenizer encodes text; byte models take any bytes") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values the samplers would crash on or silently misread."""
+    if args.max_bytes < 0:
+        raise HLMError(f"--max-bytes must be >= 0, got {args.max_bytes}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise HLMError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise HLMError(f"--top-k must be >= 1, got {args.top_k}")
 
 
 if __name__ == "__main__":

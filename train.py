@@ -5,7 +5,6 @@ import sys
 
 from hlm import HLMError
 from hlm.config import load_config
-from hlm.trainer import train
 
 
 def main(argv: list[str]) -> int:
@@ -14,8 +13,10 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])
+        from hlm.trainer import train  # after the config is checked: a bad one fails before the heavy imports
+
         train(cfg)
-    except HLMError as e:
+    except (HLMError, OSError) as e:  # bad input or an unusable path: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -85,17 +85,37 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # corrupt or foreign files raise many different types
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # a user's file: torch.load raises many types for foreign or damaged files
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint file, or a damaged one "
+                              f"({type(e).__name__}: {detail})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not an hlm checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+# the type each entry of an hlm checkpoint must have where a caller reads it
+ENTRY_TYPES = {"model": dict, "config": dict, "data_meta": dict, "token_nbytes": torch.Tensor, "optimizer": dict,
+               "step": int, "rng": dict}
 
 
 def require_keys(ckpt: dict, path: str | Path, keys: tuple[str, ...]) -> None:
-    """Raise a one-line CheckpointError when a checkpoint lacks entries the caller reads."""
+    """Raise a one-line CheckpointError when a checkpoint lacks entries the caller reads, or holds
+    them with the wrong type."""
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not an hlm checkpoint (no {', '.join(missing)} entries)")
+    for key in keys:
+        want = ENTRY_TYPES.get(key)
+        if want is not None and not isinstance(ckpt[key], want):
+            raise CheckpointError(f"{path} is not an hlm checkpoint (entry '{key}' is a {type(ckpt[key]).__name__}, "
+                                  f"not a {want.__name__})")
+    if "data_meta" in keys and "separator_id" not in ckpt["data_meta"]:
+        raise CheckpointError(f"{path} is not an hlm checkpoint (data_meta has no separator_id)")
 
 
 def check_same_model(saved: dict, current: dict, path: str | Path) -> None:
@@ -115,8 +135,9 @@ def check_same_model(saved: dict, current: dict, path: str | Path) -> None:
 def load_state(model: torch.nn.Module, state: dict, path: str | Path) -> None:
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes or names; entries that are not tensors
+        details = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {details[:300]}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
@@ -139,6 +160,8 @@ def tokenizer_from_checkpoint(ckpt: dict) -> SentencePieceTokenizer | None:
     blob = ckpt.get("tokenizer")
     if blob is None:
         return None
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
+        raise CheckpointError("the checkpoint's tokenizer entry is not a file's bytes (a uint8 tensor)")
     return SentencePieceTokenizer(model_proto=blob.numpy().tobytes())
 
 

@@ -7,6 +7,7 @@ the key named, so a typo never silently trains the wrong model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,11 +149,16 @@ def _apply_override(raw: dict, override: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override '{override}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def config_from_dict(raw: dict) -> Config:
     """Build a Config from a plain dict (a parsed YAML file or a checkpoint's saved config)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got a {type(raw).__name__}")
     unknown = set(raw) - set(SECTIONS) - {"model"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
@@ -160,6 +166,8 @@ def config_from_dict(raw: dict) -> Config:
     if not isinstance(model_raw, dict):
         raise ConfigError(f"model: expected a mapping, got {model_raw!r}")
     family = model_raw.get("family", "gpt")
+    if not isinstance(family, str):
+        raise ConfigError(f"model.family: expected a name, got {family!r}")
     model_cls = model_config_class(family)
     sections = {name: build_dataclass(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     cfg = Config(model=build_dataclass(model_cls, model_raw, "model"), **sections)
@@ -171,23 +179,71 @@ CHOICES = {"train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf1
            "train.device": ("auto", "cpu", "cuda"),
            "train.compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
            "train.parallel": ("ddp", "fsdp")}
-AT_LEAST_ONE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_interval", "log.interval",
-                "eval.batches")
+# key -> (lowest allowed, highest allowed, whether the bounds themselves are allowed); model keys
+# apply to the families that have them
+RANGES: dict[str, tuple[float, float, bool]] = {
+    **dict.fromkeys(("train.batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_interval",
+                     "train.patch_size", "log.interval", "eval.batches", "model.vocab_size", "model.block_size",
+                     "model.n_head", "model.d_model", "model.n_head_byte", "model.d_byte", "model.fixed_stride"),
+                    (1, math.inf, True)),
+    "model.max_words": (2, math.inf, True),  # hat: word slots per window
+    "model.max_word_bytes": (4, math.inf, True),  # hat: a UTF-8 character has up to 4 bytes
+    **dict.fromkeys(("train.warmup_steps", "train.time_budget_s", "train.weight_decay", "train.grad_clip",
+                     "eval.interval", "eval.batch_size", "model.n_layer", "model.n_pre", "model.n_short",
+                     "model.n_post", "model.n_enc_layer", "model.n_dec_layer", "model.byte_window",
+                     "model.max_groups", "model.aux_weight", "model.init_std"),
+                    (0, math.inf, True)),
+    **dict.fromkeys(("train.min_lr_ratio", "train.decay_frac", "train.patch_fraction", "data.fim_rate",
+                     "data.fim_spm_rate"), (0, 1, True)),
+    **dict.fromkeys(("train.lr", "model.mlp_ratio", "model.rope_theta", "model.gumbel_temperature",
+                     "model.predictor_ratio"), (0, math.inf, False)),
+    "model.prior": (0, 1, False),
+}
+BETAS = ("train.beta1", "train.beta2")  # AdamW: in [0, 1)
+SEED_LIMIT = 2**64  # seeds in [0, 2**64): what both torch.manual_seed and numpy's generators accept
+HEADS = (("d_model", "n_head"), ("d_byte", "n_head_byte"))  # (width, heads) of the families' attention
+
+
+def _describe_range(low: float, high: float, inclusive: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if inclusive else '>'} {low}"
+    return f"in {'[' if inclusive else '('}{low}, {high}{']' if inclusive else ')'}"
 
 
 def check_values(cfg: Config) -> None:
-    """Values the loop would only trip over later (a typo'd dtype silently running fp32, a zero
-    interval dividing by zero after the first step) are refused when the config is read."""
+    """Values the loop would only trip over later (a NaN learning rate training to NaN weights, a
+    zero interval dividing by zero after the first step, heads that do not split the width) are
+    refused when the config is read, with the key named."""
     def value(key: str):
         section, name = key.split(".")
-        return getattr(getattr(cfg, section), name)
+        return getattr(getattr(cfg, section), name, None)
 
+    for section in ("data", "train", "eval", "log", "model"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            v = getattr(getattr(cfg, section), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}")
     for key, allowed in CHOICES.items():
         if value(key) not in allowed:
             raise ConfigError(f"{key}: unknown value {value(key)!r} ({', '.join(allowed)})")
-    for key in AT_LEAST_ONE:
-        if value(key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value(key)}")
+    for key, (low, high, inclusive) in RANGES.items():
+        v = value(key)
+        if v is None:
+            continue
+        ok = low <= v <= high if inclusive else low < v < high
+        if not ok:
+            raise ConfigError(f"{key} must be {_describe_range(low, high, inclusive)}, got {v}")
+    for key in BETAS:
+        if not 0 <= value(key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value(key)}")
+    if not 0 <= cfg.train.seed < SEED_LIMIT:
+        raise ConfigError(f"train.seed must be in [0, 2**64), got {cfg.train.seed}")
+    for width, heads in HEADS:
+        w, h = value(f"model.{width}"), value(f"model.{heads}")
+        if w is not None and (w % h or (w // h) % 2):  # rotary embeddings rotate pairs of dimensions
+            raise ConfigError(f"model.{heads}={h} must split model.{width}={w} into heads of even size")
+    if not cfg.train.out_dir.strip():
+        raise ConfigError("train.out_dir must not be empty")
 
 
 def _read_yaml(path: Path) -> dict:

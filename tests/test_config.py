@@ -138,8 +138,41 @@ def test_dict_round_trip():
 
 @pytest.mark.parametrize("override", ["train.dtype=fp16", "train.schedule=linear", "train.device=tpu",
                                       "train.compile_mode=max-autotune",
-                                      "log.interval=0", "train.ckpt_interval=0", "eval.batches=0"])
+                                      "log.interval=0", "train.ckpt_interval=0", "eval.batches=0",
+                                      "train.lr=0", "train.lr=-inf", "train.min_lr_ratio=1.5", "train.decay_frac=-0.1",
+                                      "train.beta1=-0.1", "train.weight_decay=-1", "train.grad_clip=-1",
+                                      "train.time_budget_s=-1", "train.patch_size=0", "train.patch_fraction=2",
+                                      "train.seed=-1", "data.fim_spm_rate=1.01", "model.vocab_size=0",
+                                      "model.block_size=0", "model.d_model=0", "model.n_head=0", "model.n_layer=-1",
+                                      "model.mlp_ratio=0", "model.rope_theta=nan", "model.init_std=-0.02"])
 def test_bad_values_are_refused_when_read(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(SMOKE_BYTE, [override])
+
+
+@pytest.mark.parametrize("override", ["train.beta1=0", "eval.interval=0", "eval.batch_size=0", "train.warmup_steps=0",
+                                      "train.grad_clip=0", "train.seed=0", f"train.seed={2**64 - 1}",
+                                      "train.min_lr_ratio=1", "model.n_layer=0"])
+def test_edge_values_that_mean_something_are_accepted(override):
+    """0 means off (grad_clip, eval.interval: only at the end), the train batch size (eval.batch_size)
+    or no warmup; torch and numpy take any seed in [0, 2**64)."""
+    load_config(SMOKE_BYTE, [override])
+
+
+@pytest.mark.parametrize("config,overrides,key", [
+    ("byte_gpt", ["model.d_model=64", "model.n_head=3"], "model.n_head"),
+    ("byte_gpt", ["model.d_model=48", "model.n_head=16"], "model.n_head"),  # heads of 3: rotary needs pairs
+    ("hourglass_fixed", ["model.d_model=64", "model.n_head=6"], "model.n_head"),
+    ("hat", ["model.d_model=64", "model.n_head=6"], "model.n_head"),
+    ("hat", ["model.d_byte=32", "model.n_head_byte=3"], "model.n_head_byte"),
+])
+def test_heads_must_split_the_width_into_even_sizes(config, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(SMOKE_BYTE.parent / f"{config}.yaml", overrides)
+
+
+def test_override_that_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,'.*not valid YAML") as info:
+        load_config(SMOKE_BYTE, ["train.lr=[1,"])
+    assert "\n" not in str(info.value)

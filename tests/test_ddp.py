@@ -108,7 +108,9 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path):
         assert sorted(starts) == sorted(np.concatenate([logs[0][f"{s},{m}"], logs[1][f"{s},{m}"]]))
     ddp = torch.load(tmp / "weights0.pt", weights_only=True)
     for name, p in trainer.raw_model.state_dict().items():
-        torch.testing.assert_close(ddp[name], p, rtol=0, atol=1e-6)
+        # Adam's m/sqrt(v) magnifies the all-reduce's different summation order where gradients are
+        # near zero (observed 2.6e-7 here, 1.9e-6 under FSDP); one step moves a weight by up to lr = 3e-3
+        torch.testing.assert_close(ddp[name], p, rtol=0, atol=1e-4)
     # validation splits its windows across ranks and sums: same bytes, same bpb
     val_ddp, val_single = (
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]

@@ -177,7 +177,7 @@ def test_exact_conversion_is_cut_invariant_plain_prompting_is_not():
     cut = Cut(0, text[:4], text[4:9], b"", text[:4], suffix)  # one prefill for both: same as two fresh ones
     fill, nll = exact_fill_and_nll(exact_byte_lm(fim, cut), cut, 6)
     assert fill == byte_fill(exact_byte_lm(fim, cut), cut, 6)
-    assert nll == pytest.approx(byte_nll(exact_byte_lm(fim, cut), cut), rel=1e-12)  # fp64 sums in another order
+    assert nll == pytest.approx(byte_nll(exact_byte_lm(fim, cut), cut), rel=1e-12)  # fp64 summation order
     plain_edge = [p for p, i in zip(plain, inside, strict=True) if not i]
     plain_inside = [p for p, i in zip(plain, inside, strict=True) if i]
     assert max(plain_edge) - min(plain_edge) < 1e-9  # cuts at token edges: the canonical tokens, all alike

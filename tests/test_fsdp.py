@@ -72,6 +72,12 @@ def torchrun(tmp, run_dir, corpus, config=SMOKE_BYTE, overrides=FSDP, **env) -> 
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
 
 
+# Weights after a few steps, sharded vs one process: Adam's m/sqrt(v) magnifies fp32 summation-order
+# differences where gradients are near zero (observed up to 1.9e-6, varying between runs), while
+# one step moves a weight by up to lr = 3e-3, so a wrong gradient shows far above this bound.
+WEIGHT_ATOL = 1e-4
+
+
 def records(run_dir, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -116,7 +122,7 @@ def test_fsdp_matches_one_process_at_the_same_global_batch(fsdp_run, single_run)
         assert f["grad_norm"] > 0.05  # clipping was active
     fsdp, single = load_checkpoint(run_dir / "ckpt.pt"), load_checkpoint(single_run / "ckpt.pt")
     for name, p in single["model"].items():
-        torch.testing.assert_close(fsdp["model"][name], p, rtol=0, atol=1e-5)  # Adam magnifies fp32 order (1.2e-6 seen)
+        torch.testing.assert_close(fsdp["model"][name], p, rtol=0, atol=WEIGHT_ATOL)
     # the optimizer state has the single-process layout: same indices, groups and moments
     assert fsdp["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
     assert fsdp["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
@@ -187,10 +193,8 @@ def test_hierarchical_model_under_fsdp_matches_one_process(byte_corpus, tmp_path
     Trainer(load_config(config, [f"data.path={byte_corpus}", f"train.out_dir={tmp_path / 'single'}", *common,
                                  "train.batch_size=4"])).fit()
     fsdp, single = (load_checkpoint(tmp_path / d / "ckpt.pt") for d in ("fsdp", "single"))
-    # 5e-6: Adam's m/sqrt(v) magnifies fp32 summation-order differences where gradients are near zero
-    # (one step moves a weight by up to lr = 3e-3, so a wrong gradient would show 100x above this)
     for name, p in single["model"].items():
-        torch.testing.assert_close(fsdp["model"][name], p, rtol=0, atol=5e-6)
+        torch.testing.assert_close(fsdp["model"][name], p, rtol=0, atol=WEIGHT_ATOL)
     for f, s in zip(records(tmp_path / "fsdp", "train"), records(tmp_path / "single", "train"), strict=True):
         assert f["loss"] == pytest.approx(s["loss"], rel=1e-7, abs=0)
 

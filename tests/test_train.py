@@ -58,8 +58,10 @@ def test_loss_falls_on_the_fixture(byte_run):
 def test_loss_falls_for_the_bpe_model(bpe_run):
     train, val = records(bpe_run, "train"), records(bpe_run, "val")
     assert [r["step"] for r in val] == [20, 40]
-    assert val[-1]["bpb"] < val[0]["bpb"] < train[0]["bpb"]
-    assert val[-1]["loss"] < math.log(512) - 1.0  # a uniform guess over the 512 tokens costs log(512) nats
+    # observed: train bpb 4.73 over the first 10 steps, val 4.15 and 4.07 at steps 20 and 40 (the
+    # 0.08 bits between the two val passes is too close to assert across CPUs), val loss 5.01 nats
+    assert max(r["bpb"] for r in val) < train[0]["bpb"] - 0.3
+    assert val[-1]["loss"] < math.log(512) - 0.75  # a uniform guess over the 512 tokens costs log(512) nats
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
 
 
@@ -117,14 +119,15 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, byte_corpus):
     big.fit()
     acc = Trainer(tiny_config(byte_corpus, tmp_path / "acc", *common, "train.batch_size=4", "train.grad_accum=2"))
     acc.fit()
+    # summing micro-batches rounds differently, and Adam divides by sqrt(v), which magnifies that
+    # for small gradients (observed up to 1.3e-6); different windows move weights by ~lr = 3e-3 a step
+    # (observed 1.2e-2 for half the data, below): 1e-4 sits two orders of magnitude from both
     for p, q in zip(big.raw_model.parameters(), acc.raw_model.parameters(), strict=True):
-        # fp32 sums in another order; Adam's m/sqrt(v) magnifies that where v is tiny (1.3e-6 seen on
-        # some CPUs), still 10x under the 1e-4 that half the data moves the weights
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
     ref = Trainer(tiny_config(byte_corpus, tmp_path / "ref", *common, "train.batch_size=4"))
     ref.fit()  # half the data: clearly different weights, so the comparison above has teeth
     pairs = zip(big.raw_model.parameters(), ref.raw_model.parameters(), strict=True)
-    assert max((p - q).abs().max().item() for p, q in pairs) > 1e-4
+    assert max((p - q).abs().max().item() for p, q in pairs) > 1e-3
 
 
 def test_sampler_is_deterministic_disjoint_across_ranks_and_in_bounds():
