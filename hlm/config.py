@@ -184,14 +184,18 @@ CHOICES = {"train.schedule": ("cosine", "wsd", "constant"), "train.dtype": ("bf1
 RANGES: dict[str, tuple[float, float, bool]] = {
     **dict.fromkeys(("train.batch_size", "train.grad_accum", "train.max_steps", "train.ckpt_interval",
                      "train.patch_size", "log.interval", "eval.batches", "model.vocab_size", "model.block_size",
-                     "model.n_head", "model.d_model", "model.n_head_byte", "model.d_byte", "model.fixed_stride"),
+                     "model.n_head", "model.d_model", "model.n_head_byte", "model.d_byte", "model.fixed_stride",
+                     "model.head_dim", "model.d_local", "model.n_head_local"),
                     (1, math.inf, True)),
     "model.max_words": (2, math.inf, True),  # hat: word slots per window
     "model.max_word_bytes": (4, math.inf, True),  # hat: a UTF-8 character has up to 4 bytes
-    **dict.fromkeys(("train.warmup_steps", "train.time_budget_s", "train.weight_decay", "train.grad_clip",
+    **dict.fromkeys(("train.warmup_steps", "train.time_budget_s", "train.flop_budget", "train.max_bad_steps",
+                     "train.weight_decay", "train.grad_clip",
                      "eval.interval", "eval.batch_size", "model.n_layer", "model.n_pre", "model.n_short",
                      "model.n_post", "model.n_enc_layer", "model.n_dec_layer", "model.byte_window",
-                     "model.max_groups", "model.aux_weight", "model.init_std"),
+                     "model.max_groups", "model.aux_weight", "model.init_std", "model.n_main", "model.n_enc",
+                     "model.n_dec", "model.inner_window", "model.max_chunks", "model.ratio_weight",
+                     "model.max_patches", "model.train_flop"),
                     (0, math.inf, True)),
     **dict.fromkeys(("train.min_lr_ratio", "train.decay_frac", "train.patch_fraction", "data.fim_rate",
                      "data.fim_spm_rate"), (0, 1, True)),
@@ -230,9 +234,9 @@ def check_values(cfg: Config) -> None:
         v = value(key)
         if v is None:
             continue
-        ok = low <= v <= high if inclusive else low < v < high
-        if not ok:
-            raise ConfigError(f"{key} must be {_describe_range(low, high, inclusive)}, got {v}")
+        for x in v if isinstance(v, list) else [v]:  # a per-stage list (H-Net): every entry
+            if not (low <= x <= high if inclusive else low < x < high):
+                raise ConfigError(f"{key} must be {_describe_range(low, high, inclusive)}, got {v}")
     for key in BETAS:
         if not 0 <= value(key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {value(key)}")
@@ -240,7 +244,8 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"train.seed must be in [0, 2**64), got {cfg.train.seed}")
     for width, heads in HEADS:
         w, h = value(f"model.{width}"), value(f"model.{heads}")
-        if w is not None and (w % h or (w // h) % 2):  # rotary embeddings rotate pairs of dimensions
+        # rotary embeddings rotate pairs of dimensions; H-Net's per-stage widths use head_dim instead
+        if isinstance(w, int) and isinstance(h, int) and (w % h or (w // h) % 2):
             raise ConfigError(f"model.{heads}={h} must split model.{width}={w} into heads of even size")
     if not cfg.train.out_dir.strip():
         raise ConfigError("train.out_dir must not be empty")

@@ -203,8 +203,6 @@ class Trainer:
         self.rt = rt = setup_runtime(tc.device)
         self.out_dir = Path(tc.out_dir)
         check_out_dir(self.out_dir)  # a file in the way or no write access: one line before any work
-        if tc.max_bad_steps < 0:
-            raise ConfigError(f"train.max_bad_steps must be >= 0, got {tc.max_bad_steps}")
         self.data_dir = Path(cfg.data.path)
         self.train_split = Split(self.data_dir, "train")
         self.val_split = Split(self.data_dir, "val")

@@ -172,6 +172,22 @@ def test_heads_must_split_the_width_into_even_sizes(config, overrides, key):
         load_config(SMOKE_BYTE.parent / f"{config}.yaml", overrides)
 
 
+@pytest.mark.parametrize("config,override", [
+    ("hnet_2stage", "model.d_model=[32, 0, 64]"), ("hnet_2stage", "model.n_enc=[1, -1]"),
+    ("hnet_1stage", "model.n_main=-1"), ("hnet_1stage", "model.head_dim=0"), ("blt", "model.max_patches=-3"),
+    ("byte_gpt", "train.flop_budget=-1"), ("byte_gpt", "train.max_bad_steps=-1"),
+])
+def test_ranges_cover_every_family_and_per_stage_lists(config, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(SMOKE_BYTE.parent / f"{config}.yaml", [override])
+
+
+def test_every_shipped_config_passes_the_value_checks():
+    for path in sorted([*SMOKE_BYTE.parent.parent.glob("*.yaml"), *SMOKE_BYTE.parent.glob("*.yaml")]):
+        load_config(path)
+
+
 def test_override_that_is_not_yaml_names_the_override():
     with pytest.raises(ConfigError, match=r"override 'train.lr=\[1,'.*not valid YAML") as info:
         load_config(SMOKE_BYTE, ["train.lr=[1,"])
