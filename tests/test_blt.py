@@ -14,6 +14,7 @@ import torch
 
 from data_prep import entropy_patches
 from data_prep import prepare as prepare_data
+from hlm import HLMError
 from hlm.bytes import as_byte_lm
 from hlm.config import load_config
 from hlm.models import build_model
@@ -290,7 +291,7 @@ def test_generate_streams_greedy_bytes_and_batches():
     assert model.next_logprobs(ids[:, :-1]).argmax(-1)[0, -10:].tolist() == list(out)
     batch = model.generate(text_batch(3, 60, seed=13), 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert batch.shape == (3, 64)
-    with pytest.raises(BLTError, match="non-empty"):
+    with pytest.raises(HLMError, match="non-empty"):
         model.generate(b"", 3)
 
 

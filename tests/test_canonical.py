@@ -250,7 +250,7 @@ def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
 
 def draw(blm: ByteLM, canonical: bool, n_tokens: int, seed: int) -> list[int]:
     from hlm.bytes.sampling import canonical_token_stream
-    from hlm.models.blocks import sample_next
+    from hlm.models.generation import sample_next
 
     gen = torch.Generator().manual_seed(seed)
     path = [blm.start_id]

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from hlm.bytes.byte_lm import END, ByteLM, ByteLMBase
-from hlm.models.blocks import sample_next
+from hlm.models.generation import sample_next
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:

@@ -6,7 +6,6 @@ a stack of blocks, a KV cache, and GPT-2-style initialisation."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -289,27 +288,3 @@ def init_weights(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
             continue
         scaled = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
         nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer) if scaled else std)
-
-
-def generate_ids(model: nn.Module, prompt: bytes | torch.Tensor,
-                 stream: Callable[[torch.Tensor], Iterator[torch.Tensor]]) -> bytes | torch.Tensor:
-    """The families' `generate` around their `generate_stream` (`stream`): a `bytes` prompt gives the
-    bytes of the continuation; a LongTensor [B, T] gives the prompt with the continuation appended."""
-    as_bytes = isinstance(prompt, (bytes, bytearray))
-    ids = torch.tensor([list(prompt)], device=next(model.parameters()).device) if as_bytes else prompt
-    new = list(stream(ids))
-    out = torch.stack(new, dim=1) if new else ids[:, :0]
-    return bytes(out[0].tolist()) if as_bytes else torch.cat([ids, out], dim=1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one id per row from logits [B, V]; temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -37,7 +37,6 @@ position for the rows whose patch it closes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,11 +52,10 @@ from hlm.models.blocks import (
     Transformer,
     apply_rotary,
     at_least_fp32,
-    generate_ids,
     init_weights,
-    sample_next,
 )
 from hlm.models.entropy_patcher import PATCHING_MODES, EntropyModel, next_start, patch_starts
+from hlm.models.generation import Generates
 
 HASH_PRIME, HASH_BASE = 1_000_000_007, 1_000_003  # products stay below 2**51
 
@@ -217,7 +215,7 @@ class LocalDecoder(nn.Module):
         return h
 
 
-class BLT(nn.Module):
+class BLT(nn.Module, Generates):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
         check_config(cfg)
@@ -330,26 +328,9 @@ class BLT(nn.Module):
         """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
         return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
 
-    @torch.no_grad()
-    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
-                        top_k: int | None = None, generator: torch.Generator | None = None
-                        ) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time (eval mode), decoding all rows together with
-        KV caches (`CachedDecoder`)."""
-        dec = CachedDecoder(self, prompt)
-        for _ in range(max_new):
-            nxt = sample_next(dec.logits, temperature, top_k, generator)
-            yield nxt
-            dec.push(nxt)
-
-    @torch.no_grad()
-    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
-        """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
-        LongTensor [B, T] in, the prompt with the continuation appended out."""
-        if len(prompt) == 0 or (torch.is_tensor(prompt) and prompt.size(1) == 0):
-            raise BLTError("generate needs a non-empty prompt (start with the separator byte 0x00)")
-        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+    def new_decoder(self, prompt: torch.Tensor) -> CachedDecoder:
+        """All rows decode together with KV caches (`CachedDecoder`)."""
+        return CachedDecoder(self, prompt)
 
 
 def check_config(cfg: BLTConfig) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +15,9 @@ from hlm.models.blocks import (
     Transformer,
     TreeMask,
     at_least_fp32,
-    generate_ids,
     init_weights,
-    sample_next,
 )
+from hlm.models.generation import Generates
 
 
 @dataclass
@@ -36,7 +34,7 @@ class GPTConfig:
     init_std: float = 0.02
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, Generates):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -94,32 +92,28 @@ class GPT(nn.Module):
         nll = -logprobs.gather(-1, targets).view(B, n_patches * patch_size)
         return ModelOutput(nll.mean(), nll, {})
 
-    @torch.no_grad()
-    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
-                        top_k: int | None = None, generator: torch.Generator | None = None
-                        ) -> Iterator[torch.Tensor]:
-        """Yield one new id per row [B] at a time, decoding with a KV cache. When the context
-        fills up, the cache is rebuilt from the last half of the window."""
-        T = self.cfg.block_size
-        ids = prompt[:, -T:]
-        param = next(self.parameters())
-        cache = self.transformer.new_cache(ids.size(0), T, param.device, param.dtype)
-        logits = self.logits(ids, cache)[:, -1]
-        for _ in range(max_new):
-            nxt = sample_next(logits, temperature, top_k, generator)
-            yield nxt
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            if cache.pos >= T:
-                ids = ids[:, -(T // 2):]
-                cache = self.transformer.new_cache(ids.size(0), T, param.device, param.dtype)
-                logits = self.logits(ids, cache)[:, -1]
-            else:
-                logits = self.logits(nxt[:, None], cache)[:, -1]
+    def new_decoder(self, prompt: torch.Tensor) -> GPTDecoder:
+        return GPTDecoder(self, prompt)
 
-    @torch.no_grad()
-    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None
-                 ) -> bytes | torch.Tensor:
-        """Continue `prompt` by `max_new` ids. A `bytes` prompt (byte models) returns bytes of the
-        continuation; a LongTensor [B, T] returns the prompt with the continuation appended."""
-        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+
+class GPTDecoder:
+    """KV-cached decoding of B rows (`hlm.models.generation.IncrementalDecoder`). When the context
+    fills up, the cache is rebuilt from the last half of the window."""
+
+    def __init__(self, model: GPT, prompt: torch.Tensor):
+        self.model = model
+        self.prefill(prompt[:, -model.cfg.block_size :])
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        param = next(self.model.parameters())
+        self.ids = ids
+        self.cache = self.model.transformer.new_cache(ids.size(0), self.model.cfg.block_size, param.device, param.dtype)
+        self.logits = self.model.logits(ids, self.cache)[:, -1]
+
+    def push(self, nxt: torch.Tensor) -> None:
+        T = self.model.cfg.block_size
+        self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
+        if self.cache.pos >= T:
+            self.prefill(self.ids[:, -(T // 2) :])
+        else:
+            self.logits = self.model.logits(nxt[:, None], self.cache)[:, -1]

@@ -55,10 +55,9 @@ from hlm.models.blocks import (
     RMSNorm,
     Transformer,
     at_least_fp32,
-    generate_ids,
     init_weights,
-    sample_next,
 )
+from hlm.models.generation import generate_ids, sample_next
 from hlm.splitter import PrefixState, utf8_allowed_next
 
 EOW = 256

@@ -29,7 +29,6 @@ their chunks start).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple
@@ -45,10 +44,9 @@ from hlm.models.blocks import (
     RMSNorm,
     Transformer,
     at_least_fp32,
-    generate_ids,
     init_weights,
-    sample_next,
 )
+from hlm.models.generation import Generates
 
 WHITESPACE_BYTES = (0x00, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)  # with the document separator
 SMOOTH_BLOCK = 64  # block length of the two-level smoothing scan
@@ -323,7 +321,7 @@ def whitespace_starts(x: torch.Tensor) -> torch.Tensor:
     return F.pad(ws[:, :-1] & ~ws[:, 1:], (1, 0), value=False)
 
 
-class HNet(nn.Module):
+class HNet(nn.Module, Generates):
     def __init__(self, cfg: HNetConfig):
         super().__init__()
         S = cfg.n_stages
@@ -396,27 +394,10 @@ class HNet(nn.Module):
         """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
         return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
 
-    @torch.no_grad()
-    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
-                        top_k: int | None = None, generator: torch.Generator | None = None
-                        ) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time (eval mode) through one `CachedDecoder` for
-        the batch. When the context fills up, the caches are rebuilt from the last half of the
-        window, as in gpt.py."""
-        dec = CachedDecoder(self, prompt)
-        for _ in range(max_new):
-            nxt = sample_next(dec.logits, temperature, top_k, generator)
-            yield nxt
-            dec.push(nxt)
-
-    @torch.no_grad()
-    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
-        """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
-        LongTensor [B, T] in, the prompt with the continuation appended out."""
-        if len(prompt) == 0 or (torch.is_tensor(prompt) and prompt.size(1) == 0):
-            raise HNetError("generate needs a non-empty prompt (start with the separator byte 0x00)")
-        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+    def new_decoder(self, prompt: torch.Tensor) -> CachedDecoder:
+        """One `CachedDecoder` for the batch. When the context fills up, the caches are rebuilt from
+        the last half of the window, as in gpt.py."""
+        return CachedDecoder(self, prompt)
 
 
 class CachedDecoder:

@@ -55,7 +55,6 @@ when it closes a group).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +67,9 @@ from hlm.models.blocks import (
     RMSNorm,
     Transformer,
     at_least_fp32,
-    generate_ids,
     init_weights,
-    sample_next,
 )
+from hlm.models.generation import Generates, PerRowDecoder
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "spacebyte", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
@@ -190,7 +188,7 @@ def feed_back_at_boundaries(short: torch.Tensor, b: torch.Tensor, max_groups: in
     return upsample_groups(short, b, max_groups) * kept[..., None].to(short.dtype)
 
 
-class Hourglass(nn.Module):
+class Hourglass(nn.Module, Generates):
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
         if cfg.boundaries not in BOUNDARY_TYPES:
@@ -311,28 +309,11 @@ class Hourglass(nn.Module):
         """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
         return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
 
-    @torch.no_grad()
-    def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
-                        top_k: int | None = None, generator: torch.Generator | None = None
-                        ) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time (eval mode), decoding each row with KV caches
-        for the three stacks (`CachedDecoder`). When the context fills up, the caches are rebuilt
-        from the last half of the window, as in gpt.py."""
-        rows = [CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))]
-        for _ in range(max_new):
-            nxt = sample_next(torch.cat([row.logits for row in rows]), temperature, top_k, generator)
-            yield nxt
-            for row, byte in zip(rows, nxt.tolist(), strict=True):
-                row.push(byte)
-
-    @torch.no_grad()
-    def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
-        """Continue `prompt` by `max_new` bytes: bytes in, bytes of the continuation out; or a
-        LongTensor [B, T] in, the prompt with the continuation appended out."""
-        if len(prompt) == 0 or (torch.is_tensor(prompt) and prompt.size(1) == 0):
-            raise HourglassError("generate needs a non-empty prompt (start with the separator byte 0x00)")
-        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+    def new_decoder(self, prompt: torch.Tensor) -> PerRowDecoder:
+        """Each row decodes with its own KV caches for the three stacks (`CachedDecoder`): rows close
+        groups at different bytes. When the context fills up, the caches are rebuilt from the last
+        half of the window, as in gpt.py."""
+        return PerRowDecoder([CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))])
 
 
 class CachedDecoder:
