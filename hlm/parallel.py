@@ -27,21 +27,21 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hlm.models.blocks import Block
-
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def apply_fsdp(model: nn.Module, world: int, device_type: str, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Shard `model` in place over a 1-D mesh of `world` ranks: each Block, then the root.
+    """Shard `model` in place over a 1-D mesh of `world` ranks: each module of a type the model names
+    (`shard_modules()`: transformer blocks by default), then the root.
 
     `param_dtype` (bf16 on GPU) is the dtype parameters are gathered in for compute; gradients
     are reduced in fp32 and the sharded master weights stay fp32. Forward inputs are not cast,
     so fp32 buffers such as the rotary tables reach the blocks unchanged."""
     mesh = init_device_mesh(device_type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    shard_types = model.shard_modules()
     for module in model.modules():
-        if isinstance(module, Block):
+        if isinstance(module, shard_types):
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

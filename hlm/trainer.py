@@ -43,6 +43,7 @@ from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
 from hlm.fim import N_SENTINELS, FIMTransform
 from hlm.models import build_model
+from hlm.models.base import LanguageModel
 from hlm.parallel import (
     apply_ddp,
     apply_fsdp,
@@ -164,19 +165,16 @@ def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
     return tc.lr * warm * decay
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA); weight decay on matrices and embeddings, not on gains or biases. A model
-    with `param_groups_lr_scale() -> [(multiplier, params)]` (H-Net's stages) gets a learning-rate
-    multiplier per part, kept in each group's `lr_scale`."""
-    if hasattr(model, "param_groups_lr_scale"):
-        parts = [(scale, list(params), {"lr_scale": scale}) for scale, params in model.param_groups_lr_scale()]
-    else:
-        parts = [(1.0, list(model.parameters()), {})]
+def make_optimizer(model: LanguageModel, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA); weight decay on matrices and embeddings, not on gains or biases; each
+    part of `model.param_groups_lr_scale()` (H-Net's stages) keeps its learning-rate multiplier in
+    its groups' `lr_scale`."""
     groups = []
-    for _, params, extra in parts:
+    for scale, params in model.param_groups_lr_scale():
         params = [p for p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay, **extra},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
@@ -219,7 +217,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.raw_model = build_model(cfg.model).to(rt.device)
         # per-token side files a model trains on (keyword -> `<split>.<stem>.bin`), e.g. hourglass boundary targets
-        self.side_inputs: dict[str, str] = getattr(self.raw_model, "side_inputs", {})
+        self.side_inputs: dict[str, str] = self.raw_model.side_inputs
         for stem in self.side_inputs.values():
             self.train_split.side_path(stem)
         if self.side_inputs and self.fim is not None:
@@ -258,8 +256,8 @@ class Trainer:
             probe = self._batch(self.samplers[K], self.train_split, 0, 0)
             self.patch_flops_per_step = count_flops(self.raw_model, probe, self.autocast, patch_size=K) \
                 * tc.grad_accum * rt.world
-        extra = getattr(self.raw_model, "extra_train_flops", None)
-        self.extra_flops_per_step = int(extra(tc.batch_size * self.window * tc.grad_accum * rt.world)) if extra else 0
+        tokens_per_step = tc.batch_size * self.window * tc.grad_accum * rt.world
+        self.extra_flops_per_step = self.raw_model.extra_train_flops(tokens_per_step)
         self.peak = peak_flops(rt.device)
 
         if rt.world > 1 and tc.parallel == "fsdp":  # shards raw_model in place: its state dict keeps its names

@@ -14,7 +14,7 @@ from conftest import QUIET, SMOKE_BYTE, TINY_MODEL, read_meta
 from hlm.config import load_config
 from hlm.data import DataError, eval_windows
 from hlm.evaluate import encode_stream, evaluate, split_documents
-from hlm.models.blocks import ModelOutput
+from hlm.models.base import ModelOutput
 from hlm.tokenizers import load_tokenizer
 from hlm.trainer import Trainer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hlm.models import build_model
-from hlm.models.blocks import ModelOutput
+from hlm.models.base import ModelOutput
 from hlm.models.gpt import GPTConfig
 
 

@@ -14,15 +14,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
-class ModelOutput(NamedTuple):
-    """What every model returns (the README's model contract): `loss` to backpropagate, `nll[B, T]` in nats
-    per target without auxiliary terms, and scalar tensors to log (`metrics`)."""
-
-    loss: torch.Tensor
-    nll: torch.Tensor
-    metrics: dict[str, torch.Tensor]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -45,9 +45,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm import HLMError
+from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import (
     KVCache,
-    ModelOutput,
     RMSNorm,
     Transformer,
     apply_rotary,
@@ -55,7 +55,6 @@ from hlm.models.blocks import (
     init_weights,
 )
 from hlm.models.entropy_patcher import PATCHING_MODES, EntropyModel, next_start, patch_starts
-from hlm.models.generation import Generates
 
 HASH_PRIME, HASH_BASE = 1_000_000_007, 1_000_003  # products stay below 2**51
 
@@ -215,7 +214,7 @@ class LocalDecoder(nn.Module):
         return h
 
 
-class BLT(nn.Module, Generates):
+class BLT(LanguageModel):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
         check_config(cfg)

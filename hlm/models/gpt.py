@@ -8,16 +8,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import (
     KVCache,
-    ModelOutput,
     RMSNorm,
     Transformer,
     TreeMask,
     at_least_fp32,
     init_weights,
 )
-from hlm.models.generation import Generates
 
 
 @dataclass
@@ -34,7 +33,7 @@ class GPTConfig:
     init_std: float = 0.02
 
 
-class GPT(nn.Module, Generates):
+class GPT(LanguageModel):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg

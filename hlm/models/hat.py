@@ -50,8 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm import ConfigError
+from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import (
-    ModelOutput,
     RMSNorm,
     Transformer,
     at_least_fp32,
@@ -136,7 +136,7 @@ class WordPooling(nn.Module):
         return self.proj((num / den[..., None]).flatten(2).to(h.dtype))
 
 
-class HAT(nn.Module):
+class HAT(LanguageModel):
     def __init__(self, cfg: HATConfig):
         super().__init__()
         if cfg.max_word_bytes < 4:

@@ -38,15 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm import HLMError
+from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import (
     KVCache,
-    ModelOutput,
     RMSNorm,
     Transformer,
     at_least_fp32,
     init_weights,
 )
-from hlm.models.generation import Generates
 
 WHITESPACE_BYTES = (0x00, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)  # with the document separator
 SMOOTH_BLOCK = 64  # block length of the two-level smoothing scan
@@ -321,7 +320,7 @@ def whitespace_starts(x: torch.Tensor) -> torch.Tensor:
     return F.pad(ws[:, :-1] & ~ws[:, 1:], (1, 0), value=False)
 
 
-class HNet(nn.Module, Generates):
+class HNet(LanguageModel):
     def __init__(self, cfg: HNetConfig):
         super().__init__()
         S = cfg.n_stages

@@ -62,14 +62,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hlm import HLMError
+from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import (
-    ModelOutput,
     RMSNorm,
     Transformer,
     at_least_fp32,
     init_weights,
 )
-from hlm.models.generation import Generates, PerRowDecoder
+from hlm.models.generation import PerRowDecoder
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "spacebyte", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
@@ -188,7 +188,7 @@ def feed_back_at_boundaries(short: torch.Tensor, b: torch.Tensor, max_groups: in
     return upsample_groups(short, b, max_groups) * kept[..., None].to(short.dtype)
 
 
-class Hourglass(nn.Module, Generates):
+class Hourglass(LanguageModel):
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
         if cfg.boundaries not in BOUNDARY_TYPES:
