@@ -44,7 +44,8 @@ def main() -> int:
             res = measure_checkpoint(Path(ckpt), args.data, generation, args.device)
         res["sdpa"] = args.sdpa
         for b, g in res["generation"].items():
-            print(f"| {ckpt} {args.sdpa or ''} | {b} | {g['prefill_bytes_per_s']:,.0f} | {g['decode_bytes_per_s']:,.0f} |", flush=True)
+            name = f"{ckpt} {args.sdpa or ''}".strip()
+            print(f"| {name} | {b} | {g['prefill_bytes_per_s']:,.0f} | {g['decode_bytes_per_s']:,.0f} |", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"checkpoint": ckpt, **res}) + "\n")
