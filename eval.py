@@ -175,15 +175,8 @@ def truncate(docs: list[bytes], limit: int) -> list[bytes]:
 
 
 def describe(cfg: Config) -> str:
-    """The model column: family and shape (a family's config may say it with its own `describe()`)."""
-    m = cfg.model
-    if callable(getattr(m, "describe", None)):
-        return m.describe()
-    if m.family == "hourglass":
-        return f"hourglass {m.n_pre}+{m.n_short}+{m.n_post}L/{m.d_model}d {m.boundaries}"
-    if m.family == "hat":
-        return f"hat {m.n_enc_layer}+{m.n_layer}+{m.n_dec_layer}L/{m.d_byte}-{m.d_model}d"
-    return f"{m.family} {m.n_layer}L/{m.d_model}d V={m.vocab_size}"
+    """The model column: the family's own account of its shape (its config's `describe()`)."""
+    return cfg.model.describe()
 
 
 def print_table(rows: list[dict]) -> None:

@@ -118,3 +118,10 @@ def test_a_toy_family_is_sharded_by_fsdp_and_is_a_byte_lm(toy_family, tmp_path):
 def test_a_family_must_follow_the_contract():
     with pytest.raises(TypeError, match="LanguageModel"):
         register_family(ToyConfig, nn.Linear)
+
+    @dataclass
+    class Unnamed:
+        family: str = "unnamed"
+
+    with pytest.raises(TypeError, match="describe"):
+        register_family(Unnamed, Toy)

@@ -22,6 +22,8 @@ def register_family(config_cls: type, model_cls: type[LanguageModel]) -> None:
     """Make a family known under its config's default `family` name."""
     if not issubclass(model_cls, LanguageModel):
         raise TypeError(f"{model_cls.__name__} must subclass hlm.models.base.LanguageModel")
+    if not callable(getattr(config_cls, "describe", None)):
+        raise TypeError(f"{config_cls.__name__} needs describe(), the shape eval.py prints")
     FAMILIES[config_cls.family] = (config_cls, model_cls)
 
 

@@ -32,6 +32,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
+    def describe(self) -> str:
+        return f"{self.family} {self.n_layer}L/{self.d_model}d V={self.vocab_size}"
+
 
 class GPT(LanguageModel):
     def __init__(self, cfg: GPTConfig):

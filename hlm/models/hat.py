@@ -82,6 +82,9 @@ class HATConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
+    def describe(self) -> str:
+        return f"hat {self.n_enc_layer}+{self.n_layer}+{self.n_dec_layer}L/{self.d_byte}-{self.d_model}d"
+
 
 class WordPooling(nn.Module):
     """One vector per word: per head, a learned query attends over the bytes of that word only."""
