@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -135,3 +136,18 @@ def random_merges(seed: int, n: int = 7, alphabet: bytes = b"abc") -> list[tuple
             merges.append((left, right))
             toks.append(left + right)
     return merges
+
+
+def decode_against_teacher_forcing(model, dec, seq, start: int, push=None) -> int:
+    """Feed seq[:, start:] to a cached decoder `dec` (its current window in `dec.ids`, its next-id
+    logits in `dec.logits`) and assert that every step's distribution equals the full forward on
+    the same window (fp64, to 1e-10). Returns how many times the window restarted."""
+    restarts = 0
+    for t in range(start, seq.size(1)):
+        window = dec.ids.size(1)
+        assert torch.equal(dec.ids, seq[:, t - window : t])
+        ref = model.next_logprobs(dec.ids)[:, -1]
+        torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
+        (push or type(dec).push)(dec, seq[:, t])
+        restarts += dec.ids.size(1) < window
+    return restarts

@@ -37,7 +37,7 @@ from hlm.models.entropy_patcher import (
     stream_entropies,
 )
 from hlm.trainer import make_optimizer, train
-from tests.conftest import QUIET, SHAKESPEARE, run_cli
+from tests.conftest import QUIET, SHAKESPEARE, decode_against_teacher_forcing, run_cli
 
 TEXT = SHAKESPEARE.read_bytes()
 
@@ -271,15 +271,7 @@ def test_cached_decoder_matches_the_full_forward_at_batch_2(variant):
     complete patches at different bytes."""
     model = tiny(**VARIANTS[variant])
     seq = text_batch(2, 80, seed=12)
-    dec = CachedDecoder(model, seq[:, :5])
-    restarts = 0
-    for t in range(5, 80):
-        window = dec.ids.size(1)
-        assert torch.equal(dec.ids, seq[:, t - window : t])
-        ref = model.next_logprobs(dec.ids)[:, -1]
-        torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
-        dec.push(seq[:, t])
-        restarts += dec.ids.size(1) < window
+    restarts = decode_against_teacher_forcing(model, CachedDecoder(model, seq[:, :5]), seq, 5)
     assert restarts == 2  # at 48 bytes, then 24 later
 
 

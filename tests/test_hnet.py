@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch._inductor.config
-from conftest import ROOT, load_cli, run_cli
+from conftest import ROOT, decode_against_teacher_forcing, load_cli, run_cli
 
 from hlm.bytes import as_byte_lm
 from hlm.config import load_config
@@ -171,15 +171,7 @@ def test_cached_decoding_at_batch_3_matches_teacher_forcing(stages, caps):
         assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])
     metrics = model(seq[:, :49]).metrics
     assert all((metrics[f"chunk_cap_hit_s{s}"] > 0) == bool(caps) for s in range(len(bounds)))
-    dec = CachedDecoder(model, seq[:, :5])
-    restarts = 0
-    for t in range(5, 80):
-        window = dec.ids.size(1)
-        assert torch.equal(dec.ids, seq[:, t - window : t])
-        ref = model.next_logprobs(dec.ids)[:, -1]
-        torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
-        dec.push(seq[:, t])
-        restarts += dec.ids.size(1) < window
+    restarts = decode_against_teacher_forcing(model, CachedDecoder(model, seq[:, :5]), seq, 5)
     assert restarts == 2  # at 48 bytes, then 24 bytes later
 
 

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import decode_against_teacher_forcing
 
 from data_prep import boundaries as boundary_prep
 from data_prep import prepare
@@ -197,14 +198,7 @@ def test_cached_decoder_matches_the_full_forward(boundaries, max_groups):
     model = tiny(boundaries, max_groups=max_groups).double().eval()
     seq = text_batch(1, 110, seed=14)
     dec = CachedDecoder(model, seq[:, :5])
-    restarts = 0
-    for t in range(5, 110):
-        window = dec.ids.size(1)
-        assert torch.equal(dec.ids, seq[:, t - window : t])
-        ref = model.next_logprobs(dec.ids)[:, -1]
-        torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
-        dec.push(int(seq[0, t]))
-        restarts += dec.ids.size(1) < window
+    restarts = decode_against_teacher_forcing(model, dec, seq, 5, push=lambda d, nxt: d.push(int(nxt[0])))
     assert restarts == 3  # at 48 bytes, then every 24
 
 
