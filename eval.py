@@ -179,12 +179,18 @@ def describe(cfg: Config) -> str:
     return cfg.model.describe()
 
 
+def markdown_table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> None:
+    """Print a markdown table; the first `text_columns` columns left-aligned, the rest numbers."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * text_columns + "---:|" * (len(header) - text_columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_table(rows: list[dict]) -> None:
-    print("| checkpoint | model | bits/byte | ppl/token | bytes | tokens | seconds | bytes/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['checkpoint']} | {r['model']} | {r['bpb']:.4f} | {r['ppl_token']:.3f} | {r['bytes']:,} | "
-              f"{r['tokens']:,} | {r['seconds']:.2f} | {r['bytes_per_s']:,.0f} |")
+    markdown_table(["checkpoint", "model", "bits/byte", "ppl/token", "bytes", "tokens", "seconds", "bytes/s"],
+                   [[r["checkpoint"], r["model"], f"{r['bpb']:.4f}", f"{r['ppl_token']:.3f}", f"{r['bytes']:,}",
+                     f"{r['tokens']:,}", f"{r['seconds']:.2f}", f"{r['bytes_per_s']:,.0f}"] for r in rows], 2)
     if rows:
         print(f"\nsource: {rows[0]['source']}")
     for r in rows:
@@ -200,14 +206,12 @@ def print_table(rows: list[dict]) -> None:
     exact = [r for r in rows if "exact" in r]
     if exact:
         print("\nexact byte-level conversion (same windows for both columns; end of text counted as one byte)\n")
-        print("| checkpoint | bpb_canon | bpb_conv | gap | docs | skipped (no round trip) | tree nodes / tokens "
-              "| seconds | cost vs canonical |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in exact:
-            e = r["exact"]
-            print(f"| {r['checkpoint']} | {e['bpb_canon']:.4f} | {e['bpb_conv']:.4f} | {e['bpb_gap']:.5f} | "
-                  f"{e['docs']} | {e['docs_skipped']} | {e['nodes'] / max(e['tokens'], 1):.2f} | "
-                  f"{e['seconds']:.2f} | {e['cost_vs_canonical']:.1f}x |")
+        markdown_table(["checkpoint", "bpb_canon", "bpb_conv", "gap", "docs", "skipped (no round trip)",
+                        "tree nodes / tokens", "seconds", "cost vs canonical"],
+                       [[r["checkpoint"], f"{e['bpb_canon']:.4f}", f"{e['bpb_conv']:.4f}", f"{e['bpb_gap']:.5f}",
+                         str(e["docs"]), str(e["docs_skipped"]), f"{e['nodes'] / max(e['tokens'], 1):.2f}",
+                         f"{e['seconds']:.2f}", f"{e['cost_vs_canonical']:.1f}x"]
+                        for r in exact for e in [r["exact"]]])
         for r in exact:
             e = r["exact"]
             parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in e["seconds_split"].items())
@@ -221,14 +225,12 @@ def print_table(rows: list[dict]) -> None:
     canonical = [r for r in rows if "canonical" in r]
     if canonical:
         print("\ncanonicalized (invalid next tokens masked; same windows as bits/byte)\n")
-        print("| checkpoint | bpb_canon | bpb_canonicalized | difference | mean leak | positions leaking > 1% "
-              "| canonical s | canonicalized s | cost vs canonical |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in canonical:
-            c = r["canonical"]
-            print(f"| {r['checkpoint']} | {c['bpb_canon']:.4f} | {c['bpb_canonicalized']:.4f} | {c['bpb_leak']:.5f} | "
-                  f"{c['mean_leak']:.4f} | {100 * c['share_leak_above_1pct']:.1f}% | {c['canonical_seconds']:.2f} | "
-                  f"{c['seconds']:.2f} | {c['cost_vs_canonical']:.2f}x |")
+        markdown_table(["checkpoint", "bpb_canon", "bpb_canonicalized", "difference", "mean leak",
+                        "positions leaking > 1%", "canonical s", "canonicalized s", "cost vs canonical"],
+                       [[r["checkpoint"], f"{c['bpb_canon']:.4f}", f"{c['bpb_canonicalized']:.4f}",
+                         f"{c['bpb_leak']:.5f}", f"{c['mean_leak']:.4f}", f"{100 * c['share_leak_above_1pct']:.1f}%",
+                         f"{c['canonical_seconds']:.2f}", f"{c['seconds']:.2f}", f"{c['cost_vs_canonical']:.2f}x"]
+                        for r in canonical for c in [r["canonical"]]])
         for r in canonical:
             c = r["canonical"]
             if c["masked_targets"]:
