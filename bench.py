@@ -3,7 +3,7 @@
 Builds the model exactly as train.py does (same data, compile, autocast), runs warm-up steps,
 then times --steps optimizer steps with the device synchronised at both ends. Prints one
 markdown row: bytes/s, tokens/s, model TFLOP/s (FlopCounterMode), MFU and peak memory. MFU is
-against the GPU's datasheet dense bf16 peak (hlm.trainer.peak_flops: 989 TFLOP/s for H100/H200),
+against the GPU's datasheet dense bf16 peak (hlm.flops.peak_flops: 989 TFLOP/s for H100/H200),
 or against `--peak-flops N`, or `--peak-flops measure`: the rate of a bf16 8192^3 matmul on this
 GPU, the most a model's matmuls could reach. `--json FILE` appends the row as JSON.
 `--profile FILE` then runs a few more steps under torch.profiler and writes where the GPU time
@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from hlm import HLMError
 from hlm.checkpoint import write_atomic
 from hlm.config import load_config
-from hlm.trainer import Trainer, peak_flops
+from hlm.flops import peak_flops
+from hlm.trainer import Trainer
 
 # First match wins. triton_tem_* (inductor templates) are FlexAttention; cudnn::fusion are cuDNN SDPA helpers.
 KERNEL_KINDS = (

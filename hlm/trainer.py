@@ -3,13 +3,13 @@
 Single process or `torchrun` (NCCL on CUDA, gloo on CPU) with DDP or FSDP2 (`train.parallel`,
 see hlm/parallel.py). Each optimizer step runs `grad_accum` micro-batches per rank, skipping
 the gradient reduction on all but the last.
-The learning rate is warmup (in steps) times a decay over training progress, where progress
+The learning rate (hlm/optim.py) is warmup (in steps) times a decay over training progress, where progress
 is step/max_steps or, with `train.time_budget_s` and/or `train.flop_budget`, the largest of that,
 the share of the time budget spent and the share of the FLOP budget spent, so a wall-clock- or
 compute-limited run still finishes its schedule and stops at the first step that reaches it.
 Training FLOPs are the counted forward+backward FLOPs per step (the patch phase's count for
-patch steps, whose schedule still follows the phases) plus, where the model has a method
-`extra_train_flops(tokens_per_step) -> int`, the FLOPs of a frozen auxiliary model it runs.
+patch steps, whose schedule still follows the phases; hlm/flops.py) plus the model's
+`extra_train_flops(tokens_per_step)`, the FLOPs of a frozen auxiliary model it runs outside forward.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 
 from hlm import LN2, HLMError
 from hlm.checkpoint import (
@@ -39,11 +37,12 @@ from hlm.checkpoint import (
     save_atomic,
     write_atomic,
 )
-from hlm.config import Config, ConfigError, TrainConfig, config_to_dict
+from hlm.config import Config, ConfigError, config_to_dict
 from hlm.data import DataError, Split, WindowSampler, token_byte_lengths
 from hlm.fim import N_SENTINELS, FIMTransform
+from hlm.flops import count_flops, peak_flops
 from hlm.models import build_model
-from hlm.models.base import LanguageModel
+from hlm.optim import lr_at, make_optimizer
 from hlm.parallel import (
     apply_ddp,
     apply_fsdp,
@@ -51,6 +50,7 @@ from hlm.parallel import (
     full_state_dicts,
     gradient_sync,
     load_optimizer_state,
+    setup_runtime,
 )
 from hlm.patch import check_patch_support, patch_phases
 from hlm.rundir import RunDirError, RunLock, check_out_dir, check_same_corpus, resume_changes
@@ -107,91 +107,6 @@ class LogWindow:
             self.stats.copy_(state["stats"])
         self.targets, self.steps = state["targets"], state["steps"]
         self.metrics = {k: v.to(self.stats.device) for k, v in state["metrics"].items()}
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device: str) -> Runtime:
-    """Pick the device and join the process group when launched by torchrun."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    if "RANK" not in os.environ:
-        return Runtime(torch.device(device))
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        return Runtime(torch.device("cuda", local_rank), rank, local_rank, world)
-    dist.init_process_group("gloo")
-    return Runtime(torch.device("cpu"), rank, local_rank, world)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 datasheet peak of the GPU, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2.25e15)):
-        if key in name:
-            return flops
-    return None
-
-
-def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
-    """Warmup over the first steps, then cosine, warmup-stable-decay or constant over progress."""
-    warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
-    p = min(max(progress, 0.0), 1.0)
-    if tc.schedule == "cosine":
-        decay = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-    elif tc.schedule == "wsd":
-        start = 1.0 - tc.decay_frac
-        decay = 1.0 if p <= start else 1.0 - (1.0 - tc.min_lr_ratio) * (p - start) / tc.decay_frac
-    elif tc.schedule == "constant":
-        decay = 1.0
-    else:
-        raise ConfigError(f"train.schedule: unknown schedule '{tc.schedule}' (cosine, wsd, constant)")
-    return tc.lr * warm * decay
-
-
-def make_optimizer(model: LanguageModel, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA); weight decay on matrices and embeddings, not on gains or biases; each
-    part of `model.param_groups_lr_scale()` (H-Net's stages) keeps its learning-rate multiplier in
-    its groups' `lr_scale`."""
-    groups = []
-    for scale, params in model.param_groups_lr_scale():
-        params = [p for p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay,
-                    "lr_scale": scale},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
-
-
-def count_flops(model: torch.nn.Module, batch: torch.Tensor, autocast: contextlib.AbstractContextManager,
-                **forward_kwargs) -> int:
-    """Model FLOPs of one forward+backward on `batch`, counted by FlopCounterMode (matmuls and
-    attention; attention is counted as full, not halved for the causal mask). Counted on the
-    first row and scaled by the rows (FLOPs are linear in the batch), so the probe's activations
-    stay small for a model that is still unsharded here."""
-    rows = batch.size(0)
-    one = {k: v[:1] if torch.is_tensor(v) else v for k, v in forward_kwargs.items()}
-    with FlopCounterMode(display=False) as counter:
-        with autocast:
-            out = model(batch[:1], **one)
-        out.loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() * rows
 
 
 class Trainer:

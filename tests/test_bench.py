@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SMOKE_BYTE, assert_one_line_error, load_cli
 
-from hlm.trainer import peak_flops
+from hlm.flops import peak_flops
 
 
 @pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),

@@ -36,7 +36,8 @@ from hlm.models.entropy_patcher import (
     patch_starts,
     stream_entropies,
 )
-from hlm.trainer import make_optimizer, train
+from hlm.optim import make_optimizer
+from hlm.trainer import train
 from tests.conftest import QUIET, SHAKESPEARE, decode_against_teacher_forcing, run_cli
 
 TEXT = SHAKESPEARE.read_bytes()

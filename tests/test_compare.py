@@ -12,8 +12,8 @@ from conftest import assert_one_line_error, load_cli
 
 from hlm.compare import load_grid, run_grid
 from hlm.config import load_config
+from hlm.flops import count_flops
 from hlm.models import build_model
-from hlm.trainer import count_flops
 
 MODELS = {
     "byte_gpt": ("configs/smoke/byte_gpt.yaml", ["model.n_layer=1", "model.d_model=32", "model.block_size=32"]),

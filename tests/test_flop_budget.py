@@ -8,7 +8,8 @@ import json
 from conftest import QUIET, SMOKE_BYTE, TINY_MODEL
 
 from hlm.config import load_config
-from hlm.trainer import Trainer, lr_at
+from hlm.optim import lr_at
+from hlm.trainer import Trainer
 
 
 def make_trainer(corpus, out_dir, *overrides) -> Trainer:

@@ -27,7 +27,8 @@ from hlm.models.hnet import (
     ste,
     whitespace_starts,
 )
-from hlm.trainer import Trainer, make_optimizer, train
+from hlm.optim import make_optimizer
+from hlm.trainer import Trainer, train
 
 TEXT = open(ROOT / "tests" / "fixtures" / "tinyshakespeare_head32k.txt", "rb").read()
 ONE = dict(d_model=[32, 32], n_enc=[1], n_dec=[1], ratio_target=[3.0])

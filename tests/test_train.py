@@ -25,7 +25,8 @@ from conftest import (
 from hlm.checkpoint import load_checkpoint
 from hlm.config import ConfigError, TrainConfig, load_config
 from hlm.data import DataError, WindowSampler
-from hlm.trainer import Trainer, lr_at
+from hlm.optim import lr_at
+from hlm.trainer import Trainer
 
 SHAKESPEARE_HEAD = SHAKESPEARE.read_bytes()[:5000]
 # wall-clock fields of a train record: the only ones a resumed run's metrics.jsonl may differ in
@@ -283,8 +284,8 @@ def test_flops_counted_on_one_row_equal_the_whole_batch(name):
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from hlm.flops import count_flops
     from hlm.models import build_model
-    from hlm.trainer import count_flops
 
     cfg = load_config(ROOT / "configs" / "smoke" / f"{name}.yaml")
     torch.manual_seed(0)
