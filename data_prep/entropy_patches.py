@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(t < 1 for t in args.target_bytes_per_patch):
             raise HLMError("--target-bytes-per-patch must be >= 1")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name) or args.name.startswith("boundaries"):
+            raise HLMError(f"--name {args.name!r}: letters, digits, '_' and '-' only, not starting with "
+                           "'boundaries' (boundaries.py's files)")
         meta = read_meta(folder)
         splits = {s: split_bytes(folder, s) for s in meta["splits"]}
         entropies = {}

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from hlm import HLMError
+from hlm import HLMError, pid_alive
 
 WRITTEN_BY = "hlm data_prep/prepare.py"  # meta.json marker: a folder prepare may replace
 LEGACY_META_KEYS = {"source", "splits", "kind", "dtype", "vocab_size", "tokenizer", "separator_id"}
-# what prepare.py and boundaries.py write into a corpus folder, and write_atomic's hidden temporaries of it
-OUTPUT_FILE = re.compile(r"\.?(meta\.json|tokenizer\.model|(train|val|test)(\.boundaries\.[\w.-]+)?\.bin"
-                         r"|boundaries\.[\w.-]+\.(json|model))(\.tmp\d+)?")
+# what prepare.py, boundaries.py and entropy_patches.py write into a corpus folder (splits and the per-byte
+# side files beside them, boundary and patch records), and write_atomic's hidden temporaries of them
+OUTPUT_FILE = re.compile(r"\.?(meta\.json|tokenizer\.model|(train|val|test)(\.[\w.-]+)?\.bin"
+                         r"|boundaries\.[\w.-]+\.(json|model)|patches\.[\w.-]+\.json)(\.tmp\d+)?")
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
@@ -85,16 +86,6 @@ def _temp_name(folder: Path, kind: str) -> str:
     return f".{folder.name}.{kind}.{HOST}.{os.getpid()}" + ("." if kind == "tmp" else "")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def clean_stale_temps(folder: Path) -> None:
     """Remove the temporary folders that a killed prepare left beside `folder`: only folders named by
     `_temp_name` for this host, whose process is gone, holding nothing but prepare's files. A killed swap
@@ -104,7 +95,7 @@ def clean_stale_temps(folder: Path) -> None:
     pattern = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)\.{re.escape(HOST)}\.(\d+)(\.\w+)?")
     for entry in sorted(folder.parent.iterdir()):
         m = pattern.fullmatch(entry.name)
-        if not m or (m[1] == "old") == bool(m[3]) or _alive(int(m[2])) or entry.is_symlink() or not entry.is_dir():
+        if not m or (m[1] == "old") == bool(m[3]) or pid_alive(int(m[2])) or entry.is_symlink() or not entry.is_dir():
             continue
         if not all(OUTPUT_FILE.fullmatch(p.name) and p.is_file() for p in entry.iterdir()):
             continue

@@ -1,6 +1,7 @@
 """hlm: byte-level and hierarchical language models."""
 
 import math
+import os
 
 LN2 = math.log(2)  # nats per bit: bits per byte = nats / (LN2 * bytes)
 
@@ -14,3 +15,18 @@ class ConfigError(HLMError):
 
     Defined here rather than in hlm.config so that model files can raise it without importing the
     config loader (which imports the model registry). hlm.config re-exports it."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (one of another user's counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True

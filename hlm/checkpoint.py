@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import torch
 
-from hlm import HLMError
+from hlm import HLMError, pid_alive
 from hlm.config import Config, ConfigError, config_from_dict
 from hlm.models import build_model
 from hlm.tokenizers import SentencePieceTokenizer
@@ -46,21 +46,6 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object] | bytes) 
 
 
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)")  # write_atomic's temporary file
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this id runs on this host (one of another user's counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

@@ -186,7 +186,12 @@ def run_logged(cmd: list[str], log_path: Path) -> None:
 
 def metrics_summary(out_dir: Path) -> dict:
     """Steps, time, FLOPs, bytes seen, median training bytes/s and best/final val bpb from metrics.jsonl."""
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = []
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line (the trainer drops it on resume)
+            continue
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     _require(bool(train and val), f"{out_dir / 'metrics.jsonl'}: no train or val records")
@@ -311,9 +316,9 @@ def run_grid(grid_path: str | Path, say=print) -> dict:
     for run in tqdm(todo, desc="grid", unit="run", file=sys.stderr, disable=not todo):
         try:
             record = execute(run, grid)
-        except HLMError as e:
+        except Exception as e:  # one failed run (a bad config, out of memory) must not stop the grid's report
             failed.append(run.name)
-            tqdm.write(f"run {run.name} failed: {e}", file=sys.stderr)
+            tqdm.write(f"run {run.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         with open(results_path, "a") as f:
             f.write(json.dumps(record) + "\n")

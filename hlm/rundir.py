@@ -51,9 +51,14 @@ class RunLock:
                               "wait for it to finish or choose another train.out_dir") from None
         except OSError as e:  # a file system without flock (some network mounts): train unlocked
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                self._close()
                 raise
             print(f"warning: cannot lock {out_dir} here ({e.strerror}): make sure no other run uses it", flush=True)
-        write_atomic(self.pid_file, f"{os.getpid()}\n".encode())
+        try:
+            write_atomic(self.pid_file, f"{os.getpid()}\n".encode())
+        except BaseException:
+            self._close()  # closing the folder's descriptor drops the lock
+            raise
 
     def _holder(self) -> str:
         try:
@@ -140,7 +145,7 @@ def resume_changes(saved: dict, current: dict, path: Path, saved_world: int | No
             if name not in IGNORED_ON_RESUME and old.get(key) != new:
                 changes.append((name, old.get(key), new))
     fixed = [f"{k} {o!r} -> {n!r}" for k, o, n in changes if k in FIXED_ON_RESUME]
-    old_batch = (saved.get("train") or {}).get("batch_size")
+    old_batch = {**dataclasses.asdict(SECTIONS["train"]()), **(saved.get("train") or {})}["batch_size"]
     if saved_world is not None and old_batch * saved_world != current["train"]["batch_size"] * world:
         fixed.insert(0, f"global batch (train.batch_size x ranks) {old_batch} x {saved_world} -> "
                         f"{current['train']['batch_size']} x {world}")

@@ -97,15 +97,16 @@ class LogWindow:
         self.targets, self.steps, self.metrics = 0, 0, {}
         self.restart_clock()
 
-    def state_dict(self) -> dict:
-        return {"stats": self.stats.cpu(), "targets": self.targets, "steps": self.steps,
+    def state_dict(self, world: int) -> dict:
+        """Targets are saved for all ranks together, so a resume on another rank count logs the same."""
+        return {"stats": self.stats.cpu(), "targets_all_ranks": self.targets * world, "steps": self.steps,
                 "metrics": {k: v.cpu() for k, v in self.metrics.items()}}
 
-    def load_state_dict(self, state: dict, with_stats: bool) -> None:
+    def load_state_dict(self, state: dict, with_stats: bool, world: int) -> None:
         """`with_stats`: rank 0 only (a saved window holds every rank's sums)."""
         if with_stats:
             self.stats.copy_(state["stats"])
-        self.targets, self.steps = state["targets"], state["steps"]
+        self.targets, self.steps = state["targets_all_ranks"] // world, state["steps"]
         self.metrics = {k: v.to(self.stats.device) for k, v in state["metrics"].items()}
 
 
@@ -151,11 +152,14 @@ class Trainer:
             raise DataError(f"val split too short: {self.val_split.n_tokens} tokens, need {self.window}")
         self._lock_out_dir()  # before reading ckpt.pt: another run may be about to replace it
         try:
-            resume_ckpt = self._load_weights()
-        except BaseException:
+            self._build(self._load_weights())
+        except BaseException:  # a failure after the lock (a bad checkpoint, out of memory) leaves no lock behind
             self.release_lock()
             raise
 
+    def _build(self, resume_ckpt: dict | None) -> None:
+        """Everything after the lock: FLOP counts, sharding, optimizer, resume state, compile, logging."""
+        cfg, tc, rt = self.cfg, self.cfg.train, self.rt
         use_bf16 = rt.device.type == "cuda" and tc.dtype == "bf16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         sampler = WindowSampler(self.train_split.n_tokens, self.window, tc.batch_size, tc.grad_accum,
@@ -267,7 +271,7 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         self.bad_steps = ckpt.get("bad_steps", 0)
         if "log_window" in ckpt:
-            self.log_window.load_state_dict(ckpt["log_window"], with_stats=self.rt.master)
+            self.log_window.load_state_dict(ckpt["log_window"], with_stats=self.rt.master, world=self.rt.world)
         self._trim_metrics()
 
     def _trim_metrics(self) -> None:
@@ -363,7 +367,7 @@ class Trainer:
             "train_time": self.train_time,
             "bad_steps": self.bad_steps,
             "world": self.rt.world,  # ranks: a resume keeps the global batch, batch_size x world
-            "log_window": self.log_window.state_dict(),
+            "log_window": self.log_window.state_dict(self.rt.world),
             "tokens_seen": self.tokens_seen,
             "bytes_seen": self.bytes_seen,
             "config": config_to_dict(self.cfg),

@@ -426,3 +426,10 @@ def test_training_flops_count_the_patcher_once():
     assert per_byte > 0
     assert with_file.extra_train_flops(1000) == int(per_byte * 1000)
     assert on_the_fly.extra_train_flops(1000) == 0
+
+
+@pytest.mark.parametrize("name", ["../x", "boundaries.unigram", "a/b", ""])
+def test_entropy_patches_refuses_names_outside_its_own_files(tmp_path, capsys, name):
+    assert entropy_patches.main(["missing.pt", "--data", str(tmp_path), "--name", name]) == 1
+    assert "--name" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -202,6 +202,15 @@ def test_rerun_replaces_own_output(root):
     assert sorted(p.name for p in root.iterdir()) == ["corpus.txt", "data", "other.txt", "readme.txt"]
 
 
+def test_rerun_replaces_own_output_with_its_side_files(root):
+    """Boundary targets and BLT entropies written beside the splits belong to the old corpus: replaced too."""
+    for name in ("train.entropy.bin", "val.boundaries.unigram.bin", "patches.entropy.json"):
+        (root / "data" / name).write_bytes(b"old")
+    proc = run("data_prep/prepare.py", *args(root, out="data"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert not any((root / "data" / n).exists() for n in ("train.entropy.bin", "patches.entropy.json"))
+
+
 def test_empty_folder_is_used(root):
     (root / "empty").mkdir()
     proc = run("data_prep/prepare.py", *args(root, out="empty"))

@@ -10,13 +10,14 @@ Scoring the canonical encoding of a document (plus its end of text) under q_c gi
 bpb_canonicalized. It is never above bpb_canon (every canonical token is allowed, so each term only
 loses the leaked mass from its normaliser), and where the masks are exact (raw byte and
 sentencepiece BPE) it equals bpb_conv (hlm/bytes/exact_eval.py) of the masked model q_c: a model
-that leaks nothing has conv = canon (research note §2c).
+that leaks nothing has conv = canon (the per-byte conditionals telescope to the canonical probability).
 
 "Allowed after E" is `ConversionRules.next_mask(last token of E, incomplete character E ends
 with)`, the same validity the exact conversion uses (hlm/bytes/covers.py), plus the end of text
 (the separator), which may follow any node:
 - raw byte BPE: t is reachable (`encode(bytes(t)) == [t]`) and `encode(bytes(a) + bytes(t)) == [a, t]`
-  for the last token a: exact (prefix closure and the bigram criterion, research note §1.4).
+  for the last token a: exact (canonical encodings are closed under prefixes, and a pair decides
+  validity; Phan et al. 2024).
 - sentencepiece BPE: the same inside a whitespace pretoken; a token starting with a space after a
   token not ending in one starts a new pretoken (any reachable token). After an incomplete UTF-8
   character only the byte pieces that continue it (and do not complete a character that is a

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from hlm.models.generation import Generates, IncrementalDecoder
+from hlm.models.generation import Generates
 
 
 class ModelOutput(NamedTuple):
@@ -43,25 +43,28 @@ class LanguageModel(nn.Module, Generates):
     """Base class of every family (see the module docstring for the contract)."""
 
     def forward(self, idx: torch.Tensor, **side_inputs: torch.Tensor) -> ModelOutput:
+        """idx [B, T+1] -> ModelOutput(loss, nll [B, T] without auxiliary terms, metrics)."""
         raise NotImplementedError
 
     def next_logprobs(self, idx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def new_decoder(self, prompt: torch.Tensor) -> IncrementalDecoder:
+        """Log-probabilities [B, T, V] of the next id after each position of idx [B, T]."""
         raise NotImplementedError
 
     @property
     def side_inputs(self) -> dict[str, str]:
+        """{forward keyword: file stem} of per-token files the trainer passes in training."""
         return {}
 
     def shard_modules(self) -> tuple[type[nn.Module], ...]:
+        """Module types FSDP2 shards one by one before the root."""
         from hlm.models.blocks import Block
 
         return (Block,)
 
     def param_groups_lr_scale(self) -> list[tuple[float, list[nn.Parameter]]]:
+        """[(learning-rate multiplier, parameters)]: one part at 1.0 unless a family splits them."""
         return [(1.0, list(self.parameters()))]
 
     def extra_train_flops(self, tokens_per_step: int) -> int:
+        """FLOPs per training step of a frozen helper model run outside forward."""
         return 0

@@ -30,13 +30,15 @@ class PerRowDecoder:
     """B decoders of one row each (rows whose groups close at different bytes), as one decoder."""
 
     def __init__(self, rows: list):
-        self.rows = rows
+        self.rows = rows  # decoders of one row each, whose push takes an int
 
     @property
     def logits(self) -> torch.Tensor:
+        """[B, V]: each row's next-id logits."""
         return torch.cat([row.logits for row in self.rows])
 
     def push(self, nxt: torch.Tensor) -> None:
+        """Append nxt[r] to row r."""
         for row, i in zip(self.rows, nxt.tolist(), strict=True):
             row.push(i)
 
@@ -71,6 +73,7 @@ class Generates:
     """Mixin for a model with `new_decoder(prompt)`: cached sampling through one loop."""
 
     def new_decoder(self, prompt: torch.Tensor) -> IncrementalDecoder:
+        """A decoder holding `prompt` [B, T] (its last block_size ids) as context."""
         raise NotImplementedError
 
     @torch.no_grad()
