@@ -199,12 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def patcher_flops(trainer: Trainer) -> float:
-    """Forward FLOPs per step of a model's frozen entropy patcher (BLT), 0 for other families."""
-    per_byte = getattr(trainer.raw_model, "entropy_flops_per_byte", None)
-    if per_byte is None:
-        return 0.0
+    """Forward FLOPs per step of a model's frozen helper (BLT's entropy patcher), 0 for other families."""
     tc = trainer.cfg.train
-    return per_byte() * tc.batch_size * trainer.window * tc.grad_accum * trainer.rt.world
+    tokens = tc.batch_size * trainer.window * tc.grad_accum * trainer.rt.world
+    return trainer.raw_model.frozen_flops_per_token() * tokens
 
 
 if __name__ == "__main__":

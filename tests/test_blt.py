@@ -410,7 +410,7 @@ def test_entropy_model_loads_from_its_checkpoint_and_is_checked(pipeline):
     assert all(torch.equal(model.entropy.state_dict()[k], v) for k, v in gpt.items())
     assert not any(p.requires_grad for p in model.entropy.parameters())
     matmul_params = sum(p.numel() for n, p in model.entropy.named_parameters() if p.dim() == 2 and "embed" not in n)
-    assert model.entropy_flops_per_byte() >= 2 * matmul_params  # matmuls (attention is counted on CUDA)
+    assert model.frozen_flops_per_token() >= 2 * matmul_params  # matmuls (attention is counted on CUDA)
     cfg.model.entropy_d_model = 32
     other = build_model(cfg.model)  # a BLT checkpoint's weights may still follow (eval.py, sample.py)
     with pytest.raises(BLTError, match="entropy_d_model"):
@@ -422,7 +422,7 @@ def test_training_flops_count_the_patcher_once():
     """A side file stands in for the entropy model in training: its forward FLOPs come back through
     extra_train_flops; without a side file the model runs inside forward and adds nothing extra."""
     with_file, on_the_fly = tiny(entropy_file="entropy"), tiny(entropy_file="")
-    per_byte = with_file.entropy_flops_per_byte()
+    per_byte = with_file.frozen_flops_per_token()
     assert per_byte > 0
     assert with_file.extra_train_flops(1000) == int(per_byte * 1000)
     assert on_the_fly.extra_train_flops(1000) == 0

@@ -16,6 +16,7 @@ Optional, with defaults here:
                          split (`<split>.<stem>.bin`) and passes to forward in training
     shard_modules()      the module types FSDP2 shards one by one before the root
     param_groups_lr_scale()  [(learning-rate multiplier, parameters)] (H-Net's stages)
+    frozen_flops_per_token()  forward FLOPs per token of a frozen helper model (BLT's entropy patcher)
     extra_train_flops(tokens_per_step)  FLOPs of a frozen helper model run outside forward (BLT's
                          entropy patcher with precomputed entropies), counted toward FLOP budgets
 """
@@ -64,6 +65,10 @@ class LanguageModel(nn.Module, Generates):
     def param_groups_lr_scale(self) -> list[tuple[float, list[nn.Parameter]]]:
         """[(learning-rate multiplier, parameters)]: one part at 1.0 unless a family splits them."""
         return [(1.0, list(self.parameters()))]
+
+    def frozen_flops_per_token(self) -> float:
+        """Forward FLOPs per token of a frozen helper model the family runs (BLT's entropy patcher)."""
+        return 0.0
 
     def extra_train_flops(self, tokens_per_step: int) -> int:
         """FLOPs per training step of a frozen helper model run outside forward."""

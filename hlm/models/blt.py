@@ -266,9 +266,9 @@ class BLT(LanguageModel):
         """The patcher's forward FLOPs per training step when a side file stands in for it (the
         trainer adds them to the counted FLOPs, so a FLOP budget pays for patching either way;
         without a side file the entropy model runs inside forward and is counted there)."""
-        return int(self.entropy_flops_per_byte() * tokens_per_step) if self.cfg.entropy_file else 0
+        return int(self.frozen_flops_per_token() * tokens_per_step) if self.cfg.entropy_file else 0
 
-    def entropy_flops_per_byte(self) -> float:
+    def frozen_flops_per_token(self) -> float:
         """Forward FLOPs per byte of the entropy model over a full window (FlopCounterMode, which
         counts attention as full): what patching costs when it runs (evaluation, generation,
         training without a side file), and what precomputed side files save in training."""
