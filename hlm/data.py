@@ -129,6 +129,7 @@ class Split:
         aligned side file `<split>.<stem>.bin` instead (int64 from uint8, float32 from float16)."""
         if stem:
             path = self.side_path(stem)
+            # the type is told by the size: one byte (targets) or two (float16 entropies) per token
             float16 = path.stat().st_size == 2 * self.n_tokens != self.n_tokens
             data = np.memmap(path, dtype=np.float16 if float16 else np.uint8, mode="r")
             out = np.float32 if float16 else np.int64

@@ -18,7 +18,9 @@ patches whose bytes are all <= t and never one that is still open (the shift BLT
 Entropies: in training from the precomputed side file `<split>.<entropy_file>.bin` when the
 config names one (data_prep/entropy_patches.py), else from the entropy model, which also runs
 at evaluation and generation. The entropy model's weights are a frozen submodule, saved in
-the checkpoint.
+the checkpoint. The side file scores each byte with up to the entropy model's context, reaching
+before a training window; on the fly the context starts at the window, so the first patches of a
+window can differ slightly between training and evaluation.
 
 Static shapes: the global transformer sees `max_patches` positions. Patches past the cap are
 dropped and later bytes keep reading the last patch that fits; `patch_cap_hit` logs it.
