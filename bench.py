@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def patcher_flops(trainer: Trainer) -> float:
     """Forward FLOPs per step of a model's frozen helper (BLT's entropy patcher), 0 for other families."""
-    tc = trainer.cfg.train
-    tokens = tc.batch_size * trainer.window * tc.grad_accum * trainer.rt.world
-    return trainer.raw_model.frozen_flops_per_token() * tokens
+    return trainer.raw_model.frozen_flops_per_token() * trainer.tokens_per_step
 
 
 if __name__ == "__main__":

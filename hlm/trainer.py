@@ -175,8 +175,8 @@ class Trainer:
             probe = self._batch(self.samplers[K], self.train_split, 0, 0)
             self.patch_flops_per_step = count_flops(self.raw_model, probe, self.autocast, patch_size=K) \
                 * tc.grad_accum * rt.world
-        tokens_per_step = tc.batch_size * self.window * tc.grad_accum * rt.world
-        self.extra_flops_per_step = self.raw_model.extra_train_flops(tokens_per_step)
+        self.tokens_per_step = tc.batch_size * self.window * tc.grad_accum * rt.world  # all ranks, token mode
+        self.extra_flops_per_step = self.raw_model.extra_train_flops(self.tokens_per_step)
         self.peak = peak_flops(rt.device)
 
         if rt.world > 1 and tc.parallel == "fsdp":  # shards raw_model in place: its state dict keeps its names

@@ -46,8 +46,8 @@ from hlm.models.blocks import (
     at_least_fp32,
     init_weights,
 )
+from hlm.models.hourglass import is_whitespace
 
-WHITESPACE_BYTES = (0x00, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)  # with the document separator
 SMOOTH_BLOCK = 64  # block length of the two-level smoothing scan
 
 
@@ -314,9 +314,7 @@ class HNetStage(nn.Module):
 def whitespace_starts(x: torch.Tensor) -> torch.Tensor:
     """The whitespace rule in H-Net's convention: byte t starts a chunk iff byte t-1 is
     whitespace or 0x00 and byte t is not (never at t = 0, which always starts one)."""
-    ws = torch.zeros_like(x, dtype=torch.bool)
-    for byte in WHITESPACE_BYTES:
-        ws |= x == byte
+    ws = is_whitespace(x) | (x == 0)
     return F.pad(ws[:, :-1] & ~ws[:, 1:], (1, 0), value=False)
 
 

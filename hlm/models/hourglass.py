@@ -113,11 +113,17 @@ class HourglassConfig:
         return text
 
 
-def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
-    """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
+def is_whitespace(x: torch.Tensor) -> torch.Tensor:
+    """Which byte ids of x are ASCII whitespace (WHITESPACE_BYTES)."""
     ws = torch.zeros_like(x, dtype=torch.bool)
     for byte in WHITESPACE_BYTES:
         ws |= x == byte
+    return ws
+
+
+def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
+    """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
+    ws = is_whitespace(x)
     after_word = F.pad(~ws[:, :-1], (1, 0), value=True)
     return (ws & after_word) | (x == 0)
 
