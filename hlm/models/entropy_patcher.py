@@ -143,7 +143,8 @@ def stream_entropies(model: EntropyModel, data: np.ndarray, batch_size: int, dev
     starts = list(range(0, max(n - 1, 0), chunk))  # chunk [c, c + chunk) of predicting positions
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     full = [c for c in starts if c >= ctx and c + chunk <= n - 1]
-    for group in (full, [c for c in starts if c not in set(full)]):
+    edges = [c for c in starts if not (c >= ctx and c + chunk <= n - 1)]
+    for group in (full, edges):
         for i in range(0, len(group), batch_size if group is full else 1):
             batch = group[i : i + batch_size] if group is full else group[i : i + 1]
             rows = [data[max(0, c - ctx) : min(c + chunk, n - 1)].astype(np.int64) for c in batch]
