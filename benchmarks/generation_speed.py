@@ -1,7 +1,6 @@
 """Cached generation speed of checkpoints (bf16 on CUDA): prefill and decode bytes/s at each batch size.
 
   python benchmarks/generation_speed.py CKPT [CKPT ...] --data data/enwiki_bytes [--batch 1 64] [--json FILE]
-      [--sdpa flash|efficient|cudnn|math]   (one attention backend for every forward)
 
 Prompts are consecutive slices of the data folder's test split (512 tokens each), then 256 new tokens
 (hlm.compare.generation_speed, the comparison runner's measurement).
@@ -10,12 +9,9 @@ Prompts are consecutive slices of the data folder's test split (512 tokens each)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
-
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,21 +27,14 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="append one JSON line per checkpoint")
-    p.add_argument("--sdpa", choices=["flash", "efficient", "cudnn", "math"])
     args = p.parse_args()
     generation = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch_sizes": args.batch}
     print("| checkpoint | batch | prefill bytes/s | decode bytes/s |")
     print("|---|---:|---:|---:|")
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    attention = sdpa_kernel(backends[args.sdpa]) if args.sdpa else contextlib.nullcontext()
     for ckpt in args.checkpoints:
-        with attention:
-            res = measure_checkpoint(Path(ckpt), args.data, generation, args.device)
-        res["sdpa"] = args.sdpa
+        res = measure_checkpoint(Path(ckpt), args.data, generation, args.device)
         for b, g in res["generation"].items():
-            name = f"{ckpt} {args.sdpa or ''}".strip()
-            print(f"| {name} | {b} | {g['prefill_bytes_per_s']:,.0f} | {g['decode_bytes_per_s']:,.0f} |", flush=True)
+            print(f"| {ckpt} | {b} | {g['prefill_bytes_per_s']:,.0f} | {g['decode_bytes_per_s']:,.0f} |", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"checkpoint": ckpt, **res}) + "\n")

@@ -13,8 +13,16 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hlm import HLMError
+
+
+def decoding_attention():
+    """SDPA backends for incremental decoding, where the key length grows by one every step:
+    every backend but cuDNN, which builds an execution plan for each new shape (tens of ms on
+    H100, more than the step itself)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class IncrementalDecoder(Protocol):
@@ -81,11 +89,13 @@ class Generates:
                         top_k: int | None = None, generator: torch.Generator | None = None
                         ) -> Iterator[torch.Tensor]:
         """Yield one new id per row [B] at a time (call in eval mode)."""
-        decoder = self.new_decoder(prompt)
+        with decoding_attention():
+            decoder = self.new_decoder(prompt)
         for _ in range(max_new):
             nxt = sample_next(decoder.logits, temperature, top_k, generator)
             yield nxt
-            decoder.push(nxt)
+            with decoding_attention():
+                decoder.push(nxt)
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
