@@ -72,7 +72,7 @@ def _unpack(packed: torch.Tensor, v: int, bits: torch.Tensor) -> torch.Tensor:
 class CanonicalMasks:
     """Invalid next tokens for every validity key of a stream, as packed bits on one device.
 
-    `rows(codes)` gives the row of each key code; `invalid(rows, n_logits)` bool [N, n_logits]."""
+    `rows(codes)` gives the row of each key code; `packed[rows]` their masks, unpacked where they are used."""
 
     def __init__(self, tok: Tokenizer, end_id: int, codes: np.ndarray, device: torch.device | str = "cpu",
                  rules: ConversionRules | None = None, chunk: int = 1024):
@@ -94,13 +94,6 @@ class CanonicalMasks:
 
     def rows(self, codes: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.codes, codes)
-
-    def invalid(self, rows: torch.Tensor, n_logits: int) -> torch.Tensor:
-        """Bool [N, n_logits]; ids past the tokenizer's vocabulary (padding, FIM sentinels) are invalid."""
-        out = _unpack(self.packed[rows], self.tok.vocab_size, self.bits)
-        if n_logits > out.size(1):
-            out = F.pad(out, (0, n_logits - out.size(1)), value=True)
-        return out
 
 
 def stream_keys(ids: np.ndarray, tok: Tokenizer, end_id: int, rules: ConversionRules) -> np.ndarray:
@@ -165,6 +158,20 @@ def canonicalized_terms(logits: torch.Tensor, targets: torch.Tensor, invalid: to
     return log_total - target, log_allowed - target, -torch.expm1(log_allowed - log_total), hit
 
 
+def _chunk_sums(logits: torch.Tensor, targets: torch.Tensor, packed: torch.Tensor, bits: torch.Tensor,
+                v: int) -> torch.Tensor:
+    """float64 [5]: the sums of canonical NLL, canonicalized NLL, leaked mass, positions leaking more than
+    LEAK_THRESHOLD and rejected targets over a chunk of next-token logits [N, n_logits] and their packed
+    masks [N, ceil(V/8)]. On CUDA it runs compiled: the unpacking, the mask and both logsumexps fuse into
+    one read of the logits instead of a pass each."""
+    invalid = _unpack(packed, v, bits)
+    if logits.size(1) > v:  # ids past the tokenizer's vocabulary (padding, FIM sentinels) are invalid
+        invalid = F.pad(invalid, (0, logits.size(1) - v), value=True)
+    canon, canz, leak, hit = canonicalized_terms(at_least_fp32(logits), targets, invalid)
+    return torch.stack([canon.double().sum(), canz.double().sum(), leak.double().sum(),
+                        (leak > LEAK_THRESHOLD).double().sum(), hit.double().sum()])
+
+
 @torch.no_grad()
 def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokenizer, end_id: int,
                          token_nbytes: torch.Tensor, block: int, stride: int | None = None, batch_size: int = 8,
@@ -175,6 +182,7 @@ def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokeniz
     batch; plus the leak statistics and the seconds of the pass (masks built before the clock)."""
     dev = torch.device(device)
     autocast = autocast or contextlib.nullcontext()
+    chunk_sums = torch.compile(_chunk_sums, dynamic=True) if dev.type == "cuda" else _chunk_sums
     t0 = time.perf_counter()
     rules = rules or ConversionRules(tok)
     ids_np = ids.numpy()
@@ -184,33 +192,38 @@ def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokeniz
     mask_seconds = time.perf_counter() - t0
     token_nbytes = token_nbytes.to(dev)
     ids_dev = ids.to(dev)
-    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # canon, canonicalized, leak, > threshold, masked
-    n_bytes = torch.zeros((), dtype=torch.float64, device=dev)
-    n_tokens = 0
     groups: dict[tuple[int, int], list[int]] = {}
     for start, length, n_scored in eval_windows(len(ids), block, stride):
         groups.setdefault((length, n_scored), []).append(start)
-    if dev.type == "cuda":
+    batches = [(length, n_scored, starts[i : i + batch_size])
+               for (length, n_scored), starts in groups.items() for i in range(0, len(starts), batch_size)]
+
+    def score(length: int, n_scored: int, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The five sums, the scored bytes and the scored tokens of one batch of windows."""
+        first = torch.tensor(starts, device=dev)
+        pos = first[:, None] + torch.arange(length, device=dev)
+        x = ids_dev[pos]
+        with autocast:
+            logits = model.logits(x[:, :-1])[:, -n_scored:].flatten(0, 1)
+        targets = x[:, -n_scored:].flatten()
+        rows = key_row[pos[:, -n_scored - 1 : -1]].flatten()
+        sums = sum(chunk_sums(logits[c : c + chunk_rows], targets[c : c + chunk_rows],
+                              masks.packed[rows[c : c + chunk_rows]], masks.bits, masks.tok.vocab_size)
+                   for c in range(0, len(targets), chunk_rows))
+        return sums, token_nbytes[targets].double().sum(), len(targets)
+
+    if dev.type == "cuda":  # compile (first batch's shapes) before the clock
+        score(*batches[0])
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    for (length, n_scored), starts in groups.items():
-        for i in range(0, len(starts), batch_size):
-            first = torch.tensor(starts[i : i + batch_size], device=dev)
-            pos = first[:, None] + torch.arange(length, device=dev)
-            x = ids_dev[pos]
-            with autocast:
-                logits = model.logits(x[:, :-1])[:, -n_scored:]
-            logits = logits.flatten(0, 1)
-            targets = x[:, -n_scored:].flatten()
-            rows = key_row[pos[:, -n_scored - 1 : -1]].flatten()
-            for c in range(0, len(targets), chunk_rows):
-                part = at_least_fp32(logits[c : c + chunk_rows])
-                invalid = masks.invalid(rows[c : c + chunk_rows], part.size(1))
-                canon, canz, leak, hit = canonicalized_terms(part, targets[c : c + chunk_rows], invalid)
-                sums += torch.stack([canon.double().sum(), canz.double().sum(), leak.double().sum(),
-                                     (leak > LEAK_THRESHOLD).double().sum(), hit.double().sum()])
-            n_bytes += token_nbytes[targets].double().sum()
-            n_tokens += len(targets)
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # canon, canonicalized, leak, > threshold, masked
+    n_bytes = torch.zeros((), dtype=torch.float64, device=dev)
+    n_tokens = 0
+    for batch in batches:
+        batch_sums, batch_bytes, batch_tokens = score(*batch)
+        sums += batch_sums
+        n_bytes += batch_bytes
+        n_tokens += batch_tokens
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
