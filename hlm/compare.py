@@ -298,9 +298,11 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_grid(grid_path: str | Path, say=print) -> dict:
-    """Run every run of the grid not yet in results.jsonl, then rewrite the table and charts.
-    Returns counts: runs done now, skipped (already done), and the names of failed runs."""
+def run_grid(grid_path: str | Path, say=print, only: list[str] = ()) -> dict:
+    """Run every run of the grid not yet in results.jsonl (with `only`, those whose name contains every
+    one of its strings: a slice of the grid for one machine or session), then rewrite the table and
+    charts from all the records. Returns counts: runs done now, skipped (already done, or outside
+    `only`), and the names of failed runs."""
     from tqdm import tqdm
 
     grid = load_grid(grid_path)
@@ -310,8 +312,11 @@ def run_grid(grid_path: str | Path, say=print) -> dict:
     grid.out.mkdir(parents=True, exist_ok=True)
     results_path = grid.out / "results.jsonl"
     finished = {r["run"] for r in read_results(results_path)}
-    todo = [r for r in grid.runs if r.name not in finished]
-    say(f"{len(grid.runs)} runs in {grid_path}: {len(grid.runs) - len(todo)} already done, {len(todo)} to run")
+    chosen = [r for r in grid.runs if all(part in r.name for part in only)]
+    _require(bool(chosen), f"--only {' '.join(only)}: no run of {grid_path} is named so (see --list)")
+    todo = [r for r in chosen if r.name not in finished]
+    outside = f", {len(grid.runs) - len(chosen)} outside --only" if only else ""
+    say(f"{len(grid.runs)} runs in {grid_path}: {len(chosen) - len(todo)} already done{outside}, {len(todo)} to run")
     failed = []
     for run in tqdm(todo, desc="grid", unit="run", file=sys.stderr, disable=not todo):
         try:
@@ -335,7 +340,7 @@ def all_runs_listing(grid_path: str | Path) -> list[str]:
     lines = []
     for run in grid.runs:
         out_dir = grid.out / run.name
-        lines += [shown(cmd) for cmd in (train_command(run, out_dir),
+        lines += [f"# {run.name}"] + [shown(cmd) for cmd in (train_command(run, out_dir),
                                                 eval_command(out_dir, run, grid.eval_batch_size))]
     return lines
 

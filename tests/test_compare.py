@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, load_cli
 
+from hlm import HLMError
 from hlm.compare import load_grid, run_grid
 from hlm.config import load_config
 from hlm.flops import count_flops
@@ -83,6 +84,9 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
 
     monkeypatch.setattr("hlm.compare.execute", must_not_run)
     assert run_grid(grid_file, say=lambda _: None) == {"done": 0, "skipped": 2, "failed": []}
+    assert run_grid(grid_file, say=lambda _: None, only=["spacebyte"]) == {"done": 0, "skipped": 2, "failed": []}
+    with pytest.raises(HLMError, match="no run"):
+        run_grid(grid_file, say=lambda _: None, only=["hat"])
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/ckpt.pt")} == stamps
     assert (out / "results.jsonl").read_bytes() == results_before
 
@@ -90,6 +94,8 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     # checkpoint and trains no further step, then eval and the measurements run again
     monkeypatch.undo()
     (out / "results.jsonl").write_bytes(results_before.splitlines(keepends=True)[0])
+    # --only: the missing spacebyte run is outside the slice, so nothing runs
+    assert run_grid(grid_file, say=lambda _: None, only=["byte_gpt"]) == {"done": 0, "skipped": 2, "failed": []}
     assert run_grid(grid_file, say=lambda _: None) == {"done": 1, "skipped": 1, "failed": []}
     redone = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][1]
     assert redone["model"] == "spacebyte" and redone["steps"] == records[1]["steps"]
