@@ -10,7 +10,10 @@ from test_hourglass import assert_causal, naive_upsample, text_batch, tiny
 
 from hlm.config import load_config
 from hlm.models import build_model
-from hlm.models.hourglass import CachedDecoder, feed_back_at_boundaries, pool_last, spacebyte_boundaries
+from hlm.models.hourglass import CachedDecoder
+from hlm.models.parts.boundaries import spacebyte_boundaries
+from hlm.models.parts.downsample import pool_last
+from hlm.models.parts.upsample import feed_back_at_boundaries
 
 
 def closes(text: bytes) -> list[int]:

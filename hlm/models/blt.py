@@ -38,7 +38,6 @@ position for the rows whose patch it closes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,15 +47,11 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    KVCache,
-    RMSNorm,
-    Transformer,
-    apply_rotary,
-    at_least_fp32,
-    init_weights,
-)
+from hlm.models.blocks import KVCache, RMSNorm, Transformer, apply_rotary, at_least_fp32, init_weights
 from hlm.models.entropy_patcher import PATCHING_MODES, EntropyModel, next_start, patch_starts
+from hlm.models.parts.boundaries import group_index
+from hlm.models.parts.downsample import PatchPooling, cap_metrics
+from hlm.models.parts.upsample import CrossAttendingDecoder
 
 HASH_PRIME, HASH_BASE = 1_000_000_007, 1_000_003  # products stay below 2**51
 
@@ -118,9 +113,8 @@ def ngram_hashes(x: torch.Tensor, sizes: list[int], vocab: int) -> list[torch.Te
 def patch_index(starts: torch.Tensor, max_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For patch starts s [B, T+1] (s[:, 0] True): the patch of each of the T bytes, clamped to
     `max_patches` (the overflow slot), and the memory slot each byte reads (module docstring)."""
-    ends = starts[:, 1:].long().cumsum(1)  # patches completed at or before t
-    pid = (ends - starts[:, 1:].long()).clamp(max=max_patches)
-    return pid, ends.clamp(max=max_patches)
+    group = group_index(starts)  # group[t + 1]: patches completed at or before t
+    return group[:, :-1].clamp(max=max_patches), group[:, 1:].clamp(max=max_patches)
 
 
 class HashEmbedding(nn.Module):
@@ -142,80 +136,6 @@ class HashEmbedding(nn.Module):
         return e
 
 
-class PatchPooling(nn.Module):
-    """Cross-attention pooling: each patch's query starts as the max of its bytes' states and
-    attends (multi-head) to the bytes of that patch only; output = that max + attention."""
-
-    def __init__(self, d: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.q_norm, self.kv_norm = RMSNorm(d), RMSNorm(d)
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, h: torch.Tensor, pid: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """h [B, T, D], patch of each byte pid [B, T] in 0..n_slots-1 -> [B, n_slots, D] (empty slots 0)."""
-        B, T, D = h.shape
-        H = self.n_head
-        slot = (pid + torch.arange(B, device=h.device)[:, None] * n_slots).flatten()
-        hf = h.flatten(0, 1)
-        pooled = hf.new_zeros(B * n_slots, D).scatter_reduce(0, slot[:, None].expand(-1, D), hf, "amax",
-                                                             include_self=False)
-        q = self.q(self.q_norm(pooled)).view(-1, H, D // H)
-        k, v = self.kv(self.kv_norm(hf)).view(-1, 2, H, D // H).unbind(1)
-        score = (at_least_fp32(q[slot]) * at_least_fp32(k)).sum(-1) / math.sqrt(D // H)  # [B*T, H]
-        top = score.new_full((B * n_slots, H), -torch.inf).scatter_reduce(
-            0, slot[:, None].expand(-1, H), score.detach(), "amax")
-        w = torch.exp(score - top[slot])
-        denom = w.new_zeros(B * n_slots, H).index_add_(0, slot, w)
-        mixed = w.new_zeros(B * n_slots, H, D // H).index_add_(0, slot, w[..., None] * at_least_fp32(v))
-        mixed = (mixed / denom.clamp(min=1e-30)[..., None]).to(h.dtype).view(B * n_slots, D)
-        return (pooled + self.proj(mixed)).view(B, n_slots, D)
-
-
-class PatchReader(nn.Module):
-    """Cross-attention of each byte to the `k` slots of the patch it reads."""
-
-    def __init__(self, d: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.norm = RMSNorm(d)
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, h: torch.Tensor, slots: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-        """h [B, T, D], slots [B, S, k, D], read [B, T] in 0..S-1 -> the update [B, T, D]."""
-        B, T, D = h.shape
-        H = self.n_head
-        kv = self.kv(slots).view(B, slots.size(1), slots.size(2), 2, H, D // H)
-        k, v = kv[torch.arange(B, device=h.device)[:, None], read].unbind(3)  # [B, T, k, H, Dh]
-        q = self.q(self.norm(h)).view(B, T, H, D // H)
-        w = torch.softmax(at_least_fp32(torch.einsum("bthd,btjhd->bthj", q, k)) / math.sqrt(D // H), dim=-1)
-        return self.proj(torch.einsum("bthj,btjhd->bthd", w.to(v.dtype), v).reshape(B, T, D))
-
-
-class LocalDecoder(nn.Module):
-    """Byte layers, each preceded by a cross-attention to the patch the byte reads."""
-
-    def __init__(self, cfg: BLTConfig):
-        super().__init__()
-        d = cfg.d_local
-        self.stack = Transformer(cfg.n_dec, d, cfg.n_head_local, cfg.block_size, cfg.mlp_ratio, cfg.rope_theta,
-                                 cfg.byte_window)
-        self.readers = nn.ModuleList(PatchReader(d, cfg.n_head_local) for _ in range(cfg.n_dec))
-
-    def forward(self, h: torch.Tensor, slots: torch.Tensor, read: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        cos, sin = self.stack.rotary(cache.pos if cache is not None else 0, h.size(1))
-        for i, (reader, block) in enumerate(zip(self.readers, self.stack.blocks, strict=True)):
-            h = block(h + reader(h, slots, read), cos, sin, cache, i)
-        if cache is not None:
-            cache.pos += h.size(1)
-        return h
-
-
 class BLT(LanguageModel):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
@@ -231,7 +151,8 @@ class BLT(LanguageModel):
         self.glob = Transformer(cfg.n_layer, dg, cfg.n_head, P, cfg.mlp_ratio, cfg.rope_theta)
         self.null_patch = nn.Parameter(torch.zeros(dg))
         self.up = nn.Sequential(RMSNorm(dg), nn.Linear(dg, cfg.cross_attn_k * dl, bias=False))
-        self.decoder = LocalDecoder(cfg)
+        self.decoder = CrossAttendingDecoder(cfg.n_dec, dl, cfg.n_head_local, cfg.block_size, cfg.mlp_ratio,
+                                             cfg.rope_theta, cfg.byte_window)
         self.norm = RMSNorm(dl)
         self.head = nn.Linear(dl, 256, bias=False)
         init_weights(self, cfg.n_enc + cfg.n_layer + cfg.n_dec, cfg.init_std)
@@ -310,10 +231,8 @@ class BLT(LanguageModel):
         g = self.glob(self.down(patches))
         memory = torch.cat([self.null_patch.to(g.dtype).expand(B, 1, -1), g], dim=1)
         out = self.decoder(h, self.memory_slots(memory), read)
-        n_patches = s[:, :T].sum(1).float()
-        metrics = {"bytes_per_patch": B * T / n_patches.clamp(max=P).sum(),
-                   "patch_cap_hit": (n_patches > P).float().mean(),
-                   "bytes_past_cap": (pid >= P).float().mean()}
+        per_patch, cap_hit, past_cap = cap_metrics(s[:, :T].sum(1).float(), pid, P, B * T)
+        metrics = {"bytes_per_patch": per_patch, "patch_cap_hit": cap_hit, "bytes_past_cap": past_cap}
         return self.head(self.norm(out)), metrics
 
     def forward(self, idx: torch.Tensor, entropies: torch.Tensor | None = None) -> ModelOutput:

@@ -39,16 +39,10 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    KVCache,
-    RMSNorm,
-    Transformer,
-    at_least_fp32,
-    init_weights,
-)
-from hlm.models.hourglass import is_whitespace
-
-SMOOTH_BLOCK = 64  # block length of the two-level smoothing scan
+from hlm.models.blocks import KVCache, RMSNorm, Transformer, at_least_fp32, init_weights
+from hlm.models.parts.boundaries import CosineRouter, ratio_loss, whitespace_starts
+from hlm.models.parts.downsample import cap_metrics, pool_first
+from hlm.models.parts.upsample import confidence, dechunk, smooth, smooth_step, ste
 
 
 class HNetError(HLMError):
@@ -96,105 +90,6 @@ class HNetConfig:
         return f"hnet {self.n_stages}-stage {layers}L/{'-'.join(map(str, self.d_model))}d N={ratios}"
 
 
-# ----- the dynamic-chunking parts -----
-
-def boundary_prob(q: torch.Tensor, k_prev: torch.Tensor) -> torch.Tensor:
-    """p = (1 - cos(q_t, k_{t-1})) / 2 clamped to [0, 1], in fp32 or wider."""
-    cos = F.cosine_similarity(at_least_fp32(q), at_least_fp32(k_prev), dim=-1)
-    return ((1 - cos) / 2).clamp(0, 1)
-
-
-class RoutingModule(nn.Module):
-    """Boundary source: p_t from the cosine of consecutive projected states (W_q = W_k = I at
-    initialisation, so p_t = (1 - cos(h_t, h_{t-1})) / 2 then); p_0 = 1; b_t = 1[p_t >= 0.5]."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, d, bias=False)
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.q.weight.copy_(torch.eye(self.q.in_features))
-            self.k.weight.copy_(torch.eye(self.k.in_features))
-
-    def forward(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities p [B, L] and boundaries b [B, L] (bool, False at invalid positions)."""
-        p = boundary_prob(self.q(h[:, 1:]), self.k(h[:, :-1]))
-        p = F.pad(p, (1, 0), value=1.0)
-        return p, (p >= 0.5) & valid
-
-
-def chunk(h: torch.Tensor, b: torch.Tensor, max_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ChunkLayer (downsample): the states at chunk starts. h [B, L, D], b [B, L] bool ->
-    chunks [B, M, D] (empty slots zero), their positions [B, M] and validity [B, M]."""
-    count = b.long().cumsum(1)
-    slots = torch.arange(1, max_chunks + 1, device=h.device).expand(h.size(0), max_chunks).contiguous()
-    pos = torch.searchsorted(count, slots).clamp(max=h.size(1) - 1)  # first t with count_t = j + 1
-    valid = slots <= count[:, -1:]
-    chunks = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1))) * valid[..., None]
-    return chunks, pos, valid
-
-
-def segsum(log_a: torch.Tensor) -> torch.Tensor:
-    """S[..., j, i] = sum of log_a[..., i+1 .. j] for i <= j, -inf above the diagonal; summed
-    from masked copies, so no large cumulative sums are subtracted."""
-    n = log_a.size(-1)
-    x = log_a[..., :, None].expand(*log_a.shape, n)
-    x = x.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1), 0).cumsum(-2)
-    return x.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(0), float("-inf"))
-
-
-def ema_scan(x: torch.Tensor, log_a: torch.Tensor, block: int = SMOOTH_BLOCK) -> torch.Tensor:
-    """y_j = x_j + a_j y_{j-1} (y_{-1} = 0) over dim 1 for x [B, M, D], log a [B, M] <= 0.
-    Two levels: exact decay matrices inside blocks of `block`, then the same scan over the
-    blocks' final states (recursively) carried into each block. Every exponent is <= 0."""
-    B, M, D = x.shape
-    pad = -M % block
-    xb = F.pad(x, (0, 0, 0, pad)).view(B, -1, block, D)
-    lb = F.pad(log_a, (0, pad)).view(B, -1, block)
-    y = torch.exp(segsum(lb)) @ xb  # [B, blocks, block, D] from a zero state at each block start
-    if xb.size(1) > 1:
-        into = lb.cumsum(-1)  # decay from the state before the block to each position
-        ends = ema_scan(y[:, :, -1], into[..., -1], block)  # true state at the end of each block
-        carry = F.pad(ends[:, :-1], (0, 0, 1, 0))
-        y = y + torch.exp(into)[..., None] * carry[:, :, None]
-    return y.reshape(B, -1, D)[:, :M]
-
-
-def smooth(z: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """DeChunkLayer's smoothing: zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}, P clamped to
-    [1e-4, 1 - 1e-4]; computed in fp32 (or fp64) outside autocast."""
-    with torch.autocast(z.device.type, enabled=False):
-        P = at_least_fp32(P).clamp(1e-4, 1 - 1e-4)
-        return ema_scan(at_least_fp32(z) * P[..., None], torch.log1p(-P)).to(z.dtype)
-
-
-def dechunk(zbar: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Each position t reads its chunk: zbar[min(cumsum(b)_t, M) - 1]."""
-    index = (b.long().cumsum(1) - 1).clamp(0, zbar.size(1) - 1)
-    return zbar.gather(1, index[..., None].expand(-1, -1, zbar.size(-1)))
-
-
-def ste(x: torch.Tensor) -> torch.Tensor:
-    """Straight-through: exactly 1 forward, identity gradient."""
-    return (x - x.detach()) + 1.0
-
-
-def confidence(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """c_t = p_t where t starts a chunk, 1 - p_t elsewhere."""
-    return torch.where(b, p, 1 - p)
-
-
-def ratio_loss(b: torch.Tensor, p: torch.Tensor, n: float, valid: torch.Tensor) -> torch.Tensor:
-    """N/(N-1) ((N-1) F G + (1-F)(1-G)), F = boundary fraction, G = mean p, over valid positions
-    (1 at the target F = G = 1/N)."""
-    count = valid.sum().clamp(min=1).to(p.dtype)
-    f = (b & valid).sum().to(p.dtype) / count
-    g = (p * valid).sum() / count
-    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
-
-
 # ----- one stage and the model -----
 
 class StageOutput(NamedTuple):
@@ -236,7 +131,7 @@ class HNetStage(nn.Module):
         self.length = cfg.block_size if s == 0 else cfg.chunk_caps()[s - 1]
         window = cfg.byte_window if s == 0 else cfg.inner_window
         self.encoder, self.enc_norm = transformer(cfg, cfg.n_enc[s], d, self.length, window), RMSNorm(d)
-        self.routing = RoutingModule(d)
+        self.routing = CosineRouter(d)
         self.pad = nn.Parameter(torch.zeros(d_in - d)) if d_in > d else None
         if s + 1 < cfg.n_stages:
             self.main = HNetStage(cfg, s + 1)
@@ -260,7 +155,7 @@ class HNetStage(nn.Module):
         (empty caches): a prefill that sends each row's real chunks, and only those, inward."""
         h = self.enc_norm(self.encoder(x, cache.enc if cache else None))
         p, b = self.routing(h, valid)
-        chunks, pos, chunk_valid = chunk(h, b, self.cap)
+        chunks, pos, chunk_valid = pool_first(h, b, self.cap)
         P = p.gather(1, pos)
         inner = []
         if cache is None:
@@ -296,26 +191,17 @@ class HNetStage(nn.Module):
         """One new position x [B, 1, d_s] after a prefill: same result as the full forward. The
         rows that start a chunk here (and have room) step their inner caches one at a time."""
         h = self.enc_norm(self.encoder(x, cache.enc))
-        p = boundary_prob(self.routing.q(h), cache.k_last)
-        cache.k_last = self.routing.k(h)
+        p, cache.k_last = self.routing.step(h, cache.k_last)
         for r in torch.nonzero(p[:, 0] >= 0.5).flatten().tolist():
             if cache.n[r] == self.cap:
                 continue
             inner = self.widen(h[r : r + 1])
             z = self.main.step(inner, cache.inner[r]) if isinstance(self.main, HNetStage) else \
                 self.main(inner, cache.inner[r])
-            P = at_least_fp32(p[r : r + 1]).clamp(1e-4, 1 - 1e-4)[..., None]
-            z = at_least_fp32(self.inner_norm(z)[..., : h.size(-1)])
-            cache.zbar[r : r + 1] = P * z + (1 - P) * cache.zbar[r : r + 1]
+            cache.zbar[r : r + 1] = smooth_step(cache.zbar[r : r + 1], self.inner_norm(z)[..., : h.size(-1)],
+                                                p[r : r + 1])
             cache.n[r] += 1
         return self.dec_norm(self.decoder(cache.zbar.to(h.dtype) + self.residual(h), cache.dec))
-
-
-def whitespace_starts(x: torch.Tensor) -> torch.Tensor:
-    """The whitespace rule in H-Net's convention: byte t starts a chunk iff byte t-1 is
-    whitespace or 0x00 and byte t is not (never at t = 0, which always starts one)."""
-    ws = is_whitespace(x) | (x == 0)
-    return F.pad(ws[:, :-1] & ~ws[:, 1:], (1, 0), value=False)
 
 
 class HNet(LanguageModel):
@@ -365,14 +251,15 @@ class HNet(LanguageModel):
             starts[:, 0] = 0  # byte 0 always starts a chunk
             hits = (starts * ws).sum()
             valid = st.valid.sum().clamp(min=1)
+            per_chunk, cap_hit, past_cap = cap_metrics(st.n_starts, st.b.long().cumsum(1) - 1, cap, x.numel(), st.valid)
             metrics |= {
-                f"bytes_per_chunk_s{s}": x.numel() / st.n_starts.clamp(max=cap).sum().clamp(min=1),
+                f"bytes_per_chunk_s{s}": per_chunk,
                 f"boundary_rate_s{s}": (st.b & st.valid).sum() / valid,
                 f"rate_vs_target_s{s}": (st.b & st.valid).sum() / valid * n,
                 f"mean_prob_s{s}": (st.p * st.valid).sum() / valid,
                 f"ratio_loss_s{s}": loss.detach(),
-                f"chunk_cap_hit_s{s}": (st.n_starts > cap).float().mean(),
-                f"past_cap_s{s}": ((st.b.long().cumsum(1) > cap) & st.valid).sum() / valid,
+                f"chunk_cap_hit_s{s}": cap_hit,
+                f"past_cap_s{s}": past_cap,
                 f"ws_precision_s{s}": hits / starts.sum().clamp(min=1),
                 f"ws_recall_s{s}": hits / ws.sum().clamp(min=1),
             }

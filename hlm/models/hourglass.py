@@ -54,7 +54,6 @@ when it closes a group).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +62,21 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    RMSNorm,
-    Transformer,
-    at_least_fp32,
-    init_weights,
-)
+from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.generation import PerRowDecoder
+from hlm.models.parts.boundaries import (
+    RULE_BOUNDARIES,
+    BoundaryPredictor,
+    binomial_prior_loss,
+    fixed_ends,
+    gumbel_ends,
+    target_loss,
+)
+from hlm.models.parts.downsample import cap_metrics, pool_last, pool_mean
+from hlm.models.parts.upsample import feed_back_at_boundaries, upsample_groups
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "spacebyte", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
-WHITESPACE_BYTES = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)
 
 
 class HourglassError(HLMError):
@@ -113,87 +116,6 @@ class HourglassConfig:
         return text
 
 
-def is_whitespace(x: torch.Tensor) -> torch.Tensor:
-    """Which byte ids of x are ASCII whitespace (WHITESPACE_BYTES)."""
-    ws = torch.zeros_like(x, dtype=torch.bool)
-    for byte in WHITESPACE_BYTES:
-        ws |= x == byte
-    return ws
-
-
-def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
-    """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
-    ws = is_whitespace(x)
-    after_word = F.pad(~ws[:, :-1], (1, 0), value=True)
-    return (ws & after_word) | (x == 0)
-
-
-def spacebyte_boundaries(x: torch.Tensor) -> torch.Tensor:
-    """b[t] for byte ids x [B, T] under SpaceByte's rule (this module's docstring)."""
-    letter_or_digit = ((x >= 0x30) & (x <= 0x39)) | ((x >= 0x41) & (x <= 0x5A)) | ((x >= 0x61) & (x <= 0x7A))
-    spacelike = ~(letter_or_digit | ((x >= 0x80) & (x <= 0xBF)))
-    after_other = F.pad(~spacelike[:, :-1], (1, 0), value=True)
-    return (spacelike & after_other) | (x == 0)
-
-
-RULE_BOUNDARIES = {"whitespace": whitespace_boundaries, "spacebyte": spacebyte_boundaries}  # fixed rules on bytes
-
-
-def binomial_log_prob(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
-    """log Binomial(n, p) at (possibly fractional, differentiable) counts k."""
-    k = k.float()
-    return (math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p))
-
-
-def pool_groups(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """Mean of each group's byte vectors: h [B, T, D], boundaries b [B, T] (0/1 values, may
-    carry a straight-through gradient) -> [B, max_groups, D]. Group g holds the bytes with
-    sum(b[:t]) == g; bytes of group >= max_groups are dropped; empty groups are zero.
-
-    Each byte enters with weight 1 + (c - c.detach()), c = its exclusive boundary count: the
-    value is 1, and the gradient reaches the boundaries through the count (as in the paper's
-    pooling matrix), which is how gumbel boundaries learn from the LM loss."""
-    B, T, D = h.shape
-    acc = at_least_fp32(h).dtype  # sums in fp32 even under bf16 autocast
-    count = b.to(acc).cumsum(1) - b.to(acc)
-    weight = 1 + (count - count.detach())
-    slot = count.detach().round().long().clamp(max=max_groups)
-    slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
-    sums = h.new_zeros(B * (max_groups + 1), D, dtype=acc)
-    sums.index_add_(0, slot, (h.to(acc) * weight[..., None]).flatten(0, 1))
-    sizes = weight.new_zeros(B * (max_groups + 1)).index_add_(0, slot, weight.flatten())
-    means = sums.view(B, max_groups + 1, D) / sizes.view(B, max_groups + 1, 1).clamp(min=1)
-    return means[:, :max_groups].to(h.dtype)
-
-
-def pool_last(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """The state of each group's last byte: h [B, T, D], boundaries b [B, T] -> [B, max_groups, D]
-    (groups not yet closed are zero). Multiplying by b passes a straight-through gradient."""
-    B, T, D = h.shape
-    hard = b.detach().round().long()
-    slot = (hard.cumsum(1) - hard).clamp(max=max_groups)
-    slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
-    out = h.new_zeros(B * (max_groups + 1), D)
-    out.index_add_(0, slot, (h * b[..., None].to(h.dtype)).flatten(0, 1))
-    return out.view(B, max_groups + 1, D)[:, :max_groups]
-
-
-def upsample_groups(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """Byte t takes short[:, min(sum(b[:t+1]), max_groups)]: short is [B, max_groups + 1, D]
-    with the null group at 0, so each byte sees the last group completed at or before it."""
-    B, T = b.shape
-    index = b.detach().round().long().cumsum(1).clamp(max=max_groups)
-    return short.gather(1, index[..., None].expand(B, T, short.size(-1)))
-
-
-def feed_back_at_boundaries(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """Like `upsample_groups`, but only a byte that closes a group (within the cap) takes it;
-    every other byte takes zero."""
-    kept = b * (b.detach().round().cumsum(1) <= max_groups)
-    return upsample_groups(short, b, max_groups) * kept[..., None].to(short.dtype)
-
-
 class Hourglass(LanguageModel):
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
@@ -220,13 +142,11 @@ class Hourglass(LanguageModel):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.learned = cfg.boundaries in TARGET_BOUNDARIES + ("gumbel",)
         if self.learned:
-            width = int(cfg.predictor_ratio * d)
-            self.predictor = nn.Sequential(RMSNorm(d), nn.Linear(d, width), nn.GELU(), nn.Linear(width, 1))
+            self.predictor = BoundaryPredictor(d, int(cfg.predictor_ratio * d))
         init_weights(self, cfg.n_pre + cfg.n_short + cfg.n_post, cfg.init_std)
         nn.init.normal_(self.null_group, std=cfg.init_std)
         if self.learned:  # start at p = 0.5 everywhere
-            nn.init.zeros_(self.predictor[1].bias)
-            nn.init.zeros_(self.predictor[3].bias)
+            self.predictor.reset_bias()
 
     @property
     def side_inputs(self) -> dict[str, str]:
@@ -241,21 +161,17 @@ class Hourglass(LanguageModel):
         and pre-layer states h, and the predictor's logits (None for fixed / whitespace)."""
         cfg = self.cfg
         if cfg.boundaries == "fixed":
-            t = torch.arange(x.size(1), device=x.device)
-            return ((t + 1) % cfg.fixed_stride == 0).float().expand(x.shape), None
+            return fixed_ends(x, cfg.fixed_stride), None
         if cfg.boundaries in RULE_BOUNDARIES:
             return RULE_BOUNDARIES[cfg.boundaries](x).float(), None
-        logits = at_least_fp32(self.predictor(h).squeeze(-1))
+        logits = self.predictor.logits(h)
         if cfg.boundaries == "gumbel" and self.training:
-            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / cfg.gumbel_temperature)
-            hard = (soft > 0.5).float()
-            return hard + soft - soft.detach(), logits
+            return gumbel_ends(logits, cfg.gumbel_temperature), logits
         return (logits > 0).float(), logits
 
     def pool(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Group vectors [B, max_groups, D] under `pooling`."""
-        return (pool_last if self.cfg.pooling == "last" else pool_groups)(h, b, self.max_groups)
+        return (pool_last if self.cfg.pooling == "last" else pool_mean)(h, b, self.max_groups)
 
     def feed_back(self, short: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """What each byte adds to its residual from the shortened outputs, under `feedback`."""
@@ -276,23 +192,15 @@ class Hourglass(LanguageModel):
         out_logits = self.head(self.norm(h))
 
         hard = b.detach().round()  # straight-through values are 0/1 only up to rounding
-        n_bound = hard.sum(1)
+        per_group, cap_hit, past_cap = cap_metrics(hard.sum(1), hard.cumsum(1) - 1, G, B * T)
         aux = torch.zeros((), device=x.device)
-        metrics = {
-            "boundary_rate": hard.mean(),
-            "bytes_per_group": B * T / n_bound.clamp(max=G).sum().clamp(min=1),
-            "group_cap_hit": (n_bound > G).float().mean(),
-            "bytes_past_cap": (hard.cumsum(1) > G).float().mean(),
-        }
+        metrics = {"boundary_rate": hard.mean(), "bytes_per_group": per_group, "group_cap_hit": cap_hit,
+                   "bytes_past_cap": past_cap}
         if cfg.boundaries == "gumbel":
-            aux = -binomial_log_prob(b.sum(1), T, cfg.prior).mean() / T
+            aux = binomial_prior_loss(b, cfg.prior)
         elif cfg.boundaries in TARGET_BOUNDARIES and boundary_targets is not None:
-            target = boundary_targets.float()
-            aux = F.binary_cross_entropy_with_logits(logits, target)
-            hits = (hard * target).sum()
-            metrics["predictor_precision"] = hits / hard.sum().clamp(min=1)
-            metrics["predictor_recall"] = hits / target.sum().clamp(min=1)
-            metrics["target_rate"] = target.mean()
+            aux, predictor_metrics = target_loss(logits, hard, boundary_targets)
+            metrics |= predictor_metrics
         if self.learned:
             metrics["aux_loss"] = aux.detach()
         return out_logits, aux, metrics
