@@ -47,9 +47,10 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import KVCache, RMSNorm, Transformer, apply_rotary, at_least_fp32, init_weights
+from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.entropy_patcher import PATCHING_MODES, EntropyModel, next_start, patch_starts
-from hlm.models.parts.boundaries import group_index
+from hlm.models.parts.boundaries import group_first, group_index
+from hlm.models.parts.decoding import GroupedDecoder, rows_step
 from hlm.models.parts.downsample import PatchPooling, cap_metrics
 from hlm.models.parts.upsample import CrossAttendingDecoder
 
@@ -270,52 +271,23 @@ def check_config(cfg: BLTConfig) -> None:
         raise BLTError("model.max_patch_len must be >= 0 and model.cross_attn_k >= 1")
 
 
-def global_step(glob: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-    """The global transformer on patches x [n, T, D] of cache rows `rows` [n] at their own
-    positions [n, T]: each row's keys and values go to its slots of `cache` (batch B, length
-    max_patches), and a patch attends to that row's keys at positions <= its own. Rows complete
-    patches at different bytes, so in generation each row's global sequence has its own length."""
-    n, T, C = x.shape
-    cos, sin = glob.rotary.at(positions)
-    keep = (torch.arange(cache.k.size(3), device=x.device) <= positions[..., None])[:, None]  # [n, 1, T, P]
-    for i, block in enumerate(glob.blocks):
-        attn = block.attn
-        q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2)
-        cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
-        x = x + attn.proj(y.transpose(1, 2).reshape(n, T, C))
-        x = x + block.mlp(block.mlp_norm(x))
-    return x
-
-
-class CachedDecoder:
-    """Incremental decoding of a batch: KV caches for the entropy model, the encoder and the
-    decoder (all rows advance together) and the global transformer (each row at its own patch
-    count, `global_step`). A patch enters the global transformer when the entropy after its
-    last byte says the next byte starts a new one. `logits` [B, 256] always predicts the next
-    byte, equal to the full forward on the bytes since the last (re)start of the window."""
+class CachedDecoder(GroupedDecoder):
+    """Incremental decoding of a batch (`GroupedDecoder`): KV caches for the entropy model, the
+    encoder and the decoder (all rows advance together) and the global transformer (each row at
+    its own patch count). A patch enters the global transformer when the entropy after its last
+    byte says the next byte starts a new one."""
 
     def __init__(self, model: BLT, ids: torch.Tensor):
-        if not ids.size(1):
-            raise BLTError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
-        self.model = model
-        self.prefill(ids[:, -model.cfg.block_size :])
-
-    def _new_cache(self, stack: Transformer, batch: int, max_len: int) -> KVCache:
-        p = self.model.null_patch
-        return stack.new_cache(batch, max_len, p.device, p.dtype)
+        super().__init__(model, ids, model.cfg.block_size, model.max_patches, BLTError)
 
     def prefill(self, ids: torch.Tensor) -> None:
         m, cfg, P = self.model, self.model.cfg, self.model.max_patches
         B, T = ids.shape
         self.ids = ids
-        self.ent_cache = self._new_cache(m.entropy.transformer, B, cfg.block_size)
-        self.enc_cache = self._new_cache(m.encoder, B, cfg.block_size)
-        self.dec_cache = self._new_cache(m.decoder.stack, B, cfg.block_size)
-        self.glob_cache = self._new_cache(m.glob, B, P)
+        self.ent_cache = self.new_cache(m.entropy.transformer, B, cfg.block_size)
+        self.enc_cache = self.new_cache(m.encoder, B, cfg.block_size)
+        self.dec_cache = self.new_cache(m.decoder.stack, B, cfg.block_size)
+        self.main, self.main_cache = m.glob, self.new_cache(m.glob, B, P)
         ent = m.entropy.entropies(ids, self.ent_cache)
         s = patch_starts(torch.cat([ent[:, :1], ent], dim=1), cfg.patching, cfg.entropy_threshold, cfg.max_patch_len)
         pid, read = patch_index(s, P)
@@ -323,39 +295,43 @@ class CachedDecoder:
         self.h[:, :T] = m.encoder(m.embed(ids), self.enc_cache)
         rows = torch.arange(B, device=ids.device)
         patches = m.down(m.pool(self.h[:, :T], pid, P + 1)[:, :P])
-        g = global_step(m.glob, self.glob_cache, patches, rows, torch.arange(P, device=ids.device).expand(B, P))
+        g = rows_step(m.glob, self.main_cache, patches, rows, torch.arange(P, device=ids.device).expand(B, P))
         slots = m.memory_slots(torch.cat([m.null_patch.expand(B, 1, -1), g], dim=1))
         out = m.decoder(self.h[:, :T], slots, read, self.dec_cache)
         self.logits = m.head(m.norm(out[:, -1]))
         self.slots = slots[rows, read[:, -1]][:, None]  # [B, 1, k, d_local]: what the next byte reads
-        self.n_done = read[:, -1]  # patches in the global transformer, per row
-        self.open_from = torch.where(s, torch.arange(T + 1, device=ids.device), 0).cummax(1).values[:, -1]
+        self.n_groups = read[:, -1]  # patches in the global transformer, per row
+        self.open_from = group_first(s)[:, -1]
         self.last_ent = ent[:, -1]
 
-    def push(self, nxt: torch.Tensor) -> None:
-        """Append one byte per row (nxt [B]) and update `logits`."""
-        m, cfg, P = self.model, self.model.cfg, self.model.max_patches
-        if self.ids.size(1) >= cfg.block_size:
-            self.prefill(torch.cat([self.ids, nxt[:, None]], dim=1)[:, -(cfg.block_size // 2) :])
-            return
-        t = self.ids.size(1)
-        context = self.ids[:, max(0, t - max(cfg.hash_sizes) + 1) :] if cfg.hash_ngrams else None
-        self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
-        x = nxt[:, None]
-        ent = m.entropy.entropies(x, self.ent_cache)[:, 0]
+    def encode(self, t: int) -> torch.Tensor:
+        m, cfg = self.model, self.model.cfg
+        x = self.ids[:, -1:]
+        context = self.ids[:, max(0, t - max(cfg.hash_sizes) + 1) : t] if cfg.hash_ngrams else None
+        self.ent = m.entropy.entropies(x, self.ent_cache)[:, 0]
         self.h[:, t] = m.encoder(m.embed(x, context), self.enc_cache)[:, 0]
-        closes = next_start(ent, self.last_ent, t + 1 - self.open_from, cfg.patching, cfg.entropy_threshold,
-                            cfg.max_patch_len)
-        rows = torch.nonzero(closes & (self.n_done < P)).flatten()
-        if len(rows):  # pool each closing row's patch: its last bytes, the ones before it go to a discarded slot
-            span = int((t + 1 - self.open_from[rows]).max())
-            pos = torch.arange(t + 1 - span, t + 1, device=x.device)
-            pid = (pos[None] < self.open_from[rows, None]).long()
-            patch = m.down(m.pool(self.h[rows, t + 1 - span : t + 1], pid, 2)[:, :1])
-            g = global_step(m.glob, self.glob_cache, patch, rows, self.n_done[rows, None])
-            self.slots[rows] = m.memory_slots(g)
-            self.n_done[rows] += 1
+        return self.h[:, t : t + 1]
+
+    def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        cfg = self.model.cfg
+        return next_start(self.ent, self.last_ent, t + 1 - self.open_from, cfg.patching, cfg.entropy_threshold,
+                          cfg.max_patch_len)
+
+    def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        """Each closing row's patch: its last bytes; the ones before it go to a discarded slot."""
+        span = int((t + 1 - self.open_from[rows]).max())
+        pos = torch.arange(t + 1 - span, t + 1, device=h.device)
+        pid = (pos[None] < self.open_from[rows, None]).long()
+        return self.model.down(self.model.pool(self.h[rows, t + 1 - span : t + 1], pid, 2)[:, :1])
+
+    def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.slots[rows] = self.model.memory_slots(out)
+
+    def close_open(self, closes: torch.Tensor, t: int) -> None:
         self.open_from = torch.where(closes, t + 1, self.open_from)
-        out = m.decoder(self.h[:, t : t + 1], self.slots, torch.zeros_like(x), self.dec_cache)
-        self.logits = m.head(m.norm(out[:, -1]))
-        self.last_ent = ent
+        self.last_ent = self.ent
+
+    def decode(self, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        out = m.decoder(h, self.slots, torch.zeros_like(self.ids[:, -1:]), self.dec_cache)
+        return m.head(m.norm(out[:, -1]))

@@ -63,7 +63,6 @@ import torch.nn.functional as F
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
-from hlm.models.generation import PerRowDecoder
 from hlm.models.parts.boundaries import (
     RULE_BOUNDARIES,
     BoundaryPredictor,
@@ -72,6 +71,7 @@ from hlm.models.parts.boundaries import (
     gumbel_ends,
     target_loss,
 )
+from hlm.models.parts.decoding import GroupedDecoder, rows_step
 from hlm.models.parts.downsample import cap_metrics, pool_last, pool_mean
 from hlm.models.parts.upsample import feed_back_at_boundaries, upsample_groups
 
@@ -223,70 +223,76 @@ class Hourglass(LanguageModel):
         """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
         return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
 
-    def new_decoder(self, prompt: torch.Tensor) -> PerRowDecoder:
-        """Each row decodes with its own KV caches for the three stacks (`CachedDecoder`): rows close
-        groups at different bytes. When the context fills up, the caches are rebuilt from the last
-        half of the window, as in gpt.py."""
-        return PerRowDecoder([CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))])
+    def new_decoder(self, prompt: torch.Tensor) -> CachedDecoder:
+        """All rows decode together with KV caches (`CachedDecoder`); rows close groups at different bytes."""
+        return CachedDecoder(self, prompt)
 
 
-class CachedDecoder:
-    """Incremental decoding of one sequence: the byte layers and the shortened layers keep KV
-    caches, the open group keeps a running sum, and a group enters the shortened layers the
-    moment its last byte arrives. `logits` [1, V] always predicts the next byte, equal to the
-    full forward on the bytes since the last (re)start of the window."""
+class CachedDecoder(GroupedDecoder):
+    """Incremental decoding of B rows (`GroupedDecoder`): KV caches for the pre and post layers
+    (all rows together) and the shortened layers (each row at its own group count, after the null
+    group at position 0), and a running sum of each row's open group; a group enters the
+    shortened layers the moment its last byte arrives."""
+
+    main_offset = 1  # the null group sits at position 0
 
     def __init__(self, model: Hourglass, ids: torch.Tensor):
-        if not ids.size(1):
-            raise HourglassError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
-        self.model = model
-        self.prefill(ids[:, -model.cfg.block_size :])
+        super().__init__(model, ids, model.cfg.block_size, model.max_groups, HourglassError)
 
     def prefill(self, ids: torch.Tensor) -> None:
         m, G = self.model, self.model.max_groups
-        p = next(m.parameters())
+        B, T = ids.shape
         self.ids = ids
-        self.pre = m.pre.new_cache(1, m.cfg.block_size, p.device, p.dtype)
-        self.post = m.post.new_cache(1, m.cfg.block_size, p.device, p.dtype)
-        self.short = m.short.new_cache(1, G + 1, p.device, p.dtype)
+        self.pre = self.new_cache(m.pre, B, m.cfg.block_size)
+        self.post = self.new_cache(m.post, B, m.cfg.block_size)
+        self.main, self.main_cache = m.short, self.new_cache(m.short, B, G + 1)
         residual = m.pre(m.embed(ids), self.pre)
         b = m.boundaries(ids, residual)[0].round()
-        n_groups = min(int(b.sum()), G)
-        short_in = torch.cat([m.null_group.expand(1, 1, -1), m.pool(residual, b)[:, :n_groups]], dim=1)
-        short = m.short(m.down_norm(short_in), self.short)
-        self.last_group = short[:, -1:]
-        self.n_groups = n_groups
-        closed = torch.nonzero(b[0]).flatten()
-        open_from = int(closed[-1]) + 1 if len(closed) else 0
-        self.open_sum = at_least_fp32(residual[:, open_from:]).sum(1, keepdim=True)
-        self.open_len = ids.size(1) - open_from
+        short_in = torch.cat([m.null_group.expand(B, 1, -1), m.pool(residual, b)], dim=1)
+        rows = torch.arange(B, device=ids.device)
+        short = rows_step(m.short, self.main_cache, m.down_norm(short_in), rows,
+                          torch.arange(G + 1, device=ids.device).expand(B, G + 1))
+        self.n_groups = b.sum(1).long().clamp(max=G)
+        self.last_group = short[rows, self.n_groups][:, None]
+        pos = torch.arange(T, device=ids.device)
+        open_from = torch.where(b > 0, pos + 1, 0).amax(1)  # the first byte after each row's last boundary
+        is_open = (pos >= open_from[:, None])[..., None]
+        self.open_sum = (at_least_fp32(residual) * is_open).sum(1, keepdim=True)
+        self.open_len = T - open_from
         h = m.post(m.feed_back(short, b) + residual, self.post)
         self.logits = m.head(m.norm(h[:, -1]))
 
-    def push(self, byte: int) -> None:
-        """Append one byte and update `logits`."""
-        m, cfg = self.model, self.model.cfg
-        if self.pre.pos >= cfg.block_size:
-            self.prefill(torch.cat([self.ids, self.ids.new_tensor([[byte]])], dim=1)[:, -(cfg.block_size // 2) :])
-            return
-        x = self.ids.new_tensor([[byte]])
-        self.ids = torch.cat([self.ids, x], dim=1)
-        h = m.pre(m.embed(x), self.pre)
-        if cfg.boundaries == "fixed":
-            closes = self.pre.pos % cfg.fixed_stride == 0
-        elif cfg.boundaries in RULE_BOUNDARIES:  # the rules read the previous byte
-            closes = bool(RULE_BOUNDARIES[cfg.boundaries](self.ids[:, -2:])[0, -1])
-        else:
-            closes = bool(m.boundaries(x, h)[0][0, 0])
+    def encode(self, t: int) -> torch.Tensor:
+        h = self.model.pre(self.model.embed(self.ids[:, -1:]), self.pre)
         self.open_sum = self.open_sum + at_least_fp32(h)
-        self.open_len += 1
-        new_group = closes and self.n_groups < m.max_groups
-        if new_group:
-            group = h if cfg.pooling == "last" else (self.open_sum / self.open_len).to(h.dtype)
-            self.last_group = m.short(m.down_norm(group), self.short)
-            self.n_groups += 1
-        if closes:
-            self.open_sum, self.open_len = torch.zeros_like(self.open_sum), 0
-        fed_back = self.last_group if cfg.feedback == "group" or new_group else torch.zeros_like(h)
-        out = m.post(fed_back + h, self.post)
-        self.logits = m.head(m.norm(out[:, -1]))
+        self.open_len = self.open_len + 1
+        return h
+
+    def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        cfg = self.model.cfg
+        if cfg.boundaries == "fixed":
+            return fixed_ends(self.ids[:, -1:], cfg.fixed_stride, offset=t)[:, 0] > 0
+        if cfg.boundaries in RULE_BOUNDARIES:  # the rules read the previous byte
+            return RULE_BOUNDARIES[cfg.boundaries](self.ids[:, -2:])[:, -1]
+        return self.model.boundaries(self.ids[:, -1:], h)[0][:, 0] > 0
+
+    def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        if self.model.cfg.pooling == "last":
+            group = h[rows]
+        else:
+            group = (self.open_sum[rows] / self.open_len[rows, None, None]).to(h.dtype)
+        return self.model.down_norm(group)
+
+    def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.last_group[rows] = out
+
+    def close_open(self, closes: torch.Tensor, t: int) -> None:
+        self.open_sum = self.open_sum.masked_fill(closes[:, None, None], 0)
+        self.open_len = self.open_len.masked_fill(closes, 0)
+
+    def decode(self, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        fed_back = self.last_group
+        if m.cfg.feedback == "boundary":  # only the byte that closes a group reads it
+            fed_back = fed_back * new[:, None, None].to(fed_back.dtype)
+        return m.head(m.norm(m.post(fed_back + h, self.post)[:, -1]))
