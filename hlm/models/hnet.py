@@ -41,6 +41,7 @@ from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import KVCache, RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.parts.boundaries import CosineRouter, ratio_loss, whitespace_starts
+from hlm.models.parts.decoding import GroupedDecoder, GroupSteps
 from hlm.models.parts.downsample import cap_metrics, pool_first
 from hlm.models.parts.upsample import confidence, dechunk, smooth, smooth_step, ste
 
@@ -102,20 +103,6 @@ class StageOutput(NamedTuple):
     n_starts: torch.Tensor  # [B]: chunk starts, before the cap
 
 
-@dataclass
-class StageCache:
-    """Decoding state of one stage for B rows: batched KV caches of its own stacks, and per row
-    the inner caches (rows start chunks at different positions), the count of chunks, the
-    routing module's last key and the last smoothed chunk (fp32 or wider)."""
-
-    enc: KVCache
-    dec: KVCache
-    inner: list[StageCache | KVCache]
-    k_last: torch.Tensor | None = None
-    zbar: torch.Tensor | None = None
-    n: list[int] = field(default_factory=list)
-
-
 def transformer(cfg: HNetConfig, n_layer: int, width: int, length: int, window: int = 0) -> Transformer:
     return Transformer(n_layer, width, width // cfg.head_dim, length, cfg.mlp_ratio, cfg.rope_theta, window)
 
@@ -144,64 +131,95 @@ class HNetStage(nn.Module):
     def widen(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.pad is None else torch.cat([x, self.pad.to(x.dtype).expand(*x.shape[:-1], -1)], -1)
 
-    def run_main(self, x, valid, cache=None) -> tuple[torch.Tensor, list[StageOutput]]:
+    def run_main(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput]]:
         if isinstance(self.main, HNetStage):
-            return self.main(x, valid, cache)
-        return self.main(x, cache), []
+            return self.main(x, valid)
+        return self.main(x), []
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, cache: StageCache | None = None
-                ) -> tuple[torch.Tensor, list[StageOutput]]:
-        """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing. With `cache`
-        (empty caches): a prefill that sends each row's real chunks, and only those, inward."""
-        h = self.enc_norm(self.encoder(x, cache.enc if cache else None))
+    def narrow(self, z: torch.Tensor, d: int) -> torch.Tensor:
+        """The main network's output normed and cut back to this stage's width d."""
+        return self.inner_norm(z)[..., :d]
+
+    def encode(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.enc_norm(self.encoder(x, cache))
+
+    def decode(self, h: torch.Tensor, read: torch.Tensor, conf: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder on what each position read, scaled by STE(confidence), plus W_res h."""
+        out = read * ste(conf).to(h.dtype)[..., None] + self.residual(h)
+        return self.dec_norm(self.decoder(out, cache))
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput]]:
+        """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing."""
+        h = self.encode(x)
         p, b = self.routing(h, valid)
         chunks, pos, chunk_valid = pool_first(h, b, self.cap)
-        P = p.gather(1, pos)
-        inner = []
-        if cache is None:
-            z, inner = self.run_main(self.widen(chunks), chunk_valid)
-            read = dechunk(smooth(self.inner_norm(z)[..., : h.size(-1)], P), b)
-        else:
-            read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], cache, r)
-                              for r in range(h.size(0))])
-            cache.k_last = self.routing.k(h[:, -1:])
-        out = read * ste(confidence(p, b)).to(h.dtype)[..., None] + self.residual(h)
-        y = self.dec_norm(self.decoder(out, cache.dec if cache else None))
-        return y, [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
+        z, inner = self.run_main(self.widen(chunks), chunk_valid)
+        read = dechunk(smooth(self.narrow(z, h.size(-1)), p.gather(1, pos)), b)
+        return self.decode(h, read, confidence(p, b)), [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
 
-    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, cache: StageCache, r: int
-                    ) -> torch.Tensor:
-        """Row r of a prefill: its n real chunks through the inner caches, then dechunked."""
+
+class StageDecoder(GroupSteps):
+    """Decoding state of one stage for B rows: batched KV caches of its encoder and decoder, and
+    per row the inner decoder (rows start chunks at different positions; the inner network may
+    be a stage with local-window stacks, so it steps one row at a time rather than through
+    `rows_step`), the count of chunks, the router's last key and the last smoothed chunk (fp32
+    or wider). A chunk's first position is the one that enters the inner network and reads it."""
+
+    def __init__(self, stage: HNetStage, batch: int, device, dtype):
+        self.stage, self.cap = stage, stage.cap
+        self.enc = stage.encoder.new_cache(batch, stage.length, device, dtype)
+        self.dec = stage.decoder.new_cache(batch, stage.length, device, dtype)
+        self.inner = [StageDecoder(stage.main, 1, device, dtype) if isinstance(stage.main, HNetStage) else
+                      stage.main.new_cache(1, stage.cap, device, dtype) for _ in range(batch)]
+        d = stage.residual.in_features
+        self.zbar = torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self.n_groups = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def prefill(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The stage's forward on x [B, L, d_s] that fills the caches, sending each row's real
+        chunks, and only those, inward."""
+        st = self.stage
+        h = st.encode(x, self.enc)
+        p, b = st.routing(h, valid)
+        chunks, pos, _ = pool_first(h, b, self.cap)
+        P = p.gather(1, pos)
+        read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], r)
+                          for r in range(h.size(0))])
+        self.k_last = st.routing.k(h[:, -1:])
+        return st.decode(h, read, confidence(p, b), self.dec)
+
+    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
+        """Row r of a prefill: its n real chunks through the inner decoder, then dechunked."""
+        st, inner = self.stage, self.inner[r]
         n = int(b.sum().clamp(max=self.cap))
-        z, _ = self.run_main(self.widen(chunks[:, :n]), b.new_ones(1, n), cache.inner[r])
-        zbar = smooth(self.inner_norm(z)[..., : chunks.size(-1)], P[:, :n])
-        cache.zbar[r : r + 1], cache.n[r] = zbar[:, -1:], n
+        x = st.widen(chunks[:, :n])
+        z = inner.prefill(x, b.new_ones(1, n)) if isinstance(inner, StageDecoder) else st.main(x, inner)
+        zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :n])
+        self.zbar[r : r + 1], self.n_groups[r] = zbar[:, -1:], n
         return dechunk(zbar, b)
 
-    def new_cache(self, batch: int, device, dtype) -> StageCache:
-        inner = [self.main.new_cache(1, device, dtype) if isinstance(self.main, HNetStage) else
-                 self.main.new_cache(1, self.cap, device, dtype) for _ in range(batch)]
-        d = self.residual.in_features
-        return StageCache(self.encoder.new_cache(batch, self.length, device, dtype),
-                          self.decoder.new_cache(batch, self.length, device, dtype), inner,
-                          zbar=torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32)),
-                          n=[0] * batch)
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One new position x [B, 1, d_s] after a prefill: same result as the full forward."""
+        st = self.stage
+        h = st.encode(x, self.enc)
+        self.step_groups(h, self.enc.pos - 1)
+        return st.dec_norm(st.decoder(self.zbar.to(h.dtype) + st.residual(h), self.dec))
 
-    def step(self, x: torch.Tensor, cache: StageCache) -> torch.Tensor:
-        """One new position x [B, 1, d_s] after a prefill: same result as the full forward. The
-        rows that start a chunk here (and have room) step their inner caches one at a time."""
-        h = self.enc_norm(self.encoder(x, cache.enc))
-        p, cache.k_last = self.routing.step(h, cache.k_last)
-        for r in torch.nonzero(p[:, 0] >= 0.5).flatten().tolist():
-            if cache.n[r] == self.cap:
-                continue
-            inner = self.widen(h[r : r + 1])
-            z = self.main.step(inner, cache.inner[r]) if isinstance(self.main, HNetStage) else \
-                self.main(inner, cache.inner[r])
-            cache.zbar[r : r + 1] = smooth_step(cache.zbar[r : r + 1], self.inner_norm(z)[..., : h.size(-1)],
-                                                p[r : r + 1])
-            cache.n[r] += 1
-        return self.dec_norm(self.decoder(cache.zbar.to(h.dtype) + self.residual(h), cache.dec))
+    def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        self.p, self.k_last = self.stage.routing.step(h, self.k_last)
+        return self.p[:, 0] >= 0.5
+
+    def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        return self.stage.widen(h[rows])
+
+    def main_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        steps = [inner.step(x[i : i + 1]) if isinstance(inner, StageDecoder) else self.stage.main(x[i : i + 1], inner)
+                 for i, inner in enumerate(self.inner[r] for r in rows.tolist())]
+        return torch.cat(steps)
+
+    def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.zbar[rows] = smooth_step(self.zbar[rows], self.stage.narrow(out, self.zbar.size(-1)), self.p[rows])
 
 
 class HNet(LanguageModel):
@@ -284,29 +302,18 @@ class HNet(LanguageModel):
         return CachedDecoder(self, prompt)
 
 
-class CachedDecoder:
+class CachedDecoder(GroupedDecoder):
     """Incremental decoding of B rows; `logits` [B, V] predicts each row's next byte, equal to
     the full forward on the bytes since the last (re)start of the window. The byte stacks run
-    batched; the inner stages run per row, when that row starts a chunk."""
+    batched; the inner stages run per row, when that row starts a chunk (`StageDecoder`)."""
 
     def __init__(self, model: HNet, ids: torch.Tensor):
-        if not ids.size(1):
-            raise HNetError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
-        self.model = model
-        self.prefill(ids[:, -model.cfg.block_size :])
+        super().__init__(model, ids, model.cfg.block_size, model.stage.cap, HNetError)
 
     def prefill(self, ids: torch.Tensor) -> None:
-        m = self.model
-        p = next(m.parameters())
-        self.ids, self.cache = ids, m.stage.new_cache(ids.size(0), p.device, p.dtype)
-        y, _ = m.stage(m.embed(ids), torch.ones_like(ids, dtype=torch.bool), self.cache)
-        self.logits = m.head(y[:, -1])
+        m, p = self.model, next(self.model.parameters())
+        self.ids, self.stage = ids, StageDecoder(m.stage, ids.size(0), p.device, p.dtype)
+        self.logits = m.head(self.stage.prefill(m.embed(ids), torch.ones_like(ids, dtype=torch.bool))[:, -1])
 
-    def push(self, nxt: torch.Tensor) -> None:
-        """Append one byte per row (nxt [B]) and update `logits`."""
-        m = self.model
-        self.ids = torch.cat([self.ids, nxt.view(-1, 1).to(self.ids)], dim=1)
-        if self.cache.enc.pos >= m.cfg.block_size:
-            self.prefill(self.ids[:, -(m.cfg.block_size // 2) :])
-            return
-        self.logits = m.head(m.stage.step(m.embed(self.ids[:, -1:]), self.cache)[:, -1])
+    def step(self, t: int) -> torch.Tensor:
+        return self.model.head(self.stage.step(self.model.embed(self.ids[:, -1:]))[:, -1])
