@@ -31,9 +31,10 @@ Hash n-grams: e_t = E(x_t) + sum_n E_n[hash(x_{t-n+1..t}) mod hash_vocab], a pol
 hash; bytes before the window count as 0x00 (the document separator), so an n-gram near the
 start of a window hashes as if a document had just begun.
 
-Generation (`CachedDecoder`) keeps KV caches for the entropy model, the encoder, the decoder
-and the global transformer; a new byte costs one position of each byte stack, and one global
-position for the rows whose patch it closes.
+Pooling, the decoder's cross-attention and the cached decoder are hlm/models/parts; the
+boundary rule is hlm/models/entropy_patcher.py. Generation (`CachedDecoder`) keeps KV caches for
+the entropy model, the encoder, the decoder and the global transformer; a new byte costs one
+position of each byte stack, and one global position for the rows whose patch it closes.
 """
 
 from __future__ import annotations

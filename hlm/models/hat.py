@@ -36,7 +36,12 @@ FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Speed").
 
 Generation runs the backbone once per completed word (with KV caches for all three stacks):
 sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
-step and sample the first byte of the next word.
+step and sample the first byte of the next word. This is why HAT keeps its own decoder rather
+than the shared one of hlm/models/parts/decoding.py: there, the boundary source decides a group
+from the bytes so far and `logits` is one 256-way distribution; here the model *samples* the
+word's end (EOW), and a 256-way distribution at every byte would need the backbone run on the
+word so far at every byte (as `next_logprobs` does), which generation avoids. Splitting,
+pooling (learned query) and the group indices come from hlm/models/parts.
 """
 
 from __future__ import annotations

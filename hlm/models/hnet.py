@@ -9,9 +9,10 @@ One stage s maps a sequence x [B, L, d_s] to y [B, L, d_s]:
       -> * STE(confidence) + W_res h -> decoder (local attention)
 
 Boundary convention: `b[t] = 1` means position t STARTS a chunk (the opposite of the
-hourglass, whose b[t] = 1 ends a group). p_0 = 1, so position 0 always starts chunk 0 and
-every position t reads chunk cumsum(b)_t - 1, the latest chunk starting at or before t:
-its main-network state depends on positions <= t only, so no shift is needed.
+hourglass, whose b[t] = 1 ends a group; hlm/models/parts/boundaries.py converts). p_0 = 1,
+so position 0 always starts chunk 0 and every position t reads chunk cumsum(b)_t - 1, the
+latest chunk starting at or before t: its main-network state depends on positions <= t only,
+so no shift is needed.
 
 Static shapes: a stage keeps at most `max_chunks` chunks per window. Chunk starts past the
 cap are dropped (the positions after keep reading the last chunk that fits, which is causal);
@@ -20,8 +21,11 @@ cap are dropped (the positions after keep reading the last chunk that fits, whic
 Widths: when d_{s+1} > d_s a learned vector of d_{s+1} - d_s values is appended to each
 chunk, and the main network's output is cut back to its first d_s values (as the reference).
 
-Generation (`CachedDecoder`) keeps KV caches for every stack, the routing module's last key
-and the last smoothed chunk; a chunk enters the inner stage the moment its first position
+The router, chunking, smoothing and dechunking are hlm/models/parts; this file composes them.
+
+Generation (`CachedDecoder`, one `StageDecoder` per stage on the shared group step of
+hlm/models/parts/decoding.py) keeps KV caches for every stack, the router's last key and the
+last smoothed chunk; a chunk enters the inner stage the moment its first position
 arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
 rows that start a chunk, one position of the inner stage (per row: rows differ in where
 their chunks start).

@@ -11,18 +11,12 @@ to group `sum(b[:t])` (exclusive count) and reads back shortened position `sum(b
 completed group: the most recent group that ends at or before t. No byte ever reads a group
 holding a later byte, which is the autoregressive shift.
 
-Boundary sources (`boundaries`):
+Boundary sources (`boundaries`; the rules and predictors live in hlm/models/parts/boundaries.py):
   fixed       every `fixed_stride` bytes of the window.
-  whitespace  byte t closes a group iff it is ASCII whitespace (0x09-0x0D, 0x20) and byte t-1
-              is not, or it is the document separator 0x00. UTF-8 continuation and lead bytes
-              are >= 0x80, so a group never splits a multi-byte character; a run of
-              whitespace closes once (its later bytes open the next word).
-  spacebyte   SpaceByte's rule (Slagle 2024, arXiv 2404.14408): a byte is "spacelike" unless it is
-              an ASCII letter or digit or a UTF-8 continuation byte (0x80-0xBF); so ASCII
-              punctuation, whitespace and control bytes and every UTF-8 lead byte (>= 0xC0) are
-              spacelike. Byte t closes a group iff it is spacelike and byte t-1 is not (a run of
-              spacelike bytes closes once, at its first byte; a window's first byte counts as
-              following a letter), or it is the separator 0x00 (as SpaceByte's BOS).
+  whitespace  ASCII whitespace after a non-whitespace byte, or the separator 0x00 (a group never
+              splits a UTF-8 character; a run of whitespace closes once).
+  spacebyte   SpaceByte's rule (Slagle 2024, arXiv 2404.14408): the first of a run of "spacelike"
+              bytes (not an ASCII letter or digit or a UTF-8 continuation byte), or 0x00.
               SpaceByte's patch *starts* at that byte and its global block reads the byte's
               state, so in this module's convention the group *ends* there.
   unigram,    an MLP on the pre-layer states predicts b[t] (logit > 0); it is trained with
@@ -46,10 +40,10 @@ fits (causal: it only depends on the count so far); `group_cap_hit` logs how oft
 Pooling is `index_add_` into [B, max_groups + 1] slots (the last one collects the bytes that
 do not fit); upsampling is `gather`. Nothing of size [B, T, S] is ever built.
 
-Generation (`CachedDecoder`) keeps KV caches for the pre, shortened and post layers and a
-running sum of the open group; a group enters the shortened layers when its last byte
-arrives, so a new byte costs one position of each byte stack (plus one shortened position
-when it closes a group).
+Generation (`CachedDecoder`, on the shared hlm/models/parts/decoding.py) keeps KV caches for
+the pre, shortened and post layers and a running sum of each row's open group; a group enters
+the shortened layers when its last byte arrives, so a new byte costs one position of each byte
+stack for the whole batch (plus one shortened position for the rows whose group it closes).
 """
 
 from __future__ import annotations
