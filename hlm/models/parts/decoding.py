@@ -33,6 +33,7 @@ def rows_step(stack: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.T
     positions [n, T]: each row's keys and values go to its slots of `cache`, and a position
     attends to that row's keys at positions <= its own. Slots past a row's length may hold stale
     keys from a padded prefill; they are rewritten before any position can see them."""
+    assert all(block.attn.window <= 0 for block in stack.blocks), "rows_step has no local window"
     n, T, C = x.shape
     cos, sin = stack.rotary.at(positions)
     keep = (torch.arange(cache.k.size(3), device=x.device) <= positions[..., None])[:, None]  # [n, 1, T, L]
