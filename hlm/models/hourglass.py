@@ -150,14 +150,17 @@ class Hourglass(LanguageModel):
             return {}
         return {"boundary_targets": f"boundaries.{self.cfg.boundary_targets or self.cfg.boundaries}"}
 
-    def boundaries(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Boundaries b [B, T] (float 0/1; straight-through for gumbel in training) for byte ids x
-        and pre-layer states h, and the predictor's logits (None for fixed / whitespace)."""
-        cfg = self.cfg
+    def boundaries(self, x: torch.Tensor, h: torch.Tensor, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Boundaries b [B, L] (float 0/1; straight-through for gumbel in training) of the last
+        L = h.size(1) bytes of x, whose pre-layer states are h, and the predictor's logits (None for
+        the rules on bytes). Bytes of x before those L are context (the rules read the previous
+        byte); `offset` is the window position of the first of the L (fixed boundaries)."""
+        cfg, L = self.cfg, h.size(1)
         if cfg.boundaries == "fixed":
-            return fixed_ends(x, cfg.fixed_stride), None
+            return fixed_ends(x[:, -L:], cfg.fixed_stride, offset), None
         if cfg.boundaries in RULE_BOUNDARIES:
-            return RULE_BOUNDARIES[cfg.boundaries](x).float(), None
+            return RULE_BOUNDARIES[cfg.boundaries](x)[:, -L:].float(), None
         logits = self.predictor.logits(h)
         if cfg.boundaries == "gumbel" and self.training:
             return gumbel_ends(logits, cfg.gumbel_temperature), logits
@@ -263,12 +266,7 @@ class CachedDecoder(GroupedDecoder):
         return h
 
     def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
-        cfg = self.model.cfg
-        if cfg.boundaries == "fixed":
-            return fixed_ends(self.ids[:, -1:], cfg.fixed_stride, offset=t)[:, 0] > 0
-        if cfg.boundaries in RULE_BOUNDARIES:  # the rules read the previous byte
-            return RULE_BOUNDARIES[cfg.boundaries](self.ids[:, -2:])[:, -1]
-        return self.model.boundaries(self.ids[:, -1:], h)[0][:, 0] > 0
+        return self.model.boundaries(self.ids[:, -2:], h, offset=t)[0][:, 0] > 0  # the previous byte is context
 
     def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
         if self.model.cfg.pooling == "last":
