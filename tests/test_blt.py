@@ -18,16 +18,7 @@ from hlm import HLMError
 from hlm.bytes import as_byte_lm
 from hlm.config import load_config
 from hlm.models import build_model
-from hlm.models.blt import (
-    BLT,
-    BLTConfig,
-    BLTError,
-    CachedDecoder,
-    PatchPooling,
-    PatchReader,
-    ngram_hashes,
-    patch_index,
-)
+from hlm.models.blt import BLT, BLTConfig, BLTError, CachedDecoder, ngram_hashes, patch_index
 from hlm.models.entropy_patcher import (
     EntropyModel,
     calibrate_threshold,
@@ -36,6 +27,8 @@ from hlm.models.entropy_patcher import (
     patch_starts,
     stream_entropies,
 )
+from hlm.models.parts.downsample import PatchPooling
+from hlm.models.parts.upsample import PatchReader
 from hlm.optim import make_optimizer
 from hlm.trainer import train
 from tests.conftest import QUIET, SHAKESPEARE, decode_against_teacher_forcing, run_cli

@@ -15,18 +15,10 @@ from conftest import ROOT, decode_against_teacher_forcing, load_cli, run_cli
 
 from hlm.bytes import as_byte_lm
 from hlm.config import load_config
-from hlm.models.hnet import (
-    CachedDecoder,
-    HNet,
-    HNetConfig,
-    HNetError,
-    chunk,
-    dechunk,
-    ratio_loss,
-    smooth,
-    ste,
-    whitespace_starts,
-)
+from hlm.models.hnet import CachedDecoder, HNet, HNetConfig, HNetError
+from hlm.models.parts.boundaries import ratio_loss, whitespace_starts
+from hlm.models.parts.downsample import pool_first
+from hlm.models.parts.upsample import dechunk, smooth, ste
 from hlm.optim import make_optimizer
 from hlm.trainer import Trainer, train
 
@@ -77,12 +69,12 @@ def test_chunk_and_dechunk_against_a_loop():
     b = torch.zeros(2, 10, dtype=torch.bool)
     b[0, [0, 3, 4, 8]] = True
     b[1, [0, 1, 2, 5, 6, 9]] = True  # 6 starts: the cap of 4 drops the last two
-    chunks, pos, valid = chunk(h, b, 4)
+    chunks, pos, valid = pool_first(h, b, 4)
     assert valid.tolist() == [[True] * 4, [True] * 4]
     assert pos.tolist() == [[0, 3, 4, 8], [0, 1, 2, 5]]
     torch.testing.assert_close(chunks, torch.stack([h[r, pos[r]] for r in range(2)]), rtol=0, atol=0)
-    _, pos, valid = chunk(h, b, 6)
-    assert valid[0].tolist() == [True] * 4 + [False] * 2 and chunk(h, b, 6)[0][0, 4:].abs().sum() == 0
+    _, pos, valid = pool_first(h, b, 6)
+    assert valid[0].tolist() == [True] * 4 + [False] * 2 and pool_first(h, b, 6)[0][0, 4:].abs().sum() == 0
     zbar = torch.randn(2, 4, 4, dtype=torch.float64)
     out = dechunk(zbar, b)
     for r in range(2):

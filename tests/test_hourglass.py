@@ -25,10 +25,10 @@ from hlm.models.hourglass import (
     Hourglass,
     HourglassConfig,
     HourglassError,
-    pool_groups,
-    upsample_groups,
-    whitespace_boundaries,
 )
+from hlm.models.parts.boundaries import whitespace_boundaries
+from hlm.models.parts.downsample import pool_mean
+from hlm.models.parts.upsample import upsample_groups
 from hlm.trainer import train
 
 FIXTURE = "tests/fixtures/tinyshakespeare_head32k.txt"
@@ -83,7 +83,7 @@ def test_pool_and_upsample_match_naive_loops(G):
     h = torch.randn(3, 29, 5, dtype=torch.float64, generator=g)
     b = (torch.rand(3, 29, generator=g) < 0.3).double()
     b[2] = 0  # a row without boundaries: one unfinished group, everything reads the null group
-    torch.testing.assert_close(pool_groups(h, b, G), naive_pool(h, b, G), rtol=0, atol=1e-12)
+    torch.testing.assert_close(pool_mean(h, b, G), naive_pool(h, b, G), rtol=0, atol=1e-12)
     short = torch.randn(3, G + 1, 5, dtype=torch.float64, generator=g)
     torch.testing.assert_close(upsample_groups(short, b, G), naive_upsample(short, b, G), rtol=0, atol=0)
 
@@ -93,7 +93,7 @@ def test_straight_through_pooling_gives_boundaries_a_gradient():
     h = torch.randn(2, 12, 4, dtype=torch.float64, generator=g)
     soft = torch.rand(2, 12, dtype=torch.float64, generator=g, requires_grad=True)
     b = (soft > 0.5).double() + soft - soft.detach()
-    pooled = pool_groups(h, b, 6)
+    pooled = pool_mean(h, b, 6)
     torch.testing.assert_close(pooled, naive_pool(h, b.detach().round(), 6), rtol=0, atol=1e-12)
     pooled.square().sum().backward()
     assert soft.grad.abs().sum() > 0
@@ -198,7 +198,7 @@ def test_cached_decoder_matches_the_full_forward(boundaries, max_groups):
     model = tiny(boundaries, max_groups=max_groups).double().eval()
     seq = text_batch(1, 110, seed=14)
     dec = CachedDecoder(model, seq[:, :5])
-    restarts = decode_against_teacher_forcing(model, dec, seq, 5, push=lambda d, nxt: d.push(int(nxt[0])))
+    restarts = decode_against_teacher_forcing(model, dec, seq, 5, )
     assert restarts == 3  # at 48 bytes, then every 24
 
 

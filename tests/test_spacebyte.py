@@ -10,7 +10,10 @@ from test_hourglass import assert_causal, naive_upsample, text_batch, tiny
 
 from hlm.config import load_config
 from hlm.models import build_model
-from hlm.models.hourglass import CachedDecoder, feed_back_at_boundaries, pool_last, spacebyte_boundaries
+from hlm.models.hourglass import CachedDecoder
+from hlm.models.parts.boundaries import spacebyte_boundaries
+from hlm.models.parts.downsample import pool_last
+from hlm.models.parts.upsample import feed_back_at_boundaries
 
 
 def closes(text: bytes) -> list[int]:
@@ -71,7 +74,7 @@ def test_cached_decoder_matches_teacher_forcing(pooling, feedback, max_groups):
     for t in range(5, 110):
         ref = model.next_logprobs(dec.ids)[:, -1]
         torch.testing.assert_close(torch.log_softmax(dec.logits, -1), ref, rtol=0, atol=1e-10)
-        dec.push(int(seq[0, t]))
+        dec.push(seq[:, t])
     assert dec.ids.size(1) < 48  # the window restarted on the way
 
 

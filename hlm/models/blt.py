@@ -31,14 +31,14 @@ Hash n-grams: e_t = E(x_t) + sum_n E_n[hash(x_{t-n+1..t}) mod hash_vocab], a pol
 hash; bytes before the window count as 0x00 (the document separator), so an n-gram near the
 start of a window hashes as if a document had just begun.
 
-Generation (`CachedDecoder`) keeps KV caches for the entropy model, the encoder, the decoder
-and the global transformer; a new byte costs one position of each byte stack, and one global
-position for the rows whose patch it closes.
+Pooling, the decoder's cross-attention and the cached decoder are hlm/models/parts; the
+boundary rule is hlm/models/entropy_patcher.py. Generation (`CachedDecoder`) keeps KV caches for
+the entropy model, the encoder, the decoder and the global transformer; a new byte costs one
+position of each byte stack, and one global position for the rows whose patch it closes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,15 +48,12 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    KVCache,
-    RMSNorm,
-    Transformer,
-    apply_rotary,
-    at_least_fp32,
-    init_weights,
-)
+from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.entropy_patcher import PATCHING_MODES, EntropyModel, next_start, patch_starts
+from hlm.models.parts.boundaries import group_first, group_index
+from hlm.models.parts.decoding import GroupedDecoder, rows_step
+from hlm.models.parts.downsample import PatchPooling, cap_metrics
+from hlm.models.parts.upsample import CrossAttendingDecoder
 
 HASH_PRIME, HASH_BASE = 1_000_000_007, 1_000_003  # products stay below 2**51
 
@@ -118,9 +115,8 @@ def ngram_hashes(x: torch.Tensor, sizes: list[int], vocab: int) -> list[torch.Te
 def patch_index(starts: torch.Tensor, max_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For patch starts s [B, T+1] (s[:, 0] True): the patch of each of the T bytes, clamped to
     `max_patches` (the overflow slot), and the memory slot each byte reads (module docstring)."""
-    ends = starts[:, 1:].long().cumsum(1)  # patches completed at or before t
-    pid = (ends - starts[:, 1:].long()).clamp(max=max_patches)
-    return pid, ends.clamp(max=max_patches)
+    group = group_index(starts)  # group[t + 1]: patches completed at or before t
+    return group[:, :-1].clamp(max=max_patches), group[:, 1:].clamp(max=max_patches)
 
 
 class HashEmbedding(nn.Module):
@@ -142,80 +138,6 @@ class HashEmbedding(nn.Module):
         return e
 
 
-class PatchPooling(nn.Module):
-    """Cross-attention pooling: each patch's query starts as the max of its bytes' states and
-    attends (multi-head) to the bytes of that patch only; output = that max + attention."""
-
-    def __init__(self, d: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.q_norm, self.kv_norm = RMSNorm(d), RMSNorm(d)
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, h: torch.Tensor, pid: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """h [B, T, D], patch of each byte pid [B, T] in 0..n_slots-1 -> [B, n_slots, D] (empty slots 0)."""
-        B, T, D = h.shape
-        H = self.n_head
-        slot = (pid + torch.arange(B, device=h.device)[:, None] * n_slots).flatten()
-        hf = h.flatten(0, 1)
-        pooled = hf.new_zeros(B * n_slots, D).scatter_reduce(0, slot[:, None].expand(-1, D), hf, "amax",
-                                                             include_self=False)
-        q = self.q(self.q_norm(pooled)).view(-1, H, D // H)
-        k, v = self.kv(self.kv_norm(hf)).view(-1, 2, H, D // H).unbind(1)
-        score = (at_least_fp32(q[slot]) * at_least_fp32(k)).sum(-1) / math.sqrt(D // H)  # [B*T, H]
-        top = score.new_full((B * n_slots, H), -torch.inf).scatter_reduce(
-            0, slot[:, None].expand(-1, H), score.detach(), "amax")
-        w = torch.exp(score - top[slot])
-        denom = w.new_zeros(B * n_slots, H).index_add_(0, slot, w)
-        mixed = w.new_zeros(B * n_slots, H, D // H).index_add_(0, slot, w[..., None] * at_least_fp32(v))
-        mixed = (mixed / denom.clamp(min=1e-30)[..., None]).to(h.dtype).view(B * n_slots, D)
-        return (pooled + self.proj(mixed)).view(B, n_slots, D)
-
-
-class PatchReader(nn.Module):
-    """Cross-attention of each byte to the `k` slots of the patch it reads."""
-
-    def __init__(self, d: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.norm = RMSNorm(d)
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, h: torch.Tensor, slots: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-        """h [B, T, D], slots [B, S, k, D], read [B, T] in 0..S-1 -> the update [B, T, D]."""
-        B, T, D = h.shape
-        H = self.n_head
-        kv = self.kv(slots).view(B, slots.size(1), slots.size(2), 2, H, D // H)
-        k, v = kv[torch.arange(B, device=h.device)[:, None], read].unbind(3)  # [B, T, k, H, Dh]
-        q = self.q(self.norm(h)).view(B, T, H, D // H)
-        w = torch.softmax(at_least_fp32(torch.einsum("bthd,btjhd->bthj", q, k)) / math.sqrt(D // H), dim=-1)
-        return self.proj(torch.einsum("bthj,btjhd->bthd", w.to(v.dtype), v).reshape(B, T, D))
-
-
-class LocalDecoder(nn.Module):
-    """Byte layers, each preceded by a cross-attention to the patch the byte reads."""
-
-    def __init__(self, cfg: BLTConfig):
-        super().__init__()
-        d = cfg.d_local
-        self.stack = Transformer(cfg.n_dec, d, cfg.n_head_local, cfg.block_size, cfg.mlp_ratio, cfg.rope_theta,
-                                 cfg.byte_window)
-        self.readers = nn.ModuleList(PatchReader(d, cfg.n_head_local) for _ in range(cfg.n_dec))
-
-    def forward(self, h: torch.Tensor, slots: torch.Tensor, read: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        cos, sin = self.stack.rotary(cache.pos if cache is not None else 0, h.size(1))
-        for i, (reader, block) in enumerate(zip(self.readers, self.stack.blocks, strict=True)):
-            h = block(h + reader(h, slots, read), cos, sin, cache, i)
-        if cache is not None:
-            cache.pos += h.size(1)
-        return h
-
-
 class BLT(LanguageModel):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
@@ -231,7 +153,8 @@ class BLT(LanguageModel):
         self.glob = Transformer(cfg.n_layer, dg, cfg.n_head, P, cfg.mlp_ratio, cfg.rope_theta)
         self.null_patch = nn.Parameter(torch.zeros(dg))
         self.up = nn.Sequential(RMSNorm(dg), nn.Linear(dg, cfg.cross_attn_k * dl, bias=False))
-        self.decoder = LocalDecoder(cfg)
+        self.decoder = CrossAttendingDecoder(cfg.n_dec, dl, cfg.n_head_local, cfg.block_size, cfg.mlp_ratio,
+                                             cfg.rope_theta, cfg.byte_window)
         self.norm = RMSNorm(dl)
         self.head = nn.Linear(dl, 256, bias=False)
         init_weights(self, cfg.n_enc + cfg.n_layer + cfg.n_dec, cfg.init_std)
@@ -310,10 +233,8 @@ class BLT(LanguageModel):
         g = self.glob(self.down(patches))
         memory = torch.cat([self.null_patch.to(g.dtype).expand(B, 1, -1), g], dim=1)
         out = self.decoder(h, self.memory_slots(memory), read)
-        n_patches = s[:, :T].sum(1).float()
-        metrics = {"bytes_per_patch": B * T / n_patches.clamp(max=P).sum(),
-                   "patch_cap_hit": (n_patches > P).float().mean(),
-                   "bytes_past_cap": (pid >= P).float().mean()}
+        per_patch, cap_hit, past_cap = cap_metrics(s[:, :T].sum(1).float(), pid, P, B * T)
+        metrics = {"bytes_per_patch": per_patch, "patch_cap_hit": cap_hit, "bytes_past_cap": past_cap}
         return self.head(self.norm(out)), metrics
 
     def forward(self, idx: torch.Tensor, entropies: torch.Tensor | None = None) -> ModelOutput:
@@ -351,52 +272,23 @@ def check_config(cfg: BLTConfig) -> None:
         raise BLTError("model.max_patch_len must be >= 0 and model.cross_attn_k >= 1")
 
 
-def global_step(glob: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-    """The global transformer on patches x [n, T, D] of cache rows `rows` [n] at their own
-    positions [n, T]: each row's keys and values go to its slots of `cache` (batch B, length
-    max_patches), and a patch attends to that row's keys at positions <= its own. Rows complete
-    patches at different bytes, so in generation each row's global sequence has its own length."""
-    n, T, C = x.shape
-    cos, sin = glob.rotary.at(positions)
-    keep = (torch.arange(cache.k.size(3), device=x.device) <= positions[..., None])[:, None]  # [n, 1, T, P]
-    for i, block in enumerate(glob.blocks):
-        attn = block.attn
-        q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2)
-        cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
-        x = x + attn.proj(y.transpose(1, 2).reshape(n, T, C))
-        x = x + block.mlp(block.mlp_norm(x))
-    return x
-
-
-class CachedDecoder:
-    """Incremental decoding of a batch: KV caches for the entropy model, the encoder and the
-    decoder (all rows advance together) and the global transformer (each row at its own patch
-    count, `global_step`). A patch enters the global transformer when the entropy after its
-    last byte says the next byte starts a new one. `logits` [B, 256] always predicts the next
-    byte, equal to the full forward on the bytes since the last (re)start of the window."""
+class CachedDecoder(GroupedDecoder):
+    """Incremental decoding of a batch (`GroupedDecoder`): KV caches for the entropy model, the
+    encoder and the decoder (all rows advance together) and the global transformer (each row at
+    its own patch count). A patch enters the global transformer when the entropy after its last
+    byte says the next byte starts a new one."""
 
     def __init__(self, model: BLT, ids: torch.Tensor):
-        if not ids.size(1):
-            raise BLTError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
-        self.model = model
-        self.prefill(ids[:, -model.cfg.block_size :])
-
-    def _new_cache(self, stack: Transformer, batch: int, max_len: int) -> KVCache:
-        p = self.model.null_patch
-        return stack.new_cache(batch, max_len, p.device, p.dtype)
+        super().__init__(model, ids, model.cfg.block_size, model.max_patches, BLTError)
 
     def prefill(self, ids: torch.Tensor) -> None:
         m, cfg, P = self.model, self.model.cfg, self.model.max_patches
         B, T = ids.shape
         self.ids = ids
-        self.ent_cache = self._new_cache(m.entropy.transformer, B, cfg.block_size)
-        self.enc_cache = self._new_cache(m.encoder, B, cfg.block_size)
-        self.dec_cache = self._new_cache(m.decoder.stack, B, cfg.block_size)
-        self.glob_cache = self._new_cache(m.glob, B, P)
+        self.ent_cache = self.new_cache(m.entropy.transformer, B, cfg.block_size)
+        self.enc_cache = self.new_cache(m.encoder, B, cfg.block_size)
+        self.dec_cache = self.new_cache(m.decoder.stack, B, cfg.block_size)
+        self.main, self.main_cache = m.glob, self.new_cache(m.glob, B, P)
         ent = m.entropy.entropies(ids, self.ent_cache)
         s = patch_starts(torch.cat([ent[:, :1], ent], dim=1), cfg.patching, cfg.entropy_threshold, cfg.max_patch_len)
         pid, read = patch_index(s, P)
@@ -404,39 +296,43 @@ class CachedDecoder:
         self.h[:, :T] = m.encoder(m.embed(ids), self.enc_cache)
         rows = torch.arange(B, device=ids.device)
         patches = m.down(m.pool(self.h[:, :T], pid, P + 1)[:, :P])
-        g = global_step(m.glob, self.glob_cache, patches, rows, torch.arange(P, device=ids.device).expand(B, P))
+        g = rows_step(m.glob, self.main_cache, patches, rows, torch.arange(P, device=ids.device).expand(B, P))
         slots = m.memory_slots(torch.cat([m.null_patch.expand(B, 1, -1), g], dim=1))
         out = m.decoder(self.h[:, :T], slots, read, self.dec_cache)
         self.logits = m.head(m.norm(out[:, -1]))
         self.slots = slots[rows, read[:, -1]][:, None]  # [B, 1, k, d_local]: what the next byte reads
-        self.n_done = read[:, -1]  # patches in the global transformer, per row
-        self.open_from = torch.where(s, torch.arange(T + 1, device=ids.device), 0).cummax(1).values[:, -1]
+        self.n_groups = read[:, -1]  # patches in the global transformer, per row
+        self.open_from = group_first(s)[:, -1]
         self.last_ent = ent[:, -1]
 
-    def push(self, nxt: torch.Tensor) -> None:
-        """Append one byte per row (nxt [B]) and update `logits`."""
-        m, cfg, P = self.model, self.model.cfg, self.model.max_patches
-        if self.ids.size(1) >= cfg.block_size:
-            self.prefill(torch.cat([self.ids, nxt[:, None]], dim=1)[:, -(cfg.block_size // 2) :])
-            return
-        t = self.ids.size(1)
-        context = self.ids[:, max(0, t - max(cfg.hash_sizes) + 1) :] if cfg.hash_ngrams else None
-        self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
-        x = nxt[:, None]
-        ent = m.entropy.entropies(x, self.ent_cache)[:, 0]
+    def encode(self, t: int) -> torch.Tensor:
+        m, cfg = self.model, self.model.cfg
+        x = self.ids[:, -1:]
+        context = self.ids[:, max(0, t - max(cfg.hash_sizes) + 1) : t] if cfg.hash_ngrams else None
+        self.ent = m.entropy.entropies(x, self.ent_cache)[:, 0]
         self.h[:, t] = m.encoder(m.embed(x, context), self.enc_cache)[:, 0]
-        closes = next_start(ent, self.last_ent, t + 1 - self.open_from, cfg.patching, cfg.entropy_threshold,
-                            cfg.max_patch_len)
-        rows = torch.nonzero(closes & (self.n_done < P)).flatten()
-        if len(rows):  # pool each closing row's patch: its last bytes, the ones before it go to a discarded slot
-            span = int((t + 1 - self.open_from[rows]).max())
-            pos = torch.arange(t + 1 - span, t + 1, device=x.device)
-            pid = (pos[None] < self.open_from[rows, None]).long()
-            patch = m.down(m.pool(self.h[rows, t + 1 - span : t + 1], pid, 2)[:, :1])
-            g = global_step(m.glob, self.glob_cache, patch, rows, self.n_done[rows, None])
-            self.slots[rows] = m.memory_slots(g)
-            self.n_done[rows] += 1
+        return self.h[:, t : t + 1]
+
+    def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        cfg = self.model.cfg
+        return next_start(self.ent, self.last_ent, t + 1 - self.open_from, cfg.patching, cfg.entropy_threshold,
+                          cfg.max_patch_len)
+
+    def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        """Each closing row's patch: its last bytes; the ones before it go to a discarded slot."""
+        span = int((t + 1 - self.open_from[rows]).max())
+        pos = torch.arange(t + 1 - span, t + 1, device=h.device)
+        pid = (pos[None] < self.open_from[rows, None]).long()
+        return self.model.down(self.model.pool(self.h[rows, t + 1 - span : t + 1], pid, 2)[:, :1])
+
+    def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.slots[rows] = self.model.memory_slots(out)
+
+    def close_open(self, closes: torch.Tensor, t: int) -> None:
         self.open_from = torch.where(closes, t + 1, self.open_from)
-        out = m.decoder(self.h[:, t : t + 1], self.slots, torch.zeros_like(x), self.dec_cache)
-        self.logits = m.head(m.norm(out[:, -1]))
-        self.last_ent = ent
+        self.last_ent = self.ent
+
+    def decode(self, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        out = m.decoder(h, self.slots, torch.zeros_like(self.ids[:, -1:]), self.dec_cache)
+        return m.head(m.norm(out[:, -1]))

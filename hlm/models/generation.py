@@ -34,23 +34,6 @@ class IncrementalDecoder(Protocol):
         """Append one id per row (nxt [B]) and update `logits`."""
 
 
-class PerRowDecoder:
-    """B decoders of one row each (rows whose groups close at different bytes), as one decoder."""
-
-    def __init__(self, rows: list):
-        self.rows = rows  # decoders of one row each, whose push takes an int
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """[B, V]: each row's next-id logits."""
-        return torch.cat([row.logits for row in self.rows])
-
-    def push(self, nxt: torch.Tensor) -> None:
-        """Append nxt[r] to row r."""
-        for row, i in zip(self.rows, nxt.tolist(), strict=True):
-            row.push(i)
-
-
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample one id per row from logits [B, V]; temperature 0 means greedy."""

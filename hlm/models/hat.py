@@ -36,12 +36,16 @@ FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Speed").
 
 Generation runs the backbone once per completed word (with KV caches for all three stacks):
 sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
-step and sample the first byte of the next word.
+step and sample the first byte of the next word. This is why HAT keeps its own decoder rather
+than the shared one of hlm/models/parts/decoding.py: there, the boundary source decides a group
+from the bytes so far and `logits` is one 256-way distribution; here the model *samples* the
+word's end (EOW), and a 256-way distribution at every byte would need the backbone run on the
+word so far at every byte (as `next_logprobs` does), which generation avoids. Splitting,
+pooling (learned query) and the group indices come from hlm/models/parts.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,13 +55,10 @@ import torch.nn.functional as F
 
 from hlm import ConfigError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    RMSNorm,
-    Transformer,
-    at_least_fp32,
-    init_weights,
-)
+from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.generation import generate_ids, sample_next
+from hlm.models.parts.boundaries import group_first, group_index
+from hlm.models.parts.downsample import WordPooling
 from hlm.splitter import PrefixState, utf8_allowed_next
 
 EOW = 256
@@ -84,59 +85,6 @@ class HATConfig:
 
     def describe(self) -> str:
         return f"hat {self.n_enc_layer}+{self.n_layer}+{self.n_dec_layer}L/{self.d_byte}-{self.d_model}d"
-
-
-class WordPooling(nn.Module):
-    """One vector per word: per head, a learned query attends over the bytes of that word only."""
-
-    def __init__(self, d_byte: int, d_model: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.key = nn.Linear(d_byte, d_byte, bias=False)
-        self.value = nn.Linear(d_byte, d_model, bias=False)
-        self.query = nn.Parameter(torch.zeros(n_head, d_byte // n_head))
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-
-    def _scores_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, _ = h.shape
-        k = self.key(h).view(B, T, self.n_head, -1)
-        scores = at_least_fp32((k * self.query.to(k.dtype)).sum(-1)) / math.sqrt(k.size(-1))  # [B, T, H]
-        return scores, at_least_fp32(self.value(h).view(B, T, self.n_head, -1))
-
-    def forward(self, h: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """Pool byte states h [B, T, d_byte] into [B, n_slots, d_model]; slot [B, T] in 0..n_slots,
-        where slot n_slots collects bytes that are dropped. Empty slots are zero."""
-        scores, values = self._scores_values(h)
-        B, T, H = scores.shape
-        idx = slot[..., None].expand(B, T, H)
-        smax = scores.new_full((B, n_slots + 1, H), float("-inf"))
-        smax = smax.scatter_reduce(1, idx, scores, "amax")
-        e = torch.exp(scores - smax.gather(1, idx))
-        den = scores.new_zeros(B, n_slots + 1, H).scatter_add(1, idx, e)
-        num = values.new_zeros(B, n_slots + 1, H, values.size(-1))
-        num = num.scatter_add(1, idx[..., None].expand_as(values), e[..., None] * values)
-        pooled = num[:, :n_slots] / den[:, :n_slots, :, None].clamp_min(1e-30)
-        return self.proj(pooled.flatten(2).to(h.dtype))
-
-    def prefixes(self, h: torch.Tensor, word_first: torch.Tensor, max_len: int) -> torch.Tensor:
-        """For every t, the pooled vector of bytes word_first[t]..t (the word so far) [B, T, d_model];
-        words are at most `max_len` bytes. Online softmax over the look-back."""
-        scores, values = self._scores_values(h)
-        B, T, H = scores.shape
-        pos = torch.arange(T, device=h.device)
-        smax = torch.full_like(scores, float("-inf"))
-        den = torch.zeros_like(scores)
-        num = torch.zeros_like(values)
-        for back in range(max_len):
-            src = pos - back
-            valid = (src >= word_first)[..., None]  # [B, T, 1]
-            s = torch.where(valid, scores[:, src.clamp(min=0)], float("-inf"))
-            new_max = torch.maximum(smax, s)
-            keep, add = torch.exp(smax - new_max).nan_to_num(0.0), torch.exp(s - new_max).nan_to_num(0.0)
-            den = den * keep + add
-            num = num * keep[..., None] + add[..., None] * values[:, src.clamp(min=0)]
-            smax = new_max
-        return self.proj((num / den[..., None]).flatten(2).to(h.dtype))
 
 
 class HAT(LanguageModel):
@@ -181,9 +129,7 @@ class HAT(LanguageModel):
         """Word index of every byte [B, T], first byte of its word [B, T], and (with_mask) whether
         byte v at t+1 would start a new word [B, T, 256]."""
         state = PrefixState(x, self.cfg.max_word_bytes)
-        word = state.starts.long().cumsum(1) - 1
-        pos = torch.arange(x.size(1), device=x.device).expand_as(x)
-        word_first = torch.cummax(torch.where(state.starts, pos, 0), dim=1).values
+        word, word_first = group_index(state.starts), group_first(state.starts)
         if not with_mask:
             return word, word_first, None
         start_mask = state.next_starts(torch.arange(256, device=x.device).expand(*x.shape, 256))

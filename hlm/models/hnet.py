@@ -9,9 +9,10 @@ One stage s maps a sequence x [B, L, d_s] to y [B, L, d_s]:
       -> * STE(confidence) + W_res h -> decoder (local attention)
 
 Boundary convention: `b[t] = 1` means position t STARTS a chunk (the opposite of the
-hourglass, whose b[t] = 1 ends a group). p_0 = 1, so position 0 always starts chunk 0 and
-every position t reads chunk cumsum(b)_t - 1, the latest chunk starting at or before t:
-its main-network state depends on positions <= t only, so no shift is needed.
+hourglass, whose b[t] = 1 ends a group; hlm/models/parts/boundaries.py converts). p_0 = 1,
+so position 0 always starts chunk 0 and every position t reads chunk cumsum(b)_t - 1, the
+latest chunk starting at or before t: its main-network state depends on positions <= t only,
+so no shift is needed.
 
 Static shapes: a stage keeps at most `max_chunks` chunks per window. Chunk starts past the
 cap are dropped (the positions after keep reading the last chunk that fits, which is causal);
@@ -20,8 +21,11 @@ cap are dropped (the positions after keep reading the last chunk that fits, whic
 Widths: when d_{s+1} > d_s a learned vector of d_{s+1} - d_s values is appended to each
 chunk, and the main network's output is cut back to its first d_s values (as the reference).
 
-Generation (`CachedDecoder`) keeps KV caches for every stack, the routing module's last key
-and the last smoothed chunk; a chunk enters the inner stage the moment its first position
+The router, chunking, smoothing and dechunking are hlm/models/parts; this file composes them.
+
+Generation (`CachedDecoder`, one `StageDecoder` per stage on the shared group step of
+hlm/models/parts/decoding.py) keeps KV caches for every stack, the router's last key and the
+last smoothed chunk; a chunk enters the inner stage the moment its first position
 arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
 rows that start a chunk, one position of the inner stage (per row: rows differ in where
 their chunks start).
@@ -39,16 +43,11 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    KVCache,
-    RMSNorm,
-    Transformer,
-    at_least_fp32,
-    init_weights,
-)
-from hlm.models.hourglass import is_whitespace
-
-SMOOTH_BLOCK = 64  # block length of the two-level smoothing scan
+from hlm.models.blocks import KVCache, RMSNorm, Transformer, at_least_fp32, init_weights
+from hlm.models.parts.boundaries import CosineRouter, ratio_loss, whitespace_starts
+from hlm.models.parts.decoding import GroupedDecoder, GroupSteps
+from hlm.models.parts.downsample import cap_metrics, pool_first
+from hlm.models.parts.upsample import confidence, dechunk, smooth, smooth_step, ste
 
 
 class HNetError(HLMError):
@@ -96,105 +95,6 @@ class HNetConfig:
         return f"hnet {self.n_stages}-stage {layers}L/{'-'.join(map(str, self.d_model))}d N={ratios}"
 
 
-# ----- the dynamic-chunking parts -----
-
-def boundary_prob(q: torch.Tensor, k_prev: torch.Tensor) -> torch.Tensor:
-    """p = (1 - cos(q_t, k_{t-1})) / 2 clamped to [0, 1], in fp32 or wider."""
-    cos = F.cosine_similarity(at_least_fp32(q), at_least_fp32(k_prev), dim=-1)
-    return ((1 - cos) / 2).clamp(0, 1)
-
-
-class RoutingModule(nn.Module):
-    """Boundary source: p_t from the cosine of consecutive projected states (W_q = W_k = I at
-    initialisation, so p_t = (1 - cos(h_t, h_{t-1})) / 2 then); p_0 = 1; b_t = 1[p_t >= 0.5]."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, d, bias=False)
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.q.weight.copy_(torch.eye(self.q.in_features))
-            self.k.weight.copy_(torch.eye(self.k.in_features))
-
-    def forward(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities p [B, L] and boundaries b [B, L] (bool, False at invalid positions)."""
-        p = boundary_prob(self.q(h[:, 1:]), self.k(h[:, :-1]))
-        p = F.pad(p, (1, 0), value=1.0)
-        return p, (p >= 0.5) & valid
-
-
-def chunk(h: torch.Tensor, b: torch.Tensor, max_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ChunkLayer (downsample): the states at chunk starts. h [B, L, D], b [B, L] bool ->
-    chunks [B, M, D] (empty slots zero), their positions [B, M] and validity [B, M]."""
-    count = b.long().cumsum(1)
-    slots = torch.arange(1, max_chunks + 1, device=h.device).expand(h.size(0), max_chunks).contiguous()
-    pos = torch.searchsorted(count, slots).clamp(max=h.size(1) - 1)  # first t with count_t = j + 1
-    valid = slots <= count[:, -1:]
-    chunks = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1))) * valid[..., None]
-    return chunks, pos, valid
-
-
-def segsum(log_a: torch.Tensor) -> torch.Tensor:
-    """S[..., j, i] = sum of log_a[..., i+1 .. j] for i <= j, -inf above the diagonal; summed
-    from masked copies, so no large cumulative sums are subtracted."""
-    n = log_a.size(-1)
-    x = log_a[..., :, None].expand(*log_a.shape, n)
-    x = x.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1), 0).cumsum(-2)
-    return x.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(0), float("-inf"))
-
-
-def ema_scan(x: torch.Tensor, log_a: torch.Tensor, block: int = SMOOTH_BLOCK) -> torch.Tensor:
-    """y_j = x_j + a_j y_{j-1} (y_{-1} = 0) over dim 1 for x [B, M, D], log a [B, M] <= 0.
-    Two levels: exact decay matrices inside blocks of `block`, then the same scan over the
-    blocks' final states (recursively) carried into each block. Every exponent is <= 0."""
-    B, M, D = x.shape
-    pad = -M % block
-    xb = F.pad(x, (0, 0, 0, pad)).view(B, -1, block, D)
-    lb = F.pad(log_a, (0, pad)).view(B, -1, block)
-    y = torch.exp(segsum(lb)) @ xb  # [B, blocks, block, D] from a zero state at each block start
-    if xb.size(1) > 1:
-        into = lb.cumsum(-1)  # decay from the state before the block to each position
-        ends = ema_scan(y[:, :, -1], into[..., -1], block)  # true state at the end of each block
-        carry = F.pad(ends[:, :-1], (0, 0, 1, 0))
-        y = y + torch.exp(into)[..., None] * carry[:, :, None]
-    return y.reshape(B, -1, D)[:, :M]
-
-
-def smooth(z: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """DeChunkLayer's smoothing: zbar_j = P_j z_j + (1 - P_j) zbar_{j-1}, P clamped to
-    [1e-4, 1 - 1e-4]; computed in fp32 (or fp64) outside autocast."""
-    with torch.autocast(z.device.type, enabled=False):
-        P = at_least_fp32(P).clamp(1e-4, 1 - 1e-4)
-        return ema_scan(at_least_fp32(z) * P[..., None], torch.log1p(-P)).to(z.dtype)
-
-
-def dechunk(zbar: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Each position t reads its chunk: zbar[min(cumsum(b)_t, M) - 1]."""
-    index = (b.long().cumsum(1) - 1).clamp(0, zbar.size(1) - 1)
-    return zbar.gather(1, index[..., None].expand(-1, -1, zbar.size(-1)))
-
-
-def ste(x: torch.Tensor) -> torch.Tensor:
-    """Straight-through: exactly 1 forward, identity gradient."""
-    return (x - x.detach()) + 1.0
-
-
-def confidence(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """c_t = p_t where t starts a chunk, 1 - p_t elsewhere."""
-    return torch.where(b, p, 1 - p)
-
-
-def ratio_loss(b: torch.Tensor, p: torch.Tensor, n: float, valid: torch.Tensor) -> torch.Tensor:
-    """N/(N-1) ((N-1) F G + (1-F)(1-G)), F = boundary fraction, G = mean p, over valid positions
-    (1 at the target F = G = 1/N)."""
-    count = valid.sum().clamp(min=1).to(p.dtype)
-    f = (b & valid).sum().to(p.dtype) / count
-    g = (p * valid).sum() / count
-    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
-
-
 # ----- one stage and the model -----
 
 class StageOutput(NamedTuple):
@@ -205,20 +105,6 @@ class StageOutput(NamedTuple):
     valid: torch.Tensor  # real positions (stage 0: all; inner stages: the real chunks of the outer one)
     pos: torch.Tensor  # [B, max_chunks]: the position each chunk starts at
     n_starts: torch.Tensor  # [B]: chunk starts, before the cap
-
-
-@dataclass
-class StageCache:
-    """Decoding state of one stage for B rows: batched KV caches of its own stacks, and per row
-    the inner caches (rows start chunks at different positions), the count of chunks, the
-    routing module's last key and the last smoothed chunk (fp32 or wider)."""
-
-    enc: KVCache
-    dec: KVCache
-    inner: list[StageCache | KVCache]
-    k_last: torch.Tensor | None = None
-    zbar: torch.Tensor | None = None
-    n: list[int] = field(default_factory=list)
 
 
 def transformer(cfg: HNetConfig, n_layer: int, width: int, length: int, window: int = 0) -> Transformer:
@@ -236,7 +122,7 @@ class HNetStage(nn.Module):
         self.length = cfg.block_size if s == 0 else cfg.chunk_caps()[s - 1]
         window = cfg.byte_window if s == 0 else cfg.inner_window
         self.encoder, self.enc_norm = transformer(cfg, cfg.n_enc[s], d, self.length, window), RMSNorm(d)
-        self.routing = RoutingModule(d)
+        self.routing = CosineRouter(d)
         self.pad = nn.Parameter(torch.zeros(d_in - d)) if d_in > d else None
         if s + 1 < cfg.n_stages:
             self.main = HNetStage(cfg, s + 1)
@@ -249,73 +135,95 @@ class HNetStage(nn.Module):
     def widen(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.pad is None else torch.cat([x, self.pad.to(x.dtype).expand(*x.shape[:-1], -1)], -1)
 
-    def run_main(self, x, valid, cache=None) -> tuple[torch.Tensor, list[StageOutput]]:
+    def run_main(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput]]:
         if isinstance(self.main, HNetStage):
-            return self.main(x, valid, cache)
-        return self.main(x, cache), []
+            return self.main(x, valid)
+        return self.main(x), []
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, cache: StageCache | None = None
-                ) -> tuple[torch.Tensor, list[StageOutput]]:
-        """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing. With `cache`
-        (empty caches): a prefill that sends each row's real chunks, and only those, inward."""
-        h = self.enc_norm(self.encoder(x, cache.enc if cache else None))
+    def narrow(self, z: torch.Tensor, d: int) -> torch.Tensor:
+        """The main network's output normed and cut back to this stage's width d."""
+        return self.inner_norm(z)[..., :d]
+
+    def encode(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.enc_norm(self.encoder(x, cache))
+
+    def decode(self, h: torch.Tensor, read: torch.Tensor, conf: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder on what each position read, scaled by STE(confidence), plus W_res h."""
+        out = read * ste(conf).to(h.dtype)[..., None] + self.residual(h)
+        return self.dec_norm(self.decoder(out, cache))
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput]]:
+        """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing."""
+        h = self.encode(x)
         p, b = self.routing(h, valid)
-        chunks, pos, chunk_valid = chunk(h, b, self.cap)
-        P = p.gather(1, pos)
-        inner = []
-        if cache is None:
-            z, inner = self.run_main(self.widen(chunks), chunk_valid)
-            read = dechunk(smooth(self.inner_norm(z)[..., : h.size(-1)], P), b)
-        else:
-            read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], cache, r)
-                              for r in range(h.size(0))])
-            cache.k_last = self.routing.k(h[:, -1:])
-        out = read * ste(confidence(p, b)).to(h.dtype)[..., None] + self.residual(h)
-        y = self.dec_norm(self.decoder(out, cache.dec if cache else None))
-        return y, [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
+        chunks, pos, chunk_valid = pool_first(h, b, self.cap)
+        z, inner = self.run_main(self.widen(chunks), chunk_valid)
+        read = dechunk(smooth(self.narrow(z, h.size(-1)), p.gather(1, pos)), b)
+        return self.decode(h, read, confidence(p, b)), [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
 
-    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, cache: StageCache, r: int
-                    ) -> torch.Tensor:
-        """Row r of a prefill: its n real chunks through the inner caches, then dechunked."""
+
+class StageDecoder(GroupSteps):
+    """Decoding state of one stage for B rows: batched KV caches of its encoder and decoder, and
+    per row the inner decoder (rows start chunks at different positions; the inner network may
+    be a stage with local-window stacks, so it steps one row at a time rather than through
+    `rows_step`), the count of chunks, the router's last key and the last smoothed chunk (fp32
+    or wider). A chunk's first position is the one that enters the inner network and reads it."""
+
+    def __init__(self, stage: HNetStage, batch: int, device, dtype):
+        self.stage, self.cap = stage, stage.cap
+        self.enc = stage.encoder.new_cache(batch, stage.length, device, dtype)
+        self.dec = stage.decoder.new_cache(batch, stage.length, device, dtype)
+        self.inner = [StageDecoder(stage.main, 1, device, dtype) if isinstance(stage.main, HNetStage) else
+                      stage.main.new_cache(1, stage.cap, device, dtype) for _ in range(batch)]
+        d = stage.residual.in_features
+        self.zbar = torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self.n_groups = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def prefill(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The stage's forward on x [B, L, d_s] that fills the caches, sending each row's real
+        chunks, and only those, inward."""
+        st = self.stage
+        h = st.encode(x, self.enc)
+        p, b = st.routing(h, valid)
+        chunks, pos, _ = pool_first(h, b, self.cap)
+        P = p.gather(1, pos)
+        read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], r)
+                          for r in range(h.size(0))])
+        self.k_last = st.routing.k(h[:, -1:])
+        return st.decode(h, read, confidence(p, b), self.dec)
+
+    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
+        """Row r of a prefill: its n real chunks through the inner decoder, then dechunked."""
+        st, inner = self.stage, self.inner[r]
         n = int(b.sum().clamp(max=self.cap))
-        z, _ = self.run_main(self.widen(chunks[:, :n]), b.new_ones(1, n), cache.inner[r])
-        zbar = smooth(self.inner_norm(z)[..., : chunks.size(-1)], P[:, :n])
-        cache.zbar[r : r + 1], cache.n[r] = zbar[:, -1:], n
+        x = st.widen(chunks[:, :n])
+        z = inner.prefill(x, b.new_ones(1, n)) if isinstance(inner, StageDecoder) else st.main(x, inner)
+        zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :n])
+        self.zbar[r : r + 1], self.n_groups[r] = zbar[:, -1:], n
         return dechunk(zbar, b)
 
-    def new_cache(self, batch: int, device, dtype) -> StageCache:
-        inner = [self.main.new_cache(1, device, dtype) if isinstance(self.main, HNetStage) else
-                 self.main.new_cache(1, self.cap, device, dtype) for _ in range(batch)]
-        d = self.residual.in_features
-        return StageCache(self.encoder.new_cache(batch, self.length, device, dtype),
-                          self.decoder.new_cache(batch, self.length, device, dtype), inner,
-                          zbar=torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32)),
-                          n=[0] * batch)
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One new position x [B, 1, d_s] after a prefill: same result as the full forward."""
+        st = self.stage
+        h = st.encode(x, self.enc)
+        self.step_groups(h, self.enc.pos - 1)
+        return st.dec_norm(st.decoder(self.zbar.to(h.dtype) + st.residual(h), self.dec))
 
-    def step(self, x: torch.Tensor, cache: StageCache) -> torch.Tensor:
-        """One new position x [B, 1, d_s] after a prefill: same result as the full forward. The
-        rows that start a chunk here (and have room) step their inner caches one at a time."""
-        h = self.enc_norm(self.encoder(x, cache.enc))
-        p = boundary_prob(self.routing.q(h), cache.k_last)
-        cache.k_last = self.routing.k(h)
-        for r in torch.nonzero(p[:, 0] >= 0.5).flatten().tolist():
-            if cache.n[r] == self.cap:
-                continue
-            inner = self.widen(h[r : r + 1])
-            z = self.main.step(inner, cache.inner[r]) if isinstance(self.main, HNetStage) else \
-                self.main(inner, cache.inner[r])
-            P = at_least_fp32(p[r : r + 1]).clamp(1e-4, 1 - 1e-4)[..., None]
-            z = at_least_fp32(self.inner_norm(z)[..., : h.size(-1)])
-            cache.zbar[r : r + 1] = P * z + (1 - P) * cache.zbar[r : r + 1]
-            cache.n[r] += 1
-        return self.dec_norm(self.decoder(cache.zbar.to(h.dtype) + self.residual(h), cache.dec))
+    def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        self.p, self.k_last = self.stage.routing.step(h, self.k_last)
+        return self.p[:, 0] >= 0.5
 
+    def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        return self.stage.widen(h[rows])
 
-def whitespace_starts(x: torch.Tensor) -> torch.Tensor:
-    """The whitespace rule in H-Net's convention: byte t starts a chunk iff byte t-1 is
-    whitespace or 0x00 and byte t is not (never at t = 0, which always starts one)."""
-    ws = is_whitespace(x) | (x == 0)
-    return F.pad(ws[:, :-1] & ~ws[:, 1:], (1, 0), value=False)
+    def main_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        steps = [inner.step(x[i : i + 1]) if isinstance(inner, StageDecoder) else self.stage.main(x[i : i + 1], inner)
+                 for i, inner in enumerate(self.inner[r] for r in rows.tolist())]
+        return torch.cat(steps)
+
+    def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.zbar[rows] = smooth_step(self.zbar[rows], self.stage.narrow(out, self.zbar.size(-1)), self.p[rows])
 
 
 class HNet(LanguageModel):
@@ -365,14 +273,15 @@ class HNet(LanguageModel):
             starts[:, 0] = 0  # byte 0 always starts a chunk
             hits = (starts * ws).sum()
             valid = st.valid.sum().clamp(min=1)
+            per_chunk, cap_hit, past_cap = cap_metrics(st.n_starts, st.b.long().cumsum(1) - 1, cap, x.numel(), st.valid)
             metrics |= {
-                f"bytes_per_chunk_s{s}": x.numel() / st.n_starts.clamp(max=cap).sum().clamp(min=1),
+                f"bytes_per_chunk_s{s}": per_chunk,
                 f"boundary_rate_s{s}": (st.b & st.valid).sum() / valid,
                 f"rate_vs_target_s{s}": (st.b & st.valid).sum() / valid * n,
                 f"mean_prob_s{s}": (st.p * st.valid).sum() / valid,
                 f"ratio_loss_s{s}": loss.detach(),
-                f"chunk_cap_hit_s{s}": (st.n_starts > cap).float().mean(),
-                f"past_cap_s{s}": ((st.b.long().cumsum(1) > cap) & st.valid).sum() / valid,
+                f"chunk_cap_hit_s{s}": cap_hit,
+                f"past_cap_s{s}": past_cap,
                 f"ws_precision_s{s}": hits / starts.sum().clamp(min=1),
                 f"ws_recall_s{s}": hits / ws.sum().clamp(min=1),
             }
@@ -397,29 +306,18 @@ class HNet(LanguageModel):
         return CachedDecoder(self, prompt)
 
 
-class CachedDecoder:
+class CachedDecoder(GroupedDecoder):
     """Incremental decoding of B rows; `logits` [B, V] predicts each row's next byte, equal to
     the full forward on the bytes since the last (re)start of the window. The byte stacks run
-    batched; the inner stages run per row, when that row starts a chunk."""
+    batched; the inner stages run per row, when that row starts a chunk (`StageDecoder`)."""
 
     def __init__(self, model: HNet, ids: torch.Tensor):
-        if not ids.size(1):
-            raise HNetError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
-        self.model = model
-        self.prefill(ids[:, -model.cfg.block_size :])
+        super().__init__(model, ids, model.cfg.block_size, model.stage.cap, HNetError)
 
     def prefill(self, ids: torch.Tensor) -> None:
-        m = self.model
-        p = next(m.parameters())
-        self.ids, self.cache = ids, m.stage.new_cache(ids.size(0), p.device, p.dtype)
-        y, _ = m.stage(m.embed(ids), torch.ones_like(ids, dtype=torch.bool), self.cache)
-        self.logits = m.head(y[:, -1])
+        m, p = self.model, next(self.model.parameters())
+        self.ids, self.stage = ids, StageDecoder(m.stage, ids.size(0), p.device, p.dtype)
+        self.logits = m.head(self.stage.prefill(m.embed(ids), torch.ones_like(ids, dtype=torch.bool))[:, -1])
 
-    def push(self, nxt: torch.Tensor) -> None:
-        """Append one byte per row (nxt [B]) and update `logits`."""
-        m = self.model
-        self.ids = torch.cat([self.ids, nxt.view(-1, 1).to(self.ids)], dim=1)
-        if self.cache.enc.pos >= m.cfg.block_size:
-            self.prefill(self.ids[:, -(m.cfg.block_size // 2) :])
-            return
-        self.logits = m.head(m.stage.step(m.embed(self.ids[:, -1:]), self.cache)[:, -1])
+    def step(self, t: int) -> torch.Tensor:
+        return self.model.head(self.stage.step(self.model.embed(self.ids[:, -1:]))[:, -1])

@@ -11,18 +11,12 @@ to group `sum(b[:t])` (exclusive count) and reads back shortened position `sum(b
 completed group: the most recent group that ends at or before t. No byte ever reads a group
 holding a later byte, which is the autoregressive shift.
 
-Boundary sources (`boundaries`):
+Boundary sources (`boundaries`; the rules and predictors live in hlm/models/parts/boundaries.py):
   fixed       every `fixed_stride` bytes of the window.
-  whitespace  byte t closes a group iff it is ASCII whitespace (0x09-0x0D, 0x20) and byte t-1
-              is not, or it is the document separator 0x00. UTF-8 continuation and lead bytes
-              are >= 0x80, so a group never splits a multi-byte character; a run of
-              whitespace closes once (its later bytes open the next word).
-  spacebyte   SpaceByte's rule (Slagle 2024, arXiv 2404.14408): a byte is "spacelike" unless it is
-              an ASCII letter or digit or a UTF-8 continuation byte (0x80-0xBF); so ASCII
-              punctuation, whitespace and control bytes and every UTF-8 lead byte (>= 0xC0) are
-              spacelike. Byte t closes a group iff it is spacelike and byte t-1 is not (a run of
-              spacelike bytes closes once, at its first byte; a window's first byte counts as
-              following a letter), or it is the separator 0x00 (as SpaceByte's BOS).
+  whitespace  ASCII whitespace after a non-whitespace byte, or the separator 0x00 (a group never
+              splits a UTF-8 character; a run of whitespace closes once).
+  spacebyte   SpaceByte's rule (Slagle 2024, arXiv 2404.14408): the first of a run of "spacelike"
+              bytes (not an ASCII letter or digit or a UTF-8 continuation byte), or 0x00.
               SpaceByte's patch *starts* at that byte and its global block reads the byte's
               state, so in this module's convention the group *ends* there.
   unigram,    an MLP on the pre-layer states predicts b[t] (logit > 0); it is trained with
@@ -46,15 +40,14 @@ fits (causal: it only depends on the count so far); `group_cap_hit` logs how oft
 Pooling is `index_add_` into [B, max_groups + 1] slots (the last one collects the bytes that
 do not fit); upsampling is `gather`. Nothing of size [B, T, S] is ever built.
 
-Generation (`CachedDecoder`) keeps KV caches for the pre, shortened and post layers and a
-running sum of the open group; a group enters the shortened layers when its last byte
-arrives, so a new byte costs one position of each byte stack (plus one shortened position
-when it closes a group).
+Generation (`CachedDecoder`, on the shared hlm/models/parts/decoding.py) keeps KV caches for
+the pre, shortened and post layers and a running sum of each row's open group; a group enters
+the shortened layers when its last byte arrives, so a new byte costs one position of each byte
+stack for the whole batch (plus one shortened position for the rows whose group it closes).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +56,21 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
-from hlm.models.blocks import (
-    RMSNorm,
-    Transformer,
-    at_least_fp32,
-    init_weights,
+from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
+from hlm.models.parts.boundaries import (
+    RULE_BOUNDARIES,
+    BoundaryPredictor,
+    binomial_prior_loss,
+    fixed_ends,
+    gumbel_ends,
+    target_loss,
 )
-from hlm.models.generation import PerRowDecoder
+from hlm.models.parts.decoding import GroupedDecoder, rows_step
+from hlm.models.parts.downsample import cap_metrics, pool_last, pool_mean
+from hlm.models.parts.upsample import feed_back_at_boundaries, upsample_groups
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "spacebyte", "unigram", "entropy", "gumbel")
 TARGET_BOUNDARIES = ("unigram", "entropy")  # learned from per-byte target files
-WHITESPACE_BYTES = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)
 
 
 class HourglassError(HLMError):
@@ -113,87 +110,6 @@ class HourglassConfig:
         return text
 
 
-def is_whitespace(x: torch.Tensor) -> torch.Tensor:
-    """Which byte ids of x are ASCII whitespace (WHITESPACE_BYTES)."""
-    ws = torch.zeros_like(x, dtype=torch.bool)
-    for byte in WHITESPACE_BYTES:
-        ws |= x == byte
-    return ws
-
-
-def whitespace_boundaries(x: torch.Tensor) -> torch.Tensor:
-    """b[t] for byte ids x [B, T] under the whitespace rule of this module's docstring."""
-    ws = is_whitespace(x)
-    after_word = F.pad(~ws[:, :-1], (1, 0), value=True)
-    return (ws & after_word) | (x == 0)
-
-
-def spacebyte_boundaries(x: torch.Tensor) -> torch.Tensor:
-    """b[t] for byte ids x [B, T] under SpaceByte's rule (this module's docstring)."""
-    letter_or_digit = ((x >= 0x30) & (x <= 0x39)) | ((x >= 0x41) & (x <= 0x5A)) | ((x >= 0x61) & (x <= 0x7A))
-    spacelike = ~(letter_or_digit | ((x >= 0x80) & (x <= 0xBF)))
-    after_other = F.pad(~spacelike[:, :-1], (1, 0), value=True)
-    return (spacelike & after_other) | (x == 0)
-
-
-RULE_BOUNDARIES = {"whitespace": whitespace_boundaries, "spacebyte": spacebyte_boundaries}  # fixed rules on bytes
-
-
-def binomial_log_prob(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
-    """log Binomial(n, p) at (possibly fractional, differentiable) counts k."""
-    k = k.float()
-    return (math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p))
-
-
-def pool_groups(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """Mean of each group's byte vectors: h [B, T, D], boundaries b [B, T] (0/1 values, may
-    carry a straight-through gradient) -> [B, max_groups, D]. Group g holds the bytes with
-    sum(b[:t]) == g; bytes of group >= max_groups are dropped; empty groups are zero.
-
-    Each byte enters with weight 1 + (c - c.detach()), c = its exclusive boundary count: the
-    value is 1, and the gradient reaches the boundaries through the count (as in the paper's
-    pooling matrix), which is how gumbel boundaries learn from the LM loss."""
-    B, T, D = h.shape
-    acc = at_least_fp32(h).dtype  # sums in fp32 even under bf16 autocast
-    count = b.to(acc).cumsum(1) - b.to(acc)
-    weight = 1 + (count - count.detach())
-    slot = count.detach().round().long().clamp(max=max_groups)
-    slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
-    sums = h.new_zeros(B * (max_groups + 1), D, dtype=acc)
-    sums.index_add_(0, slot, (h.to(acc) * weight[..., None]).flatten(0, 1))
-    sizes = weight.new_zeros(B * (max_groups + 1)).index_add_(0, slot, weight.flatten())
-    means = sums.view(B, max_groups + 1, D) / sizes.view(B, max_groups + 1, 1).clamp(min=1)
-    return means[:, :max_groups].to(h.dtype)
-
-
-def pool_last(h: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """The state of each group's last byte: h [B, T, D], boundaries b [B, T] -> [B, max_groups, D]
-    (groups not yet closed are zero). Multiplying by b passes a straight-through gradient."""
-    B, T, D = h.shape
-    hard = b.detach().round().long()
-    slot = (hard.cumsum(1) - hard).clamp(max=max_groups)
-    slot = (slot + torch.arange(B, device=h.device)[:, None] * (max_groups + 1)).flatten()
-    out = h.new_zeros(B * (max_groups + 1), D)
-    out.index_add_(0, slot, (h * b[..., None].to(h.dtype)).flatten(0, 1))
-    return out.view(B, max_groups + 1, D)[:, :max_groups]
-
-
-def upsample_groups(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """Byte t takes short[:, min(sum(b[:t+1]), max_groups)]: short is [B, max_groups + 1, D]
-    with the null group at 0, so each byte sees the last group completed at or before it."""
-    B, T = b.shape
-    index = b.detach().round().long().cumsum(1).clamp(max=max_groups)
-    return short.gather(1, index[..., None].expand(B, T, short.size(-1)))
-
-
-def feed_back_at_boundaries(short: torch.Tensor, b: torch.Tensor, max_groups: int) -> torch.Tensor:
-    """Like `upsample_groups`, but only a byte that closes a group (within the cap) takes it;
-    every other byte takes zero."""
-    kept = b * (b.detach().round().cumsum(1) <= max_groups)
-    return upsample_groups(short, b, max_groups) * kept[..., None].to(short.dtype)
-
-
 class Hourglass(LanguageModel):
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
@@ -220,13 +136,11 @@ class Hourglass(LanguageModel):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.learned = cfg.boundaries in TARGET_BOUNDARIES + ("gumbel",)
         if self.learned:
-            width = int(cfg.predictor_ratio * d)
-            self.predictor = nn.Sequential(RMSNorm(d), nn.Linear(d, width), nn.GELU(), nn.Linear(width, 1))
+            self.predictor = BoundaryPredictor(d, int(cfg.predictor_ratio * d))
         init_weights(self, cfg.n_pre + cfg.n_short + cfg.n_post, cfg.init_std)
         nn.init.normal_(self.null_group, std=cfg.init_std)
         if self.learned:  # start at p = 0.5 everywhere
-            nn.init.zeros_(self.predictor[1].bias)
-            nn.init.zeros_(self.predictor[3].bias)
+            self.predictor.reset_bias()
 
     @property
     def side_inputs(self) -> dict[str, str]:
@@ -236,26 +150,25 @@ class Hourglass(LanguageModel):
             return {}
         return {"boundary_targets": f"boundaries.{self.cfg.boundary_targets or self.cfg.boundaries}"}
 
-    def boundaries(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Boundaries b [B, T] (float 0/1; straight-through for gumbel in training) for byte ids x
-        and pre-layer states h, and the predictor's logits (None for fixed / whitespace)."""
-        cfg = self.cfg
+    def boundaries(self, x: torch.Tensor, h: torch.Tensor, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Boundaries b [B, L] (float 0/1; straight-through for gumbel in training) of the last
+        L = h.size(1) bytes of x, whose pre-layer states are h, and the predictor's logits (None for
+        the rules on bytes). Bytes of x before those L are context (the rules read the previous
+        byte); `offset` is the window position of the first of the L (fixed boundaries)."""
+        cfg, L = self.cfg, h.size(1)
         if cfg.boundaries == "fixed":
-            t = torch.arange(x.size(1), device=x.device)
-            return ((t + 1) % cfg.fixed_stride == 0).float().expand(x.shape), None
+            return fixed_ends(x[:, -L:], cfg.fixed_stride, offset), None
         if cfg.boundaries in RULE_BOUNDARIES:
-            return RULE_BOUNDARIES[cfg.boundaries](x).float(), None
-        logits = at_least_fp32(self.predictor(h).squeeze(-1))
+            return RULE_BOUNDARIES[cfg.boundaries](x)[:, -L:].float(), None
+        logits = self.predictor.logits(h)
         if cfg.boundaries == "gumbel" and self.training:
-            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / cfg.gumbel_temperature)
-            hard = (soft > 0.5).float()
-            return hard + soft - soft.detach(), logits
+            return gumbel_ends(logits, cfg.gumbel_temperature), logits
         return (logits > 0).float(), logits
 
     def pool(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Group vectors [B, max_groups, D] under `pooling`."""
-        return (pool_last if self.cfg.pooling == "last" else pool_groups)(h, b, self.max_groups)
+        return (pool_last if self.cfg.pooling == "last" else pool_mean)(h, b, self.max_groups)
 
     def feed_back(self, short: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """What each byte adds to its residual from the shortened outputs, under `feedback`."""
@@ -276,23 +189,15 @@ class Hourglass(LanguageModel):
         out_logits = self.head(self.norm(h))
 
         hard = b.detach().round()  # straight-through values are 0/1 only up to rounding
-        n_bound = hard.sum(1)
+        per_group, cap_hit, past_cap = cap_metrics(hard.sum(1), hard.cumsum(1) - 1, G, B * T)
         aux = torch.zeros((), device=x.device)
-        metrics = {
-            "boundary_rate": hard.mean(),
-            "bytes_per_group": B * T / n_bound.clamp(max=G).sum().clamp(min=1),
-            "group_cap_hit": (n_bound > G).float().mean(),
-            "bytes_past_cap": (hard.cumsum(1) > G).float().mean(),
-        }
+        metrics = {"boundary_rate": hard.mean(), "bytes_per_group": per_group, "group_cap_hit": cap_hit,
+                   "bytes_past_cap": past_cap}
         if cfg.boundaries == "gumbel":
-            aux = -binomial_log_prob(b.sum(1), T, cfg.prior).mean() / T
+            aux = binomial_prior_loss(b, cfg.prior)
         elif cfg.boundaries in TARGET_BOUNDARIES and boundary_targets is not None:
-            target = boundary_targets.float()
-            aux = F.binary_cross_entropy_with_logits(logits, target)
-            hits = (hard * target).sum()
-            metrics["predictor_precision"] = hits / hard.sum().clamp(min=1)
-            metrics["predictor_recall"] = hits / target.sum().clamp(min=1)
-            metrics["target_rate"] = target.mean()
+            aux, predictor_metrics = target_loss(logits, hard, boundary_targets)
+            metrics |= predictor_metrics
         if self.learned:
             metrics["aux_loss"] = aux.detach()
         return out_logits, aux, metrics
@@ -315,70 +220,71 @@ class Hourglass(LanguageModel):
         """Log-probabilities [B, T, 256] of the next byte after each position of idx [B, T]."""
         return F.log_softmax(at_least_fp32(self._run(idx)[0]), dim=-1)
 
-    def new_decoder(self, prompt: torch.Tensor) -> PerRowDecoder:
-        """Each row decodes with its own KV caches for the three stacks (`CachedDecoder`): rows close
-        groups at different bytes. When the context fills up, the caches are rebuilt from the last
-        half of the window, as in gpt.py."""
-        return PerRowDecoder([CachedDecoder(self, prompt[r : r + 1]) for r in range(prompt.size(0))])
+    def new_decoder(self, prompt: torch.Tensor) -> CachedDecoder:
+        """All rows decode together with KV caches (`CachedDecoder`); rows close groups at different bytes."""
+        return CachedDecoder(self, prompt)
 
 
-class CachedDecoder:
-    """Incremental decoding of one sequence: the byte layers and the shortened layers keep KV
-    caches, the open group keeps a running sum, and a group enters the shortened layers the
-    moment its last byte arrives. `logits` [1, V] always predicts the next byte, equal to the
-    full forward on the bytes since the last (re)start of the window."""
+class CachedDecoder(GroupedDecoder):
+    """Incremental decoding of B rows (`GroupedDecoder`): KV caches for the pre and post layers
+    (all rows together) and the shortened layers (each row at its own group count, after the null
+    group at position 0), and a running sum of each row's open group; a group enters the
+    shortened layers the moment its last byte arrives."""
+
+    main_offset = 1  # the null group sits at position 0
 
     def __init__(self, model: Hourglass, ids: torch.Tensor):
-        if not ids.size(1):
-            raise HourglassError("decoding needs a non-empty prompt (start with the separator byte 0x00)")
-        self.model = model
-        self.prefill(ids[:, -model.cfg.block_size :])
+        super().__init__(model, ids, model.cfg.block_size, model.max_groups, HourglassError)
 
     def prefill(self, ids: torch.Tensor) -> None:
         m, G = self.model, self.model.max_groups
-        p = next(m.parameters())
+        B, T = ids.shape
         self.ids = ids
-        self.pre = m.pre.new_cache(1, m.cfg.block_size, p.device, p.dtype)
-        self.post = m.post.new_cache(1, m.cfg.block_size, p.device, p.dtype)
-        self.short = m.short.new_cache(1, G + 1, p.device, p.dtype)
+        self.pre = self.new_cache(m.pre, B, m.cfg.block_size)
+        self.post = self.new_cache(m.post, B, m.cfg.block_size)
+        self.main, self.main_cache = m.short, self.new_cache(m.short, B, G + 1)
         residual = m.pre(m.embed(ids), self.pre)
         b = m.boundaries(ids, residual)[0].round()
-        n_groups = min(int(b.sum()), G)
-        short_in = torch.cat([m.null_group.expand(1, 1, -1), m.pool(residual, b)[:, :n_groups]], dim=1)
-        short = m.short(m.down_norm(short_in), self.short)
-        self.last_group = short[:, -1:]
-        self.n_groups = n_groups
-        closed = torch.nonzero(b[0]).flatten()
-        open_from = int(closed[-1]) + 1 if len(closed) else 0
-        self.open_sum = at_least_fp32(residual[:, open_from:]).sum(1, keepdim=True)
-        self.open_len = ids.size(1) - open_from
+        short_in = torch.cat([m.null_group.expand(B, 1, -1), m.pool(residual, b)], dim=1)
+        rows = torch.arange(B, device=ids.device)
+        short = rows_step(m.short, self.main_cache, m.down_norm(short_in), rows,
+                          torch.arange(G + 1, device=ids.device).expand(B, G + 1))
+        self.n_groups = b.sum(1).long().clamp(max=G)
+        self.last_group = short[rows, self.n_groups][:, None]
+        pos = torch.arange(T, device=ids.device)
+        open_from = torch.where(b > 0, pos + 1, 0).amax(1)  # the first byte after each row's last boundary
+        is_open = (pos >= open_from[:, None])[..., None]
+        self.open_sum = (at_least_fp32(residual) * is_open).sum(1, keepdim=True)
+        self.open_len = T - open_from
         h = m.post(m.feed_back(short, b) + residual, self.post)
         self.logits = m.head(m.norm(h[:, -1]))
 
-    def push(self, byte: int) -> None:
-        """Append one byte and update `logits`."""
-        m, cfg = self.model, self.model.cfg
-        if self.pre.pos >= cfg.block_size:
-            self.prefill(torch.cat([self.ids, self.ids.new_tensor([[byte]])], dim=1)[:, -(cfg.block_size // 2) :])
-            return
-        x = self.ids.new_tensor([[byte]])
-        self.ids = torch.cat([self.ids, x], dim=1)
-        h = m.pre(m.embed(x), self.pre)
-        if cfg.boundaries == "fixed":
-            closes = self.pre.pos % cfg.fixed_stride == 0
-        elif cfg.boundaries in RULE_BOUNDARIES:  # the rules read the previous byte
-            closes = bool(RULE_BOUNDARIES[cfg.boundaries](self.ids[:, -2:])[0, -1])
-        else:
-            closes = bool(m.boundaries(x, h)[0][0, 0])
+    def encode(self, t: int) -> torch.Tensor:
+        h = self.model.pre(self.model.embed(self.ids[:, -1:]), self.pre)
         self.open_sum = self.open_sum + at_least_fp32(h)
-        self.open_len += 1
-        new_group = closes and self.n_groups < m.max_groups
-        if new_group:
-            group = h if cfg.pooling == "last" else (self.open_sum / self.open_len).to(h.dtype)
-            self.last_group = m.short(m.down_norm(group), self.short)
-            self.n_groups += 1
-        if closes:
-            self.open_sum, self.open_len = torch.zeros_like(self.open_sum), 0
-        fed_back = self.last_group if cfg.feedback == "group" or new_group else torch.zeros_like(h)
-        out = m.post(fed_back + h, self.post)
-        self.logits = m.head(m.norm(out[:, -1]))
+        self.open_len = self.open_len + 1
+        return h
+
+    def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        return self.model.boundaries(self.ids[:, -2:], h, offset=t)[0][:, 0] > 0  # the previous byte is context
+
+    def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        if self.model.cfg.pooling == "last":
+            group = h[rows]
+        else:
+            group = (self.open_sum[rows] / self.open_len[rows, None, None]).to(h.dtype)
+        return self.model.down_norm(group)
+
+    def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        self.last_group[rows] = out
+
+    def close_open(self, closes: torch.Tensor, t: int) -> None:
+        self.open_sum = self.open_sum.masked_fill(closes[:, None, None], 0)
+        self.open_len = self.open_len.masked_fill(closes, 0)
+
+    def decode(self, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        fed_back = self.last_group
+        if m.cfg.feedback == "boundary":  # only the byte that closes a group reads it
+            fed_back = fed_back * new[:, None, None].to(fed_back.dtype)
+        return m.head(m.norm(m.post(fed_back + h, self.post)[:, -1]))
