@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from hlm import ConfigError
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
-from hlm.models.generation import generate_ids, sample_next
+from hlm.models.generation import decoding_attention, generate_ids, sample_next
 from hlm.models.parts.boundaries import group_first, group_index
 from hlm.models.parts.downsample import WordPooling
 from hlm.splitter import PrefixState, utf8_allowed_next
@@ -234,7 +234,9 @@ class HAT(LanguageModel):
         streams = [self._stream_row(prompt[r : r + 1], max_new, temperature, top_k, generator, utf8)
                    for r in range(prompt.size(0))]
         for _ in range(max_new):
-            yield torch.tensor([next(s)[0] for s in streams], device=prompt.device)
+            with decoding_attention():
+                nxt = [next(s)[0] for s in streams]
+            yield torch.tensor(nxt, device=prompt.device)
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
