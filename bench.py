@@ -138,21 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         sync(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        ks = {trainer.phases.patch_size_at(trainer.step + i) for i in range(args.steps)}
-        if len(ks) > 1:
+        first, last = trainer.step, trainer.step + args.steps - 1
+        if trainer.phases.patch_size_at(first) != trainer.phases.patch_size_at(last):
             print("error: the timed steps cross the patch/token switch: change --warmup/--steps or "
                   "train.patch_fraction", file=sys.stderr)
             return 1
-        patch_mode = ks.pop() > 1
         stats = torch.zeros(2, device=dev, dtype=torch.float64)
         n_targets = 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            _, _, s, n, _ = trainer.train_step()
-            stats += s
-            n_targets += n
+            step = trainer.train_step()
+            stats += step.stats
+            n_targets += step.n_targets
         sync(dev)
         dt = time.perf_counter() - t0
+        timed_flops = trainer.flops.seen(last + 1) - trainer.flops.seen(first)
         breakdown = None
         if args.profile:
             cuda = dev.type == "cuda"
@@ -161,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                     trainer.train_step()
                 sync(dev)
             breakdown = kernel_breakdown(prof, args.profile_steps, cuda)
-    # counted in the step, plus a frozen model's FLOPs that a side file stood in for (BLT's entropy patcher);
-    # the headline rate leaves the patcher out, `*_with_patcher` keeps it in
-    step_flops = trainer.patch_flops_per_step if patch_mode else trainer.flops_per_step
-    flops_with_patcher = (step_flops + trainer.extra_flops_per_step) * args.steps / dt
+    # training FLOPs of the timed steps (hlm/metrics.py: counted in the step, at its phase's count, plus a
+    # frozen model's FLOPs that a side file stood in for, BLT's entropy patcher); the headline rate leaves
+    # the patcher out, `*_with_patcher` keeps it in
+    flops_with_patcher = timed_flops / dt
     patcher = patcher_flops(trainer) * args.steps / dt
     flops = flops_with_patcher - patcher
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     row = {"config": args.config, "overrides": args.overrides, "sdpa": args.sdpa, "device": device_name,
-           "mode": "patch" if patch_mode else "token",
+           "mode": "patch" if trainer.phases.patch_size_at(first) > 1 else "token",
            "step_s": dt / args.steps, "bytes_per_s": stats[1].item() / dt,
            "tokens_per_s": n_targets / dt, "tflops": flops / 1e12,
            "mfu": flops / peak if peak else None, "peak_flops": peak, "peak_source": peak_source,
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def patcher_flops(trainer: Trainer) -> float:
     """Forward FLOPs per step of a model's frozen helper (BLT's entropy patcher), 0 for other families."""
-    return trainer.raw_model.frozen_flops_per_token() * trainer.tokens_per_step
+    return trainer.raw_model.frozen_flops_per_token() * trainer.batches.tokens_per_step
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""The optimizer and the learning-rate schedule."""
+"""The optimizer and the learning-rate schedule.
+
+The learning rate is warmup (in steps) times a decay over training progress, where progress is
+step/max_steps or, with `train.time_budget_s` and/or `train.flop_budget`, the largest of that,
+the share of the time budget spent and the share of the FLOP budget spent, so a wall-clock- or
+compute-limited run still finishes its schedule and stops at the first step that reaches it.
+With a patch phase (hlm/patch.py) each phase has its own warmup and decay over its steps.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import torch
 
 from hlm.config import ConfigError, TrainConfig
 from hlm.models.base import LanguageModel
+from hlm.patch import PatchPhases
 
 
 def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
@@ -24,6 +32,29 @@ def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
     else:
         raise ConfigError(f"train.schedule: unknown schedule '{tc.schedule}' (cosine, wsd, constant)")
     return tc.lr * warm * decay
+
+
+def training_progress(tc: TrainConfig, step: int, train_time: float, flops_seen: int) -> float:
+    """How far training is, 1.0 at its end: the largest share spent of the steps, time and FLOP budgets."""
+    p = step / max(1, tc.max_steps)
+    if tc.time_budget_s > 0:
+        p = max(p, train_time / tc.time_budget_s)
+    if tc.flop_budget > 0:
+        p = max(p, flops_seen / tc.flop_budget)
+    return p
+
+
+def step_lr(tc: TrainConfig, phases: PatchPhases, step: int, progress: float) -> float:
+    """The learning rate of optimizer step `step` (0-based); a patch phase restarts the schedule at the switch."""
+    if phases.enabled:
+        return lr_at(tc, *phases.schedule_position(step))
+    return lr_at(tc, step, progress)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to `lr` times its `lr_scale`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def make_optimizer(model: LanguageModel, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -84,6 +84,20 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum `t` over the ranks in place (nothing to do for one process); returns it."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (a collective)."""
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Names of the optimizer's parameters in `state_dict()` index order."""
     name_of = {p: n for n, p in model.named_parameters()}

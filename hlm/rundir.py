@@ -13,9 +13,21 @@ import fcntl
 import os
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from hlm import HLMError
-from hlm.checkpoint import CheckpointError, write_atomic
-from hlm.config import SECTIONS, ConfigError
+from hlm.checkpoint import (
+    CheckpointError,
+    check_same_model,
+    load_checkpoint,
+    load_state,
+    remove_stale_temps,
+    require_keys,
+    write_atomic,
+)
+from hlm.config import SECTIONS, Config, ConfigError, config_to_dict
+from hlm.parallel import Runtime
 
 
 class RunDirError(HLMError):
@@ -88,6 +100,27 @@ class RunLock:
         self.release()
 
 
+def lock_run_dir(out_dir: Path, rt: Runtime) -> RunLock | None:
+    """Rank 0 locks out_dir for the run (`RunLock`; the other ranks get None) and clears temporary
+    files that killed runs left there; every rank stops with the same line when another run holds it."""
+    lock, error = None, ""
+    if rt.master:
+        try:
+            lock = RunLock(out_dir)
+        except RunDirError as e:
+            error = str(e)
+    if rt.world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunDirError(error)
+    if rt.master:
+        for path in remove_stale_temps(out_dir):
+            print(f"removed {path}: a temporary file of a killed run", flush=True)
+    return lock
+
+
 def _corpus_identity(meta: dict) -> dict:
     """What names a corpus's content: every sha256 in meta.json, its kind, vocabulary and split sizes."""
     ident = {}
@@ -153,3 +186,31 @@ def resume_changes(saved: dict, current: dict, path: Path, saved_world: int | No
         raise ConfigError(f"cannot resume {path} with changed {', '.join(fixed)}: these decide which data each step "
                           "sees; restore them or use a new train.out_dir")
     return [f"{k}: {o!r} -> {n!r}" for k, o, n in changes]
+
+
+def load_start(cfg: Config, model: torch.nn.Module, meta: dict, rt: Runtime) -> dict | None:
+    """Load the weights a run starts from into the unsharded `model`: out_dir/ckpt.pt on a resume
+    (returned, for the optimizer, counters and RNG), or train.init_from. A resume is checked first:
+    the same model, the same corpus, no change to FIXED_ON_RESUME; other changes are listed.
+    Checkpoints stay on the CPU (memory-mapped): a sharded run's full state need not fit on one GPU."""
+    tc = cfg.train
+    model_cfg = config_to_dict(cfg)["model"]
+    ckpt_path = Path(tc.out_dir) / "ckpt.pt"
+    if tc.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, mmap=True)
+        require_keys(ckpt, ckpt_path, ("model", "config", "optimizer", "step", "train_time", "tokens_seen",
+                                       "bytes_seen", "rng"))
+        check_same_model(ckpt["config"]["model"], model_cfg, ckpt_path)
+        check_same_corpus(ckpt.get("data_meta"), meta, Path(cfg.data.path), ckpt_path)
+        changes = resume_changes(ckpt["config"], config_to_dict(cfg), ckpt_path, ckpt.get("world"), rt.world)
+        if changes and rt.master:
+            print(f"resuming {ckpt_path} (step {ckpt['step']}) with changed settings: {'; '.join(changes)}",
+                  flush=True)
+        load_state(model, ckpt["model"], ckpt_path)
+        return ckpt
+    if tc.init_from:
+        ckpt = load_checkpoint(tc.init_from, mmap=True)
+        require_keys(ckpt, tc.init_from, ("model", "config"))
+        check_same_model(ckpt["config"]["model"], model_cfg, tc.init_from)
+        load_state(model, ckpt["model"], tc.init_from)
+    return None

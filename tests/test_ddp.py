@@ -101,7 +101,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(ddp_run, tmp_path):
     tmp, _, overrides = ddp_run
     single = [*overrides, f"train.out_dir={tmp_path / 'single'}", "train.batch_size=8"]
     trainer = Trainer(load_config(SMOKE_BYTE, single))
-    windows = {(s, m): trainer.samplers[1].starts(s, m) for s in range(STEPS) for m in range(2)}
+    windows = {(s, m): trainer.batches.samplers[1].starts(s, m) for s in range(STEPS) for m in range(2)}
     trainer.fit()
     logs = [json.loads((tmp / f"starts{r}.json").read_text())["starts"] for r in range(2)]
     for (s, m), starts in windows.items():

@@ -115,11 +115,11 @@ def fim_config(path, data, out, *extra):
 
 def test_byte_batches_carry_sentinels_and_val_stays_plain(code, tmp_path):
     trainer = Trainer(fim_config(FIM_BYTE, code / "bytes", tmp_path, *TINY_MODEL, "model.block_size=64"))
-    assert np.fromfile(code / "bytes" / "train.bin", dtype=np.uint8).size == trainer.train_split.n_tokens
-    x = trainer._batch(trainer.samplers[1], trainer.train_split, 0, 0)
+    assert np.fromfile(code / "bytes" / "train.bin", dtype=np.uint8).size == trainer.batches.train_split.n_tokens
+    x, _ = trainer.batches.train(0, 0)
     assert x.shape == (8, 65) and int(x.max()) in (256, 257, 258)
-    assert trainer.token_nbytes.tolist()[256:] == [0, 0, 0]
-    val = trainer.val_split.windows(np.array([0]), 65)
+    assert trainer.batches.token_nbytes.tolist()[256:] == [0, 0, 0]
+    val = trainer.batches.val_split.windows(np.array([0]), 65)
     assert int(val.max()) < 256
 
 

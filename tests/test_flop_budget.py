@@ -20,7 +20,7 @@ def make_trainer(corpus, out_dir, *overrides) -> Trainer:
 
 def test_flop_budget_stops_at_the_step_that_reaches_it(tmp_path, byte_corpus):
     probe = make_trainer(byte_corpus, tmp_path / "probe")
-    per_step = probe.flops_per_step
+    per_step = probe.flops.token
     assert per_step > 0
     k = 5
     for budget, steps in ((k * per_step, k), (k * per_step - 1, k), (k * per_step + 1, k + 1)):
@@ -54,7 +54,7 @@ def test_auxiliary_model_flops_count_toward_the_budget(tmp_path, byte_corpus, mo
     probe = make_trainer(byte_corpus, tmp_path / "probe")
     tc = probe.cfg.train
     assert seen["tokens"] == tc.batch_size * (probe.cfg.model.block_size + 1)
-    per_step = probe.flops_per_step + 1000 * seen["tokens"]
+    per_step = probe.flops.token + 1000 * seen["tokens"]
     trainer = make_trainer(byte_corpus, tmp_path / "run", f"train.flop_budget={3.0 * per_step}")
     assert trainer.fit()["step"] == 3
 
@@ -63,7 +63,7 @@ def test_patch_steps_count_the_patch_phase_flops(tmp_path, byte_corpus):
     cfg = load_config("configs/smoke/patch_byte_gpt.yaml", [f"data.path={byte_corpus}",
                                                              f"train.out_dir={tmp_path}", *QUIET])
     trainer = Trainer(cfg)
-    switch, patch, token = trainer.phases.switch_step, trainer.patch_flops_per_step, trainer.flops_per_step
+    switch, patch, token = trainer.phases.switch_step, trainer.flops.patch, trainer.flops.token
     assert switch == 28 and patch < token  # a patch step runs 1/K of the positions
     for step, want in ((0, 0), (5, 5 * patch), (switch, switch * patch), (40, switch * patch + 12 * token)):
         trainer.step = step

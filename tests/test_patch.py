@@ -112,18 +112,22 @@ def records(out_dir, kind):
 
 
 class RecordingTrainer(Trainer):
-    """Remembers the batch of every (step, micro-step)."""
+    """Remembers the batch of every (step, micro-step) that `fit` trains on."""
 
-    def _batch(self, sampler, split, step, micro):
-        x = super()._batch(sampler, split, step, micro)
-        if hasattr(self, "seen"):
-            self.seen.append((step, x))
-        return x
+    def fit(self):
+        self.seen, train = [], self.batches.train
+
+        def recorded(step, micro):
+            idx, kwargs = train(step, micro)
+            self.seen.append((step, idx))
+            return idx, kwargs
+
+        self.batches.train = recorded
+        return super().fit()
 
 
 def test_switch_happens_at_the_right_step(byte_data, tmp_path):
     trainer = RecordingTrainer(run_config(byte_data, tmp_path, max_steps=6, patch_fraction=0.5))
-    trainer.seen = []
     trainer.fit()
     assert [s for s, _ in trainer.seen] == list(range(6))
     token_sampler = WindowSampler(Split(byte_data, "train").n_tokens, BLOCK + 1, BATCH, 1, seed=1337)
@@ -131,7 +135,7 @@ def test_switch_happens_at_the_right_step(byte_data, tmp_path):
         if step < 3:  # patch mode: batch/K windows of K*(block+1) tokens, the same tokens per step
             assert x.shape == (BATCH // K, K * (BLOCK + 1))
         else:  # token mode reads exactly the batches of a token-only run at these steps
-            assert torch.equal(x, trainer.train_split.windows(token_sampler.starts(step, 0), BLOCK + 1))
+            assert torch.equal(x, trainer.batches.train_split.windows(token_sampler.starts(step, 0), BLOCK + 1))
     train_recs = records(tmp_path, "train")
     assert [(r["step"], r["mode"]) for r in train_recs] == [(1, "patch"), (2, "patch"), (3, "patch"),
                                                             (4, "token"), (5, "token"), (6, "token")]

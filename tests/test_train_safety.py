@@ -18,8 +18,9 @@ from test_train import SHAKESPEARE_HEAD, dead_pid, records, tiny_config
 
 from hlm import trainer as trainer_module
 from hlm.checkpoint import load_checkpoint
+from hlm.finite import NonFiniteError
 from hlm.rundir import RunLock
-from hlm.trainer import NonFiniteError, Trainer
+from hlm.trainer import Trainer
 
 FAST = ["train.batch_size=4", "eval.interval=0", "eval.batches=1", "log.interval=1", "train.warmup_steps=1"]
 
