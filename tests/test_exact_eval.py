@@ -490,7 +490,7 @@ def test_mask_key_codes_round_trip():
 def test_tree_attention_equals_attention_under_the_dense_mask(seed):
     """`tree_attention` (trunk causal, off-trunk chunks over the trunk and a band) computes attention
     under the mask the TreeMask stands for, on every position including padding."""
-    from hlm.models.blocks import TreeMask, tree_attention
+    from hlm.bytes.tree_attention import TreeMask, tree_attention
 
     g = torch.Generator().manual_seed(seed)
     B, H, D, t, c, s, n = 2, 3, 8, 5, 4, 3 + seed, 3

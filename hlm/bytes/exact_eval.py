@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from hlm import LN2, HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
-from hlm.models.blocks import TreeMask, at_least_fp32
+from hlm.bytes.tree_attention import TreeMask
+from hlm.models.blocks import at_least_fp32
 from hlm.tokenizers import Tokenizer, round_trips
 
 
