@@ -113,7 +113,7 @@ def stream_keys(ids: np.ndarray, tok: Tokenizer, end_id: int, rules: ConversionR
     if rule != "whitespace":
         return codes
     byte_piece = np.zeros(tok.vocab_size + 1, dtype=bool)
-    byte_piece[list(tok._byte_piece.values())] = True
+    byte_piece[list(tok.byte_pieces.values())] = True
     partial = b""
     for i in np.flatnonzero(byte_piece[np.minimum(ids, tok.vocab_size)]).tolist():
         if i == 0 or not byte_piece[min(int(ids[i - 1]), tok.vocab_size)]:
