@@ -231,7 +231,7 @@ def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
     (one model call per byte of the tail instead of the prefix). Returns the ByteLM and the cut
     whose prefix is that tail; tokenizers without such cuts get the whole prefix."""
     from hlm.bytes.byte_lm import ByteLM
-    from hlm.bytes.exact_eval import segment_points
+    from hlm.bytes.plan import segment_points
 
     points = segment_points(cut.prefix, fim.rules)
     if not points:
