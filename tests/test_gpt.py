@@ -78,13 +78,16 @@ def test_kv_cache_matches_full_forward(chunks):
 
 def test_kv_walk_follows_branching_paths():
     """`follow` keeps the prefix a path shares with the last one and feeds the rest: after every jump
-    (a sibling, a shorter path, a repeat, a fresh start) its logits are those of a full pass over the path."""
+    (a sibling, a shorter path, a repeat, a fresh start, ids fed directly) its logits are those of a full pass."""
     model = tiny_gpt()
     walk = KVWalk(model)
     base = random_ids(256, (20,)).tolist()
     for path in (base[:12], base[:12] + [7, 8], base[:12] + [9], base[:5], base[:5], base, [3]):
         torch.testing.assert_close(walk.follow(path), model.logits(torch.tensor([path]))[0, -1], rtol=0, atol=1e-10)
         assert len(walk) == len(path)
+    walk.follow(base[:4])
+    walk.feed(torch.tensor([[5, 6]]))  # fed after the path: `follow` keeps only what it knows
+    torch.testing.assert_close(walk.follow(base[:6]), model.logits(torch.tensor([base[:6]]))[0, -1], rtol=0, atol=1e-10)
     walk.rewind(0)
     assert len(walk) == 0
     with pytest.raises(ValueError, match="rewind"):

@@ -57,7 +57,6 @@ class _TokenRunner:
         self.cached_gpt = hasattr(model, "logits") and hasattr(getattr(model, "transformer", None), "new_cache")
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         self.device = params[0].device if params else torch.device("cpu")
-        self.dtype = params[0].dtype if params else torch.float32
         self.block = model.cfg.block_size if self.cached_gpt else None
         self.walk, self.offset = None, 0
 

@@ -103,14 +103,13 @@ class GPT(LanguageModel):
 class KVWalk:
     """The one walk of a GPT's KV cache, for B rows fed in lockstep: `feed(ids)` appends ids and returns
     their logits; `rewind(n)` keeps only the first n cached positions; `follow(path)` (one row) continues
-    from the longest prefix `path` shares with the path it followed last. Holds up to `max_len` positions
-    (the model's context by default)."""
+    from the longest prefix `path` shares with the path it followed last. Holds up to the model's context."""
 
-    def __init__(self, model: GPT, batch: int = 1, max_len: int | None = None):
+    def __init__(self, model: GPT, batch: int = 1):
         param = next(model.parameters())
         self.model = model
-        self.cache = model.transformer.new_cache(batch, max_len or model.cfg.block_size, param.device, param.dtype)
-        self.path: list[int] = []  # the ids `follow` fed, whose keys and values the cache holds
+        self.cache = model.transformer.new_cache(batch, model.cfg.block_size, param.device, param.dtype)
+        self.path: list[int] = []  # the ids at the first len(path) cached positions (those `follow` fed)
 
     def __len__(self) -> int:
         return self.cache.pos
@@ -129,13 +128,13 @@ class KVWalk:
     def follow(self, path: list[int]) -> torch.Tensor:
         """Next-id logits [V] after one row's non-empty `path`: the cached positions it shares with the last
         path are kept and the rest is fed (at least its last id, whose logits are needed)."""
-        shared, known = 0, self.path if len(self.path) == len(self) else []  # stale after a bare `feed`
-        for a, b in zip(path, known, strict=False):
+        shared = 0
+        for a, b in zip(path, self.path, strict=False):
             if a != b:
                 break
             shared += 1
         self.rewind(min(shared, len(path) - 1))
-        logits = self.feed(torch.tensor([path[len(self) :]], device=self.cache.k.device))[0, -1]
+        logits = self.model.logits(torch.tensor([path[len(self) :]], device=self.cache.k.device), self.cache)[0, -1]
         self.path = list(path)
         return logits
 
