@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hlm import LN2, HLMError
+from hlm import LN2, HLMError, require_exact_bytes
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.config import Config
 from hlm.evaluate import encode_stream, evaluate, inference_autocast, split_documents
@@ -102,6 +102,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise HLMError(f"{flag} must be >= 1, got {value}")
     if args.weights is not None and not all(math.isfinite(w) and w >= 0 for w in args.weights):
         raise HLMError(f"--weights must be finite and >= 0, got {args.weights}")
+    for flag, given in (("--exact-bytes", args.exact_bytes), ("--canonical", args.canonical),
+                        ("--ensemble", args.ensemble)):
+        if given:
+            require_exact_bytes(flag)
 
 
 def exact_row(model, tok, docs: list[bytes], ckpt: dict, args) -> dict:

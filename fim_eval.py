@@ -21,12 +21,13 @@ from collections.abc import Iterator
 
 import torch
 
-from hlm import HLMError, infilling
+from hlm import HLMError, infilling, require_exact_bytes
 from hlm.checkpoint import load_model, tokenizer_from_checkpoint, write_atomic
 from hlm.evaluate import split_documents
 from hlm.fim import N_SENTINELS
 
 METHODS = ("plain", "healing", "exact", "cut", "byte")
+EXACT_BYTE_METHODS = ("exact", "cut", "byte")  # the ones that use hlm/bytes
 
 
 def _load(path: str, device: str, kind: str):
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         raise HLMError("--cuts, --max-middle, --prefix-bytes and --suffix-bytes must be >= 1, --max-new-bytes >= 0")
     if args.seed < 0:
         raise HLMError(f"--seed must be >= 0, got {args.seed}")
+    exact = [m for m in args.methods if m in EXACT_BYTE_METHODS and (args.byte if m == "byte" else args.token)]
+    if exact:
+        require_exact_bytes(f"methods {', '.join(exact)} (run the others with --methods plain healing)")
     token = _load(args.token, args.device, "token") if args.token else None
     byte = _load(args.byte, args.device, "byte") if args.byte else None
     data = args.data or (token or byte)[2].data.path

@@ -8,6 +8,8 @@ tokens). --byte-level samples any model byte by byte through its exact byte-leve
 temperature and top-k applied to the 257 next-byte outcomes. --canonical-sampling (token models)
 masks the next tokens that cannot occur in a canonical encoding, so the sampled tokens are the
 tokenizer's own encoding of the text (hlm/bytes/sampling.py). Output goes to stdout as raw bytes.
+In a copy of hlm without hlm/bytes, token models fall back to plain token prompting (the prompt's
+own encoding, then tokens as sampled), and --byte-level and --canonical-sampling are refused.
 """
 
 import argparse
@@ -17,12 +19,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from hlm import HLMError
-from hlm.bytes import ByteLM, byte_lm_from_checkpoint, sample_bytes, sample_prompt_boundary
+from hlm import HLMError, has_exact_bytes, require_exact_bytes
+from hlm.checkpoint import load_model, tokenizer_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,20 +48,33 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         # argv arrives decoded with surrogateescape: fsencode gives back the bytes as typed
         prompt = Path(args.prompt_file).read_bytes() if args.prompt_file else os.fsencode(args.prompt)
-        blm, model, _, ckpt = byte_lm_from_checkpoint(args.checkpoint, args.device)
-        tokenized = isinstance(blm, ByteLM)
+        model, _, ckpt = load_model(args.checkpoint, args.device)
+        tok = tokenizer_from_checkpoint(ckpt)
+        separator = ckpt["data_meta"]["separator_id"]
+        tokenized = tok is not None
         if args.canonical_sampling and (not tokenized or args.byte_level):
             raise HLMError("--canonical-sampling applies to token-level sampling of a token model")
+        for flag, given in (("--byte-level", args.byte_level), ("--canonical-sampling", args.canonical_sampling)):
+            if given:
+                require_exact_bytes(flag)
         if tokenized:
             check_text_prompt(prompt)
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
-        if args.byte_level:
-            pieces = (bytes([b]) for b in sample_bytes(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen))
+        exact = has_exact_bytes()
+        if args.byte_level or (tokenized and exact):
+            from hlm.bytes import ByteLM, NativeByteLM, sample_bytes, sample_prompt_boundary
+
+            blm = ByteLM(model, tok, start_id=separator) if tokenized else NativeByteLM(model, separator)
+            if args.byte_level:
+                pieces = (bytes([b]) for b in sample_bytes(blm, prompt, args.max_bytes, args.temperature, args.top_k,
+                                                           gen))
+            else:
+                pieces = sample_prompt_boundary(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen,
+                                                canonical=args.canonical_sampling)
         elif tokenized:
-            pieces = sample_prompt_boundary(blm, prompt, args.max_bytes, args.temperature, args.top_k, gen,
-                                            canonical=args.canonical_sampling)
+            print("note: no hlm/bytes here: plain token prompting (the prompt's own encoding)", file=sys.stderr)
+            pieces = token_pieces(model, tok, prompt, separator, args, gen)
         else:
-            separator = ckpt["data_meta"]["separator_id"]
             ids = torch.tensor([[separator] + list(prompt)], device=args.device)
             stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen)
             ids_out = (int(nxt) for nxt in stream)  # the separator (end of document) or a FIM sentinel ends it
@@ -73,13 +89,29 @@ def main(argv: list[str] | None = None) -> int:
             written += len(piece)
         seconds = time.perf_counter() - t0
         out.write(b"\n")
-        mode = "byte-level" if args.byte_level else "prompt-boundary" if tokenized else "native bytes"
+        mode = ("byte-level" if args.byte_level else "native bytes" if not tokenized
+                else "prompt-boundary" if exact else "token prompting")
         print(f"{written} bytes in {seconds:.2f}s ({written / max(seconds, 1e-9):,.0f} bytes/s, {mode})",
               file=sys.stderr)
     except (HLMError, OSError) as e:  # bad input or an unreadable prompt file: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def token_pieces(model: torch.nn.Module, tok, prompt: bytes, separator: int, args: argparse.Namespace,
+                 gen: torch.Generator) -> Iterator[bytes]:
+    """Plain token sampling after the prompt's own encoding, up to `--max-bytes` bytes; the end of text or a
+    FIM sentinel ends it. A prompt that ends mid-word keeps its last token as encoded (no cover sampling)."""
+    ids = torch.tensor([[separator] + tok.encode(prompt)], device=args.device)
+    written = 0
+    for nxt in model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen):
+        t = int(nxt)
+        if written >= args.max_bytes or t == separator or t >= tok.vocab_size:
+            return
+        piece = tok.token_bytes(t)[: args.max_bytes - written]
+        written += len(piece)
+        yield piece
 
 
 def check_text_prompt(prompt: bytes) -> None:

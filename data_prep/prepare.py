@@ -286,7 +286,7 @@ def prepare(args: argparse.Namespace) -> dict:
             if not args.tokenizer_model:
                 print(f"training sentencepiece {args.tokenizer} tokenizer, vocab {args.vocab_size}")
                 train_sentencepiece(texts["train"], args.tokenizer, args.vocab_size, model_file, args.threads)
-            from hlm.tokenizers import SentencePieceTokenizer  # imports torch: not before a quick failure
+            from hlm.tokenizers import SentencePieceTokenizer  # (imported late: not before a quick failure)
 
             tok = SentencePieceTokenizer(model_file)
             if tok.model_type != args.tokenizer:

@@ -1,5 +1,6 @@
 """hlm: byte-level and hierarchical language models."""
 
+import importlib.util
 import math
 import os
 
@@ -30,3 +31,14 @@ def pid_alive(pid: int) -> bool:
     except (OverflowError, ValueError):
         return False
     return True
+
+
+def has_exact_bytes() -> bool:
+    """Whether hlm/bytes (exact byte-level conversion) is present: the rest of hlm runs without it."""
+    return importlib.util.find_spec("hlm.bytes") is not None
+
+
+def require_exact_bytes(what: str) -> None:
+    """Refuse `what` with one line where hlm/bytes is absent."""
+    if not has_exact_bytes():
+        raise HLMError(f"{what} needs hlm/bytes (exact byte-level conversion), which this copy of hlm lacks")

@@ -31,17 +31,21 @@ import ast
 import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hlm import LN2, HLMError
-from hlm.bytes.byte_lm import END, ByteLM, ByteLMBase, NativeByteLM
-from hlm.bytes.covers import ConversionRules
-from hlm.bytes.exact_eval import segment_points
 from hlm.fim import Sentinels, spm_prompt
 from hlm.models.gpt import GPT
+
+if TYPE_CHECKING:  # hlm.bytes is imported where a method needs it: plain and healing run without it
+    from hlm.bytes.byte_lm import ByteLM, ByteLMBase, NativeByteLM
+    from hlm.bytes.covers import ConversionRules
+
+END = 256  # a byte LM's end-of-text outcome (`hlm.bytes.byte_lm.END`)
 
 
 @dataclass
@@ -128,6 +132,8 @@ class TokenFIM:
     @cached_property
     def rules(self) -> ConversionRules:
         """The exact-conversion rules, built on first use (plain and healing do not need them)."""
+        from hlm.bytes.covers import ConversionRules
+
         return ConversionRules(self.tok)
 
     def _check(self, n: int) -> None:
@@ -152,11 +158,10 @@ class TokenFIM:
     @torch.no_grad()
     def _greedy(self, prompt: list[int], max_bytes: int, first_mask: torch.Tensor | None = None) -> bytes:
         self._check(len(prompt) + 1)
-        cache = self.model.transformer.new_cache(1, self.block, self.device, next(self.model.parameters()).dtype)
-        logits = self.model.logits(torch.tensor([prompt], device=self.device), cache)[0, -1]
+        decoder = self.model.new_decoder(torch.tensor([prompt], device=self.device))
         out, n = bytearray(), len(prompt)
         while len(out) < max_bytes and n < self.block:
-            lp = logits[: self.V].double()
+            lp = decoder.logits[0, : self.V].double()
             if first_mask is not None:
                 lp = lp.masked_fill(~first_mask.to(lp.device), float("-inf"))
                 first_mask = None
@@ -164,7 +169,7 @@ class TokenFIM:
             if t == self.sep:
                 break
             out += self.token_bytes[t]
-            logits = self.model.logits(torch.tensor([[t]], device=self.device), cache)[0, -1]
+            decoder.push(torch.tensor([t], device=self.device))
             n += 1
         return bytes(out[:max_bytes])
 
@@ -212,6 +217,8 @@ class TokenFIM:
 
 def exact_byte_lm(fim: TokenFIM, cut: Cut) -> ByteLM:
     """The exact byte-level view of the token model after `[EOS] <PRE> <SUF> suffix <MID>`."""
+    from hlm.bytes.byte_lm import ByteLM
+
     return ByteLM(fim.model, fim.tok, start_id=fim.s.middle, context=fim.context(cut)[:-1], rules=fim.rules)
 
 
@@ -223,6 +230,9 @@ def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
     from the next-byte distributions, and the ByteLM tracks covers over the bytes after the cut
     (one model call per byte of the tail instead of the prefix). Returns the ByteLM and the cut
     whose prefix is that tail; tokenizers without such cuts get the whole prefix."""
+    from hlm.bytes.byte_lm import ByteLM
+    from hlm.bytes.plan import segment_points
+
     points = segment_points(cut.prefix, fim.rules)
     if not points:
         return exact_byte_lm(fim, cut), cut
@@ -233,6 +243,8 @@ def exact_tail(fim: TokenFIM, cut: Cut) -> tuple[ByteLM, Cut]:
 
 def native_byte_lm(model: torch.nn.Module, cut: Cut) -> NativeByteLM:
     """A byte FIM model (sentinels 256..258) after `0x00 <PRE> <SUF> suffix <MID>`."""
+    from hlm.bytes.byte_lm import NativeByteLM
+
     s = Sentinels.after(256)
     return NativeByteLM(model, 0, spm_prompt([], list(cut.suffix), s, start=0))
 
@@ -266,11 +278,10 @@ def native_byte_fill(model: torch.nn.Module, cut: Cut, max_bytes: int) -> bytes:
     ids = blm.context + list(cut.prefix)
     if not isinstance(model, GPT) or len(ids) + max_bytes > model.cfg.block_size:
         return byte_fill(blm, cut, max_bytes)
-    param = next(model.parameters())
-    cache = model.transformer.new_cache(1, len(ids) + max_bytes, param.device, param.dtype)
-    logits = model.logits(torch.tensor([ids], device=param.device), cache)[0, -1]
+    decoder = model.new_decoder(torch.tensor([ids], device=next(model.parameters()).device))
     out = bytearray()
     while len(out) < max_bytes:
+        logits = decoder.logits[0]
         lp = logits[:256].clone()
         lp[blm.separator] = float("-inf")
         best = lp.argmax()
@@ -278,7 +289,7 @@ def native_byte_fill(model: torch.nn.Module, cut: Cut, max_bytes: int) -> bytes:
         if b == END:
             break
         out.append(b)
-        logits = model.logits(best.view(1, 1), cache)[0, -1]
+        decoder.push(best.view(1))
     return bytes(out)
 
 

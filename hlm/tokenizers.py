@@ -2,42 +2,30 @@
 
 Every tokenizer here exposes `encode(bytes) -> list[int]`, `decode(ids) -> bytes`,
 `token_bytes(i) -> bytes`, `vocab_size`, `eos_id` and `bos_id`. For exact
-byte-level conversion (hlm.bytes) they also expose `encode_piece` (the BPE of one pretoken,
-without pretokenization), `reachable_mask`, `pair_valid` / `pair_valid_mask` / `pair_valid_masks`
-(canonical adjacency inside one pretoken: of one pair, after one token, after each of a batch)
-and `boundary_rule`, which says how pretoken boundaries are decided: "none" (one pretoken: raw
+byte-level conversion (hlm.bytes, whose `merge_tables` derives reachability and canonical adjacency
+from them) they also expose the BPE itself: `encode_piece` (the BPE of one pretoken, without
+pretokenization), `atoms` (the parts it starts from), `merge_rank`, `piece_id`, `token_id`, and
+`boundary_rule`, which says how pretoken boundaries are decided: "none" (one pretoken: raw
 byte BPE), "whitespace" (sentencepiece: a new piece starts at a space that follows a non-space)
 or "regex" (GPT-2 / cl100k pretokenizer with lookahead).
 
 Three BPE flavours share one merge loop: pair ranks (`from_merges`), concatenation ranks
 (tiktoken, GPT-2 folders) and sentencepiece piece scores over characters with byte fallback.
 In every flavour the lowest-ranked mergeable adjacent pair merges first, leftmost on ties.
+`load_tokenizer` reads any of them; the GPT-2, tiktoken and tokenizer.json readers are in
+hlm/tokenizer_files.py.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from hlm import HLMError
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-TIKTOKEN_SPECIALS = {
-    "gpt2": (GPT2_PATTERN, {"<|endoftext|>": 50256}),
-    "cl100k_base": (CL100K_PATTERN, {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
-                                     "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}),
-}
-
 
 class TokenizerError(HLMError):
     """Input a text tokenizer cannot take, or a tokenizer file that cannot be used."""
@@ -60,8 +48,8 @@ def bpe_merge(parts: list[bytes], rank: Callable[[bytes, bytes], float | None]) 
     return parts, last
 
 
-class _ConversionMixin:
-    """Validity helpers shared by the BPE tokenizers (Phan et al. 2024)."""
+class _ByteTable:
+    """Bytes of every id, and the reverse map for tokens that are not special or byte fallback."""
 
     vocab_size: int
     _bytes: list[bytes]
@@ -73,193 +61,16 @@ class _ConversionMixin:
     def decode(self, ids: Iterable[int]) -> bytes:
         return b"".join(self._bytes[i] for i in ids)
 
+    def piece_id(self, data: bytes) -> int | None:
+        """The token whose bytes are exactly `data`, if any, special tokens and byte-fallback pieces aside."""
+        return self._id_of.get(data)
+
     def token_id(self, data: bytes) -> int | None:
         """The non-special token whose bytes are exactly `data`, if any."""
         return self._id_of.get(data)
 
-    def reachable_mask(self) -> torch.Tensor:
-        """Tokens the BPE can emit: `encode_piece(token_bytes(t)) == [t]` (special tokens: False)."""
-        if getattr(self, "_reachable", None) is None:
-            self._reachable = self._histories()[0]
-        return self._reachable
 
-    def pair_valid(self, a: int, b: int) -> bool:
-        """Is `[a, b]` the BPE of `bytes(a) + bytes(b)` inside one pretoken? (reachability aside)"""
-        return self.encode_piece(self._bytes[a] + self._bytes[b]) == [a, b]
-
-    def pair_valid_mask(self, a: int) -> torch.Tensor:
-        """`pair_valid(a, t)` for every t: one row of `pair_valid_masks`, cached for the byte-by-byte tracker."""
-        cache = self.__dict__.setdefault("_pair_masks", {})
-        if a not in cache:
-            if len(cache) > 4096:
-                cache.clear()
-            cache[a] = self.pair_valid_masks(torch.tensor([a]))[0]
-        return cache[a]
-
-    def pair_valid_by_merges(self, a: int, t: int) -> bool:
-        """`pair_valid_mask(a)[t]` for one pair, memoised (the cover tracker asks one token at a time), from
-        the same tables as the batched join: [a, t] fails iff a merge (x, y) that can fire across a's right
-        edge meets a node y on t's left spine that is still unfinished at the merge's rank."""
-        memo = self.__dict__.setdefault("_pair_memo", {})
-        hit = memo.get((a, t))
-        if hit is None:
-            crossing, left = self._crossing_merges(a), self._left_spine_lists()[t]
-            hit = bool(left) and not any((r := crossing.get(y)) is not None and r <= limit for y, limit in left)
-            if len(memo) > 4_000_000:
-                memo.clear()
-            memo[(a, t)] = hit
-        return hit
-
-    def _crossing_merges(self, a: int) -> dict[int, float]:
-        """{y: earliest rank} of the merges (x, y) that can fire across a's right edge (`_pair_tables`' rows of a)."""
-        cache = self.__dict__.setdefault("_crossing_cache", {})
-        if a not in cache:
-            (right, rank, start, count), _ = self._pair_tables()
-            lo, hi = int(start[a]), int(start[a] + count[a])
-            merges: dict[int, float] = {}
-            for y, r in zip(right[lo:hi].tolist(), rank[lo:hi].tolist(), strict=True):
-                merges[y] = min(r, merges.get(y, r))
-            cache[a] = merges
-        return cache[a]
-
-    def _left_spine_lists(self) -> list[list[tuple[int, float]]]:
-        """Every token's left spine as (node, rank that merges it away) pairs (empty for tokens without bytes)."""
-        if getattr(self, "_left_lists", None) is None:
-            _, left, _, rank = self._histories()
-            nodes, limits = _spines(left, rank, self._has_bytes())
-            self._left_lists = [[(n, r) for n, r in zip(row_n, row_r, strict=True) if n < self.vocab_size]
-                                for row_n, row_r in zip(nodes.tolist(), limits.tolist(), strict=True)]
-        return self._left_lists
-
-    def pair_valid_masks(self, lasts: torch.Tensor) -> torch.Tensor:
-        """Bool[K, V]: `pair_valid(lasts[k], t)` for every t, from the merge histories of the right edge of
-        lasts[k] and the left edge of t: [a, t] fails only if some merge across the boundary fires before
-        both sides finish (a's side wins ties, being further left). Exact when every merge ranks after the
-        merges that built its parts, as in trained vocabularies; tests check it against `pair_valid`."""
-        row, t = self._pair_conflicts(lasts)
-        mask = self._has_bytes().to(lasts.device).repeat(len(lasts), 1)
-        mask[row, t] = False
-        return mask
-
-    def _pair_conflicts(self, lasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, t) of every pair [lasts[k], t] that is not valid (some more than once), as one sparse join over
-        all k: the merges (x, y) that can fire across the right edge of lasts[k] -> the tokens t with y on
-        their left spine that are still unfinished at the merge's rank."""
-        (b_right, b_rank, b_start, b_count), (s_owner, s_key, s_levels, s_start) = self._pair_tables(lasts.device)
-        entry, row = _ranges(b_start[lasts], b_count[lasts])
-        y = b_right[entry]
-        unfinished = _count_below(s_key, s_levels, s_start, y, -b_rank[entry], right=True)  # limit >= rank
-        entry, src = _ranges(s_start[y], unfinished)
-        return row[src], s_owner[entry]
-
-    def _pair_tables(self, device: torch.device | str = "cpu") -> tuple:
-        """The tables `_pair_conflicts` joins, built once (and copied once to each device): for each token, the
-        merges (x, y) across its right edge: x on its right spine, ranked before x is merged away (right
-        token y, rank, start, count); and the left-spine entries of each node, latest limit first (token,
-        then `_sort_groups`' keys, levels and starts)."""
-        cache = self.__dict__.setdefault("_pair_table_cache", {})
-        device, cpu = torch.device(device), torch.device("cpu")
-        if cpu not in cache:
-            _, left, right, rank = self._histories()
-            v, has_bytes = self.vocab_size, self._has_bytes()
-            m_left, m_right, m_rank = self._merges()
-            order, m_key, m_levels, m_start = _sort_groups(m_left, m_rank, v)  # each x's merges, earliest first
-            nodes, limits = _spines(right, rank, has_bytes)
-            real = nodes < v
-            owner = torch.arange(v)[:, None].expand_as(nodes)[real]
-            x, limit = nodes[real], limits[real]
-            entry, src = _ranges(m_start[x], _count_below(m_key, m_levels, m_start, x, limit))  # rank < limit
-            count = torch.bincount(owner[src], minlength=v)  # owners stay in order
-            boundary = (m_right[order][entry], m_rank[order][entry], torch.cumsum(count, 0) - count, count)
-            nodes, limits = _spines(left, rank, has_bytes)
-            real = nodes < v
-            owner = torch.arange(v)[:, None].expand_as(nodes)[real]
-            order, s_key, s_levels, s_start = _sort_groups(nodes[real], -limits[real], v)
-            cache[cpu] = (boundary, (owner[order], s_key, s_levels, s_start))
-        if device not in cache:
-            cache[device] = tuple(tuple(x.to(device) for x in part) for part in cache[cpu])
-        return cache[device]
-
-    def _has_bytes(self) -> torch.Tensor:
-        if getattr(self, "_nonempty", None) is None:
-            self._nonempty = torch.tensor([bool(b) for b in self._bytes])
-        return self._nonempty
-
-    def _merges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every merge of two tokens into a token, from every split of every token's bytes: (left, right, rank)."""
-        if getattr(self, "_merge_rows", None) is None:
-            rows, find = [], self._id_of.get  # byte-fallback pieces never merge: they need not be found
-            for data in dict.fromkeys(self._bytes):  # distinct bytes, in id order
-                for k in range(1, len(data)):
-                    left = find(data[:k])
-                    right = None if left is None else find(data[k:])
-                    r = None if right is None else self._rank(data[:k], data[k:])
-                    if r is not None:
-                        rows.append((left, right, r))
-            left, right, rank = zip(*rows, strict=True) if rows else ((), (), ())
-            self._merge_rows = (torch.tensor(left, dtype=torch.int64), torch.tensor(right, dtype=torch.int64),
-                                torch.tensor(rank, dtype=torch.float64))
-        return self._merge_rows
-
-    def _histories(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One BPE of every token's own bytes: whether it yields the token itself (reachability) and, when it
-        yields one part, its last merge (left child, right child, rank; -1 children for atoms and tokens the
-        BPE cannot build). These are the merge trees the pair rule walks."""
-        if getattr(self, "_hist", None) is None:
-            v = self.vocab_size
-            reach, lchild, rchild, ranks = [False] * v, [-1] * v, [-1] * v, [0.0] * v
-            for t, data in enumerate(self._bytes):
-                parts, last = bpe_merge(self._atoms(data), self._rank)
-                if len(parts) == 1:
-                    reach[t] = self.token_id(parts[0]) == t
-                    if last is not None:
-                        lchild[t], rchild[t], ranks[t] = self.token_id(last[0]), self.token_id(last[1]), last[2]
-            self._hist = (torch.tensor(reach), torch.tensor(lchild), torch.tensor(rchild),
-                          torch.tensor(ranks, dtype=torch.float64))
-        return self._hist
-
-
-def _spines(child: torch.Tensor, rank: torch.Tensor, has_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[V, D] nodes on each token's left (or right) edge, following `child` down its merge tree (padded
-    with V; no row for tokens without bytes), and the rank that merges each node away (inf at the top)."""
-    v = len(child)
-    child = torch.cat([torch.where(child >= 0, child, v), torch.tensor([v])])
-    rank = torch.cat([rank, torch.zeros(1, dtype=torch.float64)])
-    node = torch.where(has_bytes, torch.arange(v), v)
-    limit = torch.full((v,), float("inf"), dtype=torch.float64)
-    nodes, limits = [], []
-    while not nodes or (node < v).any():
-        nodes.append(node)
-        limits.append(torch.where(node < v, limit, -float("inf")))
-        node, limit = child[node], rank[node]
-    return torch.stack(nodes, 1), torch.stack(limits, 1)
-
-
-def _ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indices start[i] .. start[i] + count[i] - 1 for every i, concatenated, and the i each came from."""
-    src = torch.repeat_interleave(torch.arange(len(start), device=start.device), count)
-    entry = torch.arange(len(src), device=start.device) - (torch.cumsum(count, 0) - count - start)[src]
-    return entry, src
-
-
-def _sort_groups(group: torch.Tensor, value: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Entries sorted by (group, value), so that the entries of a group below any bound are a prefix of it:
-    the order, the sorted keys (group and value level in one int), the distinct values, each group's start."""
-    levels = torch.unique(value)
-    key = group * len(levels) + torch.searchsorted(levels, value)
-    order = torch.argsort(key)
-    count = torch.bincount(group, minlength=n)
-    return order, key[order], levels, torch.cumsum(count, 0) - count
-
-
-def _count_below(key: torch.Tensor, levels: torch.Tensor, start: torch.Tensor, group: torch.Tensor,
-                 bound: torch.Tensor, right: bool = False) -> torch.Tensor:
-    """How many entries of each group (of `_sort_groups`) have a value < bound (<= bound with right=True)."""
-    level = torch.searchsorted(levels, bound, right=right)
-    return torch.searchsorted(key, group * len(levels) + level) - start[group]
-
-
-class BPETokenizer(_ConversionMixin):
+class BPETokenizer(_ByteTable):
     """Byte-level BPE: ids of the base bytes and merged tokens, then special tokens (no bytes).
 
     `pattern` (a `regex` pattern) splits text into pretokens first, as GPT-2 and cl100k do;
@@ -270,7 +81,7 @@ class BPETokenizer(_ConversionMixin):
                  eos_id: int | None = None, bos_id: int | None = None, name: str = "bpe"):
         self._bytes = list(token_bytes)
         self.vocab_size = len(self._bytes)
-        self._rank = rank
+        self.merge_rank = rank  # (left bytes, right bytes) -> rank of their merge, None if they never merge
         self.pattern = pattern
         self._regex = None
         if pattern is not None:
@@ -287,7 +98,6 @@ class BPETokenizer(_ConversionMixin):
         for i, b in enumerate(self._bytes):
             if b and b not in self._id_of:
                 self._id_of[b] = i
-        self._reachable = None
         self._piece_cache: dict[bytes, list[int]] = {}
 
     @classmethod
@@ -321,16 +131,10 @@ class BPETokenizer(_ConversionMixin):
             token_bytes[i] = b
         tok = cls(token_bytes, lambda a, b: ranks.get(a + b), pattern, specials,
                   eos_id=specials.get(eos) if eos else None, name=name)
-        tok._ranks = ranks
         return tok
 
-    def reachable_mask(self) -> torch.Tensor:
-        """As for any BPE; with `ignore_merges` every token is its own encoding (duplicates: the first id)."""
-        if self.ignore_merges and self._reachable is None:
-            self._reachable = torch.tensor([bool(b) and self._id_of.get(b) == i for i, b in enumerate(self._bytes)])
-        return super().reachable_mask()
-
-    def _atoms(self, data: bytes) -> list[bytes]:
+    def atoms(self, data: bytes) -> list[bytes]:
+        """The parts BPE starts from: single bytes."""
         return [data[i : i + 1] for i in range(len(data))]
 
     def encode_piece(self, data: bytes) -> list[int]:
@@ -340,7 +144,7 @@ class BPETokenizer(_ConversionMixin):
         if hit is None and self.ignore_merges and data in self._id_of:
             hit = [self._id_of[data]]
         if hit is None:
-            hit = [self._id_of[p] for p in bpe_merge(self._atoms(data), self._rank)[0]]
+            hit = [self._id_of[p] for p in bpe_merge(self.atoms(data), self.merge_rank)[0]]
             if len(self._piece_cache) > 200_000:
                 self._piece_cache.clear()
             self._piece_cache[data] = hit
@@ -362,7 +166,7 @@ class BPETokenizer(_ConversionMixin):
         return [t for piece in self.pretokenize(text) for t in self.encode_piece(piece.encode("utf-8"))]
 
 
-class SentencePieceTokenizer(_ConversionMixin):
+class SentencePieceTokenizer(_ByteTable):
     """A sentencepiece `.model` seen as bytes: pieces map to their UTF-8 bytes ('▁' is a space),
     byte-fallback pieces `<0xAB>` to one byte, control pieces to no bytes.
 
@@ -387,15 +191,14 @@ class SentencePieceTokenizer(_ConversionMixin):
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
         self.model_type, self.add_dummy_prefix, self.normalization = self._trainer_facts(model_proto, path)
         self.boundary_rule = "whitespace"
-        self._id_of, self._byte_piece = {}, {}
+        self._id_of, self.byte_pieces = {}, {}  # byte_pieces: the byte-fallback piece of each byte
         self._score: dict[bytes, float] = {}
         for i, b in enumerate(self._bytes):
             if self.sp.is_byte(i):
-                self._byte_piece[b] = i
+                self.byte_pieces[b] = i
             elif b and not self.sp.is_unused(i):
                 self._id_of.setdefault(b, i)
                 self._score[b] = self.sp.get_score(i)
-        self._reachable = None
         self._piece_cache: dict[bytes, list[int]] = {}
 
     @staticmethod
@@ -424,17 +227,7 @@ class SentencePieceTokenizer(_ConversionMixin):
 
     def token_id(self, data: bytes) -> int | None:
         hit = self._id_of.get(data)
-        return hit if hit is not None or len(data) != 1 else self._byte_piece.get(data)
-
-    def reachable_mask(self) -> torch.Tensor:
-        """As for any BPE, minus byte pieces for bytes that never occur in UTF-8 (C0, C1, F5-FF)."""
-        if getattr(self, "_reachable", None) is None:
-            mask = super().reachable_mask().clone()
-            for b, t in self._byte_piece.items():
-                if b[0] in (0xC0, 0xC1) or b[0] >= 0xF5:
-                    mask[t] = False
-            self._reachable = mask
-        return self._reachable
+        return hit if hit is not None or len(data) != 1 else self.byte_pieces.get(data)
 
     def check_exact(self) -> None:
         """Refuse tokenizers whose encoding the cover recursion cannot follow exactly."""
@@ -442,8 +235,9 @@ class SentencePieceTokenizer(_ConversionMixin):
             raise TokenizerError(f"sentencepiece {self.model_type} model: exact byte conversion needs a BPE model "
                                  "(Unigram segmentations are not prefix-closed)")
 
-    def _atoms(self, data: bytes) -> list[bytes]:
-        """Characters that are pieces stay whole; other characters (and stray bytes) become bytes."""
+    def atoms(self, data: bytes) -> list[bytes]:
+        """The parts BPE starts from: characters that are pieces stay whole; other characters (and stray
+        bytes) become bytes."""
         out, i = [], 0
         while i < len(data):
             n = _utf8_len(data[i])
@@ -460,7 +254,8 @@ class SentencePieceTokenizer(_ConversionMixin):
                 i += n if good else 1
         return out
 
-    def _rank(self, a: bytes, b: bytes) -> float | None:
+    def merge_rank(self, a: bytes, b: bytes) -> float | None:
+        """Rank of merging two parts (the negated piece score), None if they make no piece or one is a byte."""
         s = self._score.get(a + b)  # looked up first: most pairs make no piece
         return None if s is None or self._is_fallback(a) or self._is_fallback(b) else -s
 
@@ -470,8 +265,8 @@ class SentencePieceTokenizer(_ConversionMixin):
     def encode_piece(self, data: bytes) -> list[int]:
         hit = self._piece_cache.get(data)
         if hit is None:
-            hit = [self._byte_piece[p] if self._is_fallback(p) else self._id_of[p]
-                   for p in bpe_merge(self._atoms(data), self._rank)[0]]
+            hit = [self.byte_pieces[p] if self._is_fallback(p) else self._id_of[p]
+                   for p in bpe_merge(self.atoms(data), self.merge_rank)[0]]
             if len(self._piece_cache) > 200_000:
                 self._piece_cache.clear()
             self._piece_cache[data] = hit
@@ -546,107 +341,11 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters used in encoder.json / vocab.bpe."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def load_gpt2_folder(folder: Path) -> BPETokenizer:
-    """encoder.json + vocab.bpe: ranks are the merge order (checked against encoder.json's ids)."""
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
-
-    def raw(s: str) -> bytes:
-        return bytes(decoder[c] for c in s)
-
-    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
-    ranks = {raw(c): encoder[c] for c in bytes_to_unicode().values()}
-    for left, right in merges:
-        b = raw(left) + raw(right)
-        if encoder.get(left + right) is None:
-            raise TokenizerError(f"{folder}: merge {left} {right} is not in encoder.json")
-        ranks[b] = encoder[left + right]
-    specials = {k: v for k, v in encoder.items() if k.startswith("<|")}
-    return BPETokenizer.from_ranks(ranks, GPT2_PATTERN, specials, name="gpt2")
-
-
-def load_tiktoken_file(path: Path) -> BPETokenizer:
-    """A tiktoken rank file (base64 token, rank per line); the pretokenizer comes from its name."""
-    name = path.name.removesuffix(".tiktoken")
-    if name not in TIKTOKEN_SPECIALS:
-        raise TokenizerError(f"{path}: unknown tiktoken encoding '{name}' (known: {', '.join(TIKTOKEN_SPECIALS)})")
-    ranks = {}
-    for line in path.read_bytes().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    pattern, specials = TIKTOKEN_SPECIALS[name]
-    return BPETokenizer.from_ranks(ranks, pattern, specials, name=name)
-
-
-def load_hf_tokenizer_json(path: Path) -> BPETokenizer:
-    """A Hugging Face `tokenizer.json` holding a byte-level BPE (GPT-2, Llama-3 style): vocab, merges,
-    a ByteLevel or Split+ByteLevel pretokenizer, added tokens as specials. Normalizers and
-    Metaspace/Unigram/WordPiece models are refused: they do not map bytes to ids exactly."""
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json is supported, not {model.get('type')}")
-    if spec.get("normalizer") is not None:
-        raise TokenizerError(f"{path}: a normalizer changes the bytes; exact byte conversion needs none")
-    pattern, prefix_space = _hf_pretokenizer(spec.get("pre_tokenizer"), path)
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
-
-    def raw(s: str) -> bytes:
-        try:
-            return bytes(decoder[c] for c in s)
-        except KeyError:
-            raise TokenizerError(f"{path}: token {s!r} is not in GPT-2's byte-level alphabet") from None
-
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    size = max(list(model["vocab"].values()) + list(specials.values())) + 1
-    token_bytes = [b""] * size
-    for s, i in model["vocab"].items():
-        if s not in specials:
-            token_bytes[i] = raw(s)
-    pair_rank = {}
-    for k, merge in enumerate(model.get("merges", [])):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        pair_rank[(raw(left), raw(right))] = k
-    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>", "</s>") if s in specials), None)
-    bos = next((specials[s] for s in ("<|begin_of_text|>", "<s>") if s in specials), None)
-    tok = BPETokenizer(token_bytes, lambda a, b: pair_rank.get((a, b)), pattern, specials, eos, bos, name="hf")
-    tok.ignore_merges = bool(model.get("ignore_merges"))
-    tok.add_dummy_prefix = prefix_space
-    return tok
-
-
-def _hf_pretokenizer(spec: dict | None, path: Path) -> tuple[str, bool]:
-    """(regex, add_prefix_space) of a ByteLevel or Sequence[Split(regex), ByteLevel] pretokenizer."""
-    if spec and spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
-        return GPT2_PATTERN, bool(spec.get("add_prefix_space"))
-    if spec and spec.get("type") == "Sequence":
-        parts = spec.get("pretokenizers", [])
-        if (len(parts) == 2 and parts[0].get("type") == "Split" and "Regex" in parts[0].get("pattern", {})
-                and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
-                and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
-            return parts[0]["pattern"]["Regex"], bool(parts[1].get("add_prefix_space"))
-    kind = spec.get("type") if spec else None
-    raise TokenizerError(f"{path}: unsupported pretokenizer {kind!r} (need ByteLevel, or Split + ByteLevel)")
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer by its kind: sentencepiece `.model`, GPT-2 folder (encoder.json + vocab.bpe),
     a tiktoken `.tiktoken` rank file, or a Hugging Face `tokenizer.json` (file or folder)."""
+    from hlm.tokenizer_files import load_gpt2_folder, load_hf_tokenizer_json, load_tiktoken_file
+
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"tokenizer not found: {path}")

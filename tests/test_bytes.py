@@ -9,6 +9,7 @@ import torch
 from conftest import random_merges
 
 from hlm.bytes import ByteLM, Ensemble, MissingCoverError, NativeByteLM, as_byte_lm
+from hlm.bytes.merge_tables import merge_tables
 from hlm.tokenizers import BPETokenizer
 
 ALPHABET = b"abc"
@@ -179,9 +180,9 @@ def test_canonical_bigram_model_all_three_agree():
     alphabet &= torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
     table = torch.full_like(weights, float("-inf"))
     for prev in range(tok.vocab_size):
-        ok = alphabet & tok.reachable_mask()
+        ok = alphabet & merge_tables(tok).reachable_mask()
         if prev != tok.eos_id:
-            ok = ok & tok.pair_valid_mask(prev)
+            ok = ok & merge_tables(tok).pair_valid_mask(prev)
         ok[tok.eos_id] = prev != tok.eos_id
         table[prev] = torch.where(ok, weights[prev], torch.tensor(float("-inf"), dtype=torch.float64))
 

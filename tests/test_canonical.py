@@ -12,7 +12,7 @@ from hlm import LN2
 from hlm.bytes import ByteLM
 from hlm.bytes.canonical import canonicalized_stream, incomplete_char, open_end_correction, stream_keys
 from hlm.bytes.covers import ConversionRules
-from hlm.bytes.exact_eval import mask_key_code
+from hlm.bytes.plan import mask_key_code
 from hlm.evaluate import encode_stream, score_stream
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.tokenizers import BPETokenizer, SentencePieceTokenizer, load_tokenizer

@@ -9,7 +9,8 @@ import torch
 from conftest import random_merges
 
 from hlm.bytes import ByteLM, Ensemble, NativeByteLM, sample_bytes, sample_prompt_boundary
-from hlm.bytes.exact_eval import DocPlan, exact_bpb
+from hlm.bytes.exact_eval import exact_bpb
+from hlm.bytes.plan import DocPlan
 from hlm.models.gpt import GPT, GPTConfig
 from hlm.tokenizers import SentencePieceTokenizer
 
@@ -249,14 +250,16 @@ def test_tree_windows_match_plain_causal_calls(sp_bpe):
     """With a context of 8 tokens each document spans many windows: every node's next-token distribution
     from the tree pass equals a plain causal call on its path inside its window."""
     from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.exact_eval import _Flat, _tree_pass, _windows, plan_documents
+    from hlm.bytes.layout import Flat, windows_of
+    from hlm.bytes.plan import plan_documents
+    from hlm.bytes.score import tree_pass
 
     model = tiny_gpt(sp_bpe.vocab_size, block=8, seed=7)
     rules = ConversionRules(sp_bpe)
     plans, _ = plan_documents(DOCS[:2], rules, sp_bpe.eos_id)
-    flat = _Flat(plans)
-    _, eos_lp, _, _ = _tree_pass(model, rules, flat, "cpu", 3, 7, None)
-    windows = _windows(flat, 8)
+    flat = Flat(plans)
+    eos_lp = tree_pass(model, rules, flat, "cpu", 3, 7, None).eos_lp
+    windows = windows_of(flat, 8)
     checked = 0
     for a, b in zip(windows.start[:-1], windows.start[1:], strict=True):
         window = windows.node[a:b].tolist()
@@ -303,7 +306,9 @@ def test_invalid_mask_table_equals_per_key_masks(kind, sp_bpe):
     """The mask table built in batched steps equals the per-key masks of the byte-by-byte tracker
     (`~next_mask(*key)` in sorted-vocabulary order) for every (last token, partial character) key of real plans."""
     from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.exact_eval import _Flat, _invalid_masks, _mask_key, mask_key_code, plan_documents
+    from hlm.bytes.layout import Flat
+    from hlm.bytes.plan import mask_key, mask_key_code, plan_documents
+    from hlm.bytes.score import invalid_masks
     from hlm.tokenizers import BPETokenizer, load_tokenizer
 
     docs = DOCS + [(FIXTURES / "enwiki_wv_test_head64k.txt").read_bytes()[:3000]]
@@ -318,14 +323,14 @@ def test_invalid_mask_table_equals_per_key_masks(kind, sp_bpe):
         docs = [b"The cat's  whiskers", "Caf\u00e9 \u65e5".encode()]
     rules = ConversionRules(tok, marginal=kind == "sp_marginal")
     plans, _ = plan_documents(docs, rules, tok.eos_id)
-    flat = _Flat(plans)
+    flat = Flat(plans)
     codes = np.unique(flat.key)
-    distinct = [_mask_key(c) for c in codes.tolist()]
+    distinct = [mask_key(c) for c in codes.tolist()]
     assert [mask_key_code(*k) for k in distinct] == codes.tolist()
     assert len(distinct) > (100 if kind == "sp" else 5)
     if kind == "sp":
         assert any(partial for _, partial in distinct)
-    table, key_row = _invalid_masks(rules, flat.key, torch.device("cpu"))
+    table, key_row = invalid_masks(rules, flat.key, torch.device("cpu"))
     expect = torch.stack([~rules.next_mask(*k)[rules.index.perm] for k in distinct])
     assert torch.equal(table, expect)
     assert np.array_equal(codes[key_row.numpy()], flat.key)
@@ -393,10 +398,10 @@ def dense_of(tree, width: int) -> torch.Tensor:
 def check_windows_and_masks(plans: list[DocPlan], block: int, batch_size: int) -> None:
     """Windows hold what `naive_windows` says; in each packed row a node sees exactly its ancestors inside
     its window (and itself), at position depth - the window's first depth; padding sees only itself."""
-    from hlm.bytes.exact_eval import _Flat, _pack, _windows
+    from hlm.bytes.layout import Flat, pack_windows, windows_of
 
-    flat = _Flat(plans)
-    windows = _windows(flat, block)
+    flat = Flat(plans)
+    windows = windows_of(flat, block)
     expect = [[v + flat.offset[d] for v in w] for d, plan in enumerate(plans) for w in naive_windows(plan, block)]
     got = [windows.node[a:b].tolist() for a, b in zip(windows.start[:-1], windows.start[1:], strict=True)]
     assert got == expect
@@ -410,7 +415,7 @@ def check_windows_and_masks(plans: list[DocPlan], block: int, batch_size: int) -
     width = windows.n_trunk + windows.n_off
     for i in range(0, len(got), batch_size):
         batch = got[i : i + batch_size]
-        ids, pos, tree, rows, nodes = _pack(windows, i, i + len(batch), batch_size)
+        ids, pos, tree, rows, nodes = pack_windows(windows, i, i + len(batch), batch_size)
         assert ids.shape == pos.shape == (batch_size, width)
         assert nodes.tolist() == [v for w in batch for v in w]
         dense = dense_of(tree, width)
@@ -442,7 +447,7 @@ def test_windows_and_masks_equal_ancestor_walks_on_random_trees(seed):
 
 def test_windows_and_masks_equal_ancestor_walks_on_real_plans(sp_bpe):
     from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.exact_eval import plan_documents
+    from hlm.bytes.plan import plan_documents
 
     text = (FIXTURES / "enwiki_wv_test_head64k.txt").read_bytes()[30000:32000]
     plans, _ = plan_documents([text, *DOCS], ConversionRules(sp_bpe), sp_bpe.eos_id)
@@ -450,25 +455,28 @@ def test_windows_and_masks_equal_ancestor_walks_on_real_plans(sp_bpe):
 
 
 def test_log_prefix_probs_equal_a_walk_down_the_tree():
-    from hlm.bytes.exact_eval import _Flat, _log_prefix_probs
+    from hlm.bytes.layout import Flat
+    from hlm.bytes.score import log_prefix_probs
 
     rng = np.random.default_rng(0)
-    flat = _Flat([random_plan(rng, int(rng.integers(1, 80)), 4) for _ in range(3)])
+    flat = Flat([random_plan(rng, int(rng.integers(1, 80)), 4) for _ in range(3)])
     step = torch.from_numpy(-rng.exponential(size=flat.n_nodes))
     expect = [0.0] * flat.n_nodes
     for v, p in enumerate(flat.parent.tolist()):
         if p >= 0:
             expect[v] = expect[p] + float(step[v])
-    assert torch.equal(_log_prefix_probs(flat, step), torch.tensor(expect, dtype=torch.float64))  # same sums
+    assert torch.equal(log_prefix_probs(flat, step), torch.tensor(expect, dtype=torch.float64))  # same sums
 
 
 def test_next_byte_bounds_equal_searchsorted(sp_bpe):
     from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.exact_eval import _Flat, _next_byte_bounds, plan_documents
+    from hlm.bytes.layout import Flat
+    from hlm.bytes.plan import plan_documents
+    from hlm.bytes.score import next_byte_bounds
 
     rules = ConversionRules(sp_bpe)
-    flat = _Flat(plan_documents(DOCS, rules, sp_bpe.eos_id)[0])
-    table, which = _next_byte_bounds(rules.index, flat)
+    flat = Flat(plan_documents(DOCS, rules, sp_bpe.eos_id)[0])
+    table, which = next_byte_bounds(rules.index, flat)
     columns = rules.index.byte_at.numpy()
     for j, (lo, hi, k) in enumerate(zip(flat.q_lo[flat.den_q].tolist(), flat.q_hi[flat.den_q].tolist(),
                                         flat.den_k.tolist(), strict=True)):
@@ -479,18 +487,18 @@ def test_next_byte_bounds_equal_searchsorted(sp_bpe):
 
 
 def test_mask_key_codes_round_trip():
-    from hlm.bytes.exact_eval import _mask_key, mask_key_code
+    from hlm.bytes.plan import mask_key, mask_key_code
 
     keys = [(None, b""), (0, b""), (16383, b""), (5, b"\xe6"), (5, b"\xe6\x97"), (7, b"\xf0\x9f\x98"), (7, b"\x00")]
     codes = [mask_key_code(*k) for k in keys]
-    assert len(set(codes)) == len(keys) and [_mask_key(c) for c in codes] == keys
+    assert len(set(codes)) == len(keys) and [mask_key(c) for c in codes] == keys
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_tree_attention_equals_attention_under_the_dense_mask(seed):
     """`tree_attention` (trunk causal, off-trunk chunks over the trunk and a band) computes attention
     under the mask the TreeMask stands for, on every position including padding."""
-    from hlm.models.blocks import TreeMask, tree_attention
+    from hlm.bytes.tree_attention import TreeMask, tree_attention
 
     g = torch.Generator().manual_seed(seed)
     B, H, D, t, c, s, n = 2, 3, 8, 5, 4, 3 + seed, 3

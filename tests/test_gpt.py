@@ -10,7 +10,7 @@ import torch
 
 from hlm.models import build_model
 from hlm.models.base import ModelOutput
-from hlm.models.gpt import GPTConfig
+from hlm.models.gpt import GPTConfig, KVWalk
 
 
 def tiny_gpt(vocab_size: int = 256, block_size: int = 24, tie: bool = False, seed: int = 0) -> torch.nn.Module:
@@ -74,6 +74,24 @@ def test_kv_cache_matches_full_forward(chunks):
         pos += n
     assert cache.pos == 24
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_kv_walk_follows_branching_paths():
+    """`follow` keeps the prefix a path shares with the last one and feeds the rest: after every jump
+    (a sibling, a shorter path, a repeat, a fresh start, ids fed directly) its logits are those of a full pass."""
+    model = tiny_gpt()
+    walk = KVWalk(model)
+    base = random_ids(256, (20,)).tolist()
+    for path in (base[:12], base[:12] + [7, 8], base[:12] + [9], base[:5], base[:5], base, [3]):
+        torch.testing.assert_close(walk.follow(path), model.logits(torch.tensor([path]))[0, -1], rtol=0, atol=1e-10)
+        assert len(walk) == len(path)
+    walk.follow(base[:4])
+    walk.feed(torch.tensor([[5, 6]]))  # fed after the path: `follow` keeps only what it knows
+    torch.testing.assert_close(walk.follow(base[:6]), model.logits(torch.tensor([base[:6]]))[0, -1], rtol=0, atol=1e-10)
+    walk.rewind(0)
+    assert len(walk) == 0
+    with pytest.raises(ValueError, match="rewind"):
+        walk.rewind(1)
 
 
 def test_greedy_generate_matches_full_recompute():

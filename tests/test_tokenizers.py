@@ -10,6 +10,7 @@ from conftest import random_merges
 
 from hlm import HLMError
 from hlm.bytes import ConversionRules, CoverTracker
+from hlm.bytes.merge_tables import merge_tables
 from hlm.tokenizers import BPETokenizer, SentencePieceTokenizer, load_tokenizer, round_trip_failures
 
 SHARED = Path(__file__).parent / "fixtures" / "tokenizers"  # GPT-2 and tiktoken files (licences beside them)
@@ -95,13 +96,13 @@ def test_pair_masks_agree_with_re_encoding(which, sp_bpe):
         tok = BPETokenizer.from_merges(random_merges(0, n=30))
     else:
         tok = sp_bpe
-    reach = tok.reachable_mask()
+    reach = merge_tables(tok).reachable_mask()
     ids = [i for i in range(tok.vocab_size) if reach[i]]
     for a in rng.sample(ids, min(40, len(ids))):
-        mask = tok.pair_valid_mask(a)
+        mask = merge_tables(tok).pair_valid_mask(a)
         for b in rng.sample(ids, min(150, len(ids))):
-            assert bool(mask[b]) == tok.pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
-            assert tok.pair_valid_by_merges(a, b) == bool(mask[b])
+            assert bool(mask[b]) == merge_tables(tok).pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
+            assert merge_tables(tok).pair_valid_by_merges(a, b) == bool(mask[b])
 
 
 def toy_merges(seed: int, n: int) -> BPETokenizer:
@@ -121,9 +122,9 @@ def test_reachable_mask_is_re_encoding(which, sp_bpe, gpt2):
     tok = {"toy": toy_merges(2, 40), "sp": sp_bpe, "gpt2": gpt2}[which]
     expect = [bool(b) and tok.encode_piece(b) == [i] for i, b in enumerate(map(tok.token_bytes, range(tok.vocab_size)))]
     if which == "sp":  # byte pieces of bytes that never occur in UTF-8 are left out
-        for b, i in tok._byte_piece.items():
+        for b, i in tok.byte_pieces.items():
             expect[i] = expect[i] and b[0] not in (0xC0, 0xC1) and b[0] < 0xF5
-    assert tok.reachable_mask().tolist() == expect
+    assert merge_tables(tok).reachable_mask().tolist() == expect
     assert 0 < sum(expect) < tok.vocab_size
 
 
@@ -135,18 +136,19 @@ def test_batched_pair_masks(which, sp_bpe):
     tok = toy_merges(4, 40) if which == "toy" else sp_bpe
     lasts = list(range(tok.vocab_size)) + rng.choices(range(tok.vocab_size), k=50)
     rng.shuffle(lasts)
-    masks = tok.pair_valid_masks(torch.tensor(lasts))
+    masks = merge_tables(tok).pair_valid_masks(torch.tensor(lasts))
     assert masks.shape == (len(lasts), tok.vocab_size) and masks.dtype == torch.bool
     for row, a in zip(masks, lasts, strict=True):
-        assert torch.equal(row, tok.pair_valid_mask(a)), a
+        assert torch.equal(row, merge_tables(tok).pair_valid_mask(a)), a
     has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
     assert not masks[:, ~has_bytes].any() and torch.equal(masks[lasts.index(tok.eos_id)], has_bytes)
-    reach = torch.nonzero(tok.reachable_mask()).flatten().tolist()
+    reach = torch.nonzero(merge_tables(tok).reachable_mask()).flatten().tolist()
     pairs = [(a, b) for a in reach for b in reach]
     checked = pairs if which == "toy" else rng.sample(pairs, 4000)
+    tables = merge_tables(tok)
     for a, b in checked:
-        assert bool(masks[lasts.index(a), b]) == tok.pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
-    assert 0 < sum(tok.pair_valid(a, b) for a, b in checked) < len(checked)
+        assert bool(masks[lasts.index(a), b]) == tables.pair_valid(a, b), (tok.token_bytes(a), tok.token_bytes(b))
+    assert 0 < sum(tables.pair_valid(a, b) for a, b in checked) < len(checked)
 
 
 def test_round_trip_gate(sp_bpe, gpt2):
@@ -212,12 +214,12 @@ def test_pairwise_valid_sequences_are_canonical(which, sp_bpe):
                                         (b"ba", b"b"), (b"ab", b"ab"), (b"b", b"b"), (b"aab", b"a")])
     else:
         tok = sp_bpe
-    reach = tok.reachable_mask()
+    reach = merge_tables(tok).reachable_mask()
     inner = reach & torch.tensor([tok.token_bytes(i)[:1] != b" " for i in range(tok.vocab_size)])
     for _ in range(300):
         seq = [rng.choice(torch.nonzero(reach).flatten().tolist())]
         for _ in range(rng.randint(1, 4)):
-            options = torch.nonzero(inner & tok.pair_valid_mask(seq[-1])).flatten().tolist()
+            options = torch.nonzero(inner & merge_tables(tok).pair_valid_mask(seq[-1])).flatten().tolist()
             if not options:
                 break
             seq.append(rng.choice(options))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from hlm import HLMError
 from hlm.bytes.covers import ConversionRules, CoverTracker
 from hlm.config import Config
+from hlm.models.gpt import KVWalk
 from hlm.tokenizers import Tokenizer
 
 END = 256
@@ -45,9 +46,9 @@ class ByteLMBase:
 
 
 class _TokenRunner:
-    """Next-token log-probs [V] (fp64, CPU) of a token path. hlm GPTs reuse one KV cache: a query
-    rewinds the cache to the longest prefix shared with the previous path and feeds the rest
-    (usually one token). Other models are called on the whole path."""
+    """Next-token log-probs [V] (fp64, CPU) of a token path. hlm GPTs follow the path with one KV walk
+    (`hlm.models.gpt.KVWalk`: the prefix shared with the previous path stays cached, usually one token is
+    fed). Other models are called on the whole path."""
 
     def __init__(self, model, vocab_size: int, context: list[int] = ()):
         self.model = model
@@ -56,9 +57,8 @@ class _TokenRunner:
         self.cached_gpt = hasattr(model, "logits") and hasattr(getattr(model, "transformer", None), "new_cache")
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         self.device = params[0].device if params else torch.device("cpu")
-        self.dtype = params[0].dtype if params else torch.float32
         self.block = model.cfg.block_size if self.cached_gpt else None
-        self.cache, self.cached, self.offset = None, [], 0
+        self.walk, self.offset = None, 0
 
     @torch.no_grad()
     def logprobs(self, path: list[int]) -> torch.Tensor:
@@ -76,20 +76,10 @@ class _TokenRunner:
     def _cached_logits(self, path: list[int]) -> torch.Tensor:
         if len(path) - self.offset > self.block or len(path) <= self.offset:
             self.offset = max(0, len(path) - self.block // 2)  # slide: keep the last half of the context
-            self.cache, self.cached = None, []
-        window = path[self.offset :]
-        if self.cache is None:
-            self.cache = self.model.transformer.new_cache(1, self.block, self.device, self.dtype)
-        shared = 0
-        for a, b in zip(window, self.cached, strict=False):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(window) - 1)
-        self.cache.pos = shared
-        logits = self.model.logits(torch.tensor([window[shared:]], device=self.device), self.cache)[0, -1]
-        self.cached = window
-        return logits
+            self.walk = None
+        if self.walk is None:
+            self.walk = KVWalk(self.model)
+        return self.walk.follow(path[self.offset :])
 
 
 class ByteLM(ByteLMBase):

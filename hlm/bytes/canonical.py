@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from hlm import LN2
 from hlm.bytes.covers import ConversionRules
-from hlm.bytes.exact_eval import _mask_key, mask_key_code
+from hlm.bytes.plan import mask_key, mask_key_code
 from hlm.data import eval_windows
 from hlm.models.blocks import at_least_fp32
 from hlm.tokenizers import Tokenizer
@@ -84,7 +84,7 @@ class CanonicalMasks:
         v = tok.vocab_size
         parts = []
         for c in range(0, len(self.codes), chunk):  # bounds the bool table: chunk x V
-            keys = [_mask_key(int(k)) for k in self.codes[c : c + chunk]]
+            keys = [mask_key(int(k)) for k in self.codes[c : c + chunk]]
             invalid = torch.ones(len(keys), v, dtype=torch.bool, device=device)  # specials: invalid
             invalid[:, perm] = self.rules.invalid_table(keys, device)
             invalid[:, end_id] = False
@@ -106,7 +106,7 @@ def stream_keys(ids: np.ndarray, tok: Tokenizer, end_id: int, rules: ConversionR
     if rule != "whitespace":
         return codes
     byte_piece = np.zeros(tok.vocab_size + 1, dtype=bool)
-    byte_piece[list(tok._byte_piece.values())] = True
+    byte_piece[list(tok.byte_pieces.values())] = True
     partial = b""
     for i in np.flatnonzero(byte_piece[np.minimum(ids, tok.vocab_size)]).tolist():
         if i == 0 or not byte_piece[min(int(ids[i - 1]), tok.vocab_size)]:

@@ -29,6 +29,7 @@ import bisect
 import torch
 
 from hlm import HLMError
+from hlm.bytes.merge_tables import merge_tables
 
 PROBES = ("", " ", "a", "A", "0", ".", "\n", "\r", "\t", "e", "l", "s", "E", "L", "S", "'")
 
@@ -87,22 +88,22 @@ class ConversionRules:
         self.tok = tok
         self.marginal = marginal
         self.rule = tok.boundary_rule
+        self.tables = merge_tables(tok)
         self.index = index or VocabIndex(tok)
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
         self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
         self._allowed_alone: list[bool] | None = None
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream
-            tok._pair_tables()  # (and before planning workers fork, so they inherit them)
-            tok._left_spine_lists()
+            self.tables.prepare()
         if self.rule == "whitespace" and not marginal:
             first = [tok.token_bytes(i)[:1] for i in range(tok.vocab_size)]
             self.starts_space = torch.tensor([f == b" " for f in first])
             self._starts_space = self.starts_space.tolist()
             self.ends_space = torch.tensor([tok.token_bytes(i)[-1:] == b" " for i in range(tok.vocab_size)])
             byte_piece = torch.zeros(tok.vocab_size, dtype=torch.bool)
-            byte_piece[list(tok._byte_piece.values())] = True
+            byte_piece[list(tok.byte_pieces.values())] = True
             cont = torch.tensor([bool(f) and 0x80 <= f[0] < 0xC0 for f in first])
-            self.continuation_pieces = byte_piece & cont & tok.reachable_mask()
+            self.continuation_pieces = byte_piece & cont & self.tables.reachable_mask()
 
     def allows(self, last: int | None, partial: bytes, t: int) -> bool:
         """`next_mask(last, partial)[t]` without building the mask: the tracker asks about one token per
@@ -111,7 +112,7 @@ class ConversionRules:
         if self.marginal or self.rule == "regex" or partial:
             return bool(self.next_mask(last, partial)[t])
         if self._allowed_alone is None:
-            alone = tok.reachable_mask()
+            alone = self.tables.reachable_mask()
             if self.rule == "whitespace":
                 alone = alone & ~self.continuation_pieces
             self._allowed_alone = alone.tolist()
@@ -121,7 +122,7 @@ class ConversionRules:
             return True
         if self.rule == "whitespace" and self._starts_space[t] and tok.token_bytes(last)[-1:] != b" ":
             return True
-        return tok.pair_valid_by_merges(last, t)
+        return self.tables.pair_valid_by_merges(last, t)
 
     def next_mask(self, last: int | None, partial: bytes) -> torch.Tensor:
         """Bool[V]: tokens t such that (node + [t]) may be valid, for a node ending in token `last` whose
@@ -134,19 +135,21 @@ class ConversionRules:
         if self.marginal:
             mask = self.has_bytes
         elif self.rule == "regex":
-            mask = tok.reachable_mask()
+            mask = self.tables.reachable_mask()
         elif self.rule == "none":
-            mask = tok.reachable_mask() if last is None else tok.reachable_mask() & tok.pair_valid_mask(last)
+            mask = self.tables.reachable_mask()
+            if last is not None:
+                mask = mask & self.tables.pair_valid_mask(last)
         elif partial:
             mask = self.continuation_pieces.clone()
-            for b, t in tok._byte_piece.items():
+            for b, t in tok.byte_pieces.items():
                 if mask[t] and not _continues_char(partial + b, tok):
                     mask[t] = False
         else:
-            mask = tok.reachable_mask() & ~self.continuation_pieces
+            mask = self.tables.reachable_mask() & ~self.continuation_pieces
             if last is not None:
                 new_piece = self.starts_space & (tok.token_bytes(last)[-1:] != b" ")
-                mask = mask & (tok.pair_valid_mask(last) | new_piece)
+                mask = mask & (self.tables.pair_valid_mask(last) | new_piece)
         if len(self._masks) > 8192:
             self._masks.clear()
         self._masks[key] = mask
@@ -171,7 +174,7 @@ class ConversionRules:
             starts_space, ends_space = self.starts_space.to(device), self.ends_space.to(device)
         for c in range(0, len(rows), 1024):  # bounds the join's memory
             row, last = rows[c : c + 1024].to(device), lasts[c : c + 1024].to(device)
-            k, t = self.tok._pair_conflicts(last)
+            k, t = self.tables.pair_conflicts(last)
             if spaces:  # after a non-space, a token starting with a space starts a new pretoken: no conflict
                 keep = ~(starts_space[t] & ~ends_space[last[k]])
                 k, t = k[keep], t[keep]
@@ -185,7 +188,7 @@ class ConversionRules:
 def _continues_char(data: bytes, tok) -> bool:
     """Is data a valid UTF-8 character or prefix of one, and if complete, a character that is not a piece?"""
     try:
-        return data.decode("utf-8") and data not in tok._id_of
+        return data.decode("utf-8") and tok.piece_id(data) is None
     except UnicodeDecodeError as e:
         return e.start == 0 and e.reason == "unexpected end of data"
 

@@ -104,7 +104,7 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
 
 def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) -> list[int]:
     """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one)."""
-    from hlm.bytes.exact_eval import segment_points
+    from hlm.bytes.plan import segment_points
 
     points = segment_points(prefix, rules)
     if not points:

@@ -6,7 +6,7 @@ a stack of blocks, a KV cache, and GPT-2-style initialisation."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -145,35 +145,12 @@ def local_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_keep(T, T, window, q.device))
 
 
-class TreeMask(NamedTuple):
-    """Attention of token trees laid out trunk first (the exact eval's windows), for `tree_attention`.
-    Positions [0, n_trunk) of each row are one causal sequence, the trunk. The others, in chunks of
-    `chunk` queries, each see keys by `keep` [B * chunks, 1, chunk, n_trunk + span + chunk]: the
-    trunk, then the `span + chunk` off-trunk positions that end with the chunk's own (a node's
-    off-trunk ancestors are at most `span` positions before its chunk)."""
+class AttentionPattern(Protocol):
+    """A layout that computes its own attention (e.g. token trees laid out trunk first, cheaper than
+    their dense mask), passed as `attn_mask` in place of a bool mask."""
 
-    n_trunk: int
-    chunk: int
-    span: int
-    keep: torch.Tensor
-
-
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree: TreeMask) -> torch.Tensor:
-    """Attention over q, k, v [B, H, T, D] laid out as `tree` says. The trunk runs as plain causal
-    attention; each chunk of off-trunk queries attends to the trunk and a short band of off-trunk keys,
-    so the masked work is (T - n_trunk) x (n_trunk + span + chunk), not T x T."""
-    t, c, s = tree.n_trunk, tree.chunk, tree.span
-    B, H, T, D = q.shape
-    n = (T - t) // c
-    trunk = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True)
-
-    def keys(x: torch.Tensor) -> torch.Tensor:  # [B * n, H, t + s + c, D]: the trunk, then each chunk's band
-        band = F.pad(x[:, :, t:], (0, 0, s, 0)).unfold(2, s + c, c).permute(0, 2, 1, 4, 3)
-        return torch.cat([x[:, None, :, :t].expand(B, n, H, t, D), band], dim=3).reshape(B * n, H, t + s + c, D)
-
-    queries = q[:, :, t:].reshape(B, H, n, c, D).transpose(1, 2).reshape(B * n, H, c, D)
-    off = F.scaled_dot_product_attention(queries, keys(k), keys(v), attn_mask=tree.keep)
-    return torch.cat([trunk, off.reshape(B, n, H, c, D).transpose(1, 2).reshape(B, H, n * c, D)], dim=2)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, T, D] for q, k, v [B, H, T, D] laid out as the pattern says."""
 
 
 class CausalSelfAttention(nn.Module):
@@ -190,16 +167,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
-        """`attn_mask` (bool [B, 1, T, T], True = may attend, or a `TreeMask`) replaces the causal mask,
-        e.g. for a token tree where each node sees only its ancestors; it cannot be combined with a cache."""
+                layer: int = 0, attn_mask: torch.Tensor | AttentionPattern | None = None) -> torch.Tensor:
+        """`attn_mask` (bool [B, 1, T, T], True = may attend, or an `AttentionPattern` that attends itself)
+        replaces the causal mask, e.g. for a token tree where each node sees only its ancestors; it cannot be
+        combined with a cache."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if isinstance(attn_mask, TreeMask):
-            y = tree_attention(q, k, v, attn_mask)
-        elif attn_mask is not None:
+        if isinstance(attn_mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif attn_mask is not None:
+            y = attn_mask.attend(q, k, v)
         elif cache is None:
             y = local_causal_attention(q, k, v, self.window)
         else:
@@ -235,7 +213,7 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
+                layer: int = 0, attn_mask: torch.Tensor | AttentionPattern | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -252,9 +230,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio, window) for _ in range(n_layer))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | TreeMask | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | AttentionPattern | None = None) -> torch.Tensor:
         """Causal over x [B, T, D] by default. With `positions` [B, T] (rotary positions) and a bool
-        `attn_mask` [B, 1, T, T] (True = may attend) or a `TreeMask`, any attention pattern, e.g. a tree
+        `attn_mask` [B, 1, T, T] (True = may attend) or an `AttentionPattern`, any attention pattern, e.g. a tree
         of token paths with position = depth (no cache)."""
         if positions is not None:
             cos, sin = self.rotary.at(positions)

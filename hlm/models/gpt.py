@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import (
+    AttentionPattern,
     KVCache,
     RMSNorm,
     Transformer,
-    TreeMask,
     at_least_fp32,
     init_weights,
 )
@@ -49,12 +49,14 @@ class GPT(LanguageModel):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | TreeMask | None = None,
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None,
+               attn_mask: torch.Tensor | AttentionPattern | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed states for input embeddings x [B, T, D]."""
         return self.norm(self.transformer(x, cache, positions, attn_mask))
 
-    def logits(self, idx: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | TreeMask | None = None,
+    def logits(self, idx: torch.Tensor, cache: KVCache | None = None,
+               attn_mask: torch.Tensor | AttentionPattern | None = None,
                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits [B, T, V] for ids [B, T] (continuing `cache` when given; `attn_mask` and
         `positions` score a token tree in one pass, see Transformer.forward)."""
@@ -98,6 +100,45 @@ class GPT(LanguageModel):
         return GPTDecoder(self, prompt)
 
 
+class KVWalk:
+    """The one walk of a GPT's KV cache, for B rows fed in lockstep: `feed(ids)` appends ids and returns
+    their logits; `rewind(n)` keeps only the first n cached positions; `follow(path)` (one row) continues
+    from the longest prefix `path` shares with the path it followed last. Holds up to the model's context."""
+
+    def __init__(self, model: GPT, batch: int = 1):
+        param = next(model.parameters())
+        self.model = model
+        self.cache = model.transformer.new_cache(batch, model.cfg.block_size, param.device, param.dtype)
+        self.path: list[int] = []  # the ids at the first len(path) cached positions (those `follow` fed)
+
+    def __len__(self) -> int:
+        return self.cache.pos
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of ids [B, T] fed after the cached positions."""
+        return self.model.logits(ids, self.cache)
+
+    def rewind(self, n: int) -> None:
+        """Forget every cached position from n on (0 <= n <= len(self))."""
+        if not 0 <= n <= self.cache.pos:
+            raise ValueError(f"cannot rewind a walk of {self.cache.pos} positions to {n}")
+        self.cache.pos = n
+        del self.path[n:]
+
+    def follow(self, path: list[int]) -> torch.Tensor:
+        """Next-id logits [V] after one row's non-empty `path`: the cached positions it shares with the last
+        path are kept and the rest is fed (at least its last id, whose logits are needed)."""
+        shared = 0
+        for a, b in zip(path, self.path, strict=False):
+            if a != b:
+                break
+            shared += 1
+        self.rewind(min(shared, len(path) - 1))
+        logits = self.model.logits(torch.tensor([path[len(self) :]], device=self.cache.k.device), self.cache)[0, -1]
+        self.path = list(path)
+        return logits
+
+
 class GPTDecoder:
     """KV-cached decoding of B rows (`hlm.models.generation.IncrementalDecoder`). When the context
     fills up, the cache is rebuilt from the last half of the window."""
@@ -107,15 +148,14 @@ class GPTDecoder:
         self.prefill(prompt[:, -model.cfg.block_size :])
 
     def prefill(self, ids: torch.Tensor) -> None:
-        param = next(self.model.parameters())
         self.ids = ids
-        self.cache = self.model.transformer.new_cache(ids.size(0), self.model.cfg.block_size, param.device, param.dtype)
-        self.logits = self.model.logits(ids, self.cache)[:, -1]
+        self.walk = KVWalk(self.model, ids.size(0))
+        self.logits = self.walk.feed(ids)[:, -1]
 
     def push(self, nxt: torch.Tensor) -> None:
         T = self.model.cfg.block_size
         self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
-        if self.cache.pos >= T:
+        if len(self.walk) >= T:
             self.prefill(self.ids[:, -(T // 2) :])
         else:
-            self.logits = self.model.logits(nxt[:, None], self.cache)[:, -1]
+            self.logits = self.walk.feed(nxt[:, None])[:, -1]
