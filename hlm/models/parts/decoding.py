@@ -41,8 +41,8 @@ def rows_step(stack: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.T
         attn = block.attn
         q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2)
-        cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2)
+        cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2).to(cache.v.dtype)
         y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
         x = x + attn.proj(y.transpose(1, 2).reshape(n, T, C))
         x = x + block.mlp(block.mlp_norm(x))
