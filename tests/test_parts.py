@@ -266,3 +266,27 @@ def test_hat_generation_at_batch_3_is_each_row_decoded_alone():
     batch = model.generate(prompt, 20, temperature=0)
     for r in range(3):
         assert torch.equal(model.generate(prompt[r : r + 1], 20, temperature=0)[0], batch[r])
+
+
+@pytest.mark.parametrize("family", ["hourglass_whitespace", "blt", "hnet_1stage"])
+def test_cached_decoder_runs_under_bf16_autocast(family):
+    """Generation runs under autocast as eval and the benchmarks run it (fp32 weights and caches,
+    bf16 activations): the caches take the activations in their own dtype, and each step's
+    log-probabilities differ from an fp32 decode's by bf16 rounding, far less than one step's
+    distribution differs from the next."""
+    model = FAMILIES[family]().float()
+    seq = text_batch(3, 30, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.new_decoder(seq[:, :20])
+        low_steps = [low.logits.float().log_softmax(-1)]
+        for t in range(20, 30):
+            low.push(seq[:, t])
+            low_steps.append(low.logits.float().log_softmax(-1))
+    dec = model.new_decoder(seq[:, :20])
+    steps = [dec.logits.float().log_softmax(-1)]
+    for t in range(20, 30):
+        dec.push(seq[:, t])
+        steps.append(dec.logits.float().log_softmax(-1))
+    rounding = max((a - b).abs().max() for a, b in zip(steps, low_steps, strict=True))
+    step_change = min((a - b).abs().max() for a, b in zip(steps[1:], steps[:-1], strict=False))
+    assert rounding < 0.5 * step_change
