@@ -23,12 +23,10 @@ run with the same seed.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 from hlm.config import ConfigError, TrainConfig
+from hlm.models.base import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def patch_phases(tc: TrainConfig) -> PatchPhases:
     return PatchPhases(K, switch, tc.max_steps)
 
 
-def check_patch_support(model: nn.Module) -> None:
-    """Patch training needs a model whose forward takes `patch_size` (the gpt family)."""
-    if "patch_size" not in inspect.signature(model.forward).parameters:
+def check_patch_support(model: LanguageModel) -> None:
+    """Patch training needs a family whose forward takes `patch_size` (`supports_patch_training`: gpt)."""
+    if not model.supports_patch_training:
         raise ConfigError(f"train.patch_size > 1: {type(model).__name__} has no patch mode (use model.family gpt)")

@@ -19,6 +19,7 @@ Optional, with defaults here:
     frozen_flops_per_token()  forward FLOPs per token of a frozen helper model (BLT's entropy patcher)
     extra_train_flops(tokens_per_step)  FLOPs of a frozen helper model run outside forward (BLT's
                          entropy patcher with precomputed entropies), counted toward FLOP budgets
+    supports_patch_training  True where forward also takes `patch_size` (patch-level training, gpt)
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class ModelOutput(NamedTuple):
 
 class LanguageModel(nn.Module, Generates):
     """Base class of every family (see the module docstring for the contract)."""
+
+    supports_patch_training: bool = False
 
     def forward(self, idx: torch.Tensor, **side_inputs: torch.Tensor) -> ModelOutput:
         """idx [B, T+1] -> ModelOutput(loss, nll [B, T] without auxiliary terms, metrics)."""

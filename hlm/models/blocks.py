@@ -63,6 +63,10 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    def advance(self, n: int) -> None:
+        """The stack has written n more positions (every layer's `update`)."""
+        self.pos += n
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos : end] = k
@@ -241,7 +245,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, attn_mask)
         if cache is not None:
-            cache.pos += x.size(1)
+            cache.advance(x.size(1))
         return x
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:

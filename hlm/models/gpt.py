@@ -37,6 +37,8 @@ class GPTConfig:
 
 
 class GPT(LanguageModel):
+    supports_patch_training = True
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg

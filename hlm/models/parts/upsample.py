@@ -138,5 +138,5 @@ class CrossAttendingDecoder(nn.Module):
         for i, (reader, block) in enumerate(zip(self.readers, self.stack.blocks, strict=True)):
             h = block(h + reader(h, slots, read), cos, sin, cache, i)
         if cache is not None:
-            cache.pos += h.size(1)
+            cache.advance(h.size(1))
         return h
