@@ -1,8 +1,8 @@
 """hlm: byte-level and hierarchical language models."""
 
-import importlib.util
 import math
 import os
+from pathlib import Path
 
 LN2 = math.log(2)  # nats per bit: bits per byte = nats / (LN2 * bytes)
 
@@ -34,8 +34,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def has_exact_bytes() -> bool:
-    """Whether hlm/bytes (exact byte-level conversion) is present: the rest of hlm runs without it."""
-    return importlib.util.find_spec("hlm.bytes") is not None
+    """Whether this copy of hlm has hlm/bytes (exact byte-level conversion): the rest runs without it.
+    Looked up beside this file, not through the import system, which may find another copy's (an
+    editable install's finder maps hlm.* to its own tree)."""
+    return (Path(__file__).parent / "bytes" / "__init__.py").is_file()
 
 
 def require_exact_bytes(what: str) -> None:
