@@ -45,7 +45,7 @@ from hlm import HLMError
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import KVCache, RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.parts.boundaries import CosineRouter, ratio_loss, whitespace_starts
-from hlm.models.parts.decoding import GroupedDecoder, GroupSteps
+from hlm.models.parts.decoding import GroupedDecoder, GroupSteps, rows_step
 from hlm.models.parts.downsample import cap_metrics, pool_first
 from hlm.models.parts.upsample import confidence, dechunk, smooth, smooth_step, ste
 
@@ -164,18 +164,22 @@ class HNetStage(nn.Module):
 
 
 class StageDecoder(GroupSteps):
-    """Decoding state of one stage for B rows: batched KV caches of its encoder and decoder, and
-    per row the inner decoder (rows start chunks at different positions; the inner network may
-    be a stage with local-window stacks, so it steps one row at a time rather than through
-    `rows_step`), the count of chunks, the router's last key and the last smoothed chunk (fp32
-    or wider). A chunk's first position is the one that enters the inner network and reads it."""
+    """Decoding state of one stage for B rows: batched KV caches of its encoder and decoder, the
+    inner network's state, the count of chunks, the router's last key and the last smoothed chunk
+    (fp32 or wider). Rows start chunks at different positions: an innermost Transformer keeps one
+    batched cache stepped by `rows_step` (each row at its own chunk count); an inner stage (with
+    local-window stacks, which `rows_step` does not take) is one decoder per row. A chunk's first
+    position is the one that enters the inner network and reads it."""
 
     def __init__(self, stage: HNetStage, batch: int, device, dtype):
         self.stage, self.cap = stage, stage.cap
         self.enc = stage.encoder.new_cache(batch, stage.length, device, dtype)
         self.dec = stage.decoder.new_cache(batch, stage.length, device, dtype)
-        self.inner = [StageDecoder(stage.main, 1, device, dtype) if isinstance(stage.main, HNetStage) else
-                      stage.main.new_cache(1, stage.cap, device, dtype) for _ in range(batch)]
+        if isinstance(stage.main, HNetStage):
+            self.inner = [StageDecoder(stage.main, 1, device, dtype) for _ in range(batch)]
+        else:
+            self.inner, self.main = None, stage.main
+            self.main_cache = stage.main.new_cache(batch, stage.cap, device, dtype)
         d = stage.residual.in_features
         self.zbar = torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32))
         self.n_groups = torch.zeros(batch, dtype=torch.long, device=device)
@@ -195,10 +199,14 @@ class StageDecoder(GroupSteps):
 
     def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
         """Row r of a prefill: its n real chunks through the inner decoder, then dechunked."""
-        st, inner = self.stage, self.inner[r]
+        st = self.stage
         n = int(b.sum().clamp(max=self.cap))
         x = st.widen(chunks[:, :n])
-        z = inner.prefill(x, b.new_ones(1, n)) if isinstance(inner, StageDecoder) else st.main(x, inner)
+        if self.inner is not None:
+            z = self.inner[r].prefill(x, b.new_ones(1, n))
+        else:
+            rows = torch.tensor([r], device=x.device)
+            z = rows_step(self.main, self.main_cache, x, rows, torch.arange(n, device=x.device)[None])
         zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :n])
         self.zbar[r : r + 1], self.n_groups[r] = zbar[:, -1:], n
         return dechunk(zbar, b)
@@ -218,9 +226,9 @@ class StageDecoder(GroupSteps):
         return self.stage.widen(h[rows])
 
     def main_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        steps = [inner.step(x[i : i + 1]) if isinstance(inner, StageDecoder) else self.stage.main(x[i : i + 1], inner)
-                 for i, inner in enumerate(self.inner[r] for r in rows.tolist())]
-        return torch.cat(steps)
+        if self.inner is None:
+            return super().main_step(x, rows, positions)
+        return torch.cat([self.inner[r].step(x[i : i + 1]) for i, r in enumerate(rows.tolist())])
 
     def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         self.zbar[rows] = smooth_step(self.zbar[rows], self.stage.narrow(out, self.zbar.size(-1)), self.p[rows])
