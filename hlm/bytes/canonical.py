@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hlm import LN2
+from hlm import LN2, HLMError
 from hlm.bytes.covers import ConversionRules
 from hlm.bytes.plan import mask_key, mask_key_code
 from hlm.data import eval_windows
@@ -197,6 +197,8 @@ def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokeniz
         groups.setdefault((length, n_scored), []).append(start)
     batches = [(length, n_scored, starts[i : i + batch_size])
                for (length, n_scored), starts in groups.items() for i in range(0, len(starts), batch_size)]
+    if not batches:
+        raise HLMError(f"canonicalized bpb needs at least 2 tokens to score, got {len(ids)}")
 
     def score(length: int, n_scored: int, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The five sums, the scored bytes and the scored tokens of one batch of windows."""

@@ -29,7 +29,7 @@ class MergeTables:
     """Reachability and canonical adjacency of a BPE tokenizer's tokens."""
 
     def __init__(self, tok: Tokenizer):
-        self.tok = tok
+        self._tok = weakref.ref(tok)  # a strong reference would keep `_TABLES`' weak key alive forever
         self.vocab_size = tok.vocab_size
         self.token_bytes = [tok.token_bytes(i) for i in range(tok.vocab_size)]
         self.has_bytes = torch.tensor([bool(b) for b in self.token_bytes])
@@ -41,6 +41,10 @@ class MergeTables:
         self._tables: dict[torch.device, tuple] = {}
         self._merge_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._hist: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self._tok()
 
     def prepare(self) -> None:
         """Build the tables the pair rules read now (not mid-stream, and before planning workers fork)."""

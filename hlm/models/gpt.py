@@ -17,6 +17,7 @@ from hlm.models.blocks import (
     at_least_fp32,
     init_weights,
 )
+from hlm.models.generation import decoding_attention
 
 
 @dataclass
@@ -117,8 +118,10 @@ class KVWalk:
         return self.cache.pos
 
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V] of ids [B, T] fed after the cached positions."""
-        return self.model.logits(ids, self.cache)
+        """Logits [B, T, V] of ids [B, T] fed after the cached positions (every call is a new key length:
+        `decoding_attention`)."""
+        with decoding_attention():
+            return self.model.logits(ids, self.cache)
 
     def rewind(self, n: int) -> None:
         """Forget every cached position from n on (0 <= n <= len(self))."""

@@ -27,8 +27,9 @@ Generation (`CachedDecoder`, one `StageDecoder` per stage on the shared group st
 hlm/models/parts/decoding.py) keeps KV caches for every stack, the router's last key and the
 last smoothed chunk; a chunk enters the inner stage the moment its first position
 arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
-rows that start a chunk, one position of the inner stage (per row: rows differ in where
-their chunks start).
+rows that start a chunk, one position of the inner network: the innermost Transformer steps
+all those rows in one call, each at its own chunk count (`rows_step`); an inner stage steps
+row by row.
 """
 
 from __future__ import annotations
@@ -317,7 +318,7 @@ class HNet(LanguageModel):
 class CachedDecoder(GroupedDecoder):
     """Incremental decoding of B rows; `logits` [B, V] predicts each row's next byte, equal to
     the full forward on the bytes since the last (re)start of the window. The byte stacks run
-    batched; the inner stages run per row, when that row starts a chunk (`StageDecoder`)."""
+    batched; a row's inner network runs when that row starts a chunk (`StageDecoder`)."""
 
     def __init__(self, model: HNet, ids: torch.Tensor):
         super().__init__(model, ids, model.cfg.block_size, model.stage.cap, HNetError)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from hlm import HLMError
 from hlm.models.blocks import KVCache, Transformer, apply_rotary
+from hlm.models.generation import decoding_attention
 
 
 def rows_step(stack: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
@@ -111,7 +112,8 @@ class GroupedDecoder(GroupSteps):
         if not ids.size(1):
             raise error("decoding needs a non-empty prompt (start with the separator byte 0x00)")
         self.model, self.block_size, self.cap = model, block_size, cap
-        self.prefill(ids[:, -block_size:])
+        with decoding_attention():
+            self.prefill(ids[:, -block_size:])
 
     def new_cache(self, stack: Transformer, batch: int, length: int) -> KVCache:
         p = next(self.model.parameters())
@@ -120,11 +122,12 @@ class GroupedDecoder(GroupSteps):
     def push(self, nxt: torch.Tensor) -> None:
         """Append one byte per row (nxt [B]) and update `logits`."""
         ids = torch.cat([self.ids, nxt.view(-1, 1).to(self.ids)], dim=1)
-        if self.ids.size(1) >= self.block_size:
-            self.prefill(ids[:, -(self.block_size // 2) :])
-            return
-        t, self.ids = self.ids.size(1), ids
-        self.logits = self.step(t)
+        with decoding_attention():
+            if self.ids.size(1) >= self.block_size:
+                self.prefill(ids[:, -(self.block_size // 2) :])
+                return
+            t, self.ids = self.ids.size(1), ids
+            self.logits = self.step(t)
 
     def step(self, t: int) -> torch.Tensor:
         """Logits [B, V] after byte t, the last of `ids`."""
