@@ -60,6 +60,7 @@ def eval_table(args) -> None:
 
 def fim_overhead(args) -> None:
     from hlm import infilling as fe
+    from hlm.bytes.cut import plan_cut
     from hlm.checkpoint import load_model, tokenizer_from_checkpoint
     from hlm.evaluate import split_documents
 
@@ -79,10 +80,14 @@ def fim_overhead(args) -> None:
             lp = torch.log_softmax(model.logits(torch.tensor([ids], device=fim.device))[0].float(), -1)
         return float(lp[-1, fim.sep])
 
+    def plan_only(c):  # the cut's host side: tokens and the covers' layout, no model
+        plan_cut(fim.rules, fim.s.middle, c.prefix, tok.encode(c.prefix + c.middle), fim.context(c)[:-1])
+
     for c in cuts[:5]:  # warm-up
         canonical(c), fim.cut_nll(c)
     times = {}
-    for name, fn in (("canonical", canonical), ("cut", fim.cut_nll), ("canonical again", canonical)):
+    for name, fn in (("canonical", canonical), ("cut", fim.cut_nll), ("canonical again", canonical),
+                     ("cut's host planning alone", plan_only)):
         sync()
         t0 = time.perf_counter()
         for c in cuts:

@@ -103,14 +103,21 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
 
 
 def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) -> list[int]:
-    """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one)."""
+    """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one):
+    the text's own tokens up to that byte, where one of them ends there. Sentencepiece encodes each
+    whitespace piece on its own and a segment point starts a piece, so they are the encoding of
+    prefix[:cut] without encoding it again."""
     from hlm.bytes.plan import segment_points
 
     points = segment_points(prefix, rules)
     if not points:
         return []
-    head = rules.tok.encode(prefix[: points[-1]])
-    return head if text_tokens[: len(head)] == head else []
+    n = 0
+    for k, t in enumerate(text_tokens):
+        if n >= points[-1]:
+            return text_tokens[:k] if n == points[-1] else []
+        n += len(rules.tok.token_bytes(t))
+    return list(text_tokens) if n == points[-1] else []
 
 
 @torch.no_grad()
