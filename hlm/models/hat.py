@@ -53,11 +53,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlm import ConfigError
+from hlm import ConfigError, HLMError
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.generation import decoding_attention, generate_ids, sample_next
 from hlm.models.parts.boundaries import group_first, group_index
+from hlm.models.parts.decoding import rows_step
 from hlm.models.parts.downsample import WordPooling
 from hlm.splitter import PrefixState, utf8_allowed_next
 
@@ -227,16 +228,12 @@ class HAT(LanguageModel):
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
                         top_k: int | None = None, generator: torch.Generator | None = None,
                         utf8: bool = False) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time. Rows are decoded independently (their words
-        end at different bytes). With `utf8`, sampling is restricted to bytes that keep the text
-        a valid UTF-8 prefix. Temperature and top-k apply to each factor (the 257-way decoder
-        distribution, then the first byte of a new word)."""
-        streams = [self._stream_row(prompt[r : r + 1], max_new, temperature, top_k, generator, utf8)
-                   for r in range(prompt.size(0))]
-        for _ in range(max_new):
-            with decoding_attention():
-                nxt = [next(s)[0] for s in streams]
-            yield torch.tensor(nxt, device=prompt.device)
+        """Yield one new byte per row [B] at a time. Rows are decoded together but each as if alone
+        (their words end at different bytes). With `utf8`, sampling is restricted to bytes that keep
+        the text a valid UTF-8 prefix. Temperature and top-k apply to each factor (the 257-way
+        decoder distribution, then the first byte of a new word)."""
+        for nxt, _ in self._sample(prompt, max_new, temperature, top_k, generator, utf8):
+            yield nxt
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
@@ -248,39 +245,33 @@ class HAT(LanguageModel):
                             lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator, utf8))
 
     @torch.no_grad()
-    def _stream_row(self, prompt: torch.Tensor, max_new: int, temperature: float, top_k: int | None,
-                    generator: torch.Generator | None, utf8: bool) -> Iterator[tuple[int, float]]:
-        """Sample bytes for one row, yielding (byte, its log-prob under the model at temperature 1).
-        The window restarts from its last half when it is full or its words would overflow, so
-        every step's distribution is `next_logprobs` of the current window."""
-        cfg, dev = self.cfg, prompt.device
-        ids = self._fit_window(prompt[0, -cfg.block_size :].tolist())
-        state = _RowState(self, ids)
-        values = torch.arange(256, device=dev).expand(1, 256)
+    def _sample(self, prompt: torch.Tensor, max_new: int, temperature: float, top_k: int | None,
+                generator: torch.Generator | None, utf8: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (bytes [B], their log-probs under the model at temperature 1). Each step samples the
+        257-way decoder distribution; the rows that drew EOW close their word (the backbone once for
+        all of them) and sample the next word's first byte. One random draw per factor for all rows,
+        so a single row draws exactly as the per-row sampler did."""
+        with decoding_attention():
+            dec = _WordDecoder(self, prompt)
+        nxt = None
         for _ in range(max_new):
-            starts = PrefixState(torch.tensor([ids], device=dev), cfg.max_word_bytes).next_starts(values, last=True)[0]
-            allowed = torch.ones_like(starts)
-            if utf8:
-                allowed = torch.tensor(utf8_allowed_next(bytes(ids)), device=dev)
-            starts_ok = starts & allowed
-            closed = torch.cat([starts | ~allowed, ~starts_ok.any()[None]])  # EOW needs a byte to start with
-            within = state.logits.masked_fill(closed, float("-inf"))
-            choice = int(sample_next(within[None], temperature, top_k, generator)[0])
-            logp = float(torch.log_softmax(within, 0)[choice])
-            if choice == EOW:
-                first = state.end_word().masked_fill(~starts_ok, float("-inf"))
-                choice = int(sample_next(first[None], temperature, top_k, generator)[0])
-                logp += float(torch.log_softmax(first, 0)[choice])
-            yield choice, logp
-            ids.append(choice)
-            if len(ids) > cfg.block_size:
-                ids = self._fit_window(ids[-(cfg.block_size // 2) :])
-                state = _RowState(self, ids)
-            else:
-                state.advance(choice)
-                if state.n_words >= cfg.max_words - 1:
-                    ids = self._fit_window(ids[-(len(ids) // 2) :])
-                    state = _RowState(self, ids)
+            with decoding_attention():
+                if nxt is not None:
+                    dec.push(nxt)
+                starts = dec.next_starts()
+                allowed = dec.utf8_allowed() if utf8 else torch.ones_like(starts)
+                starts_ok = starts & allowed
+                no_first = ~starts_ok.any(-1, keepdim=True)  # EOW needs a byte to start the next word with
+                closed = torch.cat([starts | ~allowed, no_first], dim=1)
+                within = dec.logits.masked_fill(closed, float("-inf"))
+                nxt = sample_next(within, temperature, top_k, generator)
+                logp = within.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+                ended = torch.nonzero(nxt == EOW).flatten()
+                if len(ended):
+                    first = dec.end_words(ended).masked_fill(~starts_ok[ended], float("-inf"))
+                    nxt[ended] = sample_next(first, temperature, top_k, generator)
+                    logp[ended] += first.log_softmax(-1).gather(1, nxt[ended, None]).squeeze(1)
+            yield nxt, logp
 
     def _fit_window(self, ids: list[int]) -> list[int]:
         """The longest tail of ids (halving) whose words stay out of overflow."""
@@ -292,45 +283,117 @@ class HAT(LanguageModel):
         return ids
 
 
-class _RowState:
-    """KV caches of the three stacks for one generated row, the decoder contexts of the words
-    so far, the normed byte states of the current word, and the decoder's last logits."""
+class _WordDecoder:
+    """Cached decoding of B rows, each in its own window: a row restarts from the last half of its
+    window when the window is full or its words would overflow, so every row's distribution is
+    `next_logprobs` of its own window, whatever the other rows do. The rows' windows then differ
+    in length, so all three stacks keep each row at its own position (`rows_step`). Holds each
+    row's bytes, word count, decoder context (the backbone output of its last word), the normed
+    byte states of its open word, and the decoder's 257-way logits after its last byte."""
 
-    def __init__(self, model: HAT, ids: list[int]):
+    def __init__(self, model: HAT, prompt: torch.Tensor):
+        if not prompt.size(1):
+            raise HLMError("generation needs a non-empty prompt (start with the separator byte 0x00)")
         cfg = model.cfg
+        p = next(model.parameters())
+        B, dev = prompt.size(0), p.device
         self.model = model
-        param = next(model.parameters())
-        x = torch.tensor([ids], device=param.device)
-        word, word_first, _ = model._split(x, with_mask=False)
-        self.enc_cache = model.encoder.new_cache(1, cfg.block_size, param.device, param.dtype)
-        self.dec_cache = model.decoder.new_cache(1, cfg.block_size, param.device, param.dtype)
-        self.backbone_cache = model.backbone.new_cache(1, cfg.max_words, param.device, param.dtype)
-        h, h_norm = model._encode(x, self.enc_cache)
-        self.n_words = int(word[0, -1])  # completed words; the current one is still open
-        self.current = h_norm[:, int(word_first[0, -1]) :]
-        self.table = model.first_word.to(h.dtype)  # decoder context of word w is table[:, w]
-        if self.n_words:
-            slot = torch.where(word < self.n_words, word, cfg.max_words)
-            pooled = model.pool(h_norm, slot, cfg.max_words)[:, : self.n_words]
-            out = model.backbone_norm(model.backbone(pooled, self.backbone_cache))
-            self.table = torch.cat([self.table, out], dim=1)
-        self._set_logits(model._decode(h, self.table[:, word[0]], self.dec_cache))
+        self.ids = torch.zeros(B, cfg.block_size + 1, dtype=torch.long, device=dev)
+        self.n_bytes = torch.zeros(B, dtype=torch.long, device=dev)
+        self.n_words = torch.zeros_like(self.n_bytes)
+        self.n_open = torch.zeros_like(self.n_bytes)  # bytes of the open word
+        self.open = torch.zeros(B, cfg.max_word_bytes, cfg.d_byte, device=dev, dtype=p.dtype)
+        self.context = torch.zeros(B, 1, cfg.d_model, device=dev, dtype=p.dtype)
+        self.logits = torch.zeros(B, 257, device=dev, dtype=at_least_fp32(p).dtype)
+        self.enc_cache = model.encoder.new_cache(B, cfg.block_size, dev, p.dtype)
+        self.dec_cache = model.decoder.new_cache(B, cfg.block_size, dev, p.dtype)
+        self.backbone_cache = model.backbone.new_cache(B, cfg.max_words, dev, p.dtype)
+        self._prefill({r: model._fit_window(row[-cfg.block_size :]) for r, row in enumerate(prompt.tolist())})
 
-    def _set_logits(self, dec: torch.Tensor) -> None:
-        self.logits = at_least_fp32(self.model.head(dec[0, -1]))
+    def _prefill(self, windows: dict[int, list[int]]) -> None:
+        """Run the three stacks on the new windows of some rows (batched over rows of one length)
+        and copy their keys and values into those rows of the batched caches."""
+        m, cfg = self.model, self.model.cfg
+        for length in sorted({len(w) for w in windows.values()}):
+            group = [r for r, w in windows.items() if len(w) == length]
+            rows = torch.tensor(group, device=self.ids.device)
+            x = torch.tensor([windows[r] for r in group], device=rows.device)
+            word, word_first, _ = m._split(x, with_mask=False)
+            n_words, n = word[:, -1], len(group)
+            caches = [stack.new_cache(n, size, rows.device, self.open.dtype)
+                      for stack, size in ((m.encoder, length), (m.backbone, cfg.max_words), (m.decoder, length))]
+            h, h_norm = m._encode(x, caches[0])
+            table = m.first_word.to(h.dtype).expand(n, 1, -1)  # decoder context of word w is table[:, w]
+            if int(n_words.max()):
+                slot = torch.where(word < n_words[:, None], word, cfg.max_words)
+                pooled = m.pool(h_norm, slot, cfg.max_words)[:, : int(n_words.max())]
+                table = torch.cat([table, m.backbone_norm(m.backbone(pooled, caches[1]))], dim=1)
+            dec = m._decode(h, table.gather(1, word[..., None].expand(*word.shape, table.size(-1))), caches[2])
+            for big, small in zip((self.enc_cache, self.backbone_cache, self.dec_cache), caches, strict=True):
+                big.k[:, rows, :, : small.pos] = small.k[:, :, :, : small.pos]
+                big.v[:, rows, :, : small.pos] = small.v[:, :, :, : small.pos]
+            self.ids[rows, :length] = x
+            self.n_bytes[rows], self.n_words[rows] = length, n_words
+            self.context[rows] = table.gather(1, n_words[:, None, None].expand(n, 1, table.size(-1))).to(self.context.dtype)
+            self.n_open[rows] = length - word_first[:, -1]
+            at = (word_first[:, -1:] + torch.arange(cfg.max_word_bytes, device=rows.device)).clamp(max=length - 1)
+            self.open[rows] = h_norm.gather(1, at[..., None].expand(*at.shape, h_norm.size(-1))).to(self.open.dtype)
+            self.logits[rows] = at_least_fp32(m.head(dec[:, -1]))
 
-    def end_word(self) -> torch.Tensor:
-        """Close the current word: pool it, run the backbone one step, return first-byte logits [256]."""
+    def next_starts(self) -> torch.Tensor:
+        """bool [B, 256]: would each byte value start a new word after each row's window? (The split
+        is causal, so a row padded on the right reads its state at its own last byte.)"""
+        state = PrefixState(self.ids[:, : int(self.n_bytes.max())], self.model.cfg.max_word_bytes)
+        last = (self.n_bytes - 1)[:, None]
+        for name in ("p", "pp", "p_joiner", "open_char", "cut"):
+            setattr(state, name, getattr(state, name).gather(1, last))
+        return state.next_starts(torch.arange(256, device=last.device).expand(len(last), 256), last=True)
+
+    def utf8_allowed(self) -> torch.Tensor:
+        """bool [B, 256]: the bytes that keep each row's text a valid UTF-8 prefix (from its last 3 bytes)."""
+        tails = [row[max(n - 3, 0) : n] for row, n in zip(self.ids[:, :3 + int(self.n_bytes.max())].tolist(),
+                                                          self.n_bytes.tolist(), strict=True)]
+        return torch.tensor([utf8_allowed_next(bytes(t)) for t in tails], device=self.ids.device)
+
+    def close_words(self, rows: torch.Tensor) -> torch.Tensor:
+        """Backbone outputs [n, 1, d_model] of the open words of `rows`, as if they ended now. Writes
+        only the rows' next backbone slot, which nothing reads before it is written again."""
         m = self.model
-        slot = torch.zeros(self.current.shape[:2], dtype=torch.long, device=self.current.device)
-        out = m.backbone_norm(m.backbone(m.pool(self.current, slot, 1), self.backbone_cache))
-        self.table = torch.cat([self.table, out], dim=1)
-        self.n_words += 1
-        self.current = None
-        return at_least_fp32(m.head(m._first_state(out[0, 0])))[:256]
+        slot = (torch.arange(self.open.size(1), device=rows.device) >= self.n_open[rows, None]).long()
+        word = m.pool(self.open[rows], slot, 1)
+        return m.backbone_norm(rows_step(m.backbone, self.backbone_cache, word, rows, self.n_words[rows, None]))
 
-    def advance(self, byte: int) -> None:
-        m = self.model
-        h, h_norm = m._encode(torch.tensor([[byte]], device=self.table.device), self.enc_cache)
-        self.current = h_norm if self.current is None else torch.cat([self.current, h_norm], dim=1)
-        self._set_logits(m._decode(h, self.table[:, self.n_words : self.n_words + 1], self.dec_cache))
+    def first_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Logits [n, 256] of the first byte of the next word, from backbone outputs [n, 1, d_model]."""
+        return at_least_fp32(self.model.head(self.model._first_state(out[:, 0])))[:, :256]
+
+    def end_words(self, rows: torch.Tensor) -> torch.Tensor:
+        """Close the open words of `rows` (one backbone step each, one call) and return the logits
+        [n, 256] of the next word's first byte."""
+        out = self.close_words(rows)
+        self.context[rows] = out.to(self.context.dtype)
+        self.n_words[rows] += 1
+        self.n_open[rows] = 0
+        return self.first_logits(out)
+
+    def push(self, nxt: torch.Tensor) -> None:
+        """Append one byte per row (nxt [B]; a row that starts a word has ended the last one) and
+        update `logits`: rows with room step the byte stacks together, the others restart."""
+        m, cfg = self.model, self.model.cfg
+        self.ids[torch.arange(len(nxt), device=nxt.device), self.n_bytes] = nxt
+        self.n_bytes += 1
+        restart = (self.n_bytes > cfg.block_size) | (self.n_words >= cfg.max_words - 1)
+        rows = torch.nonzero(~restart).flatten()
+        if len(rows):
+            pos = self.n_bytes[rows, None] - 1
+            h = rows_step(m.encoder, self.enc_cache, m.embed(nxt[rows, None]), rows, pos)
+            self.open[rows, self.n_open[rows]] = m.enc_norm(h)[:, 0].to(self.open.dtype)
+            self.n_open[rows] += 1
+            dec = m.dec_norm(rows_step(m.decoder, self.dec_cache, h + m.condition(self.context[rows]), rows, pos))
+            self.logits[rows] = at_least_fp32(m.head(dec[:, 0]))
+        windows = {}
+        for r in torch.nonzero(restart).flatten().tolist():
+            n = int(self.n_bytes[r])
+            keep = cfg.block_size // 2 if n > cfg.block_size else n // 2
+            windows[r] = m._fit_window(self.ids[r, n - keep : n].tolist())
+        self._prefill(windows)
