@@ -34,14 +34,18 @@ all 1024 word slots), the byte stacks 131, of which 88 is attention counted over
 4096-byte window; with `byte_window: 512` the attention actually needed is 11, so the model
 FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Speed").
 
-Generation runs the backbone once per completed word (with KV caches for all three stacks):
-sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
-step and sample the first byte of the next word. This is why HAT keeps its own decoder rather
-than the shared one of hlm/models/parts/decoding.py: there, the boundary source decides a group
-from the bytes so far and `logits` is one 256-way distribution; here the model *samples* the
-word's end (EOW), and a 256-way distribution at every byte would need the backbone run on the
-word so far at every byte (as `next_logprobs` does), which generation avoids. Splitting,
-pooling (learned query) and the group indices come from hlm/models/parts.
+Generation runs the backbone once per completed word (with KV caches for all three stacks),
+for all rows at once: sample from the decoder's 257-way distribution; the rows that drew EOW
+pool their word and run the backbone one position each, at their own word counts, in one call
+(`rows_step`), then sample the first byte of the next word; then every row's byte goes through
+the byte stacks in one step. HAT keeps this decoder rather than `GroupedDecoder` of
+hlm/models/parts/decoding.py: there, the boundary source decides a group from the bytes so far
+and `logits` is one 256-way distribution; here the model *samples* the word's end (EOW), and a
+256-way distribution at every byte would need the backbone run on the word so far at every byte
+(as `next_logprobs` does), which generation avoids. Each row restarts its own window (when full,
+or when its words would overflow), so rows sit at different byte positions too and the byte
+stacks are stepped by `rows_step` as well. Splitting, pooling (learned query) and the group
+indices come from hlm/models/parts.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ class HAT(LanguageModel):
         the learned first-word vector for word 0, the last word that fits for overflow bytes."""
         B, S, D = words_out.shape
         table = torch.cat([self.first_word.to(words_out.dtype).expand(B, 1, D), words_out[:, : S - 1]], dim=1)
-        return table.gather(1, word.clamp(max=S - 1)[..., None].expand(*word.shape, D))
+        return _at(table, word.clamp(max=S - 1))
 
     def _byte_logprobs(self, dec: torch.Tensor, start_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Within-word log-probs [B, T, 257] (bytes that would start a word masked out) and the
@@ -181,7 +185,7 @@ class HAT(LanguageModel):
         within, plain = self._byte_logprobs(self._decode(h, self._contexts(words_out, word)), start_mask)
         # first byte of word w+1 from the backbone output of word w (used where y starts a word)
         first_states = self._first_state(words_out)
-        own = first_states.gather(1, word.clamp(max=S - 1)[..., None].expand(*word.shape, first_states.size(-1)))
+        own = _at(first_states, word.clamp(max=S - 1))
         first = self._first_logprobs(own, start_mask)
         new_word = start_mask.gather(2, y[..., None]).squeeze(-1)
         nll_within = -within.gather(2, torch.where(new_word, EOW, y)[..., None]).squeeze(-1)
@@ -224,7 +228,6 @@ class HAT(LanguageModel):
         return self.backbone_norm(out[:, S:])
 
     # ----- generation -----
-    @torch.no_grad()
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
                         top_k: int | None = None, generator: torch.Generator | None = None,
                         utf8: bool = False) -> Iterator[torch.Tensor]:
@@ -232,8 +235,7 @@ class HAT(LanguageModel):
         (their words end at different bytes). With `utf8`, sampling is restricted to bytes that keep
         the text a valid UTF-8 prefix. Temperature and top-k apply to each factor (the 257-way
         decoder distribution, then the first byte of a new word)."""
-        for nxt, _ in self._sample(prompt, max_new, temperature, top_k, generator, utf8):
-            yield nxt
+        return (nxt for nxt, _ in self._sample(prompt, max_new, temperature, top_k, generator, utf8))
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
@@ -283,6 +285,11 @@ class HAT(LanguageModel):
         return ids
 
 
+def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at positions index [B, T'] -> [B, T', D]."""
+    return x.gather(1, index[..., None].expand(*index.shape, x.size(-1)))
+
+
 class _WordDecoder:
     """Cached decoding of B rows, each in its own window: a row restarts from the last half of its
     window when the window is full or its words would overflow, so every row's distribution is
@@ -328,16 +335,16 @@ class _WordDecoder:
                 slot = torch.where(word < n_words[:, None], word, cfg.max_words)
                 pooled = m.pool(h_norm, slot, cfg.max_words)[:, : int(n_words.max())]
                 table = torch.cat([table, m.backbone_norm(m.backbone(pooled, caches[1]))], dim=1)
-            dec = m._decode(h, table.gather(1, word[..., None].expand(*word.shape, table.size(-1))), caches[2])
+            dec = m._decode(h, _at(table, word), caches[2])
             for big, small in zip((self.enc_cache, self.backbone_cache, self.dec_cache), caches, strict=True):
                 big.k[:, rows, :, : small.pos] = small.k[:, :, :, : small.pos]
                 big.v[:, rows, :, : small.pos] = small.v[:, :, :, : small.pos]
             self.ids[rows, :length] = x
             self.n_bytes[rows], self.n_words[rows] = length, n_words
-            self.context[rows] = table.gather(1, n_words[:, None, None].expand(n, 1, table.size(-1))).to(self.context.dtype)
+            self.context[rows] = _at(table, n_words[:, None]).to(self.context.dtype)
             self.n_open[rows] = length - word_first[:, -1]
             at = (word_first[:, -1:] + torch.arange(cfg.max_word_bytes, device=rows.device)).clamp(max=length - 1)
-            self.open[rows] = h_norm.gather(1, at[..., None].expand(*at.shape, h_norm.size(-1))).to(self.open.dtype)
+            self.open[rows] = _at(h_norm, at).to(self.open.dtype)
             self.logits[rows] = at_least_fp32(m.head(dec[:, -1]))
 
     def next_starts(self) -> torch.Tensor:
@@ -351,9 +358,9 @@ class _WordDecoder:
 
     def utf8_allowed(self) -> torch.Tensor:
         """bool [B, 256]: the bytes that keep each row's text a valid UTF-8 prefix (from its last 3 bytes)."""
-        tails = [row[max(n - 3, 0) : n] for row, n in zip(self.ids[:, :3 + int(self.n_bytes.max())].tolist(),
-                                                          self.n_bytes.tolist(), strict=True)]
-        return torch.tensor([utf8_allowed_next(bytes(t)) for t in tails], device=self.ids.device)
+        tails = self.ids.gather(1, (self.n_bytes[:, None] + torch.arange(-3, 0, device=self.ids.device)).clamp(min=0))
+        return torch.tensor([utf8_allowed_next(bytes(t[max(3 - n, 0) :]))
+                             for t, n in zip(tails.tolist(), self.n_bytes.tolist(), strict=True)], device=tails.device)
 
     def close_words(self, rows: torch.Tensor) -> torch.Tensor:
         """Backbone outputs [n, 1, d_model] of the open words of `rows`, as if they ended now. Writes
