@@ -225,18 +225,28 @@ def test_batched_decoder_equals_teacher_forcing(byte_window, max_words):
         assert len(set(restarts.tolist())) > 1
 
 
+def close_and_decode(text: bytes) -> str:
+    """Decode text as UTF-8 after closing its last character, if open."""
+    while utf8_allowed_next(text) != utf8_allowed_next(b""):
+        text += bytes([utf8_allowed_next(text).index(True)])
+    return text.decode("utf-8")
+
+
 def test_generated_text_is_utf8():
     """With utf8=True every continuation is a valid UTF-8 prefix (here from an untrained model, over
-    window restarts: 120 new bytes with a 48-byte context), for every row of a batch."""
+    window restarts: 120 new bytes with a 48-byte context), for every row of a batch, also after a
+    prompt that is not UTF-8 (a prompt's invalid tail counts as a character boundary)."""
     model = tiny()
     g = torch.Generator().manual_seed(0)
-    out = b"Hello, w" + model.generate(b"Hello, w", 120, generator=g, utf8=True)
-    assert len(out) == 128
-    while utf8_allowed_next(out) != utf8_allowed_next(b""):  # close the last character, if open
-        out += bytes([utf8_allowed_next(out).index(True)])
-    out.decode("utf-8")
-    rows = model.generate(torch.tensor([list(b"ab cd"), list(b"xy zw")]), 10, generator=g, utf8=True)
-    assert rows.shape == (2, 15)
+    out = model.generate(b"Hello, w", 120, generator=g, utf8=True)
+    assert len(out) == 120
+    close_and_decode(b"Hello, w" + out)
+    prompts = [b"ab cd", b"\xff\x80 ab", b"xy \xe6\x97"]  # valid; invalid bytes; an open character
+    rows = model.generate(torch.tensor([list(p) for p in prompts]), 60, generator=g, utf8=True)
+    assert rows.shape == (3, 65)
+    close_and_decode(bytes(rows[0].tolist()))
+    close_and_decode(b"\xe6\x97" + bytes(rows[2, 5:].tolist()))  # continues the open character
+    close_and_decode(bytes(rows[1, 5:].tolist()))
 
 
 @pytest.mark.parametrize("byte_window", [0, 8])

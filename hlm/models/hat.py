@@ -306,9 +306,8 @@ class _WordDecoder:
         B, dev = prompt.size(0), p.device
         self.model = model
         self.ids = torch.zeros(B, cfg.block_size + 1, dtype=torch.long, device=dev)
-        self.n_bytes = torch.zeros(B, dtype=torch.long, device=dev)
-        self.n_words = torch.zeros_like(self.n_bytes)
-        self.n_open = torch.zeros_like(self.n_bytes)  # bytes of the open word
+        # bytes in the window, completed words, bytes of the open word
+        self.n_bytes, self.n_words, self.n_open = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))
         self.open = torch.zeros(B, cfg.max_word_bytes, cfg.d_byte, device=dev, dtype=p.dtype)
         self.context = torch.zeros(B, 1, cfg.d_model, device=dev, dtype=p.dtype)
         self.logits = torch.zeros(B, 257, device=dev, dtype=at_least_fp32(p).dtype)
