@@ -9,10 +9,11 @@ import torch
 from data_prep.prepare import main as prepare_main
 from hlm.config import ConfigError, load_config
 from hlm.models import build_model
-from hlm.models.hat import HAT, HATConfig
+from hlm.models.generation import decoding_attention, sample_next
+from hlm.models.hat import EOW, HAT, HATConfig, _WordDecoder
 from hlm.next_word import main as next_word_main
 from hlm.next_word import next_word_accuracy, word_hits
-from hlm.splitter import split_words, utf8_allowed_next, word_starts
+from hlm.splitter import next_byte_starts, split_words, utf8_allowed_next, word_starts
 from hlm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,32 +98,155 @@ def test_every_next_byte_equals_teacher_forcing(prefix):
     torch.testing.assert_close(lp, -nll, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("byte_window", [0, 5])
-def test_generation_matches_teacher_forcing(byte_window):
-    """The cached sampler (backbone once per word) draws from next_logprobs: the log-prob it reports
-    for each sampled byte equals teacher forcing on the generated text."""
-    model = tiny(byte_window=byte_window)
-    prompt = list(b"Gary Kildall was")
-    g = torch.Generator().manual_seed(1)
-    pairs = list(model._stream_row(torch.tensor([prompt]), 30, 1.0, None, g, False))
-    full = torch.tensor([prompt + [b for b, _ in pairs]])
-    with torch.no_grad():
-        nll = model(full).nll[0, len(prompt) - 1 :]
-    torch.testing.assert_close(torch.tensor([lp for _, lp in pairs], dtype=torch.float64), -nll, rtol=0, atol=1e-9)
+class RowReference:
+    """The per-row sampler HAT had before rows were decoded together (one row, its own caches,
+    Python-level steps): the reference that batched sampling must reproduce at batch 1."""
+
+    def __init__(self, model: HAT, ids: list[int]):
+        cfg = model.cfg
+        self.model = model
+        x = torch.tensor([ids])
+        word, word_first, _ = model._split(x, with_mask=False)
+        self.enc_cache = model.encoder.new_cache(1, cfg.block_size, "cpu", torch.double)
+        self.dec_cache = model.decoder.new_cache(1, cfg.block_size, "cpu", torch.double)
+        self.backbone_cache = model.backbone.new_cache(1, cfg.max_words, "cpu", torch.double)
+        h, h_norm = model._encode(x, self.enc_cache)
+        self.n_words = int(word[0, -1])
+        self.current = h_norm[:, int(word_first[0, -1]) :]
+        self.table = model.first_word.to(h.dtype)
+        if self.n_words:
+            slot = torch.where(word < self.n_words, word, cfg.max_words)
+            pooled = model.pool(h_norm, slot, cfg.max_words)[:, : self.n_words]
+            self.table = torch.cat([self.table, model.backbone_norm(model.backbone(pooled, self.backbone_cache))], 1)
+        self.logits = model.head(model._decode(h, self.table[:, word[0]], self.dec_cache)[0, -1])
+
+    def end_word(self) -> torch.Tensor:
+        m = self.model
+        slot = torch.zeros(self.current.shape[:2], dtype=torch.long)
+        out = m.backbone_norm(m.backbone(m.pool(self.current, slot, 1), self.backbone_cache))
+        self.table = torch.cat([self.table, out], dim=1)
+        self.n_words += 1
+        self.current = None
+        return m.head(m._first_state(out[0, 0]))[:256]
+
+    def advance(self, byte: int) -> None:
+        m = self.model
+        h, h_norm = m._encode(torch.tensor([[byte]]), self.enc_cache)
+        self.current = h_norm if self.current is None else torch.cat([self.current, h_norm], dim=1)
+        self.logits = m.head(m._decode(h, self.table[:, self.n_words : self.n_words + 1], self.dec_cache)[0, -1])
+
+
+@torch.no_grad()
+def reference_stream(model: HAT, prompt: list[int], max_new: int, temperature: float, top_k, generator, utf8: bool):
+    """(byte, log-prob) pairs of the per-row sampler, window restarts included."""
+    cfg = model.cfg
+    ids = model._fit_window(prompt[-cfg.block_size :])
+    state = RowReference(model, ids)
+    for _ in range(max_new):
+        starts = next_byte_starts(torch.tensor([ids]), cfg.max_word_bytes)[0, -1]
+        allowed = torch.tensor(utf8_allowed_next(bytes(ids))) if utf8 else torch.ones_like(starts)
+        starts_ok = starts & allowed
+        within = state.logits.masked_fill(torch.cat([starts | ~allowed, ~starts_ok.any()[None]]), float("-inf"))
+        choice = int(sample_next(within[None], temperature, top_k, generator)[0])
+        logp = float(torch.log_softmax(within, 0)[choice])
+        if choice == EOW:
+            first = state.end_word().masked_fill(~starts_ok, float("-inf"))
+            choice = int(sample_next(first[None], temperature, top_k, generator)[0])
+            logp += float(torch.log_softmax(first, 0)[choice])
+        yield choice, logp
+        ids.append(choice)
+        if len(ids) > cfg.block_size:
+            ids = model._fit_window(ids[-(cfg.block_size // 2) :])
+            state = RowReference(model, ids)
+        else:
+            state.advance(choice)
+            if state.n_words >= cfg.max_words - 1:
+                ids = model._fit_window(ids[-(len(ids) // 2) :])
+                state = RowReference(model, ids)
+
+
+@pytest.mark.parametrize("byte_window, max_words, temperature, top_k, utf8, prompt", [
+    (0, 16, 1.0, None, False, b"Gary Kildall was"),
+    (5, 6, 0.8, 20, True, b"\xff\x80 ab\xc3"),  # invalid UTF-8; few word slots: restarts at the word cap
+    (5, 16, 1.0, None, False, bytes(range(250, 256)) + b"\xe6\x97"),
+    (0, 16, 0.0, None, True, "Naïve 日".encode()),
+])
+def test_batch_1_draws_as_the_per_row_sampler(byte_window, max_words, temperature, top_k, utf8, prompt):
+    """One row through the batched sampler gives the per-row sampler's bytes and log-probs for the same
+    random stream, over 110 bytes (window restarts at 48 bytes, and at the word cap)."""
+    model = tiny(byte_window=byte_window, max_words=max_words)
+    ref = list(reference_stream(model, list(prompt), 110, temperature, top_k, torch.Generator().manual_seed(3), utf8))
+    new = list(model._sample(torch.tensor([list(prompt)]), 110, temperature, top_k,
+                             torch.Generator().manual_seed(3), utf8))
+    assert [b for b, _ in ref] == [int(b[0]) for b, _ in new]
+    torch.testing.assert_close(torch.tensor([lp for _, lp in ref], dtype=torch.float64),
+                               torch.cat([lp for _, lp in new]), rtol=0, atol=1e-9)
+    assert len(set(b for b, _ in ref)) > 10  # a sampled stream, not one repeated byte
+
+
+def decoder_logprobs(dec) -> torch.Tensor:
+    """The next-byte log-probs [B, 256] of the batched decoder: p_dec(b) for a byte that continues the
+    word, p_dec(EOW) * p_first(b) for one that starts the next (`close_words` writes no state)."""
+    starts = dec.next_starts()
+    within = dec.logits.masked_fill(torch.cat([starts, torch.zeros_like(starts[:, :1])], 1), float("-inf"))
+    within = within.log_softmax(-1)
+    rows = torch.arange(len(starts))
+    first = dec.first_logits(dec.close_words(rows)).masked_fill(~starts, float("-inf")).log_softmax(-1)
+    return torch.where(starts, within[:, EOW:] + first, within[:, :EOW])
+
+
+@pytest.mark.parametrize("byte_window, max_words", [(0, 16), (5, 6)])
+def test_batched_decoder_equals_teacher_forcing(byte_window, max_words):
+    """At every step the batched decoder's distribution of each row equals next_logprobs of that row's
+    own window (fp64, 1e-10), over 100 bytes of text and of random bytes: rows end words at different
+    bytes and restart their windows at different bytes (past block_size, and at the word cap)."""
+    model = tiny(byte_window=byte_window, max_words=max_words)
+    g = torch.Generator().manual_seed(0)
+    text = list(TEXT * 2)
+    seq = torch.tensor([text[:110], text[38:148], torch.randint(0, 256, (110,), generator=g).tolist()])
+    with torch.no_grad(), decoding_attention():
+        dec = _WordDecoder(model, seq[:, :10])
+        restarts, ends = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+        for t in range(10, seq.size(1)):
+            lp = decoder_logprobs(dec)
+            for r in range(3):
+                window = dec.ids[r : r + 1, : int(dec.n_bytes[r])]
+                assert torch.equal(window[0], seq[r, t - window.size(1) : t])
+                torch.testing.assert_close(lp[r], model.next_logprobs(window)[0, -1], rtol=0, atol=1e-10)
+            ended = dec.next_starts().gather(1, seq[:, t, None]).squeeze(1)
+            ends += ended
+            if ended.any():
+                dec.end_words(torch.nonzero(ended).flatten())
+            before = dec.n_bytes.clone()
+            dec.push(seq[:, t])
+            restarts += dec.n_bytes <= before
+    assert (restarts >= 2).all() and ends.min() > 10
+    if max_words == 6:  # the word cap restarts rows at their own bytes
+        assert len(set(restarts.tolist())) > 1
+
+
+def close_and_decode(text: bytes) -> str:
+    """Decode text as UTF-8 after closing its last character, if open."""
+    while utf8_allowed_next(text) != utf8_allowed_next(b""):
+        text += bytes([utf8_allowed_next(text).index(True)])
+    return text.decode("utf-8")
 
 
 def test_generated_text_is_utf8():
     """With utf8=True every continuation is a valid UTF-8 prefix (here from an untrained model, over
-    window restarts: 120 new bytes with a 48-byte context), for every row of a batch."""
+    window restarts: 120 new bytes with a 48-byte context), for every row of a batch, also after a
+    prompt that is not UTF-8 (a prompt's invalid tail counts as a character boundary)."""
     model = tiny()
     g = torch.Generator().manual_seed(0)
-    out = b"Hello, w" + model.generate(b"Hello, w", 120, generator=g, utf8=True)
-    assert len(out) == 128
-    while utf8_allowed_next(out) != utf8_allowed_next(b""):  # close the last character, if open
-        out += bytes([utf8_allowed_next(out).index(True)])
-    out.decode("utf-8")
-    rows = model.generate(torch.tensor([list(b"ab cd"), list(b"xy zw")]), 10, generator=g, utf8=True)
-    assert rows.shape == (2, 15)
+    out = model.generate(b"Hello, w", 120, generator=g, utf8=True)
+    assert len(out) == 120
+    close_and_decode(b"Hello, w" + out)
+    prompts = [b"ab cd", b"\xff\x80 ab", b"xy \xe6\x97"]  # valid; invalid bytes; an open character
+    rows = model.generate(torch.tensor([list(p) for p in prompts]), 60, generator=g, utf8=True)
+    assert rows.shape == (3, 65)
+    close_and_decode(bytes(rows[0].tolist()))
+    close_and_decode(b"\xe6\x97" + bytes(rows[2, 5:].tolist()))  # continues the open character
+    close_and_decode(bytes(rows[1, 5:].tolist()))
 
 
 @pytest.mark.parametrize("byte_window", [0, 8])

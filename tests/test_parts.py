@@ -27,7 +27,7 @@ from hlm.models.parts.boundaries import (
 from hlm.models.parts.decoding import rows_step
 from hlm.models.parts.downsample import PatchPooling, WordPooling, pool_first, pool_last, pool_mean, segment_attention
 from hlm.models.parts.upsample import dechunk, feed_back_at_boundaries, smooth, upsample_groups
-from hlm.splitter import PrefixState
+from hlm.splitter import PrefixState, word_starts
 
 TEXT = open(ROOT / "tests" / "fixtures" / "tinyshakespeare_head32k.txt", "rb").read()
 
@@ -198,12 +198,13 @@ def test_segment_attention_matches_a_softmax_per_segment():
         torch.testing.assert_close(out[s], (w[..., None] * values[members]).sum(0), rtol=0, atol=1e-12)
 
 
-def test_rows_step_matches_each_row_on_its_own_cache():
+@pytest.mark.parametrize("window", [0, 3])  # 3: a local stack (HAT's byte stacks, rows at their own lengths)
+def test_rows_step_matches_each_row_on_its_own_cache(window):
     """Rows of one batched cache stepped at their own positions equal a stack run per row."""
     from hlm.models.blocks import Transformer
 
     torch.manual_seed(0)
-    stack = Transformer(2, 16, 2, 8).double()
+    stack = Transformer(2, 16, 2, 8, window=window).double()
     x = torch.randn(3, 8, 16, dtype=torch.double)
     lengths = [5, 2, 8]
     cache = stack.new_cache(3, 8, "cpu", torch.double)
@@ -260,12 +261,15 @@ def test_cached_decoder_matches_teacher_forcing_at_batch_3(family):
 
 def test_hat_generation_at_batch_3_is_each_row_decoded_alone():
     """HAT keeps its own word decoder (EOW, then the next word's first byte, sampled in two
-    steps): a batch of 3 rows yields what each row yields alone with the same random stream."""
+    steps), stepping all rows together: greedy, a batch of 3 rows yields what each row yields
+    alone, with words ending at different bytes in each row and windows restarting (48 bytes)."""
     model = hat()
     prompt = text_batch(3, 12, seed=7)
-    batch = model.generate(prompt, 20, temperature=0)
+    batch = model.generate(prompt, 50, temperature=0)
     for r in range(3):
-        assert torch.equal(model.generate(prompt[r : r + 1], 20, temperature=0)[0], batch[r])
+        assert torch.equal(model.generate(prompt[r : r + 1], 50, temperature=0)[0], batch[r])
+    starts = word_starts(batch, 8)[:, 12:]
+    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
 
 
 @pytest.mark.parametrize("family", ["hourglass_whitespace", "blt", "hnet_1stage"])

@@ -34,14 +34,18 @@ all 1024 word slots), the byte stacks 131, of which 88 is attention counted over
 4096-byte window; with `byte_window: 512` the attention actually needed is 11, so the model
 FLOPs are 221 MFLOP per byte (BENCHMARKS.md, "Speed").
 
-Generation runs the backbone once per completed word (with KV caches for all three stacks):
-sample from the decoder's 257-way distribution; on EOW, pool the word, run the backbone one
-step and sample the first byte of the next word. This is why HAT keeps its own decoder rather
-than the shared one of hlm/models/parts/decoding.py: there, the boundary source decides a group
-from the bytes so far and `logits` is one 256-way distribution; here the model *samples* the
-word's end (EOW), and a 256-way distribution at every byte would need the backbone run on the
-word so far at every byte (as `next_logprobs` does), which generation avoids. Splitting,
-pooling (learned query) and the group indices come from hlm/models/parts.
+Generation runs the backbone once per completed word (with KV caches for all three stacks),
+for all rows at once: sample from the decoder's 257-way distribution; the rows that drew EOW
+pool their word and run the backbone one position each, at their own word counts, in one call
+(`rows_step`), then sample the first byte of the next word; then every row's byte goes through
+the byte stacks in one step. HAT keeps this decoder rather than `GroupedDecoder` of
+hlm/models/parts/decoding.py: there, the boundary source decides a group from the bytes so far
+and `logits` is one 256-way distribution; here the model *samples* the word's end (EOW), and a
+256-way distribution at every byte would need the backbone run on the word so far at every byte
+(as `next_logprobs` does), which generation avoids. Each row restarts its own window (when full,
+or when its words would overflow), so rows sit at different byte positions too and the byte
+stacks are stepped by `rows_step` as well. Splitting, pooling (learned query) and the group
+indices come from hlm/models/parts.
 """
 
 from __future__ import annotations
@@ -53,11 +57,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hlm import ConfigError
+from hlm import ConfigError, HLMError
 from hlm.models.base import LanguageModel, ModelOutput
 from hlm.models.blocks import RMSNorm, Transformer, at_least_fp32, init_weights
 from hlm.models.generation import decoding_attention, generate_ids, sample_next
 from hlm.models.parts.boundaries import group_first, group_index
+from hlm.models.parts.decoding import rows_step
 from hlm.models.parts.downsample import WordPooling
 from hlm.splitter import PrefixState, utf8_allowed_next
 
@@ -152,7 +157,7 @@ class HAT(LanguageModel):
         the learned first-word vector for word 0, the last word that fits for overflow bytes."""
         B, S, D = words_out.shape
         table = torch.cat([self.first_word.to(words_out.dtype).expand(B, 1, D), words_out[:, : S - 1]], dim=1)
-        return table.gather(1, word.clamp(max=S - 1)[..., None].expand(*word.shape, D))
+        return _at(table, word.clamp(max=S - 1))
 
     def _byte_logprobs(self, dec: torch.Tensor, start_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Within-word log-probs [B, T, 257] (bytes that would start a word masked out) and the
@@ -180,7 +185,7 @@ class HAT(LanguageModel):
         within, plain = self._byte_logprobs(self._decode(h, self._contexts(words_out, word)), start_mask)
         # first byte of word w+1 from the backbone output of word w (used where y starts a word)
         first_states = self._first_state(words_out)
-        own = first_states.gather(1, word.clamp(max=S - 1)[..., None].expand(*word.shape, first_states.size(-1)))
+        own = _at(first_states, word.clamp(max=S - 1))
         first = self._first_logprobs(own, start_mask)
         new_word = start_mask.gather(2, y[..., None]).squeeze(-1)
         nll_within = -within.gather(2, torch.where(new_word, EOW, y)[..., None]).squeeze(-1)
@@ -223,20 +228,14 @@ class HAT(LanguageModel):
         return self.backbone_norm(out[:, S:])
 
     # ----- generation -----
-    @torch.no_grad()
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
                         top_k: int | None = None, generator: torch.Generator | None = None,
                         utf8: bool = False) -> Iterator[torch.Tensor]:
-        """Yield one new byte per row [B] at a time. Rows are decoded independently (their words
-        end at different bytes). With `utf8`, sampling is restricted to bytes that keep the text
-        a valid UTF-8 prefix. Temperature and top-k apply to each factor (the 257-way decoder
-        distribution, then the first byte of a new word)."""
-        streams = [self._stream_row(prompt[r : r + 1], max_new, temperature, top_k, generator, utf8)
-                   for r in range(prompt.size(0))]
-        for _ in range(max_new):
-            with decoding_attention():
-                nxt = [next(s)[0] for s in streams]
-            yield torch.tensor(nxt, device=prompt.device)
+        """Yield one new byte per row [B] at a time. Rows are decoded together but each as if alone
+        (their words end at different bytes). With `utf8`, sampling is restricted to bytes that keep
+        the text a valid UTF-8 prefix. Temperature and top-k apply to each factor (the 257-way
+        decoder distribution, then the first byte of a new word)."""
+        return (nxt for nxt, _ in self._sample(prompt, max_new, temperature, top_k, generator, utf8))
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
@@ -248,39 +247,33 @@ class HAT(LanguageModel):
                             lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator, utf8))
 
     @torch.no_grad()
-    def _stream_row(self, prompt: torch.Tensor, max_new: int, temperature: float, top_k: int | None,
-                    generator: torch.Generator | None, utf8: bool) -> Iterator[tuple[int, float]]:
-        """Sample bytes for one row, yielding (byte, its log-prob under the model at temperature 1).
-        The window restarts from its last half when it is full or its words would overflow, so
-        every step's distribution is `next_logprobs` of the current window."""
-        cfg, dev = self.cfg, prompt.device
-        ids = self._fit_window(prompt[0, -cfg.block_size :].tolist())
-        state = _RowState(self, ids)
-        values = torch.arange(256, device=dev).expand(1, 256)
+    def _sample(self, prompt: torch.Tensor, max_new: int, temperature: float, top_k: int | None,
+                generator: torch.Generator | None, utf8: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (bytes [B], their log-probs under the model at temperature 1). Each step samples the
+        257-way decoder distribution; the rows that drew EOW close their word (the backbone once for
+        all of them) and sample the next word's first byte. One random draw per factor for all rows,
+        so a single row draws exactly as the per-row sampler did."""
+        with decoding_attention():
+            dec = _WordDecoder(self, prompt)
+        nxt = None
         for _ in range(max_new):
-            starts = PrefixState(torch.tensor([ids], device=dev), cfg.max_word_bytes).next_starts(values, last=True)[0]
-            allowed = torch.ones_like(starts)
-            if utf8:
-                allowed = torch.tensor(utf8_allowed_next(bytes(ids)), device=dev)
-            starts_ok = starts & allowed
-            closed = torch.cat([starts | ~allowed, ~starts_ok.any()[None]])  # EOW needs a byte to start with
-            within = state.logits.masked_fill(closed, float("-inf"))
-            choice = int(sample_next(within[None], temperature, top_k, generator)[0])
-            logp = float(torch.log_softmax(within, 0)[choice])
-            if choice == EOW:
-                first = state.end_word().masked_fill(~starts_ok, float("-inf"))
-                choice = int(sample_next(first[None], temperature, top_k, generator)[0])
-                logp += float(torch.log_softmax(first, 0)[choice])
-            yield choice, logp
-            ids.append(choice)
-            if len(ids) > cfg.block_size:
-                ids = self._fit_window(ids[-(cfg.block_size // 2) :])
-                state = _RowState(self, ids)
-            else:
-                state.advance(choice)
-                if state.n_words >= cfg.max_words - 1:
-                    ids = self._fit_window(ids[-(len(ids) // 2) :])
-                    state = _RowState(self, ids)
+            with decoding_attention():
+                if nxt is not None:
+                    dec.push(nxt)
+                starts = dec.next_starts()
+                allowed = dec.utf8_allowed() if utf8 else torch.ones_like(starts)
+                starts_ok = starts & allowed
+                no_first = ~starts_ok.any(-1, keepdim=True)  # EOW needs a byte to start the next word with
+                closed = torch.cat([starts | ~allowed, no_first], dim=1)
+                within = dec.logits.masked_fill(closed, float("-inf"))
+                nxt = sample_next(within, temperature, top_k, generator)
+                logp = within.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+                ended = torch.nonzero(nxt == EOW).flatten()
+                if len(ended):
+                    first = dec.end_words(ended).masked_fill(~starts_ok[ended], float("-inf"))
+                    nxt[ended] = sample_next(first, temperature, top_k, generator)
+                    logp[ended] += first.log_softmax(-1).gather(1, nxt[ended, None]).squeeze(1)
+            yield nxt, logp
 
     def _fit_window(self, ids: list[int]) -> list[int]:
         """The longest tail of ids (halving) whose words stay out of overflow."""
@@ -292,45 +285,121 @@ class HAT(LanguageModel):
         return ids
 
 
-class _RowState:
-    """KV caches of the three stacks for one generated row, the decoder contexts of the words
-    so far, the normed byte states of the current word, and the decoder's last logits."""
+def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at positions index [B, T'] -> [B, T', D]."""
+    return x.gather(1, index[..., None].expand(*index.shape, x.size(-1)))
 
-    def __init__(self, model: HAT, ids: list[int]):
+
+class _WordDecoder:
+    """Cached decoding of B rows, each in its own window: a row restarts from the last half of its
+    window when the window is full or its words would overflow, so every row's distribution is
+    `next_logprobs` of its own window, whatever the other rows do. The rows' windows then differ
+    in length, so all three stacks keep each row at its own position (`rows_step`). Holds each
+    row's bytes, word count, decoder context (the backbone output of its last word), the normed
+    byte states of its open word, and the decoder's 257-way logits after its last byte."""
+
+    def __init__(self, model: HAT, prompt: torch.Tensor):
+        if not prompt.size(1):
+            raise HLMError("generation needs a non-empty prompt (start with the separator byte 0x00)")
         cfg = model.cfg
+        p = next(model.parameters())
+        B, dev = prompt.size(0), p.device
         self.model = model
-        param = next(model.parameters())
-        x = torch.tensor([ids], device=param.device)
-        word, word_first, _ = model._split(x, with_mask=False)
-        self.enc_cache = model.encoder.new_cache(1, cfg.block_size, param.device, param.dtype)
-        self.dec_cache = model.decoder.new_cache(1, cfg.block_size, param.device, param.dtype)
-        self.backbone_cache = model.backbone.new_cache(1, cfg.max_words, param.device, param.dtype)
-        h, h_norm = model._encode(x, self.enc_cache)
-        self.n_words = int(word[0, -1])  # completed words; the current one is still open
-        self.current = h_norm[:, int(word_first[0, -1]) :]
-        self.table = model.first_word.to(h.dtype)  # decoder context of word w is table[:, w]
-        if self.n_words:
-            slot = torch.where(word < self.n_words, word, cfg.max_words)
-            pooled = model.pool(h_norm, slot, cfg.max_words)[:, : self.n_words]
-            out = model.backbone_norm(model.backbone(pooled, self.backbone_cache))
-            self.table = torch.cat([self.table, out], dim=1)
-        self._set_logits(model._decode(h, self.table[:, word[0]], self.dec_cache))
+        self.ids = torch.zeros(B, cfg.block_size + 1, dtype=torch.long, device=dev)
+        # bytes in the window, completed words, bytes of the open word
+        self.n_bytes, self.n_words, self.n_open = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))
+        self.open = torch.zeros(B, cfg.max_word_bytes, cfg.d_byte, device=dev, dtype=p.dtype)
+        self.context = torch.zeros(B, 1, cfg.d_model, device=dev, dtype=p.dtype)
+        self.logits = torch.zeros(B, 257, device=dev, dtype=at_least_fp32(p).dtype)
+        self.enc_cache = model.encoder.new_cache(B, cfg.block_size, dev, p.dtype)
+        self.dec_cache = model.decoder.new_cache(B, cfg.block_size, dev, p.dtype)
+        self.backbone_cache = model.backbone.new_cache(B, cfg.max_words, dev, p.dtype)
+        self._prefill({r: model._fit_window(row[-cfg.block_size :]) for r, row in enumerate(prompt.tolist())})
 
-    def _set_logits(self, dec: torch.Tensor) -> None:
-        self.logits = at_least_fp32(self.model.head(dec[0, -1]))
+    def _prefill(self, windows: dict[int, list[int]]) -> None:
+        """Run the three stacks on the new windows of some rows (batched over rows of one length)
+        and copy their keys and values into those rows of the batched caches."""
+        m, cfg = self.model, self.model.cfg
+        for length in sorted({len(w) for w in windows.values()}):
+            group = [r for r, w in windows.items() if len(w) == length]
+            rows = torch.tensor(group, device=self.ids.device)
+            x = torch.tensor([windows[r] for r in group], device=rows.device)
+            word, word_first, _ = m._split(x, with_mask=False)
+            n_words, n = word[:, -1], len(group)
+            caches = [stack.new_cache(n, size, rows.device, self.open.dtype)
+                      for stack, size in ((m.encoder, length), (m.backbone, cfg.max_words), (m.decoder, length))]
+            h, h_norm = m._encode(x, caches[0])
+            table = m.first_word.to(h.dtype).expand(n, 1, -1)  # decoder context of word w is table[:, w]
+            if int(n_words.max()):
+                slot = torch.where(word < n_words[:, None], word, cfg.max_words)
+                pooled = m.pool(h_norm, slot, cfg.max_words)[:, : int(n_words.max())]
+                table = torch.cat([table, m.backbone_norm(m.backbone(pooled, caches[1]))], dim=1)
+            dec = m._decode(h, _at(table, word), caches[2])
+            for big, small in zip((self.enc_cache, self.backbone_cache, self.dec_cache), caches, strict=True):
+                big.k[:, rows, :, : small.pos] = small.k[:, :, :, : small.pos]
+                big.v[:, rows, :, : small.pos] = small.v[:, :, :, : small.pos]
+            self.ids[rows, :length] = x
+            self.n_bytes[rows], self.n_words[rows] = length, n_words
+            self.context[rows] = _at(table, n_words[:, None]).to(self.context.dtype)
+            self.n_open[rows] = length - word_first[:, -1]
+            at = (word_first[:, -1:] + torch.arange(cfg.max_word_bytes, device=rows.device)).clamp(max=length - 1)
+            self.open[rows] = _at(h_norm, at).to(self.open.dtype)
+            self.logits[rows] = at_least_fp32(m.head(dec[:, -1]))
 
-    def end_word(self) -> torch.Tensor:
-        """Close the current word: pool it, run the backbone one step, return first-byte logits [256]."""
+    def next_starts(self) -> torch.Tensor:
+        """bool [B, 256]: would each byte value start a new word after each row's window? (The split
+        is causal, so a row padded on the right reads its state at its own last byte.)"""
+        state = PrefixState(self.ids[:, : int(self.n_bytes.max())], self.model.cfg.max_word_bytes)
+        last = (self.n_bytes - 1)[:, None]
+        for name in ("p", "pp", "p_joiner", "open_char", "cut"):
+            setattr(state, name, getattr(state, name).gather(1, last))
+        return state.next_starts(torch.arange(256, device=last.device).expand(len(last), 256), last=True)
+
+    def utf8_allowed(self) -> torch.Tensor:
+        """bool [B, 256]: the bytes that keep each row's text a valid UTF-8 prefix (from its last 3 bytes)."""
+        tails = self.ids.gather(1, (self.n_bytes[:, None] + torch.arange(-3, 0, device=self.ids.device)).clamp(min=0))
+        return torch.tensor([utf8_allowed_next(bytes(t[max(3 - n, 0) :]))
+                             for t, n in zip(tails.tolist(), self.n_bytes.tolist(), strict=True)], device=tails.device)
+
+    def close_words(self, rows: torch.Tensor) -> torch.Tensor:
+        """Backbone outputs [n, 1, d_model] of the open words of `rows`, as if they ended now. Writes
+        only the rows' next backbone slot, which nothing reads before it is written again."""
         m = self.model
-        slot = torch.zeros(self.current.shape[:2], dtype=torch.long, device=self.current.device)
-        out = m.backbone_norm(m.backbone(m.pool(self.current, slot, 1), self.backbone_cache))
-        self.table = torch.cat([self.table, out], dim=1)
-        self.n_words += 1
-        self.current = None
-        return at_least_fp32(m.head(m._first_state(out[0, 0])))[:256]
+        slot = (torch.arange(self.open.size(1), device=rows.device) >= self.n_open[rows, None]).long()
+        word = m.pool(self.open[rows], slot, 1)
+        return m.backbone_norm(rows_step(m.backbone, self.backbone_cache, word, rows, self.n_words[rows, None]))
 
-    def advance(self, byte: int) -> None:
-        m = self.model
-        h, h_norm = m._encode(torch.tensor([[byte]], device=self.table.device), self.enc_cache)
-        self.current = h_norm if self.current is None else torch.cat([self.current, h_norm], dim=1)
-        self._set_logits(m._decode(h, self.table[:, self.n_words : self.n_words + 1], self.dec_cache))
+    def first_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Logits [n, 256] of the first byte of the next word, from backbone outputs [n, 1, d_model]."""
+        return at_least_fp32(self.model.head(self.model._first_state(out[:, 0])))[:, :256]
+
+    def end_words(self, rows: torch.Tensor) -> torch.Tensor:
+        """Close the open words of `rows` (one backbone step each, one call) and return the logits
+        [n, 256] of the next word's first byte."""
+        out = self.close_words(rows)
+        self.context[rows] = out.to(self.context.dtype)
+        self.n_words[rows] += 1
+        self.n_open[rows] = 0
+        return self.first_logits(out)
+
+    def push(self, nxt: torch.Tensor) -> None:
+        """Append one byte per row (nxt [B]; a row that starts a word has ended the last one) and
+        update `logits`: rows with room step the byte stacks together, the others restart."""
+        m, cfg = self.model, self.model.cfg
+        self.ids[torch.arange(len(nxt), device=nxt.device), self.n_bytes] = nxt
+        self.n_bytes += 1
+        restart = (self.n_bytes > cfg.block_size) | (self.n_words >= cfg.max_words - 1)
+        rows = torch.nonzero(~restart).flatten()
+        if len(rows):
+            pos = self.n_bytes[rows, None] - 1
+            h = rows_step(m.encoder, self.enc_cache, m.embed(nxt[rows, None]), rows, pos)
+            self.open[rows, self.n_open[rows]] = m.enc_norm(h)[:, 0].to(self.open.dtype)
+            self.n_open[rows] += 1
+            dec = m.dec_norm(rows_step(m.decoder, self.dec_cache, h + m.condition(self.context[rows]), rows, pos))
+            self.logits[rows] = at_least_fp32(m.head(dec[:, 0]))
+        windows = {}
+        for r in torch.nonzero(restart).flatten().tolist():
+            n = int(self.n_bytes[r])
+            keep = cfg.block_size // 2 if n > cfg.block_size else n // 2
+            windows[r] = m._fit_window(self.ids[r, n - keep : n].tolist())
+        self._prefill(windows)

@@ -30,14 +30,17 @@ from hlm.models.generation import decoding_attention
 
 def rows_step(stack: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:
-    """A causal stack (no local window) on x [n, T, D] of cache rows `rows` [n] at their own
-    positions [n, T]: each row's keys and values go to its slots of `cache`, and a position
-    attends to that row's keys at positions <= its own. Slots past a row's length may hold stale
-    keys from a padded prefill; they are rewritten before any position can see them."""
-    assert all(block.attn.window <= 0 for block in stack.blocks), "rows_step has no local window"
+    """A causal stack on x [n, T, D] of cache rows `rows` [n] at their own positions [n, T]:
+    each row's keys and values go to its slots of `cache`, and a position attends to that row's
+    keys at positions <= its own (and, in a stack with a local window, within the window: HAT's
+    byte stacks, whose rows restart their windows at different bytes). Slots past a row's length
+    may hold stale keys from a padded prefill or an earlier window; they are rewritten before any
+    position can see them."""
     n, T, C = x.shape
     cos, sin = stack.rotary.at(positions)
-    keep = (torch.arange(cache.k.size(3), device=x.device) <= positions[..., None])[:, None]  # [n, 1, T, L]
+    back = positions[..., None] - torch.arange(cache.k.size(3), device=x.device)  # [n, T, L]
+    window = stack.blocks[0].attn.window
+    keep = ((back >= 0) & (back < window if window > 0 else True))[:, None]  # [n, 1, T, L]
     for i, block in enumerate(stack.blocks):
         attn = block.attn
         q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
