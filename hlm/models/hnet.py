@@ -168,8 +168,8 @@ class StageDecoder(GroupSteps):
     """Decoding state of one stage for B rows: batched KV caches of its encoder and decoder, the
     inner network's state, the count of chunks, the router's last key and the last smoothed chunk
     (fp32 or wider). Rows start chunks at different positions: an innermost Transformer keeps one
-    batched cache stepped by `rows_step` (each row at its own chunk count); an inner stage (with
-    local-window stacks, which `rows_step` does not take) is one decoder per row. A chunk's first
+    batched cache stepped by `rows_step` (each row at its own chunk count); an inner stage is one
+    decoder per row (its batched byte-stack caches assume every row at the same position). A chunk's first
     position is the one that enters the inner network and reads it."""
 
     def __init__(self, stage: HNetStage, batch: int, device, dtype):
