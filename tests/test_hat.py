@@ -249,6 +249,19 @@ def test_generated_text_is_utf8():
     close_and_decode(bytes(rows[1, 5:].tolist()))
 
 
+def test_generation_under_bf16_autocast_keeps_the_caches_dtype():
+    """Generation as eval.py and the benchmarks run it (fp32 weights and caches, bf16 activations under
+    autocast): every cache and state write takes bf16 values into fp32 tensors (an index_put of another
+    dtype raises). Past a window restart, at batch 3, sampling and greedy."""
+    model = tiny(byte_window=8).float()
+    prompt = windows(20)[:3]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled = model.generate(prompt, 40, generator=torch.Generator().manual_seed(0))
+        greedy = model.generate(prompt, 40, temperature=0)
+    assert sampled.shape == greedy.shape == (3, 60) and int(sampled.max()) < 256 and int(greedy.max()) < 256
+    assert torch.equal(sampled[:, :20], prompt) and torch.equal(greedy[:, :20], prompt)
+
+
 @pytest.mark.parametrize("byte_window", [0, 8])
 def test_compile_matches_eager(byte_window):
     """One graph (fullgraph: no breaks, no host syncs) with the same outputs and gradients."""
