@@ -5,15 +5,20 @@
 #                                                           same corpus; every metrics.jsonl record compared
 #        benchmarks/redesign_ab.sh speed [OLD_REV] [OUT]   GPU: bench.py throughput of byte_gpt, hourglass_whitespace
 #                                                           and hat, old and new interleaved (needs data/enwiki_bytes)
-# OLD_REV defaults to e01201c, the last commit before the redesign. OUT defaults to runs/bench/redesign.
+# OLD_REV defaults to e01201c, the last commit before the redesign; a directory holding that tree (for a machine
+# without the git history) is used as it is. OUT defaults to runs/bench/redesign.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=$1 old_rev=${2:-e01201c} out=${3:-runs/bench/redesign}
 mkdir -p "$out"
 repo=$(pwd) out=$(cd "$out" && pwd)
-old=$(mktemp -d)
-trap 'rm -rf "$old"' EXIT
-git archive "$old_rev" | tar -x -C "$old"
+if [ -d "$old_rev" ]; then
+  old=$(cd "$old_rev" && pwd)
+else
+  old=$(mktemp -d)
+  trap 'rm -rf "$old"' EXIT
+  git archive "$old_rev" | tar -x -C "$old"
+fi
 tree_dir() { if [ "$1" = old ]; then echo "$old"; else echo "$repo"; fi; }
 case $what in
   smoke)
@@ -47,7 +52,7 @@ for cfg in sorted(p.name for p in (runs / "new").iterdir()):
 PY
     ;;
   speed)
-    ln -sfn "$repo/data" "$old/data"
+    [ -e "$old/data" ] || ln -s "$repo/data" "$old/data"
     for cfg in byte_gpt hourglass_whitespace hat; do
       for tree in old new; do
         (cd "$(tree_dir $tree)" && PYTHONPATH=. python bench.py configs/$cfg.yaml --steps 10 \
