@@ -150,27 +150,31 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
     pos = torch.tensor([plan.positions], device=device)
     with autocast or contextlib.nullcontext():
         logits = model.logits(ids, attn_mask=keep.to(device)[None, None], positions=pos)[0]
-    need = sorted({p for p in plan.parent[plan.n_context + 1 :] if p >= 0} | {p for p, _, _ in plan.covers}
-                  | {plan.n_trunk - 1})
-    row = {p: k for k, p in enumerate(need)}  # log-probs of the needed positions only
-    lp = F.log_softmax(logits[torch.tensor(need, device=logits.device)].double(), dim=-1).cpu()
+    # Everything per position is reduced on the device; one copy brings back a float per scored position
+    # and per straddling cover (not the [positions, V] log-probabilities).
     scored = [i for i in range(n) if plan.parent[i] >= 0]
-    step = lp[[row[plan.parent[i]] for i in scored], [plan.ids[i] for i in scored]].tolist()
+    straddling = [(p, lo, hi) for p, lo, hi in plan.covers if lo < hi]
+    rows = torch.tensor([plan.parent[i] for i in scored] + [p for p, _, _ in straddling] + [plan.n_trunk - 1],
+                        device=logits.device)
+    lp = F.log_softmax(logits[rows].double(), dim=-1)  # [scored + straddling + 1, V]
+    targets = torch.tensor([plan.ids[i] for i in scored], device=logits.device)
+    step = lp[torch.arange(len(scored), device=logits.device), targets]
+    allowed = torch.zeros(len(straddling), lp.size(1), dtype=torch.bool)
+    for k, (p, lo, hi) in enumerate(straddling):  # the allowed next tokens: in the range and valid after the anchor
+        ids_range = rules.index.perm[lo:hi]
+        allowed[k, ids_range] = plan.masks[p][ids_range]
+    cover_lp = lp[len(scored) : len(scored) + len(straddling)]
+    mass = cover_lp.masked_fill(~allowed.to(logits.device), float("-inf")).logsumexp(-1)
+    end = lp[-1, end_id] if end_id is not None else lp.new_zeros(())
+    step, mass, end = torch.cat([step, mass, end[None]]).cpu().split([len(scored), len(straddling), 1])
     logq = torch.zeros(n, dtype=torch.float64)
     on_trunk = [i for i in scored if i < plan.n_trunk]  # consecutive, each after its parent: a running sum
-    logq[on_trunk] = torch.tensor(step[: len(on_trunk)], dtype=torch.float64).cumsum(0)
-    for i, value in zip(scored[len(on_trunk) :], step[len(on_trunk) :], strict=True):  # chains: parents first
+    logq[on_trunk] = step[: len(on_trunk)].cumsum(0)
+    for i, value in zip(scored[len(on_trunk) :], step[len(on_trunk) :].tolist(), strict=True):  # chains
         logq[i] = logq[plan.parent[i]] + value
-    perm = rules.index.perm
-    terms = []
-    for p, lo, hi in plan.covers:
-        if lo == hi:
-            terms.append(logq[p])
-        else:
-            ids_range = perm[lo:hi]
-            mass = (lp[row[p], ids_range].exp() * plan.masks[p][ids_range]).sum()
-            terms.append(logq[p] + mass.log())
-    text = logq[plan.n_trunk - 1] + (lp[row[plan.n_trunk - 1], end_id] if end_id is not None else 0.0)
+    masses = dict(zip([p for p, _, _ in straddling], mass.tolist(), strict=True))
+    terms = [logq[p] if lo == hi else logq[p] + masses[p] for p, lo, hi in plan.covers]
+    text = logq[plan.n_trunk - 1] + end[0]
     return {"prefix": float(torch.logsumexp(torch.stack(terms), 0)), "canonical_prefix": float(logq[plan.prefix_pos]),
             "text": float(text), "positions": n, "extra_positions": n - plan.n_trunk}
 
