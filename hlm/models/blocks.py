@@ -48,7 +48,8 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dimension; x is [B, H, T, D]."""
+    """Rotate pairs (first half, second half) of the head dimension; x is [..., T, D] (queries and keys
+    stacked as [2, B, H, T, D] take one pass: half the kernels of an eager decoding step's rotary)."""
     x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
@@ -176,8 +177,8 @@ class CausalSelfAttention(nn.Module):
         replaces the causal mask, e.g. for a token tree where each node sees only its ancestors; it cannot be
         combined with a cache."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        (q, k), v = apply_rotary(qkv[:2], cos, sin), qkv[2]
         if isinstance(attn_mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         elif attn_mask is not None:

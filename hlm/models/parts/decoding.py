@@ -43,8 +43,8 @@ def rows_step(stack: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.T
     keep = ((back >= 0) & (back < window if window > 0 else True))[:, None]  # [n, 1, T, L]
     for i, block in enumerate(stack.blocks):
         attn = block.attn
-        q, k, v = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
+        (q, k), v = apply_rotary(qkv[:2], cos, sin), qkv[2]
         cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2).to(cache.k.dtype)
         cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2).to(cache.v.dtype)
         y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
