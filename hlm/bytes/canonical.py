@@ -214,8 +214,10 @@ def canonicalized_stream(model: torch.nn.Module, ids: torch.Tensor, tok: Tokeniz
                    for c in range(0, len(targets), chunk_rows))
         return sums, token_nbytes[targets].double().sum(), len(targets)
 
-    if dev.type == "cuda":  # compile (first batch's shapes) before the clock
-        score(*batches[0])
+    if dev.type == "cuda":  # compile for every batch shape before the clock (a shape met later recompiles)
+        for shape in {(length, n_scored, len(starts)): (length, n_scored, starts)
+                      for length, n_scored, starts in batches}.values():
+            score(*shape)
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # canon, canonicalized, leak, > threshold, masked
