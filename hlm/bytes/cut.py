@@ -22,8 +22,10 @@ log Q(encode(x) + EOS) - log P(s) is the exact log-probability of x[cut:] and it
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -140,43 +142,53 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
     if drop > 0:
         plan = _slide(plan, drop)
     n = len(plan.ids)
-    device = next(model.parameters()).device
-    keep = torch.ones(n, n, dtype=torch.bool).tril()
+    param = next(model.parameters())
+    keep = np.tri(n, dtype=bool)
     keep[plan.n_trunk :] = False
     for i in range(plan.n_trunk, n):  # a chain node sees what its parent sees, and itself
         keep[i] = keep[plan.parent[i]]
         keep[i, i] = True
-    ids = torch.tensor([plan.ids], device=device)
-    pos = torch.tensor([plan.positions], device=device)
+    ids_pos = torch.tensor([plan.ids, plan.positions]).to(param.device)  # one copy to the device
     with autocast or contextlib.nullcontext():
-        logits = model.logits(ids, attn_mask=keep.to(device)[None, None], positions=pos)[0]
+        # an additive mask in the attention's dtype: a bool one is converted again in every layer
+        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+        bias = torch.from_numpy(np.where(keep, 0.0, -np.inf)).to(param.device, dtype)
+        logits = model.logits(ids_pos[:1], attn_mask=bias[None, None], positions=ids_pos[1:])[0]
     # Everything per position is reduced on the device; one copy brings back a float per scored position
     # and per straddling cover (not the [positions, V] log-probabilities).
     scored = [i for i in range(n) if plan.parent[i] >= 0]
     straddling = [(p, lo, hi) for p, lo, hi in plan.covers if lo < hi]
-    rows = torch.tensor([plan.parent[i] for i in scored] + [p for p, _, _ in straddling] + [plan.n_trunk - 1],
-                        device=logits.device)
-    lp = F.log_softmax(logits[rows].double(), dim=-1)  # [scored + straddling + 1, V]
-    targets = torch.tensor([plan.ids[i] for i in scored], device=logits.device)
-    step = lp[torch.arange(len(scored), device=logits.device), targets]
+    rows = [plan.parent[i] for i in scored] + [p for p, _, _ in straddling] + [plan.n_trunk - 1]
+    rows_targets = torch.tensor([rows, [plan.ids[i] for i in scored] + [0] * (len(straddling) + 1)]).to(param.device)
+    lp = F.log_softmax(logits[rows_targets[0]].double(), dim=-1)  # [scored + straddling + 1, V]
+    step = lp[: len(scored)].gather(1, rows_targets[1, : len(scored), None]).squeeze(1)
     allowed = torch.zeros(len(straddling), lp.size(1), dtype=torch.bool)
     for k, (p, lo, hi) in enumerate(straddling):  # the allowed next tokens: in the range and valid after the anchor
         ids_range = rules.index.perm[lo:hi]
         allowed[k, ids_range] = plan.masks[p][ids_range]
     cover_lp = lp[len(scored) : len(scored) + len(straddling)]
-    mass = cover_lp.masked_fill(~allowed.to(logits.device), float("-inf")).logsumexp(-1)
+    mass = cover_lp.masked_fill(~allowed.to(param.device), float("-inf")).logsumexp(-1)
     end = lp[-1, end_id] if end_id is not None else lp.new_zeros(())
-    step, mass, end = torch.cat([step, mass, end[None]]).cpu().split([len(scored), len(straddling), 1])
-    logq = torch.zeros(n, dtype=torch.float64)
-    on_trunk = [i for i in scored if i < plan.n_trunk]  # consecutive, each after its parent: a running sum
-    logq[on_trunk] = step[: len(on_trunk)].cumsum(0)
-    for i, value in zip(scored[len(on_trunk) :], step[len(on_trunk) :].tolist(), strict=True):  # chains
-        logq[i] = logq[plan.parent[i]] + value
-    masses = dict(zip([p for p, _, _ in straddling], mass.tolist(), strict=True))
+    values = torch.cat([step, mass, end[None]]).tolist()
+    # host arithmetic on floats: the path sums and the covers' total
+    logq = [0.0] * n
+    total = 0.0
+    for i, value in zip(scored, values, strict=False):  # the trunk first (a running sum), then chains
+        if i < plan.n_trunk:
+            total += value
+            logq[i] = total
+        else:
+            logq[i] = logq[plan.parent[i]] + value
+    masses = dict(zip([p for p, _, _ in straddling], values[len(scored) : -1], strict=True))
     terms = [logq[p] if lo == hi else logq[p] + masses[p] for p, lo, hi in plan.covers]
-    text = logq[plan.n_trunk - 1] + end[0]
-    return {"prefix": float(torch.logsumexp(torch.stack(terms), 0)), "canonical_prefix": float(logq[plan.prefix_pos]),
-            "text": float(text), "positions": n, "extra_positions": n - plan.n_trunk}
+    return {"prefix": _logsumexp(terms), "canonical_prefix": logq[plan.prefix_pos],
+            "text": logq[plan.n_trunk - 1] + values[-1], "positions": n, "extra_positions": n - plan.n_trunk}
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top if top == -math.inf else top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def _slide(plan: CutPlan, drop: int) -> CutPlan:

@@ -173,9 +173,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, attn_mask: torch.Tensor | AttentionPattern | None = None) -> torch.Tensor:
-        """`attn_mask` (bool [B, 1, T, T], True = may attend, or an `AttentionPattern` that attends itself)
-        replaces the causal mask, e.g. for a token tree where each node sees only its ancestors; it cannot be
-        combined with a cache."""
+        """`attn_mask` ([B, 1, T, T]: bool, True = may attend; or additive in the attention's dtype, 0 or
+        -inf, which SDPA need not convert again; or an `AttentionPattern` that attends itself) replaces the
+        causal mask, e.g. for a token tree where each node sees only its ancestors; it cannot be combined
+        with a cache."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:  # eager decoding: queries and keys in one rotary pass, half its kernels
@@ -240,8 +241,8 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | AttentionPattern | None = None) -> torch.Tensor:
-        """Causal over x [B, T, D] by default. With `positions` [B, T] (rotary positions) and a bool
-        `attn_mask` [B, 1, T, T] (True = may attend) or an `AttentionPattern`, any attention pattern, e.g. a tree
+        """Causal over x [B, T, D] by default. With `positions` [B, T] (rotary positions) and an
+        `attn_mask` [B, 1, T, T] (see CausalSelfAttention) or an `AttentionPattern`, any attention pattern, e.g. a tree
         of token paths with position = depth (no cache)."""
         if positions is not None:
             cos, sin = self.rotary.at(positions)
