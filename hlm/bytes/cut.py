@@ -143,34 +143,36 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
         plan = _slide(plan, drop)
     n = len(plan.ids)
     param = next(model.parameters())
+    # Everything the device needs goes over before the forward (a copy queued behind it would wait for it):
+    # the ids and positions; for each scored position the row of its parent and its id, then the straddling
+    # covers' anchor rows, then the last trunk position (scored for end_id); the mask; the allowed tokens.
+    scored = [i for i in range(n) if plan.parent[i] >= 0]
+    straddling = [(p, lo, hi) for p, lo, hi in plan.covers if lo < hi]
+    rows = [plan.parent[i] for i in scored] + [p for p, _, _ in straddling] + [plan.n_trunk - 1]
+    targets = [plan.ids[i] for i in scored] + [0] * len(straddling) + [end_id if end_id is not None else 0]
+    index = torch.tensor(plan.ids + plan.positions + rows + targets).to(param.device)
+    ids, positions, rows_dev, targets_dev = index.split([n, n, len(rows), len(rows)])
     keep = np.tri(n, dtype=bool)
     keep[plan.n_trunk :] = False
     for i in range(plan.n_trunk, n):  # a chain node sees what its parent sees, and itself
         keep[i] = keep[plan.parent[i]]
         keep[i, i] = True
-    ids_pos = torch.tensor([plan.ids, plan.positions]).to(param.device)  # one copy to the device
+    allowed = torch.zeros(len(straddling), model.cfg.vocab_size, dtype=torch.bool)
+    for k, (p, lo, hi) in enumerate(straddling):  # the allowed next tokens: in the range and valid after the anchor
+        ids_range = rules.index.perm[lo:hi]
+        allowed[k, ids_range] = plan.masks[p][ids_range]
+    allowed = allowed.to(param.device)
     with autocast or contextlib.nullcontext():
         # an additive mask in the attention's dtype: a bool one is converted again in every layer
         dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
             else param.dtype
         bias = torch.from_numpy(np.where(keep, 0.0, -np.inf)).to(param.device, dtype)
-        logits = model.logits(ids_pos[:1], attn_mask=bias[None, None], positions=ids_pos[1:])[0]
-    # Everything per position is reduced on the device; one copy brings back a float per scored position
-    # and per straddling cover (not the [positions, V] log-probabilities).
-    scored = [i for i in range(n) if plan.parent[i] >= 0]
-    straddling = [(p, lo, hi) for p, lo, hi in plan.covers if lo < hi]
-    rows = [plan.parent[i] for i in scored] + [p for p, _, _ in straddling] + [plan.n_trunk - 1]
-    rows_targets = torch.tensor([rows, [plan.ids[i] for i in scored] + [0] * (len(straddling) + 1)]).to(param.device)
-    lp = F.log_softmax(logits[rows_targets[0]].double(), dim=-1)  # [scored + straddling + 1, V]
-    step = lp[: len(scored)].gather(1, rows_targets[1, : len(scored), None]).squeeze(1)
-    allowed = torch.zeros(len(straddling), lp.size(1), dtype=torch.bool)
-    for k, (p, lo, hi) in enumerate(straddling):  # the allowed next tokens: in the range and valid after the anchor
-        ids_range = rules.index.perm[lo:hi]
-        allowed[k, ids_range] = plan.masks[p][ids_range]
-    cover_lp = lp[len(scored) : len(scored) + len(straddling)]
-    mass = cover_lp.masked_fill(~allowed.to(param.device), float("-inf")).logsumexp(-1)
-    end = lp[-1, end_id] if end_id is not None else lp.new_zeros(())
-    values = torch.cat([step, mass, end[None]]).tolist()
+        logits = model.logits(ids[None], attn_mask=bias[None, None], positions=positions[None])[0]
+    # Reduced on the device; one copy brings back a float per row (not the [rows, V] log-probabilities).
+    lp = F.log_softmax(logits[rows_dev].double(), dim=-1)
+    picked = lp.gather(1, targets_dev[:, None]).squeeze(1)
+    mass = lp[len(scored) : -1].masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    values = torch.cat([picked, mass]).tolist()
     # host arithmetic on floats: the path sums and the covers' total
     logq = [0.0] * n
     total = 0.0
@@ -180,10 +182,11 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
             logq[i] = total
         else:
             logq[i] = logq[plan.parent[i]] + value
-    masses = dict(zip([p for p, _, _ in straddling], values[len(scored) : -1], strict=True))
+    masses = dict(zip([p for p, _, _ in straddling], values[len(rows) :], strict=True))
     terms = [logq[p] if lo == hi else logq[p] + masses[p] for p, lo, hi in plan.covers]
+    end = values[len(rows) - 1] if end_id is not None else 0.0
     return {"prefix": _logsumexp(terms), "canonical_prefix": logq[plan.prefix_pos],
-            "text": logq[plan.n_trunk - 1] + values[-1], "positions": n, "extra_positions": n - plan.n_trunk}
+            "text": logq[plan.n_trunk - 1] + end, "positions": n, "extra_positions": n - plan.n_trunk}
 
 
 def _logsumexp(values: list[float]) -> float:
