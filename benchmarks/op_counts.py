@@ -1,0 +1,104 @@
+"""Host work in eager inference, counted as aten ops dispatched (TorchDispatchMode): machine-independent, so a
+change that cuts kernel launches shows on any CPU before it is timed on a GPU.
+
+  python benchmarks/op_counts.py decode [CONFIG ...]                     ops per cached decoding step (batch 2)
+  python benchmarks/op_counts.py cut --tokenizer M.model --docs D.jsonl.xz   ops per prefix-at-a-cut score and
+                                                                         per canonical score of the same tokens
+
+Random weights with fixed seeds: the counts depend on the code and the shapes, not on training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import lzma
+import random
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn) -> collections.Counter:
+    with OpCount() as mode:
+        fn()
+    return mode.ops
+
+
+def decode(configs: list[str]) -> None:
+    from hlm.config import load_config
+    from hlm.models import build_model
+
+    print("| config | aten ops per decoding step (batch 2) |\n|---|---:|")
+    for name in configs:
+        torch.manual_seed(0)
+        model = build_model(load_config(f"configs/{name}.yaml").model).eval()
+        prompt = torch.randint(1, 256, (2, 64))
+        steps = [sum(count(lambda m=model, x=prompt, n=n: list(m.generate_stream(x, n, temperature=0))).values())
+                 for n in (1, 17)]
+        print(f"| {name} | {(steps[1] - steps[0]) / 16:.0f} |")
+
+
+def cut(tokenizer: str, docs_path: str, n_docs: int) -> None:
+    from hlm.bytes.covers import ConversionRules
+    from hlm.bytes.cut import cut_logprobs
+    from hlm.models.gpt import GPT, GPTConfig
+    from hlm.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=12, n_head=2, d_model=32)).eval()
+    rules = ConversionRules(tok)
+    with lzma.open(docs_path, "rt") as f:
+        docs = [json.loads(line)["text"].encode() for _, line in zip(range(n_docs), f, strict=False)]
+    rng = random.Random(0)
+    cuts = [(d[:c], tok.encode(d[: c + 40])) for d in docs if len(d) > 600 for c in [rng.randrange(200, 500)]]
+
+    def canonical(tokens):
+        with torch.no_grad():
+            lp = torch.log_softmax(model.logits(torch.tensor([[0, *tokens]]))[0].float(), -1)
+        return float(lp[-1, 0])
+
+    for prefix, tokens in cuts:  # first use builds the rules' caches
+        cut_logprobs(model, rules, 0, prefix, tokens, 0)
+    ops = {"canonical": count(lambda: [canonical(t) for _, t in cuts]),
+           "cut": count(lambda: [cut_logprobs(model, rules, 0, p, t, 0) for p, t in cuts])}
+    per = {k: sum(v.values()) / len(cuts) for k, v in ops.items()}
+    print(f"{len(cuts)} cuts, 12-layer GPT: canonical {per['canonical']:.1f} aten ops per cut, cut "
+          f"{per['cut']:.1f} ({per['cut'] - per['canonical']:+.1f})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["decode", "cut"])
+    p.add_argument("configs", nargs="*", default=["byte_gpt", "hourglass_whitespace", "hnet_1stage", "hat"])
+    p.add_argument("--tokenizer")
+    p.add_argument("--docs")
+    p.add_argument("--docs-count", type=int, default=40)
+    args = p.parse_args()
+    if args.what == "decode":
+        decode(args.configs)
+    else:
+        if not (args.tokenizer and args.docs):
+            p.error("cut needs --tokenizer and --docs")
+        cut(args.tokenizer, args.docs, args.docs_count)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
