@@ -176,7 +176,7 @@ def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, 
     # host arithmetic on floats: the path sums and the covers' total
     logq = [0.0] * n
     total = 0.0
-    for i, value in zip(scored, values, strict=False):  # the trunk first (a running sum), then chains
+    for i, value in zip(scored, values[: len(scored)], strict=True):  # the trunk first (a running sum), then chains
         if i < plan.n_trunk:
             total += value
             logq[i] = total
