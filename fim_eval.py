@@ -4,8 +4,8 @@
       --data data/code_bytes --cuts 200 --json fim.json
 
 --token: a FIM-trained token model, filled by plain prompting, token healing and exact byte-level
-conversion (method cut: healing's fill, scored by the one-forward ratio at the cut of
-hlm/bytes/cut.py); --byte: a FIM-trained byte model. Every method fills the same cuts. Prints a markdown
+conversion (method cut: healing's fill, scored by the ratio at the cut of hlm/bytes/cut.py, every cut
+in one batched pass); --byte: a FIM-trained byte model. Every method fills the same cuts. Prints a markdown
 table: exact match of the middle, bits per byte of the true middle (plus its end), the share of
 filled files that ast.parse accepts, and wall time. Each method's row is printed (and the --json
 file rewritten) as soon as that method is done, so a run killed midway keeps the finished methods.
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         raise HLMError("--cuts, --max-middle, --prefix-bytes and --suffix-bytes must be >= 1, --max-new-bytes >= 0")
     if args.seed < 0:
         raise HLMError(f"--seed must be >= 0, got {args.seed}")
+    if args.workers < 1:
+        raise HLMError(f"--workers must be >= 1, got {args.workers}")
     exact = [m for m in args.methods if m in EXACT_BYTE_METHODS and (args.byte if m == "byte" else args.token)]
     if exact:
         require_exact_bytes(f"methods {', '.join(exact)} (run the others with --methods plain healing)")
@@ -65,7 +67,14 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         methods["plain"] = lambda c, m: (fim.plain_fill(c, m), fim.plain_nll(c))
         methods["healing"] = lambda c, m: (fim.healing_fill(c, m), fim.healing_nll(c))
         methods["exact"] = lambda c, m: infilling.exact_fill_and_nll(*infilling.exact_tail(fim, c), m)
-        methods["cut"] = lambda c, m: (fim.healing_fill(c, m), fim.cut_nll(c))
+        cut_nlls: dict[int, float] = {}  # every cut's NLL from one batched pass, on first use
+
+        def cut_nll(c: infilling.Cut) -> float:
+            if not cut_nlls:
+                cut_nlls.update(zip(map(id, cuts), fim.cut_nlls(cuts, args.workers), strict=True))
+            return cut_nlls[id(c)]
+
+        methods["cut"] = lambda c, m: (fim.healing_fill(c, m), cut_nll(c))
     if byte:
         bmodel = byte[0]
         methods["byte"] = lambda c, m: (infilling.native_byte_fill(bmodel, c, m),
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-bytes", type=int, default=1024, help="bytes of text before the middle in the prompt")
     p.add_argument("--suffix-bytes", type=int, default=512, help="bytes of text after the middle in the prompt")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--workers", type=int, default=1, help="processes that plan the cut method's covers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)

@@ -6,8 +6,9 @@ scoring on its own windows; and the cost of the prefix probability at FIM cuts.
 
 Runs eval.py once with --canonical and --exact-bytes (same model load; warm-up by the plain pass)
 and prints one table; with --fim-token, times canonical scoring of prefix + middle + EOS after the
-FIM prompt against the same plus the covers at the cut (TokenFIM.cut_nll), over the cuts of
-fim_eval.py, and prints the overhead.
+FIM prompt (one cut per forward, and batched) against the batched prefix probability at the cut
+(hlm/bytes/cut.py: the same trunks plus the covers), with the covers planned here or in worker
+processes, over the cuts of fim_eval.py, and prints the overheads. Tokens are given to every pass.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def eval_table(args) -> None:
 
 def fim_overhead(args) -> None:
     from hlm import infilling as fe
-    from hlm.bytes.cut import plan_cut
+    from hlm.bytes.cut import canonical_logprobs_batch, cut_logprobs_batch, plan_cuts
     from hlm.checkpoint import load_model, tokenizer_from_checkpoint
     from hlm.evaluate import split_documents
 
@@ -73,35 +74,70 @@ def fim_overhead(args) -> None:
     if not cuts:
         raise SystemExit("no FIM prompt fits the model's context: lower --prefix-bytes / --suffix-bytes")
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    # the tokens are given to every pass (tokenizing is the same for all): FIM prompt, start, prefix + middle
+    requests = fim.cut_requests(cuts)
+    start = fim.s.middle
+    sequences = [[*r.context, start, *r.text_tokens] for r in requests]
+    scored_from = [len(r.context) + 1 for r in requests]
+    ends = [r.end_id for r in requests]
 
-    def canonical(c):
-        ids = fim.context(c) + tok.encode(c.prefix + c.middle)
-        with torch.no_grad():
-            lp = torch.log_softmax(model.logits(torch.tensor([ids], device=fim.device))[0].float(), -1)
-        return float(lp[-1, fim.sep])
+    def canonical_one_by_one():
+        for seq, end in zip(sequences, ends, strict=True):
+            with torch.no_grad():
+                lp = torch.log_softmax(model.logits(torch.tensor([seq], device=fim.device))[0].float(), -1)
+            float(lp[-1, end])
 
-    def plan_only(c):  # the cut's host side: tokens and the covers' layout, no model
-        plan_cut(fim.rules, fim.s.middle, c.prefix, tok.encode(c.prefix + c.middle), fim.context(c)[:-1])
+    def canonical_batched():
+        canonical_logprobs_batch(model, sequences, scored_from, ends, batch_size=args.cut_batch)
 
-    for c in cuts[:5]:  # warm-up
-        canonical(c), fim.cut_nll(c)
+    def plan_here():
+        return plan_cuts(fim.rules, start, requests)
+
+    def plan_in_workers():
+        return plan_cuts(fim.rules, start, requests, args.workers)
+
+    plans = plan_here()
+
+    def cut_given_plans():
+        cut_logprobs_batch(model, fim.rules, start, requests, plans=plans, batch_size=args.cut_batch)
+
+    def cut_planned_here():
+        cut_logprobs_batch(model, fim.rules, start, requests, plans=plan_here(), batch_size=args.cut_batch)
+
+    def cut_planned_in_workers():
+        cut_logprobs_batch(model, fim.rules, start, requests, plans=plan_in_workers(), batch_size=args.cut_batch)
+
+    passes = {"canonical, one cut per forward": canonical_one_by_one,
+              "canonical, batched": canonical_batched,
+              "cut, batched, plans given (device passes and host layout)": cut_given_plans,
+              "cut, batched, planned here": cut_planned_here,
+              f"cut, batched, planned in {args.workers} worker processes": cut_planned_in_workers,
+              "planning alone, here": plan_here,
+              f"planning alone, {args.workers} worker processes": plan_in_workers}
+    for fn in passes.values():  # warm-up: every batch shape, the rules' caches
+        fn()
     times = {}
-    for name, fn in (("canonical", canonical), ("cut", fim.cut_nll), ("canonical again", canonical),
-                     ("cut's host planning alone", plan_only)):
-        sync()
-        t0 = time.perf_counter()
-        for c in cuts:
-            fn(c)
-        sync()
-        times[name] = time.perf_counter() - t0
-    base = (times["canonical"] + times["canonical again"]) / 2
+    for _ in range(args.repeats):
+        for name, fn in passes.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+    best = {name: min(t) for name, t in times.items()}
     inside = sum(fe.inside_token(tok, c) for c in cuts) / len(cuts)
-    print(f"\n## prefix probability at FIM cuts ({len(cuts)} cuts, {100 * inside:.0f}% inside a token)\n")
+    extra = sum(len(p.ids) - p.n_trunk for p in plans) / len(plans)
+    print(f"\n## prefix probability at FIM cuts ({len(cuts)} cuts, {100 * inside:.0f}% inside a token, "
+          f"{extra:.2f} chain positions per cut on {sum(map(len, sequences)) / len(sequences):.0f} trunk positions; "
+          f"batches of {args.cut_batch}; best of {args.repeats})\n")
     print("| pass | seconds | per cut (ms) |\n|---|---:|---:|")
-    for name, s in times.items():
-        print(f"| {name} | {s:.2f} | {1e3 * s / len(cuts):.2f} |")
-    print(f"\noverhead of the cut over canonical scoring of the same tokens: {100 * (times['cut'] / base - 1):.1f}% "
-          "(the cut adds host-side cover tracking and a dense-mask forward with the cover chains)")
+    for name, s in best.items():
+        print(f"| {name} | {s:.4f} | {1e3 * s / len(cuts):.3f} |")
+    base = best["canonical, batched"]
+    print()
+    for name in list(best)[2:5]:
+        print(f"overhead of '{name}' over batched canonical scoring of the same tokens: "
+              f"{100 * (best[name] / base - 1):.1f}%")
 
 
 def main() -> int:
@@ -116,6 +152,9 @@ def main() -> int:
     p.add_argument("--cuts", type=int, default=150)
     p.add_argument("--prefix-bytes", type=int, default=1024, help="as fim_eval.py")
     p.add_argument("--suffix-bytes", type=int, default=512, help="as fim_eval.py")
+    p.add_argument("--cut-batch", type=int, default=160, help="cuts per batch of the batched passes")
+    p.add_argument("--workers", type=int, default=8, help="planning processes")
+    p.add_argument("--repeats", type=int, default=3, help="time each pass this many times, keep the best")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     eval_table(args)

@@ -12,7 +12,7 @@ hlm/fim.py) and fill the middle greedily; the middle ends at the document separa
            its last point where every cover restarts goes in as canonical tokens (`exact_tail`).
   cut      token healing's fill; its NLL is the telescoped exact ratio
            -log [Q(encode(prefix + middle) + [EOS]) / P(prefix)], P(prefix) over the covers at the
-           cut (hlm/bytes/cut.py): one forward, a few positions more than plain. With a model that
+           cut (hlm/bytes/cut.py): canonical scoring plus a few positions per cut, batched. With a model that
            leaks no mass to non-canonical tokens it equals exact's NLL; otherwise it is above it.
   byte     a byte-level FIM model, greedy over bytes.
 
@@ -198,15 +198,31 @@ class TokenFIM:
             targets = [last] + self.tok.encode(cut.middle)
         return self._score(prompt, targets + [self.sep], self._allowed(dropped))
 
-    def cut_nll(self, cut: Cut) -> float:
-        """-log P(middle + end | prefix) as a ratio of whole-text probabilities from one forward: the canonical
-        score of prefix + middle + [EOS] over the prefix probability at the cut (covers included)."""
-        from hlm.bytes.cut import cut_logprobs
+    def cut_requests(self, cuts: list[Cut]) -> list:
+        """Each cut as a `CutRequest`: prefix + middle + [EOS] scored after the FIM prompt, its prefix ending
+        at the cut."""
+        from hlm.bytes.cut import CutRequest
 
-        context, tokens = self.context(cut), self.tok.encode(cut.prefix + cut.middle)
-        self._check(len(context) + len(tokens))
-        res = cut_logprobs(self.model, self.rules, self.s.middle, cut.prefix, tokens, self.sep, context[:-1])
-        return res["prefix"] - res["text"]
+        requests = []
+        for cut in cuts:
+            context, tokens = self.context(cut), self.tok.encode(cut.prefix + cut.middle)
+            self._check(len(context) + len(tokens))
+            requests.append(CutRequest(cut.prefix, tokens, self.sep, context[:-1]))
+        return requests
+
+    def cut_nlls(self, cuts: list[Cut], workers: int = 1, batch_size: int = 32) -> list[float]:
+        """-log P(middle + end | prefix) of each cut as a ratio of whole-text probabilities: the canonical score
+        of prefix + middle + [EOS] over the prefix probability at the cut (covers included), batched
+        (hlm/bytes/cut.py); the covers planned in `workers` processes."""
+        from hlm.bytes.cut import cut_logprobs_batch, plan_cuts
+
+        requests = self.cut_requests(cuts)
+        plans = plan_cuts(self.rules, self.s.middle, requests, workers)
+        res = cut_logprobs_batch(self.model, self.rules, self.s.middle, requests, plans=plans, batch_size=batch_size)
+        return [r["prefix"] - r["text"] for r in res]
+
+    def cut_nll(self, cut: Cut) -> float:
+        return self.cut_nlls([cut])[0]
 
     def healing_fill(self, cut: Cut, max_bytes: int) -> bytes:
         prompt, dropped, last = self._healed(cut)

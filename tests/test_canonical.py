@@ -150,20 +150,24 @@ def test_gpt2_never_masks_a_canonical_token():
 
 
 class MaskedGPT(torch.nn.Module):
-    """`MaskedModel` with the hlm GPT interface `cut_logprobs` calls (attention mask and positions): each
-    row's path is read off its attention mask."""
+    """`MaskedModel` with the hlm GPT interface `cut_logprobs` calls (a KV cache, then nodes with an attention
+    mask over it and positions): a trunk row's path is its prefix; a chain node's is read off its mask."""
 
     def __init__(self, model: GPT, tok, end_id: int):
         super().__init__()
-        self.model, self.cfg = model, model.cfg
+        self.model, self.cfg, self.transformer = model, model.cfg, model.transformer
         self.masked = MaskedModel(model, tok, end_id)
 
-    def logits(self, ids, attn_mask=None, positions=None):
-        out = self.model.logits(ids, attn_mask=attn_mask, positions=positions)[0]
-        keep = attn_mask[0, 0] == 0  # additive: 0 where a position may attend
-        rows = [out[i].masked_fill(~self.masked.allowed(ids[0, keep[i]].tolist()), float("-inf"))
-                for i in range(ids.size(1))]
-        return torch.stack(rows)[None]
+    def logits(self, ids, cache, attn_mask=None, positions=None):
+        out = self.model.logits(ids, cache, attn_mask=attn_mask, positions=positions)
+        if attn_mask is None:  # the trunks
+            self.trunk = ids
+            paths = [[ids[b, : i + 1] for i in range(ids.size(1))] for b in range(ids.size(0))]
+        else:
+            keys, keep = torch.cat([self.trunk, ids], 1), attn_mask[:, 0] == 0  # additive: 0 where it may attend
+            paths = [[keys[b, keep[b, i]] for i in range(ids.size(1))] for b in range(ids.size(0))]
+        return torch.stack([torch.stack([out[b, i].masked_fill(~self.masked.allowed(path.tolist()), float("-inf"))
+                                         for i, path in enumerate(row)]) for b, row in enumerate(paths)])
 
 
 def check_cut_equals_conversion(tok, model, docs):
@@ -246,8 +250,9 @@ def test_prefix_at_a_cut_under_autocast(sp_bpe):
 
 
 def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
-    """TokenFIM.cut_nll (one forward) == log P_v(prefix) - log P_v(prefix + middle, end) from the byte-by-byte
-    cover state after the FIM prompt; never below the conversion's renormalised NLL (exact method)."""
+    """TokenFIM.cut_nll == log P_v(prefix) - log P_v(prefix + middle, end) from the byte-by-byte cover state
+    after the FIM prompt; never below the conversion's renormalised NLL (exact method); the batched
+    `cut_nlls` of all cuts gives the same values."""
     from hlm.infilling import Cut, TokenFIM, exact_byte_lm, exact_fill_and_nll
 
     torch.manual_seed(0)
@@ -255,15 +260,44 @@ def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
                           init_std=0.3)).double().eval()
     fim = TokenFIM(model, sp_bpe, sp_bpe.eos_id, sp_bpe.vocab_size)
     text = "def area(w):\n    return w * w  # caf\u00e9\n".encode()
-    for k, m in ((9, 15), (20, 21), (35, 38), (36, len(text))):  # inside words, tokens and a character
-        cut = Cut(0, text[:k], text[k:m], text[m:], text[:k], text[m:])
+    cuts = [Cut(0, text[:k], text[k:m], text[m:], text[:k], text[m:])  # inside words, tokens and a character
+            for k, m in ((9, 15), (20, 21), (35, 38), (36, len(text)))]
+    for cut, batched in zip(cuts, fim.cut_nlls(cuts, batch_size=3), strict=True):
         blm = exact_byte_lm(fim, cut)
         blm.goto(cut.prefix)
         at_prefix = cover_total(blm)
         blm.goto(cut.prefix + cut.middle)
         expect = at_prefix - float(blm.unnormalized_scores()[256])
         assert abs(fim.cut_nll(cut) - expect) < 1e-9
+        assert abs(batched - expect) < 1e-9
         assert fim.cut_nll(cut) >= exact_fill_and_nll(exact_byte_lm(fim, cut), cut, 0)[1] - 1e-9
+
+
+def test_cuts_in_a_batch_equal_cuts_alone(sp_bpe):
+    """A batch of cuts of different lengths (right-padded trunks, chains of different counts, contexts, with
+    and without an end) gives each cut's values alone, to fp64 rounding; its `text` equals canonical scoring
+    of the same tokens; plans made in two worker processes equal plans made here."""
+    from hlm.bytes.cut import CutRequest, canonical_logprobs_batch, cut_logprobs, cut_logprobs_batch, plan_cuts
+
+    tok, end = sp_bpe, sp_bpe.eos_id
+    model = tiny_gpt(tok.vocab_size, block=96, seed=6)
+    rules = ConversionRules(tok)
+    doc = SP_DOCS[0] + SP_DOCS[1]
+    requests = [CutRequest(doc[:cut], tok.encode(doc[: cut + extra]), end if extra else None, context)
+                for cut, extra, context in ((4, 0, []), (2, 5, [7, 8]), (len(SP_DOCS[0]) + 3, 3, [5]),
+                                            (len(doc), 0, [9, 10, 11]), (11, 21, []), (17, 3, [6]))]
+    plans = plan_cuts(rules, end, requests, workers=2)
+    assert [p.ids for p in plans] == [p.ids for p in plan_cuts(rules, end, requests)]
+    batch = cut_logprobs_batch(model, rules, end, requests, plans=plans, batch_size=3)
+    assert len({r["extra_positions"] for r in batch}) > 1
+    canonical = canonical_logprobs_batch(model, [[*r.context, end, *r.text_tokens] for r in requests],
+                                         [len(r.context) + 1 for r in requests], [r.end_id for r in requests],
+                                         batch_size=2)
+    for r, got, text in zip(requests, batch, canonical, strict=True):
+        alone = cut_logprobs(model, rules, end, r.prefix, r.text_tokens, r.end_id, r.context)
+        for key in ("prefix", "canonical_prefix", "text"):
+            assert abs(got[key] - alone[key]) < 1e-9
+        assert abs(got["text"] - text) < 1e-9
 
 
 def draw(blm: ByteLM, canonical: bool, n_tokens: int, seed: int) -> list[int]:

@@ -272,8 +272,8 @@ def open_end_correction(model: torch.nn.Module, ids: torch.Tensor, tok: Tokenize
                         stride: int | None = None, autocast=None, rules: ConversionRules | None = None) -> float | None:
     """The split's last document has no end of text, so its canonical score conditions on a token boundary
     at its last byte. Scored as a prefix instead (hlm/bytes/cut.py), its log-probability rises by the
-    returned amount (nats): log P(doc) - log Q(encode(doc)), from one forward over the stream's last
-    window and the chains of covers at the end (its first positions dropped if they do not fit the
+    returned amount (nats): log P(doc) - log Q(encode(doc)), from a pass over the stream's last window
+    and one over the chains of covers at the end (its first positions dropped if they do not fit the
     context). None when the covers cannot be tracked."""
     from hlm import HLMError
     from hlm.bytes.cut import cut_logprobs

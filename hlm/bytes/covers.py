@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
 import torch
 
 from hlm import HLMError
@@ -91,6 +92,7 @@ class ConversionRules:
         self.tables = merge_tables(tok)
         self.index = index or VocabIndex(tok)
         self.has_bytes = torch.tensor([bool(tok.token_bytes(i)) for i in range(tok.vocab_size)])
+        self.token_lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
         self._masks: dict[tuple[int | None, bytes], torch.Tensor] = {}
         self._allowed_alone: list[bool] | None = None
         if self.rule in ("none", "whitespace") and not marginal:  # build the merge tables now, not mid-stream

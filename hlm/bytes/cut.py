@@ -11,33 +11,52 @@ at least every pretoken before the last). So
     log P(s) = log Q(T) + log Σ_c Q(c) / Q(T)
 
 where the second term sums over short chains below T (a token or two: the partial last word).
-`cut_logprobs` scores T, the chains and, optionally, the canonical encoding of a longer text x
-(with s = x[:cut]) in ONE forward: the chain nodes go after x's tokens, each seeing the context up
-to T and its own ancestors (a dense attention mask, position = depth), so the cut costs a few
-positions more than scoring x canonically. With a model that leaks nothing, P(s) equals the
-product of the conversion's next-byte conditionals up to the cut, and
-log Q(encode(x) + EOS) - log P(s) is the exact log-probability of x[cut:] and its end given s.
+`cut_logprobs_batch` scores a batch of cuts in two passes: the *trunks* (context, start symbol and
+the canonical tokens of a text x with s = x[:cut]) as one causal batch that fills a KV cache, which
+is canonical scoring of x (`canonical_logprobs_batch` runs that pass alone); then the chain nodes of
+every cut in one small pass against that cache, each node seeing the trunk up to its anchor and its
+own ancestors (position = depth). `plan_cuts` lays the chains out, in worker processes if asked,
+off the device's critical path. With a model that leaks nothing, P(s) equals the product of the
+conversion's next-byte conditionals up to the cut, and log Q(encode(x) + EOS) - log P(s) is the
+exact log-probability of x[cut:] and its end given s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+import multiprocessing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
+from hlm.models.blocks import KVCache, at_least_fp32
+from hlm.models.generation import decoding_attention
+
+
+@dataclass
+class CutRequest:
+    """A text that ends mid-token: `prefix`, the bytes up to the cut, and `text_tokens`, the canonical tokens
+    of a text that starts with it (None: of prefix itself), scored after `context` and the start symbol, then
+    `end_id` (None: no end)."""
+
+    prefix: bytes
+    text_tokens: list[int] | None = None
+    end_id: int | None = None
+    context: list[int] = field(default_factory=list)
 
 
 @dataclass
 class CutPlan:
-    """One forward's layout: `ids` = context, start symbol, canonical tokens of the text, then the chain
-    nodes; `parent[i]` the position whose logits predict position i (-1 where no term is needed);
+    """One cut's layout: `ids` = context, start symbol, canonical tokens of the text (the trunk), then the
+    chain nodes; `parent[i]` the position whose logits predict position i (-1 where no term is needed);
     the covers as (position, sorted-vocabulary lo, hi; lo == hi for a cover ending at the cut); the
-    canonical prefix's position; and the mask rows of the straddling covers' anchors."""
+    canonical prefix's position; and for each straddling cover's anchor, the ids of the tokens in its range
+    that may follow it."""
 
     ids: list[int]
     positions: list[int]
@@ -46,21 +65,21 @@ class CutPlan:
     n_context: int
     covers: list[tuple[int, int, int]]
     prefix_pos: int
-    masks: dict[int, torch.Tensor]
+    allowed: dict[int, np.ndarray]
 
 
 def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: list[int],
-             context: list[int] = ()) -> CutPlan:
+             context: Sequence[int] = ()) -> CutPlan:
     """Model-free layout for the covers of `prefix` hanging from `text_tokens` (the canonical encoding of
     a text that starts with prefix, or of prefix itself). Sentencepiece: covers are tracked from the
     prefix's last `segment_points` cut only, where every cover has a token boundary and the tokens
     before it are the canonical ones (as in hlm/infilling.py's `exact_tail`)."""
     tok = rules.tok
-    head = _head_tokens(rules, prefix, text_tokens)
+    head, head_bytes = _head_tokens(rules, prefix, text_tokens)
     tracker = CoverTracker(rules, head[-1] if head else start_id)
     if getattr(tok, "add_dummy_prefix", False) and not head:
         tracker.advance(0x20)
-    for b in prefix[len(tok.decode(head)) :]:
+    for b in prefix[head_bytes:]:
         tracker.advance(b)
     trie, n = tracker.trie, len(tracker.text)
     covers = [(a, *rules.index.strict_range(tracker.remainder(a))) for a in tracker.anchors if trie.pos[a] < n]
@@ -99,94 +118,265 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
         node = trie.children[node][t]
     if node not in pos_of or pos_of[node] >= n_trunk:
         raise MissingCoverError("the canonical prefix of the cut is not on the text's canonical encoding")
-    masks = {pos_of[a]: tracker.mask(a) for a, lo, hi in covers if lo < hi}
+    allowed = {}
+    for a, lo, hi in covers:
+        if lo < hi:
+            in_range = rules.index.perm[lo:hi]
+            allowed[pos_of[a]] = in_range[tracker.mask(a)[in_range]].numpy()
     return CutPlan(ids, positions, parent, n_trunk, n_context, [(pos_of[c], lo, hi) for c, lo, hi in covers],
-                   pos_of[node], masks)
+                   pos_of[node], allowed)
 
 
-def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) -> list[int]:
-    """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one):
-    the text's own tokens up to that byte, where one of them ends there. Sentencepiece encodes each
-    whitespace piece on its own and a segment point starts a piece, so they are the encoding of
-    prefix[:cut] without encoding it again."""
+def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) -> tuple[list[int], int]:
+    """The canonical tokens of prefix before its last sentencepiece `segment_points` cut (empty without one)
+    and their length in bytes: the text's own tokens up to that byte, where one of them ends there.
+    Sentencepiece encodes each whitespace piece on its own and a segment point starts a piece, so they are
+    the encoding of prefix[:cut] without encoding it again."""
     from hlm.bytes.plan import segment_points
 
     points = segment_points(prefix, rules)
-    if not points:
-        return []
-    n = 0
-    for k, t in enumerate(text_tokens):
-        if n >= points[-1]:
-            return text_tokens[:k] if n == points[-1] else []
-        n += len(rules.tok.token_bytes(t))
-    return list(text_tokens) if n == points[-1] else []
+    if not points or not text_tokens:
+        return [], 0
+    ends = np.cumsum(rules.token_lengths[np.asarray(text_tokens)])
+    k = int(np.searchsorted(ends, points[-1]))
+    if k < len(ends) and ends[k] == points[-1]:
+        return list(text_tokens[: k + 1]), points[-1]
+    return [], 0
+
+
+_PLANNER: dict = {}
+
+
+def _plan_one(request: CutRequest) -> CutPlan | MissingCoverError:
+    rules, start_id = _PLANNER["rules"], _PLANNER["start_id"]
+    tokens = request.text_tokens if request.text_tokens is not None else rules.tok.encode(request.prefix)
+    try:
+        return plan_cut(rules, start_id, request.prefix, tokens, request.context)
+    except MissingCoverError as e:
+        return e
+
+
+def plan_cuts(rules: ConversionRules, start_id: int, requests: Sequence[CutRequest],
+              workers: int = 1) -> list[CutPlan | MissingCoverError]:
+    """`plan_cut` of every request (the error in place of a cut whose covers cannot be tracked); with
+    workers > 1, in that many forked processes, in order."""
+    _PLANNER.update(rules=rules, start_id=start_id)
+    if workers <= 1 or len(requests) < 2:
+        return [_plan_one(r) for r in requests]
+    one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
+    with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
+        return pool.map(_plan_one, requests, chunksize=max(1, len(requests) // (4 * workers)))
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for the work queued there (pinned, non-blocking, on CUDA):
+    the next batch is laid out while the device still runs the last."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _trunk_arrays(trunks: list[list[int]], scored_from: list[int], end_ids: list[int | None]) -> np.ndarray:
+    """[3, B, L] int64, right-padded: the ids; the target each position predicts (the next id, the end at
+    the last); 1 where that target is scored (from position `scored_from` on), 2 for a scored end."""
+    B, L = len(trunks), max(map(len, trunks))
+    rows = np.zeros((3, B, L), dtype=np.int64)
+    for b, (t, first, end) in enumerate(zip(trunks, scored_from, end_ids, strict=True)):
+        n = len(t)
+        rows[0, b, :n] = t
+        rows[1, b, : n - 1] = t[1:]
+        rows[2, b, max(first, 1) - 1 : n - 1] = 1
+        if end is not None:
+            rows[1, b, n - 1], rows[2, b, n - 1] = end, 2
+    return rows
+
+
+def _trunk_pass(model: torch.nn.Module, arrays: torch.Tensor, spare: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache | None]:
+    """Canonical scoring of a batch of trunks (`_trunk_arrays` on the device), causally; with `spare` (not
+    None) into a fresh KV cache with that many free positions: the running log Q [B, L] (position i: the
+    scored terms of the tokens at positions <= i), the scored end's log-probability [B] (0 without one), the
+    logits [B, L, V] (at least fp32) and the cache. Attention without cuDNN, which plans every new shape
+    anew (`decoding_attention`)."""
+    param = next(model.parameters())
+    ids, targets, kind = arrays.unbind(0)
+    B, L = ids.shape
+    dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+        else param.dtype
+    cache = None if spare is None else model.transformer.new_cache(B, L + spare, param.device, dtype)
+    with decoding_attention():
+        logits = at_least_fp32(model.logits(ids, cache))
+    picked = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    zero = picked.new_zeros(())
+    running = torch.cat([picked.new_zeros(B, 1), torch.where(kind == 1, picked, zero).cumsum(1)[:, :-1]], dim=1)
+    return running, torch.where(kind == 2, picked, zero).sum(1), logits, cache
 
 
 @torch.no_grad()
+def canonical_logprobs_batch(model: torch.nn.Module, sequences: Sequence[list[int]], scored_from: Sequence[int],
+                             end_ids: Sequence[int | None], autocast: contextlib.AbstractContextManager | None = None,
+                             batch_size: int = 32) -> list[float]:
+    """log Q of each sequence's tokens from position `scored_from` on (and of its end id), in batches of
+    similar lengths: the trunk pass of `cut_logprobs_batch` alone, the canonical scoring a cut is measured
+    against."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    pending = []
+    for at in range(0, len(order), batch_size):
+        idx = order[at : at + batch_size]
+        arrays = _trunk_arrays([sequences[i] for i in idx], [scored_from[i] for i in idx], [end_ids[i] for i in idx])
+        last = torch.tensor([len(sequences[i]) - 1 for i in idx])
+        with autocast or contextlib.nullcontext():
+            running, end, _, _ = _trunk_pass(model, _to_device(arrays, device), None)
+        pending.append((idx, running.gather(1, last[:, None].to(device)).squeeze(1) + end))
+    out = [0.0] * len(sequences)
+    for idx, values in pending:
+        for i, v in zip(idx, values.tolist(), strict=True):
+            out[i] = v
+    return out
+
+
+@torch.no_grad()
+def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id: int,
+                       requests: Sequence[CutRequest], autocast: contextlib.AbstractContextManager | None = None,
+                       slide: bool = False, plans: Sequence[CutPlan | MissingCoverError] | None = None,
+                       batch_size: int = 32) -> list[dict]:
+    """For each request, log-probabilities (nats, given its context + start symbol) from an hlm GPT:
+    `prefix`: log P(prefix) over its covers; `canonical_prefix`: log Q of the canonical prefix T (the part
+    every cover shares); `text`: log Q(text_tokens (+ end_id)), the canonical score of the longer text.
+    Batches of similar lengths, each laid out while the device runs the last; `plans` (`plan_cuts`, e.g.
+    made in workers) saves planning here. With `slide`, a layout longer than the model's context loses its
+    first positions (at most up to T), and the three values are relative to the first position kept:
+    differences between them stay exact. Raises the first MissingCoverError, or one for a layout that does
+    not fit."""
+    if not requests:
+        return []
+    if plans is None:
+        plans = plan_cuts(rules, start_id, requests)
+    block, device = model.cfg.block_size, next(model.parameters()).device
+    ready = []
+    for plan in plans:
+        if isinstance(plan, MissingCoverError):
+            raise plan
+        drop = max(plan.positions) + 1 - block
+        if drop > 0 and (not slide or drop > plan.prefix_pos):
+            raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {block}")
+        ready.append(_slide(plan, drop) if drop > 0 else plan)
+    order = sorted(range(len(ready)), key=lambda i: ready[i].n_trunk)
+    pending = []
+    for at in range(0, len(order), batch_size):
+        idx = order[at : at + batch_size]
+        batch = _CutBatch([ready[i] for i in idx], [requests[i].end_id for i in idx])
+        with autocast or contextlib.nullcontext():
+            pending.append((idx, batch, batch.launch(model, device)))
+    out: list[dict] = [{}] * len(ready)
+    for idx, batch, values in pending:
+        for i, res in zip(idx, batch.finish(values.tolist()), strict=True):
+            out[i] = res
+    return out
+
+
+class _CutBatch:
+    """One batch of cut plans: the host layout (built before anything is queued on the device), the two
+    passes and the reductions on the device, then the covers' sums on the host."""
+
+    def __init__(self, plans: list[CutPlan], end_ids: list[int | None]):
+        self.plans, self.end_ids = plans, end_ids
+        B = len(plans)
+        first = [max(p.n_context + 1, 1) for p in plans]  # the first trunk position with a term
+        self.trunk = _trunk_arrays([p.ids[: p.n_trunk] for p in plans], first, end_ids)
+        L = self.L = self.trunk.shape[2]
+        C = self.C = max(len(p.ids) - p.n_trunk for p in plans)
+        # chain nodes at cache positions L..L+C-1: ids, rotary positions, and which keys each sees
+        self.chain = np.zeros((2, B, C), dtype=np.int64)
+        self.keep = np.zeros((B, 1, C, L + C), dtype=bool)
+        self.keep[:, 0, :, 0] = True  # padding rows see one key (an empty row would give NaN)
+        # the rows whose log-softmax a chain node or a straddling cover needs: trunk rows b*L+i, chain rows b*C+c
+        sources, targets, allowed = [], [], []
+        for b, p in enumerate(plans):
+            for i in range(p.n_trunk, len(p.ids)):
+                c, parent = i - p.n_trunk, p.parent[i]
+                self.chain[:, b, c] = p.ids[i], p.positions[i]
+                if parent < p.n_trunk:
+                    self.keep[b, 0, c, : parent + 1] = True
+                else:
+                    self.keep[b, 0, c] = self.keep[b, 0, parent - p.n_trunk]
+                self.keep[b, 0, c, L + c] = True
+                sources.append(self._row(p, b, parent))
+                targets.append(p.ids[i])
+        self.n_picked = len(sources)
+        for b, p in enumerate(plans):
+            for pos, lo, hi in p.covers:
+                if lo < hi:
+                    sources.append(self._row(p, b, pos))
+                    allowed.append(p.allowed[pos])
+        src = np.array(sources, dtype=np.int64).reshape(-1, 2)
+        on_chain = src[:, 0] == 1
+        order = np.empty(len(src), dtype=np.int64)  # where each needed row lands in cat(trunk rows, chain rows)
+        order[~on_chain] = np.arange(int((~on_chain).sum()))
+        order[on_chain] = int((~on_chain).sum()) + np.arange(int(on_chain.sum()))
+        self.n_rows, self.n_trunk_rows = len(src), int((~on_chain).sum())
+        self.gather = np.concatenate([src[~on_chain, 1], src[on_chain, 1], order, np.array(targets, dtype=np.int64)])
+        self.allowed = allowed
+
+    def _row(self, p: CutPlan, b: int, pos: int) -> tuple[int, int]:
+        return (0, b * self.L + pos) if pos < p.n_trunk else (1, b * self.C + pos - p.n_trunk)
+
+    def launch(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+        """Queue both passes and the reductions; returns the values on the device: the running log Q [B*L],
+        the ends [B], the chain nodes' terms, then the straddling covers' masses."""
+        B, L, C = len(self.plans), self.L, self.C
+        trunk = _to_device(self.trunk, device)
+        if C:
+            chain, keep = _to_device(self.chain, device), _to_device(self.keep, device)
+        n = self.n_rows
+        index = _to_device(self.gather, device)
+        if self.allowed:
+            V = model.cfg.vocab_size
+            mask = np.zeros((len(self.allowed), V), dtype=bool)
+            for k, ids in enumerate(self.allowed):
+                mask[k, ids] = True
+            mask = _to_device(mask, device)
+        running, end, logits, cache = _trunk_pass(model, trunk, C)
+        V = logits.size(-1)
+        values = [running.flatten().double(), end.double()]
+        if n:
+            rows = logits.view(B * L, V)[index[: self.n_trunk_rows]]
+            if C:
+                dtype = cache.k.dtype
+                bias = torch.zeros(keep.shape, device=device, dtype=dtype).masked_fill_(~keep, float("-inf"))
+                with decoding_attention():
+                    chain_logits = model.logits(chain[0], cache, attn_mask=bias, positions=chain[1])
+                rows = torch.cat([rows, at_least_fp32(chain_logits).view(B * C, V)[index[self.n_trunk_rows : n]]])
+            lp = F.log_softmax(rows[index[n : 2 * n]].double(), dim=-1)
+            values.append(lp[: self.n_picked].gather(1, index[2 * n :, None]).squeeze(1))
+            if self.allowed:
+                values.append(lp[self.n_picked :].masked_fill(~mask, float("-inf")).logsumexp(-1))
+        return torch.cat(values)
+
+    def finish(self, host: list[float]) -> list[dict]:
+        """The covers' sums from the values `launch` returned (as floats)."""
+        B, L = len(self.plans), self.L
+        ends, values = host[B * L : B * L + B], host[B * L + B :]
+        masses = iter(values[self.n_picked :])
+        results, k = [], 0
+        for b, (p, end_id) in enumerate(zip(self.plans, self.end_ids, strict=True)):
+            logq = host[b * L : b * L + p.n_trunk] + [0.0] * (len(p.ids) - p.n_trunk)
+            for i in range(p.n_trunk, len(p.ids)):  # chain nodes follow their parents
+                logq[i] = logq[p.parent[i]] + values[k]
+                k += 1
+            terms = [logq[pos] + next(masses) if lo < hi else logq[pos] for pos, lo, hi in p.covers]
+            results.append({"prefix": _logsumexp(terms), "canonical_prefix": logq[p.prefix_pos],
+                            "text": logq[p.n_trunk - 1] + (ends[b] if end_id is not None else 0.0),
+                            "positions": len(p.ids), "extra_positions": len(p.ids) - p.n_trunk})
+        return results
+
+
 def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, prefix: bytes,
-                 text_tokens: list[int] | None = None, end_id: int | None = None, context: list[int] = (),
+                 text_tokens: list[int] | None = None, end_id: int | None = None, context: Sequence[int] = (),
                  autocast: contextlib.AbstractContextManager | None = None, slide: bool = False) -> dict:
-    """Log-probabilities (nats, given `context` + start symbol) from one forward of an hlm GPT:
-    `prefix`: log P(prefix) over its covers; `canonical_prefix`: log Q of the canonical prefix T (the
-    part every cover shares); `text`: log Q(text_tokens (+ end_id)), the canonical score of the longer
-    text (default: the canonical encoding of prefix itself). With `slide`, a layout longer than the
-    model's context loses its first positions (at most up to T), and the three values are relative to
-    the first position kept: differences between them stay exact."""
-    tok = rules.tok
-    if text_tokens is None:
-        text_tokens = tok.encode(prefix)
-    plan = plan_cut(rules, start_id, prefix, text_tokens, context)
-    drop = max(plan.positions) + 1 - model.cfg.block_size
-    if drop > 0 and (not slide or drop > plan.prefix_pos):
-        raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {model.cfg.block_size}")
-    if drop > 0:
-        plan = _slide(plan, drop)
-    n = len(plan.ids)
-    param = next(model.parameters())
-    # Everything the device needs goes over before the forward (a copy queued behind it would wait for it):
-    # the ids and positions; for each scored position the row of its parent and its id, then the straddling
-    # covers' anchor rows, then the last trunk position (scored for end_id); the mask; the allowed tokens.
-    scored = [i for i in range(n) if plan.parent[i] >= 0]
-    straddling = [(p, lo, hi) for p, lo, hi in plan.covers if lo < hi]
-    rows = [plan.parent[i] for i in scored] + [p for p, _, _ in straddling] + [plan.n_trunk - 1]
-    targets = [plan.ids[i] for i in scored] + [0] * len(straddling) + [end_id if end_id is not None else 0]
-    index = torch.tensor(plan.ids + plan.positions + rows + targets).to(param.device)
-    ids, positions, rows_dev, targets_dev = index.split([n, n, len(rows), len(rows)])
-    keep = np.tri(n, dtype=bool)
-    keep[plan.n_trunk :] = False
-    for i in range(plan.n_trunk, n):  # a chain node sees what its parent sees, and itself
-        keep[i] = keep[plan.parent[i]]
-        keep[i, i] = True
-    allowed = torch.zeros(len(straddling), model.cfg.vocab_size, dtype=torch.bool)
-    for k, (p, lo, hi) in enumerate(straddling):  # the allowed next tokens: in the range and valid after the anchor
-        ids_range = rules.index.perm[lo:hi]
-        allowed[k, ids_range] = plan.masks[p][ids_range]
-    allowed = allowed.to(param.device)
-    with autocast or contextlib.nullcontext():
-        # an additive mask in the attention's dtype: a bool one is converted again in every layer
-        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
-            else param.dtype
-        bias = torch.from_numpy(np.where(keep, 0.0, -np.inf)).to(param.device, dtype)
-        logits = model.logits(ids[None], attn_mask=bias[None, None], positions=positions[None])[0]
-    # Reduced on the device; one copy brings back a float per row (not the [rows, V] log-probabilities).
-    lp = F.log_softmax(logits[rows_dev].double(), dim=-1)
-    picked = lp.gather(1, targets_dev[:, None]).squeeze(1)
-    mass = lp[len(scored) : -1].masked_fill(~allowed, float("-inf")).logsumexp(-1)
-    values = torch.cat([picked, mass]).tolist()
-    # host arithmetic on floats: the path sums and the covers' total
-    logq = [0.0] * n
-    total = 0.0
-    for i, value in zip(scored, values[: len(scored)], strict=True):  # the trunk first (a running sum), then chains
-        if i < plan.n_trunk:
-            total += value
-            logq[i] = total
-        else:
-            logq[i] = logq[plan.parent[i]] + value
-    masses = dict(zip([p for p, _, _ in straddling], values[len(rows) :], strict=True))
-    terms = [logq[p] if lo == hi else logq[p] + masses[p] for p, lo, hi in plan.covers]
-    end = values[len(rows) - 1] if end_id is not None else 0.0
-    return {"prefix": _logsumexp(terms), "canonical_prefix": logq[plan.prefix_pos],
-            "text": logq[plan.n_trunk - 1] + end, "positions": n, "extra_positions": n - plan.n_trunk}
+    """`cut_logprobs_batch` of one cut."""
+    return cut_logprobs_batch(model, rules, start_id, [CutRequest(prefix, text_tokens, end_id, list(context))],
+                              autocast, slide)[0]
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -202,4 +392,4 @@ def _slide(plan: CutPlan, drop: int) -> CutPlan:
     return CutPlan(plan.ids[drop:], [p - drop for p in plan.positions[drop:]], [shift(p) for p in plan.parent[drop:]],
                    plan.n_trunk - drop, plan.n_context - drop if plan.n_context >= drop else -1,
                    [(p - drop, lo, hi) for p, lo, hi in plan.covers], plan.prefix_pos - drop,
-                   {p - drop: m for p, m in plan.masks.items()})
+                   {p - drop: ids for p, ids in plan.allowed.items()})

@@ -175,12 +175,14 @@ class CausalSelfAttention(nn.Module):
                 layer: int = 0, attn_mask: torch.Tensor | AttentionPattern | None = None) -> torch.Tensor:
         """`attn_mask` ([B, 1, T, T]: bool, True = may attend; or additive in the attention's dtype, 0 or
         -inf, which SDPA need not convert again; or an `AttentionPattern` that attends itself) replaces the
-        causal mask, e.g. for a token tree where each node sees only its ancestors; it cannot be combined
-        with a cache."""
+        causal mask, e.g. for a token tree where each node sees only its ancestors. With a cache, a tensor
+        mask spans the cached keys too ([B, 1, T, past + T])."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:  # eager decoding: queries and keys in one rotary pass, half its kernels
             (q, k), v = apply_rotary(qkv[:2], cos, sin), qkv[2]
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
         else:  # compiled training runs 3-4 % faster with them apart (BENCHMARKS.md, "Redesign")
             q, k, v = qkv
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -188,16 +190,13 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         elif attn_mask is not None:
             y = attn_mask.attend(q, k, v)
-        elif cache is None:
+        elif cache is None or past == 0:  # a prefill attends within itself, as without a cache
             y = local_causal_attention(q, k, v, self.window)
-        else:
-            past = cache.pos
-            k, v = cache.update(layer, k, v)
-            if T == 1 and (self.window <= 0 or past < self.window):
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:  # query i may see keys 0..past+i (within the window)
-                keep = window_keep(T, past + T, self.window, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        elif T == 1 and (self.window <= 0 or past < self.window):
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # query i may see keys 0..past+i (within the window)
+            keep = window_keep(T, past + T, self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
