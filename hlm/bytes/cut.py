@@ -120,9 +120,9 @@ def plan_cut(rules: ConversionRules, start_id: int, prefix: bytes, text_tokens: 
         raise MissingCoverError("the canonical prefix of the cut is not on the text's canonical encoding")
     allowed = {}
     for a, lo, hi in covers:
-        if lo < hi:
-            in_range = rules.index.perm[lo:hi]
-            allowed[pos_of[a]] = in_range[tracker.mask(a)[in_range]].numpy()
+        if lo < hi:  # numpy views of the tables: torch's per-op cost would dominate on these few ids
+            in_range = rules.index.perm.numpy()[lo:hi]
+            allowed[pos_of[a]] = in_range[tracker.mask(a).numpy()[in_range]]
     return CutPlan(ids, positions, parent, n_trunk, n_context, [(pos_of[c], lo, hi) for c, lo, hi in covers],
                    pos_of[node], allowed)
 
