@@ -1,7 +1,7 @@
 """Canonical, canonicalized and exact byte-level eval of a token checkpoint, each against canonical
 scoring on its own windows; and the cost of the prefix probability at FIM cuts.
 
-  python benchmarks/canonical_eval.py runs/bpe_gpt/ckpt.pt --data data/enwiki_bpe --split val \\
+  python benchmarks/canonical_eval.py [runs/bpe_gpt/ckpt.pt --data data/enwiki_bpe --split val] \\
       [--max-bytes 2000000] [--fim-token runs/fim_bpe_gpt/ckpt.pt --fim-data data/code_bytes --cuts 150]
 
 Runs eval.py once with --canonical and --exact-bytes (same model load; warm-up by the plain pass)
@@ -142,8 +142,8 @@ def fim_overhead(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--data", required=True)
+    p.add_argument("checkpoint", nargs="?", help="token checkpoint for the eval table (omit: the FIM cuts only)")
+    p.add_argument("--data")
     p.add_argument("--split", default="val")
     p.add_argument("--max-bytes", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
@@ -157,7 +157,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="time each pass this many times, keep the best")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    eval_table(args)
+    if not (args.checkpoint or args.fim_token) or (args.checkpoint and not args.data):
+        p.error("give CHECKPOINT with --data, and/or --fim-token with --fim-data")
+    if args.checkpoint:
+        eval_table(args)
     if args.fim_token:
         fim_overhead(args)
     return 0
