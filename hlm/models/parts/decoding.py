@@ -30,24 +30,31 @@ from hlm.models.generation import decoding_attention
 
 def rows_step(stack: Transformer, cache: KVCache, x: torch.Tensor, rows: torch.Tensor,
               positions: torch.Tensor) -> torch.Tensor:
-    """A causal stack on x [n, T, D] of cache rows `rows` [n] at their own positions [n, T]:
-    each row's keys and values go to its slots of `cache`, and a position attends to that row's
-    keys at positions <= its own (and, in a stack with a local window, within the window: HAT's
-    byte stacks, whose rows restart their windows at different bytes). Slots past a row's length
-    may hold stale keys from a padded prefill or an earlier window; they are rewritten before any
-    position can see them."""
+    """A causal stack on x [n, T, D] of cache rows `rows` [n] (sorted, distinct) at their own positions
+    [n, T]: each row's keys and values go to its slots of `cache`, and a position attends to that row's
+    keys at positions <= its own (and, in a stack with a local window, within the window: HAT's byte
+    stacks, whose rows restart their windows at different bytes). Attention reads only the slots some
+    position can see (one host sync for their range), and reads every row of the cache in place when
+    all of them step. Slots past a row's length may hold stale keys from a padded prefill or an earlier
+    window; they are rewritten before any position can see them."""
     n, T, C = x.shape
     cos, sin = stack.rotary.at(positions)
-    back = positions[..., None] - torch.arange(cache.k.size(3), device=x.device)  # [n, T, L]
     window = stack.blocks[0].attn.window
-    keep = ((back >= 0) & (back < window if window > 0 else True))[:, None]  # [n, 1, T, L]
+    first, last = torch.stack([positions.min(), positions.max()]).tolist()
+    lo = max(first - window + 1, 0) if window > 0 else 0
+    back = positions[..., None] - torch.arange(lo, last + 1, device=x.device)  # [n, T, keys lo..last]
+    keep = ((back >= 0) & (back < window if window > 0 else True))[:, None]  # [n, 1, T, keys]
+    every_row = n == cache.k.size(1)
     for i, block in enumerate(stack.blocks):
         attn = block.attn
         qkv = attn.qkv(block.attn_norm(x)).view(n, T, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
         (q, k), v = apply_rotary(qkv[:2], cos, sin), qkv[2]
         cache.k[i, rows[:, None], :, positions] = k.transpose(1, 2).to(cache.k.dtype)
         cache.v[i, rows[:, None], :, positions] = v.transpose(1, 2).to(cache.v.dtype)
-        y = F.scaled_dot_product_attention(q, cache.k[i, rows], cache.v[i, rows], attn_mask=keep)
+        keys, values = cache.k[i, :, :, lo : last + 1], cache.v[i, :, :, lo : last + 1]
+        if not every_row:
+            keys, values = keys[rows], values[rows]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
         x = x + attn.proj(y.transpose(1, 2).reshape(n, T, C))
         x = x + block.mlp(block.mlp_norm(x))
     return x
