@@ -2,8 +2,9 @@
 change that cuts kernel launches shows on any CPU before it is timed on a GPU.
 
   python benchmarks/op_counts.py decode [CONFIG ...]                     ops per cached decoding step (batch 2)
-  python benchmarks/op_counts.py cut --tokenizer M.model --docs D.jsonl.xz   ops per prefix-at-a-cut score and
-                                                                         per canonical score of the same tokens
+  python benchmarks/op_counts.py cut --tokenizer M.model --docs D.jsonl.xz   ops per cut of the batched prefix
+                                                                         probability and of canonical scoring of
+                                                                         the same tokens, one cut per batch and all
 
 Random weights with fixed seeds: the counts depend on the code and the shapes, not on training.
 """
@@ -56,7 +57,7 @@ def decode(configs: list[str]) -> None:
 
 def cut(tokenizer: str, docs_path: str, n_docs: int) -> None:
     from hlm.bytes.covers import ConversionRules
-    from hlm.bytes.cut import cut_logprobs
+    from hlm.bytes.cut import CutRequest, canonical_logprobs_batch, cut_logprobs_batch, plan_cuts
     from hlm.models.gpt import GPT, GPTConfig
     from hlm.tokenizers import load_tokenizer
 
@@ -67,20 +68,25 @@ def cut(tokenizer: str, docs_path: str, n_docs: int) -> None:
     with lzma.open(docs_path, "rt") as f:
         docs = [json.loads(line)["text"].encode() for _, line in zip(range(n_docs), f, strict=False)]
     rng = random.Random(0)
-    cuts = [(d[:c], tok.encode(d[: c + 40])) for d in docs if len(d) > 600 for c in [rng.randrange(200, 500)]]
+    requests = [CutRequest(d[:c], tok.encode(d[: c + 40]), 0) for d in docs if len(d) > 600
+                for c in [rng.randrange(200, 500)]]
+    plans = plan_cuts(rules, 0, requests)  # planning is host work without aten ops; counted are the passes
+    sequences = [[0, *r.text_tokens] for r in requests]
+    n = len(requests)
 
-    def canonical(tokens):
-        with torch.no_grad():
-            lp = torch.log_softmax(model.logits(torch.tensor([[0, *tokens]]))[0].float(), -1)
-        return float(lp[-1, 0])
+    def canonical(batch: int):
+        canonical_logprobs_batch(model, sequences, [1] * n, [0] * n, batch_size=batch)
 
-    for prefix, tokens in cuts:  # first use builds the rules' caches
-        cut_logprobs(model, rules, 0, prefix, tokens, 0)
-    ops = {"canonical": count(lambda: [canonical(t) for _, t in cuts]),
-           "cut": count(lambda: [cut_logprobs(model, rules, 0, p, t, 0) for p, t in cuts])}
-    per = {k: sum(v.values()) / len(cuts) for k, v in ops.items()}
-    print(f"{len(cuts)} cuts, 12-layer GPT: canonical {per['canonical']:.1f} aten ops per cut, cut "
-          f"{per['cut']:.1f} ({per['cut'] - per['canonical']:+.1f})")
+    def cuts(batch: int):
+        cut_logprobs_batch(model, rules, 0, requests, plans=plans, batch_size=batch)
+
+    print(f"{n} cuts, 12-layer GPT: aten ops per cut\n")
+    print("| batch | canonical | cut | cut - canonical |\n|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for batch in (1, n):
+            per = {name: sum(count(lambda f=fn, b=batch: f(b)).values()) / n
+                   for name, fn in (("canonical", canonical), ("cut", cuts))}
+            print(f"| {batch} | {per['canonical']:.1f} | {per['cut']:.1f} | {per['cut'] - per['canonical']:+.1f} |")
 
 
 def main() -> int:

@@ -265,7 +265,7 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
     pending = []
     for at in range(0, len(order), batch_size):
         idx = order[at : at + batch_size]
-        batch = _CutBatch([ready[i] for i in idx], [requests[i].end_id for i in idx])
+        batch = _CutBatch([ready[i] for i in idx], [requests[i].end_id for i in idx], model.cfg.vocab_size)
         with autocast or contextlib.nullcontext():
             pending.append((idx, batch, batch.launch(model, device)))
     out: list[dict] = [{}] * len(ready)
@@ -276,33 +276,40 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
 
 
 class _CutBatch:
-    """One batch of cut plans: the host layout (built before anything is queued on the device), the two
-    passes and the reductions on the device, then the covers' sums on the host."""
+    """One batch of cut plans: the host layout (built before anything is queued on the device, and sent in
+    two copies), the two passes and the reductions on the device, a few floats per cut back, then the
+    covers' sums on the host."""
 
-    def __init__(self, plans: list[CutPlan], end_ids: list[int | None]):
+    def __init__(self, plans: list[CutPlan], end_ids: list[int | None], vocab_size: int):
         self.plans, self.end_ids = plans, end_ids
         B = len(plans)
         first = [max(p.n_context + 1, 1) for p in plans]  # the first trunk position with a term
-        self.trunk = _trunk_arrays([p.ids[: p.n_trunk] for p in plans], first, end_ids)
-        L = self.L = self.trunk.shape[2]
+        trunk = _trunk_arrays([p.ids[: p.n_trunk] for p in plans], first, end_ids)
+        L = self.L = trunk.shape[2]
         C = self.C = max(len(p.ids) - p.n_trunk for p in plans)
         # chain nodes at cache positions L..L+C-1: ids, rotary positions, and which keys each sees
-        self.chain = np.zeros((2, B, C), dtype=np.int64)
-        self.keep = np.zeros((B, 1, C, L + C), dtype=bool)
-        self.keep[:, 0, :, 0] = True  # padding rows see one key (an empty row would give NaN)
+        chain = np.zeros((2, B, C), dtype=np.int64)
+        keep = np.zeros((B, 1, C, L + C), dtype=bool)
+        keep[:, 0, :, 0] = True  # padding rows see one key (an empty row would give NaN)
         # the rows whose log-softmax a chain node or a straddling cover needs: trunk rows b*L+i, chain rows b*C+c
         sources, targets, allowed = [], [], []
+        self.trunk_at: list[dict[int, int]] = []  # per cut: trunk position -> index among the running sums sent back
+        trunk_needed = []
         for b, p in enumerate(plans):
+            needed = {p.prefix_pos, p.n_trunk - 1} | {pos for pos, _, _ in p.covers if pos < p.n_trunk}
             for i in range(p.n_trunk, len(p.ids)):
                 c, parent = i - p.n_trunk, p.parent[i]
-                self.chain[:, b, c] = p.ids[i], p.positions[i]
+                chain[:, b, c] = p.ids[i], p.positions[i]
                 if parent < p.n_trunk:
-                    self.keep[b, 0, c, : parent + 1] = True
+                    keep[b, 0, c, : parent + 1] = True
+                    needed.add(parent)
                 else:
-                    self.keep[b, 0, c] = self.keep[b, 0, parent - p.n_trunk]
-                self.keep[b, 0, c, L + c] = True
+                    keep[b, 0, c] = keep[b, 0, parent - p.n_trunk]
+                keep[b, 0, c, L + c] = True
                 sources.append(self._row(p, b, parent))
                 targets.append(p.ids[i])
+            self.trunk_at.append({pos: len(trunk_needed) + k for k, pos in enumerate(sorted(needed))})
+            trunk_needed += [b * L + pos for pos in sorted(needed)]
         self.n_picked = len(sources)
         for b, p in enumerate(plans):
             for pos, lo, hi in p.covers:
@@ -314,53 +321,56 @@ class _CutBatch:
         order = np.empty(len(src), dtype=np.int64)  # where each needed row lands in cat(trunk rows, chain rows)
         order[~on_chain] = np.arange(int((~on_chain).sum()))
         order[on_chain] = int((~on_chain).sum()) + np.arange(int(on_chain.sum()))
-        self.n_rows, self.n_trunk_rows = len(src), int((~on_chain).sum())
-        self.gather = np.concatenate([src[~on_chain, 1], src[on_chain, 1], order, np.array(targets, dtype=np.int64)])
-        self.allowed = allowed
+        self.n_rows, self.n_trunk_rows, self.n_trunk_needed = len(src), int((~on_chain).sum()), len(trunk_needed)
+        self.n_straddling = len(allowed)
+        # one int64 copy: trunk arrays, chain ids and positions, rows (trunk, chain), their order, targets,
+        # the running sums to send back; one bool copy: the chain's keys, the straddling covers' allowed tokens
+        self.ints = np.concatenate([trunk.ravel(), chain.ravel(), src[~on_chain, 1], src[on_chain, 1], order,
+                                    np.array(targets, dtype=np.int64), np.array(trunk_needed, dtype=np.int64)])
+        mask = np.zeros((len(allowed), vocab_size), dtype=bool)
+        for k, ids in enumerate(allowed):
+            mask[k, ids] = True
+        self.bools = np.concatenate([keep.ravel(), mask.ravel()])
 
     def _row(self, p: CutPlan, b: int, pos: int) -> tuple[int, int]:
         return (0, b * self.L + pos) if pos < p.n_trunk else (1, b * self.C + pos - p.n_trunk)
 
     def launch(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-        """Queue both passes and the reductions; returns the values on the device: the running log Q [B*L],
-        the ends [B], the chain nodes' terms, then the straddling covers' masses."""
-        B, L, C = len(self.plans), self.L, self.C
-        trunk = _to_device(self.trunk, device)
-        if C:
-            chain, keep = _to_device(self.chain, device), _to_device(self.keep, device)
-        n = self.n_rows
-        index = _to_device(self.gather, device)
-        if self.allowed:
-            V = model.cfg.vocab_size
-            mask = np.zeros((len(self.allowed), V), dtype=bool)
-            for k, ids in enumerate(self.allowed):
-                mask[k, ids] = True
-            mask = _to_device(mask, device)
-        running, end, logits, cache = _trunk_pass(model, trunk, C)
+        """Queue both passes and the reductions; returns the values on the device: the running log Q at the
+        trunk positions the covers need, the ends [B], the chain nodes' terms, then the straddling covers'
+        masses."""
+        B, L, C, n = len(self.plans), self.L, self.C, self.n_rows
+        ints, bools = _to_device(self.ints, device), _to_device(self.bools, device)
+        trunk, chain, trunk_rows, chain_rows, order, targets, trunk_needed = ints.split(
+            [3 * B * L, 2 * B * C, self.n_trunk_rows, n - self.n_trunk_rows, n, self.n_picked, self.n_trunk_needed])
+        keep, allowed = bools.split([B * C * (L + C), self.n_straddling * model.cfg.vocab_size])
+        running, end, logits, cache = _trunk_pass(model, trunk.view(3, B, L), C)
         V = logits.size(-1)
-        values = [running.flatten().double(), end.double()]
+        values = [running.flatten()[trunk_needed].double(), end.double()]
         if n:
-            rows = logits.view(B * L, V)[index[: self.n_trunk_rows]]
+            rows = logits.view(B * L, V)[trunk_rows]
             if C:
-                dtype = cache.k.dtype
-                bias = torch.zeros(keep.shape, device=device, dtype=dtype).masked_fill_(~keep, float("-inf"))
+                chain = chain.view(2, B, C)
+                bias = torch.zeros(B, 1, C, L + C, device=device, dtype=cache.k.dtype).masked_fill_(
+                    ~keep.view(B, 1, C, L + C), float("-inf"))
                 with decoding_attention():
                     chain_logits = model.logits(chain[0], cache, attn_mask=bias, positions=chain[1])
-                rows = torch.cat([rows, at_least_fp32(chain_logits).view(B * C, V)[index[self.n_trunk_rows : n]]])
-            lp = F.log_softmax(rows[index[n : 2 * n]].double(), dim=-1)
-            values.append(lp[: self.n_picked].gather(1, index[2 * n :, None]).squeeze(1))
-            if self.allowed:
+                rows = torch.cat([rows, at_least_fp32(chain_logits).view(B * C, V)[chain_rows]])
+            lp = F.log_softmax(rows[order].double(), dim=-1)
+            values.append(lp[: self.n_picked].gather(1, targets[:, None]).squeeze(1))
+            if self.n_straddling:
+                mask = allowed.view(self.n_straddling, -1)
                 values.append(lp[self.n_picked :].masked_fill(~mask, float("-inf")).logsumexp(-1))
         return torch.cat(values)
 
     def finish(self, host: list[float]) -> list[dict]:
         """The covers' sums from the values `launch` returned (as floats)."""
-        B, L = len(self.plans), self.L
-        ends, values = host[B * L : B * L + B], host[B * L + B :]
+        B, m = len(self.plans), self.n_trunk_needed
+        ends, values = host[m : m + B], host[m + B :]
         masses = iter(values[self.n_picked :])
         results, k = [], 0
-        for b, (p, end_id) in enumerate(zip(self.plans, self.end_ids, strict=True)):
-            logq = host[b * L : b * L + p.n_trunk] + [0.0] * (len(p.ids) - p.n_trunk)
+        for b, (p, end_id, at) in enumerate(zip(self.plans, self.end_ids, self.trunk_at, strict=True)):
+            logq = {pos: host[i] for pos, i in at.items()}
             for i in range(p.n_trunk, len(p.ids)):  # chain nodes follow their parents
                 logq[i] = logq[p.parent[i]] + values[k]
                 k += 1

@@ -193,21 +193,34 @@ class StageDecoder(GroupSteps):
         p, b = st.routing(h, valid)
         chunks, pos, _ = pool_first(h, b, self.cap)
         P = p.gather(1, pos)
-        read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], r)
-                          for r in range(h.size(0))])
+        if self.inner is None:
+            read = self.prefill_main(chunks, P, b)
+        else:
+            read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], r)
+                              for r in range(h.size(0))])
         self.k_last = st.routing.k(h[:, -1:])
         return st.decode(h, read, confidence(p, b), self.dec)
 
+    def prefill_main(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """All rows of a prefill through the innermost Transformer in one call, each row's chunks padded to
+        the longest row's count (`rows_step`: a row's padded slots are rewritten before it can see them;
+        the smoothing scan runs forward, so padding after a row's chunks leaves them alone), then dechunked."""
+        st = self.stage
+        n = b.sum(1).clamp(max=self.cap)
+        N = int(n.max())
+        rows = torch.arange(b.size(0), device=b.device)
+        z = rows_step(self.main, self.main_cache, st.widen(chunks[:, :N]), rows,
+                      torch.arange(N, device=b.device).expand(b.size(0), N))
+        zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :N])
+        self.zbar, self.n_groups = zbar[rows, n - 1, None].to(self.zbar.dtype), n
+        return dechunk(zbar, b)
+
     def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
-        """Row r of a prefill: its n real chunks through the inner decoder, then dechunked."""
+        """Row r of a prefill with an inner stage: its n real chunks through row r's inner decoder, then
+        dechunked."""
         st = self.stage
         n = int(b.sum().clamp(max=self.cap))
-        x = st.widen(chunks[:, :n])
-        if self.inner is not None:
-            z = self.inner[r].prefill(x, b.new_ones(1, n))
-        else:
-            rows = torch.tensor([r], device=x.device)
-            z = rows_step(self.main, self.main_cache, x, rows, torch.arange(n, device=x.device)[None])
+        z = self.inner[r].prefill(st.widen(chunks[:, :n]), b.new_ones(1, n))
         zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :n])
         self.zbar[r : r + 1], self.n_groups[r] = zbar[:, -1:], n
         return dechunk(zbar, b)
