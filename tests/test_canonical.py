@@ -274,9 +274,10 @@ def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
 
 
 def test_cuts_in_a_batch_equal_cuts_alone(sp_bpe):
-    """A batch of cuts of different lengths (right-padded trunks, chains of different counts, contexts, with
-    and without an end) gives each cut's values alone, to fp64 rounding; its `text` equals canonical scoring
-    of the same tokens; plans made in two worker processes equal plans made here."""
+    """Cuts of different lengths scored together (right-padded trunks in batches sharing one KV cache, or
+    one cache per batch; chains of different counts; contexts; with and without an end) give each cut's
+    values alone, to fp64 rounding; `text` equals canonical scoring of the same tokens; plans made in two
+    worker processes equal plans made here."""
     from hlm.bytes.cut import CutRequest, canonical_logprobs_batch, cut_logprobs, cut_logprobs_batch, plan_cuts
 
     tok, end = sp_bpe, sp_bpe.eos_id
@@ -288,15 +289,16 @@ def test_cuts_in_a_batch_equal_cuts_alone(sp_bpe):
                                             (len(doc), 0, [9, 10, 11]), (11, 21, []), (17, 3, [6]))]
     plans = plan_cuts(rules, end, requests, workers=2)
     assert [p.ids for p in plans] == [p.ids for p in plan_cuts(rules, end, requests)]
-    batch = cut_logprobs_batch(model, rules, end, requests, plans=plans, batch_size=3)
+    batch = cut_logprobs_batch(model, rules, end, requests, plans=plans, batch_size=3)  # two batches, one cache
+    groups = cut_logprobs_batch(model, rules, end, requests, plans=plans, batch_size=2, cache_bytes=1)  # 3 caches
     assert len({r["extra_positions"] for r in batch}) > 1
     canonical = canonical_logprobs_batch(model, [[*r.context, end, *r.text_tokens] for r in requests],
                                          [len(r.context) + 1 for r in requests], [r.end_id for r in requests],
                                          batch_size=2)
-    for r, got, text in zip(requests, batch, canonical, strict=True):
+    for r, got, other, text in zip(requests, batch, groups, canonical, strict=True):
         alone = cut_logprobs(model, rules, end, r.prefix, r.text_tokens, r.end_id, r.context)
         for key in ("prefix", "canonical_prefix", "text"):
-            assert abs(got[key] - alone[key]) < 1e-9
+            assert abs(got[key] - alone[key]) < 1e-9 and abs(other[key] - alone[key]) < 1e-9
         assert abs(got["text"] - text) < 1e-9
 
 

@@ -190,25 +190,20 @@ def _trunk_arrays(trunks: list[list[int]], scored_from: list[int], end_ids: list
     return rows
 
 
-def _trunk_pass(model: torch.nn.Module, arrays: torch.Tensor, spare: int | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache | None]:
-    """Canonical scoring of a batch of trunks (`_trunk_arrays` on the device), causally; with `spare` (not
-    None) into a fresh KV cache with that many free positions: the running log Q [B, L] (position i: the
-    scored terms of the tokens at positions <= i), the scored end's log-probability [B] (0 without one), the
-    logits [B, L, V] (at least fp32) and the cache. Attention without cuDNN, which plans every new shape
-    anew (`decoding_attention`)."""
-    param = next(model.parameters())
+def _trunk_pass(model: torch.nn.Module, arrays: torch.Tensor, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical scoring of a batch of trunks (`_trunk_arrays` on the device), causally, filling `cache` if
+    given: the running log Q [B, L] (position i: the scored terms of the tokens at positions <= i), the
+    scored end's log-probability [B] (0 without one) and the logits [B, L, V] (at least fp32). Attention
+    without cuDNN, which plans every new shape anew (`decoding_attention`)."""
     ids, targets, kind = arrays.unbind(0)
-    B, L = ids.shape
-    dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
-        else param.dtype
-    cache = None if spare is None else model.transformer.new_cache(B, L + spare, param.device, dtype)
     with decoding_attention():
         logits = at_least_fp32(model.logits(ids, cache))
     picked = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
     zero = picked.new_zeros(())
-    running = torch.cat([picked.new_zeros(B, 1), torch.where(kind == 1, picked, zero).cumsum(1)[:, :-1]], dim=1)
-    return running, torch.where(kind == 2, picked, zero).sum(1), logits, cache
+    running = torch.cat([picked.new_zeros(ids.size(0), 1), torch.where(kind == 1, picked, zero).cumsum(1)[:, :-1]],
+                        dim=1)
+    return running, torch.where(kind == 2, picked, zero).sum(1), logits
 
 
 @torch.no_grad()
@@ -226,7 +221,7 @@ def canonical_logprobs_batch(model: torch.nn.Module, sequences: Sequence[list[in
         arrays = _trunk_arrays([sequences[i] for i in idx], [scored_from[i] for i in idx], [end_ids[i] for i in idx])
         last = torch.tensor([len(sequences[i]) - 1 for i in idx])
         with autocast or contextlib.nullcontext():
-            running, end, _, _ = _trunk_pass(model, _to_device(arrays, device), None)
+            running, end, _ = _trunk_pass(model, _to_device(arrays, device))
         pending.append((idx, running.gather(1, last[:, None].to(device)).squeeze(1) + end))
     out = [0.0] * len(sequences)
     for idx, values in pending:
@@ -239,20 +234,20 @@ def canonical_logprobs_batch(model: torch.nn.Module, sequences: Sequence[list[in
 def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id: int,
                        requests: Sequence[CutRequest], autocast: contextlib.AbstractContextManager | None = None,
                        slide: bool = False, plans: Sequence[CutPlan | MissingCoverError] | None = None,
-                       batch_size: int = 32) -> list[dict]:
+                       batch_size: int = 32, cache_bytes: int = 2**32) -> list[dict]:
     """For each request, log-probabilities (nats, given its context + start symbol) from an hlm GPT:
     `prefix`: log P(prefix) over its covers; `canonical_prefix`: log Q of the canonical prefix T (the part
     every cover shares); `text`: log Q(text_tokens (+ end_id)), the canonical score of the longer text.
-    Batches of similar lengths, each laid out while the device runs the last; `plans` (`plan_cuts`, e.g.
-    made in workers) saves planning here. With `slide`, a layout longer than the model's context loses its
-    first positions (at most up to T), and the three values are relative to the first position kept:
-    differences between them stay exact. Raises the first MissingCoverError, or one for a layout that does
-    not fit."""
+    The trunks run in batches of similar lengths into one KV cache of about `cache_bytes` at most, and the
+    chain nodes of all its rows in one pass; `plans` (`plan_cuts`, e.g. made in workers) saves planning
+    here. With `slide`, a layout longer than the model's context loses its first positions (at most up to
+    T), and the three values are relative to the first position kept: differences between them stay exact.
+    Raises the first MissingCoverError, or one for a layout that does not fit."""
     if not requests:
         return []
     if plans is None:
         plans = plan_cuts(rules, start_id, requests)
-    block, device = model.cfg.block_size, next(model.parameters()).device
+    block, param = model.cfg.block_size, next(model.parameters())
     ready = []
     for plan in plans:
         if isinstance(plan, MissingCoverError):
@@ -262,101 +257,132 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
             raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {block}")
         ready.append(_slide(plan, drop) if drop > 0 else plan)
     order = sorted(range(len(ready)), key=lambda i: ready[i].n_trunk)
+    with autocast or contextlib.nullcontext():
+        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+    row_bytes = (2 * len(model.transformer.blocks) * model.cfg.d_model * max(len(p.ids) for p in ready)
+                 * torch.empty((), dtype=dtype).element_size())  # keys and values of one row of the cache
+    group = max(batch_size, cache_bytes // row_bytes // batch_size * batch_size)
     pending = []
-    for at in range(0, len(order), batch_size):
-        idx = order[at : at + batch_size]
-        batch = _CutBatch([ready[i] for i in idx], [requests[i].end_id for i in idx], model.cfg.vocab_size)
+    for at in range(0, len(order), group):
+        idx = order[at : at + group]
+        cuts = _CutGroup([ready[i] for i in idx], [requests[i].end_id for i in idx], model.cfg.vocab_size, batch_size)
         with autocast or contextlib.nullcontext():
-            pending.append((idx, batch, batch.launch(model, device)))
+            pending.append((idx, cuts, cuts.launch(model, param.device, dtype)))
     out: list[dict] = [{}] * len(ready)
-    for idx, batch, values in pending:
-        for i, res in zip(idx, batch.finish(values.tolist()), strict=True):
+    for idx, cuts, values in pending:
+        for i, res in zip(idx, cuts.finish(values.tolist()), strict=True):
             out[i] = res
     return out
 
 
-class _CutBatch:
-    """One batch of cut plans: the host layout (built before anything is queued on the device, and sent in
-    two copies), the two passes and the reductions on the device, a few floats per cut back, then the
-    covers' sums on the host."""
+class _CutGroup:
+    """Cut plans (sorted by trunk length) scored together: the host layout, built before anything is queued on
+    the device and sent in two copies; on the device, the trunks in batches into one KV cache, then every
+    chain node against it in one pass, and the reductions; a few floats per cut back; the covers' sums on
+    the host."""
 
-    def __init__(self, plans: list[CutPlan], end_ids: list[int | None], vocab_size: int):
+    def __init__(self, plans: list[CutPlan], end_ids: list[int | None], vocab_size: int, batch_size: int):
         self.plans, self.end_ids = plans, end_ids
-        B = len(plans)
-        first = [max(p.n_context + 1, 1) for p in plans]  # the first trunk position with a term
-        trunk = _trunk_arrays([p.ids[: p.n_trunk] for p in plans], first, end_ids)
-        L = self.L = trunk.shape[2]
+        N = len(plans)
+        L = self.L = max(p.n_trunk for p in plans)  # the cache's trunk positions; chain nodes at L..L+C-1
         C = self.C = max(len(p.ids) - p.n_trunk for p in plans)
-        # chain nodes at cache positions L..L+C-1: ids, rotary positions, and which keys each sees
-        chain = np.zeros((2, B, C), dtype=np.int64)
-        keep = np.zeros((B, 1, C, L + C), dtype=bool)
+        self.batches = [range(at, min(at + batch_size, N)) for at in range(0, N, batch_size)]
+        trunks = [_trunk_arrays([plans[r].ids[: plans[r].n_trunk] for r in rows],
+                                [max(plans[r].n_context + 1, 1) for r in rows],  # the first position with a term
+                                [end_ids[r] for r in rows]) for rows in self.batches]
+        self.lengths = [t.shape[2] for t in trunks]
+        chain = np.zeros((2, N, C), dtype=np.int64)  # ids, rotary positions
+        keep = np.zeros((N, 1, C, L + C), dtype=bool)  # which keys each chain node sees
         keep[:, 0, :, 0] = True  # padding rows see one key (an empty row would give NaN)
-        # the rows whose log-softmax a chain node or a straddling cover needs: trunk rows b*L+i, chain rows b*C+c
-        sources, targets, allowed = [], [], []
-        self.trunk_at: list[dict[int, int]] = []  # per cut: trunk position -> index among the running sums sent back
-        trunk_needed = []
-        for b, p in enumerate(plans):
-            needed = {p.prefix_pos, p.n_trunk - 1} | {pos for pos, _, _ in p.covers if pos < p.n_trunk}
+        # the rows whose log-softmax a chain node or a straddling cover needs (flat in a trunk batch's logits
+        # or in the chain pass's), and the running sums the covers need (flat in a trunk batch's)
+        trunk_rows: list[list[int]] = [[] for _ in self.batches]
+        trunk_sums: list[list[int]] = [[] for _ in self.batches]
+        chain_rows: list[int] = []
+        slots: list[tuple[int, int]] = []  # per needed row: (trunk batch, or -1 for the chain pass; index there)
+        targets, allowed = [], []
+        self.sum_at: list[dict[int, int]] = []  # per cut: trunk position -> its running sum's index in the values
+        for k, rows in enumerate(self.batches):
+            for j, r in enumerate(rows):
+                p = plans[r]
+                needed = {p.prefix_pos, p.n_trunk - 1} | {pos for pos, _, _ in p.covers if pos < p.n_trunk}
+                needed |= {p.parent[i] for i in range(p.n_trunk, len(p.ids)) if p.parent[i] < p.n_trunk}
+                first = sum(map(len, trunk_sums))
+                self.sum_at.append({pos: first + m for m, pos in enumerate(sorted(needed))})
+                trunk_sums[k] += [j * self.lengths[k] + pos for pos in sorted(needed)]
+
+        def need(r: int, pos: int) -> None:
+            p = plans[r]
+            if pos < p.n_trunk:
+                k, j = divmod(r, batch_size)
+                slots.append((k, len(trunk_rows[k])))
+                trunk_rows[k].append(j * self.lengths[k] + pos)
+            else:
+                slots.append((-1, len(chain_rows)))
+                chain_rows.append(r * C + pos - p.n_trunk)
+
+        for r, p in enumerate(plans):
             for i in range(p.n_trunk, len(p.ids)):
                 c, parent = i - p.n_trunk, p.parent[i]
-                chain[:, b, c] = p.ids[i], p.positions[i]
+                chain[:, r, c] = p.ids[i], p.positions[i]
                 if parent < p.n_trunk:
-                    keep[b, 0, c, : parent + 1] = True
-                    needed.add(parent)
+                    keep[r, 0, c, : parent + 1] = True
                 else:
-                    keep[b, 0, c] = keep[b, 0, parent - p.n_trunk]
-                keep[b, 0, c, L + c] = True
-                sources.append(self._row(p, b, parent))
+                    keep[r, 0, c] = keep[r, 0, parent - p.n_trunk]
+                keep[r, 0, c, L + c] = True
+                need(r, parent)
                 targets.append(p.ids[i])
-            self.trunk_at.append({pos: len(trunk_needed) + k for k, pos in enumerate(sorted(needed))})
-            trunk_needed += [b * L + pos for pos in sorted(needed)]
-        self.n_picked = len(sources)
-        for b, p in enumerate(plans):
+        self.n_picked = len(targets)
+        for r, p in enumerate(plans):
             for pos, lo, hi in p.covers:
                 if lo < hi:
-                    sources.append(self._row(p, b, pos))
+                    need(r, pos)
                     allowed.append(p.allowed[pos])
-        src = np.array(sources, dtype=np.int64).reshape(-1, 2)
-        on_chain = src[:, 0] == 1
-        order = np.empty(len(src), dtype=np.int64)  # where each needed row lands in cat(trunk rows, chain rows)
-        order[~on_chain] = np.arange(int((~on_chain).sum()))
-        order[on_chain] = int((~on_chain).sum()) + np.arange(int(on_chain.sum()))
-        self.n_rows, self.n_trunk_rows, self.n_trunk_needed = len(src), int((~on_chain).sum()), len(trunk_needed)
+        # where each needed row lands in cat(trunk batch 0's rows, batch 1's, ..., the chain pass's)
+        offset = np.cumsum([0] + [len(t) for t in trunk_rows])
+        order = np.array([offset[k] + i if k >= 0 else offset[-1] + i for k, i in slots], dtype=np.int64)
+        lists = [*trunk_rows, chain_rows, order, targets, *trunk_sums]
+        self.sizes = [t.size for t in trunks] + [chain.size] + [len(t) for t in lists]
         self.n_straddling = len(allowed)
-        # one int64 copy: trunk arrays, chain ids and positions, rows (trunk, chain), their order, targets,
-        # the running sums to send back; one bool copy: the chain's keys, the straddling covers' allowed tokens
-        self.ints = np.concatenate([trunk.ravel(), chain.ravel(), src[~on_chain, 1], src[on_chain, 1], order,
-                                    np.array(targets, dtype=np.int64), np.array(trunk_needed, dtype=np.int64)])
+        # one int64 copy, and one bool copy (the chain's keys, the straddling covers' allowed tokens)
+        self.ints = np.concatenate([*(t.ravel() for t in trunks), chain.ravel(),
+                                    *(np.asarray(t, dtype=np.int64) for t in lists)])
         mask = np.zeros((len(allowed), vocab_size), dtype=bool)
         for k, ids in enumerate(allowed):
             mask[k, ids] = True
         self.bools = np.concatenate([keep.ravel(), mask.ravel()])
 
-    def _row(self, p: CutPlan, b: int, pos: int) -> tuple[int, int]:
-        return (0, b * self.L + pos) if pos < p.n_trunk else (1, b * self.C + pos - p.n_trunk)
-
-    def launch(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-        """Queue both passes and the reductions; returns the values on the device: the running log Q at the
-        trunk positions the covers need, the ends [B], the chain nodes' terms, then the straddling covers'
+    def launch(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Queue the passes and the reductions; returns the values on the device: the running log Q at the
+        trunk positions the covers need, the ends [N], the chain nodes' terms, then the straddling covers'
         masses."""
-        B, L, C, n = len(self.plans), self.L, self.C, self.n_rows
-        ints, bools = _to_device(self.ints, device), _to_device(self.bools, device)
-        trunk, chain, trunk_rows, chain_rows, order, targets, trunk_needed = ints.split(
-            [3 * B * L, 2 * B * C, self.n_trunk_rows, n - self.n_trunk_rows, n, self.n_picked, self.n_trunk_needed])
-        keep, allowed = bools.split([B * C * (L + C), self.n_straddling * model.cfg.vocab_size])
-        running, end, logits, cache = _trunk_pass(model, trunk.view(3, B, L), C)
-        V = logits.size(-1)
-        values = [running.flatten()[trunk_needed].double(), end.double()]
-        if n:
-            rows = logits.view(B * L, V)[trunk_rows]
+        N, L, C, K = len(self.plans), self.L, self.C, len(self.batches)
+        parts = _to_device(self.ints, device).split(self.sizes)
+        trunks, chain, trunk_rows = parts[:K], parts[K].view(2, N, C), parts[K + 1 : 2 * K + 1]
+        chain_rows, order, targets = parts[2 * K + 1 : 2 * K + 4]
+        trunk_sums = parts[2 * K + 4 :]
+        V = model.cfg.vocab_size
+        keep, allowed = _to_device(self.bools, device).split([N * C * (L + C), self.n_straddling * V])
+        cache = model.transformer.new_cache(N, L + C, device, dtype)
+        sums, ends, rows = [], [], []
+        for batch, Lk, arrays, rows_k, sums_k in zip(self.batches, self.lengths, trunks, trunk_rows, trunk_sums,
+                                                     strict=True):
+            running, end, logits = _trunk_pass(model, arrays.view(3, len(batch), Lk),
+                                               cache.view_rows(batch.start, batch.stop))
+            sums.append(running.flatten()[sums_k])
+            ends.append(end)
+            rows.append(logits.flatten(0, 1)[rows_k])
+        values = [torch.cat(sums).double(), torch.cat(ends).double()]
+        if len(order):
             if C:
-                chain = chain.view(2, B, C)
-                bias = torch.zeros(B, 1, C, L + C, device=device, dtype=cache.k.dtype).masked_fill_(
-                    ~keep.view(B, 1, C, L + C), float("-inf"))
+                cache.pos = L
+                bias = torch.zeros(N, 1, C, L + C, device=device, dtype=dtype).masked_fill_(
+                    ~keep.view(N, 1, C, L + C), float("-inf"))
                 with decoding_attention():
                     chain_logits = model.logits(chain[0], cache, attn_mask=bias, positions=chain[1])
-                rows = torch.cat([rows, at_least_fp32(chain_logits).view(B * C, V)[chain_rows]])
-            lp = F.log_softmax(rows[order].double(), dim=-1)
+                rows.append(at_least_fp32(chain_logits).flatten(0, 1)[chain_rows])
+            lp = F.log_softmax(torch.cat(rows)[order].double(), dim=-1)
             values.append(lp[: self.n_picked].gather(1, targets[:, None]).squeeze(1))
             if self.n_straddling:
                 mask = allowed.view(self.n_straddling, -1)
@@ -365,18 +391,18 @@ class _CutBatch:
 
     def finish(self, host: list[float]) -> list[dict]:
         """The covers' sums from the values `launch` returned (as floats)."""
-        B, m = len(self.plans), self.n_trunk_needed
-        ends, values = host[m : m + B], host[m + B :]
+        N, m = len(self.plans), sum(map(len, self.sum_at))
+        ends, values = host[m : m + N], host[m + N :]
         masses = iter(values[self.n_picked :])
         results, k = [], 0
-        for b, (p, end_id, at) in enumerate(zip(self.plans, self.end_ids, self.trunk_at, strict=True)):
+        for r, (p, end_id, at) in enumerate(zip(self.plans, self.end_ids, self.sum_at, strict=True)):
             logq = {pos: host[i] for pos, i in at.items()}
             for i in range(p.n_trunk, len(p.ids)):  # chain nodes follow their parents
                 logq[i] = logq[p.parent[i]] + values[k]
                 k += 1
             terms = [logq[pos] + next(masses) if lo < hi else logq[pos] for pos, lo, hi in p.covers]
             results.append({"prefix": _logsumexp(terms), "canonical_prefix": logq[p.prefix_pos],
-                            "text": logq[p.n_trunk - 1] + (ends[b] if end_id is not None else 0.0),
+                            "text": logq[p.n_trunk - 1] + (ends[r] if end_id is not None else 0.0),
                             "positions": len(p.ids), "extra_positions": len(p.ids) - p.n_trunk})
         return results
 

@@ -64,6 +64,12 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    def view_rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own at position 0, sharing this one's memory."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.pos = self.k[:, start:stop], self.v[:, start:stop], 0
+        return view
+
     def advance(self, n: int) -> None:
         """The stack has written n more positions (every layer's `update`)."""
         self.pos += n
