@@ -2,6 +2,8 @@
 change that cuts kernel launches shows on any CPU before it is timed on a GPU.
 
   python benchmarks/op_counts.py decode [CONFIG ...]                     ops per cached decoding step (batch 2)
+  python benchmarks/op_counts.py push [CONFIG ...]                       ops of a batch-64 step without and with
+                                                                         every row closing a word
   python benchmarks/op_counts.py cut --tokenizer M.model --docs D.jsonl.xz   ops per cut of the batched prefix
                                                                          probability and of canonical scoring of
                                                                          the same tokens, one cut per batch and all
@@ -55,6 +57,29 @@ def decode(configs: list[str]) -> None:
         print(f"| {name} | {(steps[1] - steps[0]) / 16:.0f} |")
 
 
+def push(configs: list[str]) -> None:
+    """Ops of one decoding step at batch 64 when no row closes a word (a letter) and when every row does (a
+    space): what a step costs when the main network runs. For families whose `new_decoder` groups bytes at
+    whitespace (byte_gpt as the reference)."""
+    from hlm.config import load_config
+    from hlm.models import build_model
+
+    print("| config | aten ops, no row closes a word | every row closes one |\n|---|---:|---:|")
+    for name in configs:
+        torch.manual_seed(0)
+        model = build_model(load_config(f"configs/{name}.yaml").model).eval()
+        prompt = torch.randint(97, 123, (64, 64))
+        prompt[:, ::5] = 32
+        with torch.no_grad():
+            decoder = model.new_decoder(prompt)
+            ops = []
+            for byte in (97, 32):
+                decoder.push(torch.full((64,), 98))
+                ops.append(sum(count(lambda d=decoder, b=byte: d.push(torch.full((64,), b))).values()))
+        print(f"| {name} | {ops[0]} | {ops[1]} |", flush=True)
+        del model, decoder  # a batch-64 cache of the full context is a few GiB
+
+
 def cut(tokenizer: str, docs_path: str, n_docs: int) -> None:
     from hlm.bytes.covers import ConversionRules
     from hlm.bytes.cut import CutRequest, canonical_logprobs_batch, cut_logprobs_batch, plan_cuts
@@ -91,7 +116,7 @@ def cut(tokenizer: str, docs_path: str, n_docs: int) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["decode", "cut"])
+    p.add_argument("what", choices=["decode", "push", "cut"])
     p.add_argument("configs", nargs="*", default=["byte_gpt", "hourglass_whitespace", "hnet_1stage", "hat"])
     p.add_argument("--tokenizer")
     p.add_argument("--docs")
@@ -99,6 +124,8 @@ def main() -> int:
     args = p.parse_args()
     if args.what == "decode":
         decode(args.configs)
+    elif args.what == "push":
+        push(args.configs)
     else:
         if not (args.tokenizer and args.docs):
             p.error("cut needs --tokenizer and --docs")
