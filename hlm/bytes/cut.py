@@ -260,8 +260,8 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
     with autocast or contextlib.nullcontext():
         dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
             else param.dtype
-    row_bytes = (2 * len(model.transformer.blocks) * model.cfg.d_model * max(len(p.ids) for p in ready)
-                 * torch.empty((), dtype=dtype).element_size())  # keys and values of one row of the cache
+    # keys and values of one row of the cache
+    row_bytes = 2 * len(model.transformer.blocks) * model.cfg.d_model * max(len(p.ids) for p in ready) * dtype.itemsize
     group = max(batch_size, cache_bytes // row_bytes // batch_size * batch_size)
     pending = []
     for at in range(0, len(order), group):
