@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hlm.bytes.covers import ConversionRules, CoverTracker, MissingCoverError
+from hlm.bytes.plan import forked_pool, segment_points
 from hlm.models.blocks import KVCache, at_least_fp32
 from hlm.models.generation import decoding_attention
 
@@ -132,8 +132,6 @@ def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) 
     and their length in bytes: the text's own tokens up to that byte, where one of them ends there.
     Sentencepiece encodes each whitespace piece on its own and a segment point starts a piece, so they are
     the encoding of prefix[:cut] without encoding it again."""
-    from hlm.bytes.plan import segment_points
-
     points = segment_points(prefix, rules)
     if not points or not text_tokens:
         return [], 0
@@ -163,8 +161,7 @@ def plan_cuts(rules: ConversionRules, start_id: int, requests: Sequence[CutReque
     _PLANNER.update(rules=rules, start_id=start_id)
     if workers <= 1 or len(requests) < 2:
         return [_plan_one(r) for r in requests]
-    one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
-    with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
+    with forked_pool(workers) as pool:
         return pool.map(_plan_one, requests, chunksize=max(1, len(requests) // (4 * workers)))
 
 

@@ -10,6 +10,7 @@ planned once.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import time
 from dataclasses import dataclass, replace
 
@@ -230,6 +231,12 @@ class _PlanTable:
 _WORKER: dict = {}
 
 
+def forked_pool(workers: int) -> multiprocessing.pool.Pool:
+    """A pool of forked planning processes (they inherit the conversion rules), one torch thread each:
+    workers x threads would oversubscribe the cores."""
+    return multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+
 def _plan_chunk(texts: list[bytes]) -> tuple[_PlanTable, float]:
     """Plans of a chunk of texts as one table (None for texts that do not round-trip through the tokenizer
     or whose covers cannot be tracked). A document round-trips iff its segments do, as the tokenizer
@@ -266,8 +273,7 @@ def plan_documents(docs: list[bytes], rules: ConversionRules, start_id: int, wor
     size = -(-len(texts) // n_chunks) if texts else 1
     chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
     if workers > 1 and len(chunks) > 1:
-        one_thread = {"initializer": torch.set_num_threads, "initargs": (1,)}  # workers x threads would oversubscribe
-        with multiprocessing.get_context("fork").Pool(workers, **one_thread) as pool:
+        with forked_pool(workers) as pool:
             results = pool.map(_plan_chunk, chunks)
     else:
         results = [_plan_chunk(c) for c in chunks]
