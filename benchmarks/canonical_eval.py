@@ -7,8 +7,9 @@ scoring on its own windows; and the cost of the prefix probability at FIM cuts.
 Runs eval.py once with --canonical and --exact-bytes (same model load; warm-up by the plain pass)
 and prints one table; with --fim-token, times canonical scoring of prefix + middle + EOS after the
 FIM prompt (one cut per forward, and batched) against the batched prefix probability at the cut
-(hlm/bytes/cut.py: the same trunks plus the covers), with the covers planned here or in worker
-processes, over the cuts of fim_eval.py, and prints the overheads. Tokens are given to every pass.
+(hlm/bytes/cut.py: the same trunks plus the covers), with the covers given, planned here while the
+device runs the trunks, or planned first in worker processes, over the cuts of fim_eval.py, and prints
+the overheads. Tokens are given to every pass.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def fim_overhead(args) -> None:
         cut_logprobs_batch(model, fim.rules, start, requests, plans=plans, batch_size=args.cut_batch)
 
     def cut_planned_here():
-        cut_logprobs_batch(model, fim.rules, start, requests, plans=plan_here(), batch_size=args.cut_batch)
+        cut_logprobs_batch(model, fim.rules, start, requests, batch_size=args.cut_batch)
 
     def cut_planned_in_workers():
         cut_logprobs_batch(model, fim.rules, start, requests, plans=plan_in_workers(), batch_size=args.cut_batch)
@@ -110,7 +111,7 @@ def fim_overhead(args) -> None:
     passes = {"canonical, one cut per forward": canonical_one_by_one,
               "canonical, batched": canonical_batched,
               "cut, batched, plans given (device passes and host layout)": cut_given_plans,
-              "cut, batched, planned here": cut_planned_here,
+              "cut, batched, planned here while the device runs the trunks": cut_planned_here,
               f"cut, batched, planned in {args.workers} worker processes": cut_planned_in_workers,
               "planning alone, here": plan_here,
               f"planning alone, {args.workers} worker processes": plan_in_workers}

@@ -213,11 +213,11 @@ class TokenFIM:
     def cut_nlls(self, cuts: list[Cut], workers: int = 1, batch_size: int = 32) -> list[float]:
         """-log P(middle + end | prefix) of each cut as a ratio of whole-text probabilities: the canonical score
         of prefix + middle + [EOS] over the prefix probability at the cut (covers included), batched
-        (hlm/bytes/cut.py); the covers planned in `workers` processes."""
+        (hlm/bytes/cut.py); the covers planned while the device runs the trunks, or first in `workers` processes."""
         from hlm.bytes.cut import cut_logprobs_batch, plan_cuts
 
         requests = self.cut_requests(cuts)
-        plans = plan_cuts(self.rules, self.s.middle, requests, workers)
+        plans = plan_cuts(self.rules, self.s.middle, requests, workers) if workers > 1 else None
         res = cut_logprobs_batch(self.model, self.rules, self.s.middle, requests, plans=plans, batch_size=batch_size)
         return [r["prefix"] - r["text"] for r in res]
 

@@ -273,11 +273,13 @@ def test_fim_cut_nll_is_the_telescoped_ratio(sp_bpe):
         assert fim.cut_nll(cut) >= exact_fill_and_nll(exact_byte_lm(fim, cut), cut, 0)[1] - 1e-9
 
 
-def test_cuts_in_a_batch_equal_cuts_alone(sp_bpe):
+def test_cuts_in_a_batch_equal_cuts_alone(sp_bpe, monkeypatch):
     """Cuts of different lengths scored together (right-padded trunks in batches sharing one KV cache, or
-    one cache per batch; chains of different counts; contexts; with and without an end) give each cut's
-    values alone, to fp64 rounding; `text` equals canonical scoring of the same tokens; plans made in two
-    worker processes equal plans made here."""
+    one cache per batch; chains of different counts; contexts; with and without an end; planned between
+    the trunk batches or given; a cache grown for the chains) give each cut's values alone, to fp64
+    rounding; `text` equals canonical scoring of the same tokens; plans made in two worker processes equal
+    plans made here."""
+    from hlm.bytes import cut
     from hlm.bytes.cut import CutRequest, canonical_logprobs_batch, cut_logprobs, cut_logprobs_batch, plan_cuts
 
     tok, end = sp_bpe, sp_bpe.eos_id
@@ -291,15 +293,19 @@ def test_cuts_in_a_batch_equal_cuts_alone(sp_bpe):
     assert [p.ids for p in plans] == [p.ids for p in plan_cuts(rules, end, requests)]
     batch = cut_logprobs_batch(model, rules, end, requests, plans=plans, batch_size=3)  # two batches, one cache
     groups = cut_logprobs_batch(model, rules, end, requests, plans=plans, batch_size=2, cache_bytes=1)  # 3 caches
+    planned_inline = cut_logprobs_batch(model, rules, end, requests, batch_size=4)
+    monkeypatch.setattr(cut, "CHAIN_ROOM", 0)  # no slots for the chains until their count is known
+    grown = cut_logprobs_batch(model, rules, end, requests, batch_size=3)
     assert len({r["extra_positions"] for r in batch}) > 1
     canonical = canonical_logprobs_batch(model, [[*r.context, end, *r.text_tokens] for r in requests],
                                          [len(r.context) + 1 for r in requests], [r.end_id for r in requests],
                                          batch_size=2)
-    for r, got, other, text in zip(requests, batch, groups, canonical, strict=True):
+    monkeypatch.undo()
+    for r, text, *got in zip(requests, canonical, batch, groups, planned_inline, grown, strict=True):
         alone = cut_logprobs(model, rules, end, r.prefix, r.text_tokens, r.end_id, r.context)
         for key in ("prefix", "canonical_prefix", "text"):
-            assert abs(got[key] - alone[key]) < 1e-9 and abs(other[key] - alone[key]) < 1e-9
-        assert abs(got["text"] - text) < 1e-9
+            assert all(abs(g[key] - alone[key]) < 1e-9 for g in got)
+        assert abs(got[0]["text"] - text) < 1e-9
 
 
 def draw(blm: ByteLM, canonical: bool, n_tokens: int, seed: int) -> list[int]:

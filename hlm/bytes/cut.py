@@ -15,17 +15,17 @@ where the second term sums over short chains below T (a token or two: the partia
 the canonical tokens of a text x with s = x[:cut]) as one causal batch that fills a KV cache, which
 is canonical scoring of x (`canonical_logprobs_batch` runs that pass alone); then the chain nodes of
 every cut in one small pass against that cache, each node seeing the trunk up to its anchor and its
-own ancestors (position = depth). `plan_cuts` lays the chains out, in worker processes if asked,
-off the device's critical path. With a model that leaks nothing, P(s) equals the product of the
-conversion's next-byte conditionals up to the cut, and log Q(encode(x) + EOS) - log P(s) is the
-exact log-probability of x[cut:] and its end given s.
+own ancestors (position = depth). The trunks need no plan, so the covers are laid out on the host
+while the device runs them (or beforehand by `plan_cuts`, in worker processes if asked). With a
+model that leaks nothing, P(s) equals the product of the conversion's next-byte conditionals up to the
+cut, and log Q(encode(x) + EOS) - log P(s) is the exact log-probability of x[cut:] and its end given s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -227,6 +227,9 @@ def canonical_logprobs_batch(model: torch.nn.Module, sequences: Sequence[list[in
     return out
 
 
+CHAIN_ROOM = 32  # cache slots kept after the trunks for the chain nodes before their count is known; grown if short
+
+
 @torch.no_grad()
 def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id: int,
                        requests: Sequence[CutRequest], autocast: contextlib.AbstractContextManager | None = None,
@@ -236,90 +239,133 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
     `prefix`: log P(prefix) over its covers; `canonical_prefix`: log Q of the canonical prefix T (the part
     every cover shares); `text`: log Q(text_tokens (+ end_id)), the canonical score of the longer text.
     The trunks run in batches of similar lengths into one KV cache of about `cache_bytes` at most, and the
-    chain nodes of all its rows in one pass; `plans` (`plan_cuts`, e.g. made in workers) saves planning
-    here. With `slide`, a layout longer than the model's context loses its first positions (at most up to
-    T), and the three values are relative to the first position kept: differences between them stay exact.
-    Raises the first MissingCoverError, or one for a layout that does not fit."""
+    chain nodes of all its rows in one pass. The covers are planned on the host while the device runs the
+    trunks, unless `plans` (`plan_cuts`, e.g. made in workers) are given. With `slide`, a layout longer than
+    the model's context loses its first positions (at most up to T), and the three values are relative to
+    the first position kept: differences between them stay exact. Raises the first MissingCoverError, or
+    one for a layout that does not fit."""
     if not requests:
         return []
-    if plans is None:
-        plans = plan_cuts(rules, start_id, requests)
     block, param = model.cfg.block_size, next(model.parameters())
-    ready = []
-    for plan in plans:
-        if isinstance(plan, MissingCoverError):
-            raise plan
-        drop = max(plan.positions) + 1 - block
-        if drop > 0 and (not slide or drop > plan.prefix_pos):
-            raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {block}")
-        ready.append(_slide(plan, drop) if drop > 0 else plan)
-    order = sorted(range(len(ready)), key=lambda i: ready[i].n_trunk)
+    if slide:  # how many positions to drop depends on the covers: plan them first
+        plans = [_fitted(p, block, slide) for p in (plans or plan_cuts(rules, start_id, requests))]
+        trunks, n_context = [p.ids[: p.n_trunk] for p in plans], [p.n_context for p in plans]
+    else:
+        tokens = [r.text_tokens if r.text_tokens is not None else rules.tok.encode(r.prefix) for r in requests]
+        trunks = [[*r.context, start_id, *t] for r, t in zip(requests, tokens, strict=True)]
+        n_context = [len(r.context) for r in requests]
+        if max(map(len, trunks)) > block:
+            raise MissingCoverError(f"{max(map(len, trunks))} positions do not fit the model's context of {block}")
+
+    def plan_of(i: int) -> CutPlan:
+        if plans is not None:
+            return _fitted(plans[i], block, slide)
+        r = requests[i]
+        return _fitted(plan_cut(rules, start_id, r.prefix, tokens[i], r.context), block, slide)
+
+    order = sorted(range(len(trunks)), key=lambda i: len(trunks[i]))
     with autocast or contextlib.nullcontext():
         dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
             else param.dtype
     # keys and values of one row of the cache
-    row_bytes = 2 * len(model.transformer.blocks) * model.cfg.d_model * max(len(p.ids) for p in ready) * dtype.itemsize
+    row_bytes = 2 * len(model.transformer.blocks) * model.cfg.d_model * (len(trunks[order[-1]]) + CHAIN_ROOM) \
+        * dtype.itemsize
     group = max(batch_size, cache_bytes // row_bytes // batch_size * batch_size)
     pending = []
     for at in range(0, len(order), group):
         idx = order[at : at + group]
-        cuts = _CutGroup([ready[i] for i in idx], [requests[i].end_id for i in idx], model.cfg.vocab_size, batch_size)
+        cuts = _CutGroup([trunks[i] for i in idx], [n_context[i] for i in idx], [requests[i].end_id for i in idx],
+                         batch_size)
         with autocast or contextlib.nullcontext():
-            pending.append((idx, cuts, cuts.launch(model, param.device, dtype)))
-    out: list[dict] = [{}] * len(ready)
+            values = cuts.launch(model, param.device, dtype, lambda r, idx=idx: plan_of(idx[r]))
+        pending.append((idx, cuts, values))
+    out: list[dict] = [{}] * len(trunks)
     for idx, cuts, values in pending:
         for i, res in zip(idx, cuts.finish(values.tolist()), strict=True):
             out[i] = res
     return out
 
 
-class _CutGroup:
-    """Cut plans (sorted by trunk length) scored together: the host layout, built before anything is queued on
-    the device and sent in two copies; on the device, the trunks in batches into one KV cache, then every
-    chain node against it in one pass, and the reductions; a few floats per cut back; the covers' sums on
-    the host."""
+def _fitted(plan: CutPlan | MissingCoverError, block: int, slide: bool) -> CutPlan:
+    """The plan within the model's context: as it is, without its first positions (`slide`), or an error."""
+    if isinstance(plan, MissingCoverError):
+        raise plan
+    drop = max(plan.positions) + 1 - block
+    if drop > 0 and (not slide or drop > plan.prefix_pos):
+        raise MissingCoverError(f"{len(plan.ids)} positions do not fit the model's context of {block}")
+    return _slide(plan, drop) if drop > 0 else plan
 
-    def __init__(self, plans: list[CutPlan], end_ids: list[int | None], vocab_size: int, batch_size: int):
-        self.plans, self.end_ids = plans, end_ids
-        N = len(plans)
-        L = self.L = max(p.n_trunk for p in plans)  # the cache's trunk positions; chain nodes at L..L+C-1
-        C = self.C = max(len(p.ids) - p.n_trunk for p in plans)
-        self.batches = [range(at, min(at + batch_size, N)) for at in range(0, N, batch_size)]
-        trunks = [_trunk_arrays([plans[r].ids[: plans[r].n_trunk] for r in rows],
-                                [max(plans[r].n_context + 1, 1) for r in rows],  # the first position with a term
-                                [end_ids[r] for r in rows]) for rows in self.batches]
-        self.lengths = [t.shape[2] for t in trunks]
+
+class _CutGroup:
+    """Cuts (sorted by trunk length) scored together. On the device: the trunks in batches into one KV cache,
+    then every chain node against it in one pass, and the reductions. On the host, while the device runs a
+    trunk batch: its cuts' plans and the rows of its output they need; after the last batch, the chain
+    pass's layout (one int64 and one bool copy). A few floats per cut come back; the covers' sums are added
+    up on the host."""
+
+    def __init__(self, trunks: list[list[int]], n_context: list[int], end_ids: list[int | None], batch_size: int):
+        self.trunks, self.n_context, self.end_ids = trunks, n_context, end_ids
+        self.batches = [range(at, min(at + batch_size, len(trunks))) for at in range(0, len(trunks), batch_size)]
+        self.plans: list[CutPlan] = []
+        self.sum_at: list[dict[int, int]] = []  # per cut: trunk position -> its running sum's index in the values
+
+    def launch(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+               plan_of: Callable[[int], CutPlan]) -> torch.Tensor:
+        """Queue the passes and the reductions, planning cut r by `plan_of(r)` meanwhile; returns the values
+        on the device: the running log Q at the trunk positions the covers need, the ends [N], the chain
+        nodes' terms, then the straddling covers' masses."""
+        N, L = len(self.trunks), max(map(len, self.trunks))  # chain nodes go to cache slots L..L+C-1
+        cache = model.transformer.new_cache(N, L + CHAIN_ROOM, device, dtype)
+        sums, ends, rows, row_counts = [], [], [], []
+        # per log-softmax row a chain node's term or a straddling cover's mass needs: (trunk batch, index in the
+        # rows taken from it) or (-1, index in chain_rows), which holds (cut, chain node)
+        picked: list[tuple[int, int]] = []
+        straddling: list[tuple[int, int]] = []
+        chain_rows: list[tuple[int, int]] = []
+        allowed: list[np.ndarray] = []
+        n_sums = 0
+        for k, batch in enumerate(self.batches):
+            arrays = _trunk_arrays([self.trunks[r] for r in batch],
+                                   [max(self.n_context[r] + 1, 1) for r in batch],  # the first position with a term
+                                   [self.end_ids[r] for r in batch])
+            Lk = arrays.shape[2]
+            running, end, logits = _trunk_pass(model, _to_device(arrays, device), cache.view_rows(batch.start,
+                                                                                                  batch.stop))
+            rows_k, sums_k = [], []
+            for j, r in enumerate(batch):  # the host's share, while the device runs the batch
+                p = plan_of(r)
+                self.plans.append(p)
+                needed = {p.prefix_pos, p.n_trunk - 1} | {pos for pos, _, _ in p.covers if pos < p.n_trunk}
+                needed |= {p.parent[i] for i in range(p.n_trunk, len(p.ids)) if p.parent[i] < p.n_trunk}
+                self.sum_at.append({pos: n_sums + m for m, pos in enumerate(sorted(needed))})
+                n_sums += len(needed)
+                sums_k += [j * Lk + pos for pos in sorted(needed)]
+
+                wanted = [(p.parent[i], picked) for i in range(p.n_trunk, len(p.ids))]
+                wanted += [(pos, straddling) for pos, lo, hi in p.covers if lo < hi]
+                allowed += [p.allowed[pos] for pos, lo, hi in p.covers if lo < hi]
+                for pos, into in wanted:
+                    if pos < p.n_trunk:
+                        into.append((k, len(rows_k)))
+                        rows_k.append(j * Lk + pos)
+                    else:
+                        into.append((-1, len(chain_rows)))
+                        chain_rows.append((r, pos - p.n_trunk))
+            taken = _to_device(np.asarray(sums_k + rows_k, dtype=np.int64), device)
+            sums.append(running.flatten()[taken[: len(sums_k)]])
+            ends.append(end)
+            rows.append(logits.flatten(0, 1)[taken[len(sums_k) :]])
+            row_counts.append(len(rows_k))
+        values = [torch.cat(sums).double(), torch.cat(ends).double()]
+        self.n_picked, self.n_straddling = len(picked), len(straddling)
+        if not (picked or straddling):
+            return torch.cat(values)
+        C = max(len(p.ids) - p.n_trunk for p in self.plans)
         chain = np.zeros((2, N, C), dtype=np.int64)  # ids, rotary positions
         keep = np.zeros((N, 1, C, L + C), dtype=bool)  # which keys each chain node sees
         keep[:, 0, :, 0] = True  # padding rows see one key (an empty row would give NaN)
-        # the rows whose log-softmax a chain node or a straddling cover needs (flat in a trunk batch's logits
-        # or in the chain pass's), and the running sums the covers need (flat in a trunk batch's)
-        trunk_rows: list[list[int]] = [[] for _ in self.batches]
-        trunk_sums: list[list[int]] = [[] for _ in self.batches]
-        chain_rows: list[int] = []
-        slots: list[tuple[int, int]] = []  # per needed row: (trunk batch, or -1 for the chain pass; index there)
-        targets, allowed = [], []
-        self.sum_at: list[dict[int, int]] = []  # per cut: trunk position -> its running sum's index in the values
-        for k, rows in enumerate(self.batches):
-            for j, r in enumerate(rows):
-                p = plans[r]
-                needed = {p.prefix_pos, p.n_trunk - 1} | {pos for pos, _, _ in p.covers if pos < p.n_trunk}
-                needed |= {p.parent[i] for i in range(p.n_trunk, len(p.ids)) if p.parent[i] < p.n_trunk}
-                first = sum(map(len, trunk_sums))
-                self.sum_at.append({pos: first + m for m, pos in enumerate(sorted(needed))})
-                trunk_sums[k] += [j * self.lengths[k] + pos for pos in sorted(needed)]
-
-        def need(r: int, pos: int) -> None:
-            p = plans[r]
-            if pos < p.n_trunk:
-                k, j = divmod(r, batch_size)
-                slots.append((k, len(trunk_rows[k])))
-                trunk_rows[k].append(j * self.lengths[k] + pos)
-            else:
-                slots.append((-1, len(chain_rows)))
-                chain_rows.append(r * C + pos - p.n_trunk)
-
-        for r, p in enumerate(plans):
+        targets = []
+        for r, p in enumerate(self.plans):
             for i in range(p.n_trunk, len(p.ids)):
                 c, parent = i - p.n_trunk, p.parent[i]
                 chain[:, r, c] = p.ids[i], p.positions[i]
@@ -328,62 +374,31 @@ class _CutGroup:
                 else:
                     keep[r, 0, c] = keep[r, 0, parent - p.n_trunk]
                 keep[r, 0, c, L + c] = True
-                need(r, parent)
                 targets.append(p.ids[i])
-        self.n_picked = len(targets)
-        for r, p in enumerate(plans):
-            for pos, lo, hi in p.covers:
-                if lo < hi:
-                    need(r, pos)
-                    allowed.append(p.allowed[pos])
         # where each needed row lands in cat(trunk batch 0's rows, batch 1's, ..., the chain pass's)
-        offset = np.cumsum([0] + [len(t) for t in trunk_rows])
-        order = np.array([offset[k] + i if k >= 0 else offset[-1] + i for k, i in slots], dtype=np.int64)
-        lists = [*trunk_rows, chain_rows, order, targets, *trunk_sums]
-        self.sizes = [t.size for t in trunks] + [chain.size] + [len(t) for t in lists]
-        self.n_straddling = len(allowed)
-        # one int64 copy, and one bool copy (the chain's keys, the straddling covers' allowed tokens)
-        self.ints = np.concatenate([*(t.ravel() for t in trunks), chain.ravel(),
-                                    *(np.asarray(t, dtype=np.int64) for t in lists)])
-        mask = np.zeros((len(allowed), vocab_size), dtype=bool)
-        for k, ids in enumerate(allowed):
-            mask[k, ids] = True
-        self.bools = np.concatenate([keep.ravel(), mask.ravel()])
-
-    def launch(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Queue the passes and the reductions; returns the values on the device: the running log Q at the
-        trunk positions the covers need, the ends [N], the chain nodes' terms, then the straddling covers'
-        masses."""
-        N, L, C, K = len(self.plans), self.L, self.C, len(self.batches)
-        parts = _to_device(self.ints, device).split(self.sizes)
-        trunks, chain, trunk_rows = parts[:K], parts[K].view(2, N, C), parts[K + 1 : 2 * K + 1]
-        chain_rows, order, targets = parts[2 * K + 1 : 2 * K + 4]
-        trunk_sums = parts[2 * K + 4 :]
-        V = model.cfg.vocab_size
-        keep, allowed = _to_device(self.bools, device).split([N * C * (L + C), self.n_straddling * V])
-        cache = model.transformer.new_cache(N, L + C, device, dtype)
-        sums, ends, rows = [], [], []
-        for batch, Lk, arrays, rows_k, sums_k in zip(self.batches, self.lengths, trunks, trunk_rows, trunk_sums,
-                                                     strict=True):
-            running, end, logits = _trunk_pass(model, arrays.view(3, len(batch), Lk),
-                                               cache.view_rows(batch.start, batch.stop))
-            sums.append(running.flatten()[sums_k])
-            ends.append(end)
-            rows.append(logits.flatten(0, 1)[rows_k])
-        values = [torch.cat(sums).double(), torch.cat(ends).double()]
-        if len(order):
-            if C:
-                cache.pos = L
-                bias = torch.zeros(N, 1, C, L + C, device=device, dtype=dtype).masked_fill_(
-                    ~keep.view(N, 1, C, L + C), float("-inf"))
-                with decoding_attention():
-                    chain_logits = model.logits(chain[0], cache, attn_mask=bias, positions=chain[1])
-                rows.append(at_least_fp32(chain_logits).flatten(0, 1)[chain_rows])
-            lp = F.log_softmax(torch.cat(rows)[order].double(), dim=-1)
-            values.append(lp[: self.n_picked].gather(1, targets[:, None]).squeeze(1))
-            if self.n_straddling:
-                mask = allowed.view(self.n_straddling, -1)
-                values.append(lp[self.n_picked :].masked_fill(~mask, float("-inf")).logsumexp(-1))
+        offset = np.cumsum([0, *row_counts])
+        order = [offset[k] + i if k >= 0 else offset[-1] + i for k, i in picked + straddling]
+        ints = [chain.ravel(), *(np.asarray(t, dtype=np.int64) for t in
+                                 ([r * C + c for r, c in chain_rows], order, targets))]
+        chain_ids, flat_rows, order_d, targets_d = _to_device(np.concatenate(ints), device).split(
+            [t.size for t in ints])
+        mask = np.zeros((len(allowed), model.cfg.vocab_size), dtype=bool)
+        for a, ids in enumerate(allowed):
+            mask[a, ids] = True
+        keep_d, mask_d = _to_device(np.concatenate([keep.ravel(), mask.ravel()]), device).split([keep.size, mask.size])
+        if C:
+            cache = _with_room(cache, L + C)
+            cache.pos = L
+            bias = torch.zeros(N, 1, C, L + C, device=device, dtype=dtype).masked_fill_(
+                ~keep_d.view(N, 1, C, L + C), float("-inf"))
+            chain_ids = chain_ids.view(2, N, C)
+            with decoding_attention():
+                chain_logits = model.logits(chain_ids[0], cache, attn_mask=bias, positions=chain_ids[1])
+            rows.append(at_least_fp32(chain_logits).flatten(0, 1)[flat_rows])
+        lp = F.log_softmax(torch.cat(rows)[order_d].double(), dim=-1)
+        values.append(lp[: self.n_picked].gather(1, targets_d[:, None]).squeeze(1))
+        if self.n_straddling:
+            values.append(lp[self.n_picked :].masked_fill(~mask_d.view(mask.shape), float("-inf")).logsumexp(-1))
         return torch.cat(values)
 
     def finish(self, host: list[float]) -> list[dict]:
@@ -402,6 +417,16 @@ class _CutGroup:
                             "text": logq[p.n_trunk - 1] + (ends[r] if end_id is not None else 0.0),
                             "positions": len(p.ids), "extra_positions": len(p.ids) - p.n_trunk})
         return results
+
+
+def _with_room(cache: KVCache, max_len: int) -> KVCache:
+    """`cache`, or a copy of its filled positions in a larger one when it has fewer than `max_len` slots."""
+    if cache.k.size(3) >= max_len:
+        return cache
+    grown = KVCache.__new__(KVCache)
+    pad = (0, 0, 0, max_len - cache.k.size(3))
+    grown.k, grown.v, grown.pos = F.pad(cache.k, pad), F.pad(cache.v, pad), cache.pos
+    return grown
 
 
 def cut_logprobs(model: torch.nn.Module, rules: ConversionRules, start_id: int, prefix: bytes,
