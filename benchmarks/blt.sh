@@ -21,10 +21,6 @@ if [ ! -f data/enwiki_bytes/patches.entropy.json ]; then
     --target-bytes-per-patch 4.5 6 --batch-size 64
 fi
 cp data/enwiki_bytes/patches.entropy.json "$out/"
-theta() {  # the calibrated threshold for a target patch size
-  python -c "import json,sys; c=json.load(open('$out/patches.entropy.json'))['calibration']; \
-print([r['threshold'] for r in c if r['target_bytes_per_patch'] == float(sys.argv[1])][0])" "$1"
-}
 for v in "${variants[@]}"; do
   case $v in
     p4.5) cfg=configs/blt_p4.5.yaml extra=() ;;
@@ -32,9 +28,9 @@ for v in "${variants[@]}"; do
     p4.5-nohash) cfg=configs/blt_p4.5.yaml extra=(model.hash_ngrams=false) ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
-  size=${v#p}; size=${size%-nohash}
+  # θ for the config's target_bytes_per_patch comes from data/enwiki_bytes/patches.entropy.json
   python train.py "$cfg" "${extra[@]}" model.entropy_model="$out/entropy_gpt/ckpt.pt" \
-    model.entropy_threshold="$(theta "$size")" train.out_dir="$out/blt_$v" train.time_budget_s="${BUDGET:-300}" \
+    train.out_dir="$out/blt_$v" train.time_budget_s="${BUDGET:-300}" \
     train.max_steps=1000000 train.ckpt_interval=1000000 eval.interval=250 log.interval=50 log.tensorboard=false
   python eval.py "$out/blt_$v/ckpt.pt" --data data/enwiki_bytes --split test --batch-size 16 \
     --json "$out/blt_${v}_test.json"

@@ -8,8 +8,9 @@ hlm/models/entropy_patcher.py). A BLT config with `model.entropy_file: <name>` t
 With `--target-bytes-per-patch P [P ...]` it also finds, by bisection on the first
 `--calibration-bytes` of train, the threshold θ whose mean patch size is P, and reports the
 achieved bytes per patch on that sample, val and test. Everything goes to
-`patches.<name>.json` (prepare.py's meta.json is left alone); pass the θ it prints as
-`model.entropy_threshold`. `--reuse` recalibrates from entropy files already written.
+`patches.<name>.json` (prepare.py's meta.json is left alone), where train.py finds θ for a BLT
+config's `model.target_bytes_per_patch` (or pass the θ it prints as `model.entropy_threshold`).
+`--reuse` recalibrates from entropy files already written.
 
 Example:
   python data_prep/entropy_patches.py runs/entropy_gpt/ckpt.pt --data data/enwiki_bytes \\

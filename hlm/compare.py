@@ -11,6 +11,7 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
     models:                                # family name -> its config, the data kind it reads (default bytes)
       byte_gpt: {config: configs/byte_gpt.yaml}
       bpe_gpt: {config: configs/bpe_gpt.yaml, data: bpe, overrides: [eval.interval=1000]}
+      blt: {config: configs/blt_p4.5.yaml, overrides: ["model.entropy_model=runs/entropy/{corpus}/ckpt.pt"]}
     budgets:                               # training seconds or counted training FLOPs, each with its seeds
       - {time_s: 300, seeds: [1337, 1338]}
       - {flops: 1.7e17}
@@ -20,7 +21,8 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
     generation: {prompt_tokens: 512, new_tokens: 256, batch_sizes: [1, 64]}
     device: auto                           # where generation speed and inference FLOPs are measured
 
-Every run is scored with eval.py on the test split of its corpus's `bytes` folder where the corpus
+In every override, `{corpus}` stands for the corpus's name (per-corpus helper files such as BLT's
+entropy model). Every run is scored with eval.py on the test split of its corpus's `bytes` folder where the corpus
 has one (token models encode those bytes with their own tokenizer, so all score the same bytes),
 else of its own folder, using the final checkpoint; the best val bpb of the run is kept beside it.
 A run whose record is in results.jsonl is never redone; a run whose folder holds a checkpoint but
@@ -144,8 +146,9 @@ def load_grid(path: str | Path) -> Grid:
                 seeds = _int_list(budget["seeds"], f"budgets[{i}].seeds") if "seeds" in budget else default_seeds
                 for seed in seeds:
                     own = [str(o) for o in _list(spec.get("overrides", []), f"models.{model}.overrides")]
+                    overrides = tuple(o.replace("{corpus}", corpus) for o in common + own)
                     runs.append(Run(model, str(spec["config"]), corpus, str(folders[kind]), budget_kind, value,
-                                    seed, tuple(common + own),
+                                    seed, overrides,
                                     str(folders.get("bytes", folders[kind]))))
     generation = {**GENERATION_DEFAULTS, **(raw.get("generation") or {})}
     _require(set(generation) == set(GENERATION_DEFAULTS),

@@ -66,6 +66,8 @@ class Trainer:
         check_out_dir(self.out_dir)  # a file in the way or no write access: one line before any work
         self.batches = Batches(cfg, rt)  # corpus, FIM and patch settings, checked before the model is built
         self.phases = self.batches.phases
+        if hasattr(cfg.model, "fill_from_data"):  # settings the data folder decides (BLT: a calibrated θ)
+            cfg.model.fill_from_data(cfg.data.path)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.raw_model = build_model(cfg.model).to(rt.device)
         self.batches.use_model(self.raw_model)

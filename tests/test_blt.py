@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from hlm.models.parts.downsample import PatchPooling
 from hlm.models.parts.upsample import PatchReader
 from hlm.optim import make_optimizer
 from hlm.trainer import train
-from tests.conftest import QUIET, SHAKESPEARE, decode_against_teacher_forcing, run_cli
+from tests.conftest import QUIET, SHAKESPEARE, assert_one_line_error, decode_against_teacher_forcing, run_cli
 
 TEXT = SHAKESPEARE.read_bytes()
 
@@ -326,8 +327,6 @@ def test_config_errors_name_the_key(tmp_path):
 # ----- the pipeline through the CLIs -----
 
 def test_entropy_patches_cli_errors_are_one_line(tmp_path, capsys):
-    from tests.conftest import assert_one_line_error
-
     rc = entropy_patches.main(["x.pt", "--data", str(tmp_path / "none"), "--target-bytes-per-patch", "4"])
     assert_one_line_error(rc, capsys.readouterr().err, "meta.json")
     rc = entropy_patches.main(["x.pt", "--data", str(tmp_path), "--target-bytes-per-patch", "0.5"])
@@ -337,7 +336,8 @@ def test_entropy_patches_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """The fixture as bytes, an entropy model (the smoke byte GPT, briefly trained), entropy side
-    files calibrated to 4 bytes per patch, and a BLT trained on them through train.py."""
+    files calibrated to 4 bytes per patch, and a BLT trained on them through train.py (θ read from the
+    calibration for its target patch size)."""
     root = tmp_path_factory.mktemp("blt")
     data = root / "data"
     assert prepare_data.main(["--input", str(SHAKESPEARE), "--out", str(data)]) == 0
@@ -349,10 +349,45 @@ def pipeline(tmp_path_factory):
     info = json.loads((data / "patches.entropy.json").read_text())
     theta = info["calibration"][0]["threshold"]
     proc = run_cli("train.py", "configs/smoke/blt.yaml", f"data.path={data}", f"train.out_dir={root / 'run'}",
-                   f"model.entropy_model={root / 'gpt' / 'ckpt.pt'}", f"model.entropy_threshold={theta}",
+                   f"model.entropy_model={root / 'gpt' / 'ckpt.pt'}", "model.target_bytes_per_patch=4",
                    "train.max_steps=30", "eval.interval=0", *QUIET)
     assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads((root / "run" / "config.json").read_text())["model"]["entropy_threshold"] == theta
     return root, info
+
+
+def test_threshold_from_the_calibration_record(tmp_path, byte_corpus):
+    """θ is read for the config's target patch size, patching mode and length limit, from a record made with
+    its entropy model; a missing record, another entropy model or another mode is one line naming the
+    problem (train.py: before any training)."""
+    shutil.copytree(byte_corpus, tmp_path, dirs_exist_ok=True)
+    record = {"entropy_model": str(tmp_path / "ent.pt"), "calibration": [
+        {"target_bytes_per_patch": 4.5, "mode": "global", "max_patch_len": 0, "threshold": 1.25},
+        {"target_bytes_per_patch": 6.0, "mode": "global", "max_patch_len": 0, "threshold": 2.5},
+        {"target_bytes_per_patch": 4.5, "mode": "monotonic", "max_patch_len": 0, "threshold": 0.125}]}
+    (tmp_path / "patches.entropy.json").write_text(json.dumps(record))
+
+    def filled(**kw) -> float | None:
+        cfg = BLTConfig(entropy_model=str(tmp_path / "ent.pt"), entropy_file="entropy", **kw)
+        cfg.fill_from_data(tmp_path)
+        return cfg.entropy_threshold
+
+    assert filled(target_bytes_per_patch=6) == 2.5
+    assert filled(target_bytes_per_patch=4.5, patching="monotonic") == 0.125
+    assert filled(target_bytes_per_patch=6, entropy_threshold=3.0) == 3.0  # a θ given wins
+    assert filled() is None  # no target: θ stays for check_config to ask for
+    with pytest.raises(BLTError, match="no threshold for 5 bytes per patch"):
+        filled(target_bytes_per_patch=5)
+    with pytest.raises(BLTError, match="max_patch_len=8"):
+        filled(target_bytes_per_patch=6, max_patch_len=8)
+    with pytest.raises(BLTError, match="not of model.entropy_model"):
+        BLTConfig(entropy_model=str(tmp_path / "other.pt"), target_bytes_per_patch=6).fill_from_data(tmp_path)
+    with pytest.raises(BLTError, match="not found"):
+        BLTConfig(entropy_model="e.pt", target_bytes_per_patch=6).fill_from_data(tmp_path / "none")
+    proc = run_cli("train.py", "configs/smoke/blt.yaml", f"data.path={tmp_path}", f"train.out_dir={tmp_path / 'run'}",
+                   f"model.entropy_model={tmp_path / 'other.pt'}", "model.target_bytes_per_patch=6", *QUIET)
+    assert_one_line_error(proc.returncode, proc.stderr, "model.entropy_model")
+    assert not (tmp_path / "run").exists()
 
 
 def test_entropy_files_and_calibration_record(pipeline):

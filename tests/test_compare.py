@@ -105,7 +105,9 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
 
 def test_matched_compute_grid_expands_to_the_issue_grid():
     grid = load_grid("benchmarks/grids/matched_compute.yaml")
-    assert len(grid.runs) == 7 * 2 * (1 + 2 + 1)  # families x corpora x (2 min, 5 min x 2 seeds, FLOPs)
+    assert len(grid.runs) == 8 * 2 * (1 + 2 + 1)  # families x corpora x (2 min, 5 min x 2 seeds, FLOPs)
+    assert {o for r in grid.runs if r.model == "blt_p4.5" for o in r.overrides if "entropy_model" in o} == {
+        "model.entropy_model=runs/entropy/enwiki/ckpt.pt", "model.entropy_model=runs/entropy/code/ckpt.pt"}
     assert {r.budget for r in grid.runs if r.budget_kind == "flops"} == {1.7e17}
     assert {r.seed for r in grid.runs if r.budget == 300} == {1337, 1338}
     assert {r.data for r in grid.runs if r.model == "bpe_gpt"} == {"data/enwiki_bpe", "data/code_bpe"}

@@ -11,7 +11,10 @@ and `describe() -> str` for eval.py's model column) and a `LanguageModel` subcla
     next_logprobs(idx [B, T]) -> [B, T, V]     the next id's log-probabilities after each position
     new_decoder(prompt [B, T]) -> IncrementalDecoder   cached decoding (hlm/models/generation.py);
         `generate_stream` and `generate` come from it
-Optional, with defaults here:
+Optional on the config: `fill_from_data(data_path)`, called by the trainer before the model is built,
+for settings the data folder decides (BLT: θ calibrated for a target patch size); the run's config
+and checkpoint keep what it set.
+Optional on the model, with defaults here:
     side_inputs          {forward keyword: file stem}: per-token files the trainer reads beside each
                          split (`<split>.<stem>.bin`) and passes to forward in training
     shard_modules()      the module types FSDP2 shards one by one before the root

@@ -39,6 +39,8 @@ position of each byte stack, and one global position for the rows whose patch it
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,9 +91,40 @@ class BLTConfig:
     entropy_file: str = ""  # side-file stem of precomputed entropies for training ("": compute on the fly)
     patching: str = "global"  # global | monotonic
     entropy_threshold: float | None = None  # θ, from data_prep/entropy_patches.py --target-bytes-per-patch
+    target_bytes_per_patch: float = 0.0  # with entropy_threshold null: train.py reads θ for it from the data
+                                         # folder's calibration (`fill_from_data`); 0: give θ itself
     max_patch_len: int = 0  # 0: no limit
     rope_theta: float = 10000.0
     init_std: float = 0.02
+
+    def fill_from_data(self, data_path: str | Path) -> None:
+        """Before training: θ for `target_bytes_per_patch`, when θ is not given, from the calibration that
+        data_prep/entropy_patches.py recorded in the data folder (`patches.<entropy_file>.json`) for this
+        entropy model, patching mode and patch length limit. The run's config then holds θ itself."""
+        if self.entropy_threshold is not None or not self.target_bytes_per_patch:
+            return
+        target, name = self.target_bytes_per_patch, self.entropy_file or "entropy"
+        path = Path(data_path) / f"patches.{name}.json"
+        redo = (f"run data_prep/entropy_patches.py {self.entropy_model} --data {data_path} --name {name} "
+                f"--target-bytes-per-patch {target:g}")
+        if not path.is_file():
+            raise BLTError(f"model.target_bytes_per_patch={target:g}: {path} not found; {redo}")
+        try:
+            info = json.loads(path.read_text())
+            made_with, records = Path(info["entropy_model"]), list(info["calibration"])
+        except (ValueError, KeyError, TypeError):
+            raise BLTError(f"{path}: not a calibration record of data_prep/entropy_patches.py; {redo}") from None
+        if self.entropy_model != "random" and made_with.resolve() != Path(self.entropy_model).resolve():
+            raise BLTError(f"{path} was calibrated on the entropies of {made_with}, not of model.entropy_model="
+                           f"{self.entropy_model}; {redo}")
+        for rec in records:
+            if (math.isclose(float(rec.get("target_bytes_per_patch", 0)), target) and rec.get("mode") == self.patching
+                    and rec.get("max_patch_len") == self.max_patch_len):
+                self.entropy_threshold = float(rec["threshold"])
+                return
+        raise BLTError(f"{path} has no threshold for {target:g} bytes per patch with model.patching={self.patching} "
+                       f"and model.max_patch_len={self.max_patch_len}; {redo} --mode {self.patching} "
+                       f"--max-patch-len {self.max_patch_len}")
 
     def describe(self) -> str:
         hashes = f"hash{min(self.hash_sizes)}-{max(self.hash_sizes)}" if self.hash_ngrams else "nohash"
@@ -262,7 +295,8 @@ def check_config(cfg: BLTConfig) -> None:
         raise BLTError(f"model.patching: unknown '{cfg.patching}' (one of {', '.join(PATCHING_MODES)})")
     if cfg.entropy_threshold is None:
         raise BLTError("model.entropy_threshold is not set: calibrate it with data_prep/entropy_patches.py "
-                       "--target-bytes-per-patch P and pass model.entropy_threshold=θ")
+                       "--target-bytes-per-patch P and pass model.entropy_threshold=θ, or "
+                       "model.target_bytes_per_patch=P for train.py to read θ from the data folder")
     if not cfg.entropy_model:
         raise BLTError("model.entropy_model: give the checkpoint of a trained byte GPT (configs/entropy_gpt.yaml), "
                        "or 'random' for an untrained one")
