@@ -20,6 +20,10 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
     eval: {batch_size: 16}                 # eval.py --batch-size
     generation: {prompt_tokens: 512, new_tokens: 256, batch_sizes: [1, 64]}
     device: auto                           # where generation speed and inference FLOPs are measured
+    prepare:                               # shell commands run in order before the runs, each only while the
+      - creates: data/enwiki_bytes/meta.json   # path it makes is missing (and, with `corpus`, only when a
+        run: bash scripts/prepare_enwiki.sh    # run to do reads that corpus); output in <out>/prepare.log
+        corpus: enwiki
 
 In every override, `{corpus}` stands for the corpus's name (per-corpus helper files such as BLT's
 entropy model). Every run is scored with eval.py on the test split of its corpus's `bytes` folder where the corpus
@@ -49,7 +53,7 @@ from hlm import HLMError
 from hlm.compare_report import EPOCH_FLAG, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID_KEYS = {"out", "corpora", "models", "budgets", "seeds", "overrides", "eval", "generation", "device"}
+GRID_KEYS = {"out", "corpora", "models", "budgets", "seeds", "overrides", "eval", "generation", "device", "prepare"}
 GENERATION_DEFAULTS = {"prompt_tokens": 512, "new_tokens": 256, "batch_sizes": [1, 64]}
 
 
@@ -80,6 +84,16 @@ class Run:
         return f"{self.model}__{self.corpus}__{self.budget_label}__seed{self.seed}"
 
 
+@dataclass(frozen=True)
+class PrepareStep:
+    """A shell command the grid's runs need first (data, a helper model), run only while `creates` is
+    missing; with `corpus`, only when a run to do reads that corpus."""
+
+    run: str
+    creates: str
+    corpus: str | None = None
+
+
 @dataclass
 class Grid:
     out: Path
@@ -87,6 +101,7 @@ class Grid:
     eval_batch_size: int = 8
     generation: dict = field(default_factory=lambda: dict(GENERATION_DEFAULTS))
     device: str = "auto"
+    prepare: list[PrepareStep] = field(default_factory=list)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -153,8 +168,31 @@ def load_grid(path: str | Path) -> Grid:
     generation = {**GENERATION_DEFAULTS, **(raw.get("generation") or {})}
     _require(set(generation) == set(GENERATION_DEFAULTS),
              f"generation: keys are {', '.join(GENERATION_DEFAULTS)}")
+    prepare = []
+    for i, step in enumerate(_list(raw.get("prepare", []), "prepare")):
+        _require(isinstance(step, dict) and {"run", "creates"} <= set(step) <= {"run", "creates", "corpus"}
+                 and all(isinstance(v, str) and v for v in step.values()),
+                 f"prepare[{i}]: give 'run' (a shell command) and 'creates' (the path it makes), optionally 'corpus'")
+        _require(step.get("corpus") in (None, *corpora), f"prepare[{i}].corpus: no corpus '{step.get('corpus')}'")
+        prepare.append(PrepareStep(step["run"], step["creates"], step.get("corpus")))
     return Grid(Path(raw["out"]), runs, int((raw.get("eval") or {}).get("batch_size", 8)), generation,
-                str(raw.get("device", "auto")))
+                str(raw.get("device", "auto")), prepare)
+
+
+def prepare_steps(grid: Grid, corpora: set[str], say=print) -> None:
+    """Run the grid's `prepare` steps the runs to do (reading `corpora`) still need, in order; a step that fails
+    or does not make its path stops the grid before any run."""
+    log = grid.out / "prepare.log"
+    for i, step in enumerate(grid.prepare):
+        if Path(step.creates).exists() or (step.corpus is not None and step.corpus not in corpora):
+            continue
+        say(f"prepare[{i}]: {step.run}")
+        with open(log, "ab") as f:
+            f.write(f"$ {step.run}\n".encode())
+            f.flush()
+            rc = subprocess.run(["bash", "-c", step.run], stdout=f, stderr=subprocess.STDOUT).returncode
+        _require(rc == 0, f"prepare[{i}] exited {rc}: {step.run} (log: {log})")
+        _require(Path(step.creates).exists(), f"prepare[{i}] did not create {step.creates}: {step.run} (log: {log})")
 
 
 # ----- one run -----
@@ -320,6 +358,8 @@ def run_grid(grid_path: str | Path, say=print, only: list[str] = ()) -> dict:
     todo = [r for r in chosen if r.name not in finished]
     outside = f", {len(grid.runs) - len(chosen)} outside --only" if only else ""
     say(f"{len(grid.runs)} runs in {grid_path}: {len(chosen) - len(todo)} already done{outside}, {len(todo)} to run")
+    if todo:
+        prepare_steps(grid, {r.corpus for r in todo}, say)
     failed = []
     for run in tqdm(todo, desc="grid", unit="run", file=sys.stderr, disable=not todo):
         try:
@@ -338,9 +378,9 @@ def run_grid(grid_path: str | Path, say=print, only: list[str] = ()) -> dict:
 
 
 def all_runs_listing(grid_path: str | Path) -> list[str]:
-    """The train and eval commands of every run, for `compare.py --list`."""
+    """The prepare steps, then the train and eval commands of every run, for `compare.py --list`."""
     grid = load_grid(grid_path)
-    lines = []
+    lines = [f"# prepare[{i}], while {step.creates} is missing\n{step.run}" for i, step in enumerate(grid.prepare)]
     for run in grid.runs:
         out_dir = grid.out / run.name
         lines += [f"# {run.name}"] + [shown(cmd) for cmd in (train_command(run, out_dir),

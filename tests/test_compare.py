@@ -44,6 +44,7 @@ def grid_file(tmp_path, byte_corpus):
         "overrides": COMMON,
         "generation": {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2]},
         "device": "cpu",
+        "prepare": [{"creates": str(tmp_path / "made.txt"), "run": f"echo $((6 * 7)) > '{tmp_path}/made.txt'"}],
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -55,6 +56,7 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     summary = run_grid(grid_file, say=lambda _: None)
     assert summary == {"done": 2, "skipped": 0, "failed": []}
     out = grid_file.parent / "out"
+    assert (grid_file.parent / "made.txt").read_text() == "42\n"  # the prepare step ran before the runs
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["model"] for r in records] == ["byte_gpt", "spacebyte"]
     budget = load_grid(grid_file).runs[0].budget
@@ -101,6 +103,7 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     assert redone["model"] == "spacebyte" and redone["steps"] == records[1]["steps"]
     assert redone["test_bpb"] == records[1]["test_bpb"]
     assert (out / redone["run"] / "train.log").read_text().count("$ ") == 2
+    assert (out / "prepare.log").read_text().count("$ ") == 1  # its path was there on every later invocation
 
 
 def test_matched_compute_grid_expands_to_the_issue_grid():
@@ -116,6 +119,26 @@ def test_matched_compute_grid_expands_to_the_issue_grid():
         load_config(config)
 
 
+def test_prepare_steps_run_only_for_the_runs_to_do_and_stop_the_grid_on_failure(tmp_path, capsys, byte_corpus):
+    """A step for a corpus no run to do reads is skipped; a step that fails, or exits 0 without making its
+    path, is one line naming it, and no run starts."""
+    compare = load_cli("compare")
+    grid = {"out": str(tmp_path / "o"), "corpora": {"c": str(byte_corpus), "d": str(byte_corpus)},
+            "models": {"m": {"config": "configs/smoke/byte_gpt.yaml"}}, "budgets": [{"time_s": 1}],
+            "prepare": [{"creates": str(tmp_path / "for_d"), "run": "exit 5", "corpus": "d"},
+                        {"creates": str(tmp_path / "made"), "run": f"printf x > '{tmp_path}/made'; exit 4"}]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert_one_line_error(compare.main([str(path), "--only", "__c__"]), capsys.readouterr().err, "prepare[1] exited 4")
+    assert (tmp_path / "made").read_text() == "x"
+    grid["prepare"][1] = {"creates": str(tmp_path / "never"), "run": "true"}
+    path.write_text(yaml.safe_dump(grid))
+    assert_one_line_error(compare.main([str(path), "--only", "__c__"]), capsys.readouterr().err,
+                          f"prepare[1] did not create {tmp_path / 'never'}")
+    assert_one_line_error(compare.main([str(path)]), capsys.readouterr().err, "prepare[0] exited 5")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["prepare.log"]
+
+
 def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
     compare = load_cli("compare")
     bad = tmp_path / "bad.yaml"
@@ -126,4 +149,8 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
     bad.write_text(yaml.safe_dump({"out": "o", "corpora": {"c": "d"}, "models": {"m": {"config": "x.yaml"}},
                                    "budgets": [{"time_s": 1, "flops": 2}]}))
     assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "config file not found")
+    bad.write_text(yaml.safe_dump({"out": "o", "corpora": {"c": "d"},
+                                   "models": {"m": {"config": "configs/byte_gpt.yaml"}},
+                                   "budgets": [{"time_s": 1}], "prepare": [{"run": "true"}]}))
+    assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "prepare[0]: give 'run'")
     assert not (tmp_path / "o").exists()
