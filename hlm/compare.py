@@ -26,9 +26,10 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
         corpus: enwiki
 
 In every override, `{corpus}` stands for the corpus's name (per-corpus helper files such as BLT's
-entropy model). Every run is scored with eval.py on the test split of its corpus's `bytes` folder where the corpus
-has one (token models encode those bytes with their own tokenizer, so all score the same bytes),
-else of its own folder, using the final checkpoint; the best val bpb of the run is kept beside it.
+entropy model). Every run is scored with eval.py on the test split of its corpus's `bytes` folder
+where the corpus has one (token models encode those bytes with their own tokenizer, so all score the
+same bytes), else of its own folder, using the final checkpoint; the best val bpb of the run is kept
+beside it.
 A run whose record is in results.jsonl is never redone; a run whose folder holds a checkpoint but
 no record resumes through train.py's own resume. A failed run is reported and left out, so the
 next invocation tries it again.
