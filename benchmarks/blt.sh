@@ -3,7 +3,8 @@
 # write the entropies of every split and calibrate θ for 4.5 and 6 bytes per patch, then train each
 # BLT config for $BUDGET s (default 300) and evaluate it on the test split.
 # Needs data/enwiki_bytes. usage: benchmarks/blt.sh [OUT] [ENTROPY_BUDGET_S] [VARIANT ...]
-# A VARIANT is p4.5, p6 or p4.5-nohash (BLT at 4.5 bytes per patch without hash n-gram embeddings).
+# A VARIANT is p4.5, p6 or p4.5-nohash (BLT at 4.5 bytes per patch without hash n-gram embeddings). A variant
+# whose test result is in OUT is skipped, so a second invocation goes on where a time limit stopped the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -22,6 +23,10 @@ if [ ! -f data/enwiki_bytes/patches.entropy.json ]; then
 fi
 cp data/enwiki_bytes/patches.entropy.json "$out/"
 for v in "${variants[@]}"; do
+  if [ -f "$out/blt_${v}_test.json" ]; then  # done in an earlier invocation: run the script again to go on
+    echo "blt_$v: $out/blt_${v}_test.json exists, skipped"
+    continue
+  fi
   case $v in
     p4.5) cfg=configs/blt_p4.5.yaml extra=() ;;
     p6) cfg=configs/blt_p6.yaml extra=() ;;
