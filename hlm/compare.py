@@ -188,11 +188,7 @@ def prepare_steps(grid: Grid, corpora: set[str], say=print) -> None:
         if Path(step.creates).exists() or (step.corpus is not None and step.corpus not in corpora):
             continue
         say(f"prepare[{i}]: {step.run}")
-        with open(log, "ab") as f:
-            f.write(f"$ {step.run}\n".encode())
-            f.flush()
-            rc = subprocess.run(["bash", "-c", step.run], stdout=f, stderr=subprocess.STDOUT).returncode
-        _require(rc == 0, f"prepare[{i}] exited {rc}: {step.run} (log: {log})")
+        run_logged(["bash", "-c", step.run], log, f"prepare[{i}]")
         _require(Path(step.creates).exists(), f"prepare[{i}] did not create {step.creates}: {step.run} (log: {log})")
 
 
@@ -215,15 +211,16 @@ def shown(cmd: list[str]) -> str:
     return " ".join(["python", Path(cmd[1]).name, *cmd[2:]])
 
 
-def run_logged(cmd: list[str], log_path: Path) -> None:
-    """Run a CLI with its output in `log_path`; a failure raises with the CLI's last line."""
+def run_logged(cmd: list[str], log_path: Path, name: str | None = None) -> None:
+    """Run a command with its output in `log_path`; a failure raises with its `name` (default: the CLI's
+    file name) and the log's last line."""
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        raise CompareError(f"{Path(cmd[1]).name} exited {rc}: {lines[-1] if lines else ''} (log: {log_path})")
+        raise CompareError(f"{name or Path(cmd[1]).name} exited {rc}: {lines[-1] if lines else ''} (log: {log_path})")
 
 
 def metrics_summary(out_dir: Path) -> dict:

@@ -145,11 +145,15 @@ def _head_tokens(rules: ConversionRules, prefix: bytes, text_tokens: list[int]) 
 _PLANNER: dict = {}
 
 
+def _text_tokens(rules: ConversionRules, request: CutRequest) -> list[int]:
+    """The canonical tokens the request's covers hang from: its text's, or its prefix's own."""
+    return request.text_tokens if request.text_tokens is not None else rules.tok.encode(request.prefix)
+
+
 def _plan_one(request: CutRequest) -> CutPlan | MissingCoverError:
     rules, start_id = _PLANNER["rules"], _PLANNER["start_id"]
-    tokens = request.text_tokens if request.text_tokens is not None else rules.tok.encode(request.prefix)
     try:
-        return plan_cut(rules, start_id, request.prefix, tokens, request.context)
+        return plan_cut(rules, start_id, request.prefix, _text_tokens(rules, request), request.context)
     except MissingCoverError as e:
         return e
 
@@ -251,7 +255,7 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
         plans = [_fitted(p, block, slide) for p in (plans or plan_cuts(rules, start_id, requests))]
         trunks, n_context = [p.ids[: p.n_trunk] for p in plans], [p.n_context for p in plans]
     else:
-        tokens = [r.text_tokens if r.text_tokens is not None else rules.tok.encode(r.prefix) for r in requests]
+        tokens = [_text_tokens(rules, r) for r in requests]
         trunks = [[*r.context, start_id, *t] for r, t in zip(requests, tokens, strict=True)]
         n_context = [len(r.context) for r in requests]
         if max(map(len, trunks)) > block:
