@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--byte-level", action="store_true", help="sample byte by byte (byte-level temperature/top-k)")
     p.add_argument("--canonical-sampling", action="store_true",
                    help="token models: mask non-canonical next tokens while sampling")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="byte models of the gpt and hourglass families: decode with fixed-shape steps replayed as "
+                        "CUDA graphs (bf16 weights on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     out = sys.stdout.buffer
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                 require_exact_bytes(flag)
         if tokenized:
             check_text_prompt(prompt)
+        if args.cuda_graphs:
+            check_cuda_graphs(model, tokenized or args.byte_level)
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
         exact = has_exact_bytes()
         if args.byte_level or (tokenized and exact):
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             pieces = token_pieces(model, tok, prompt, separator, args, gen)
         else:
             ids = torch.tensor([[separator] + list(prompt)], device=args.device)
-            stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen)
+            graphs = {"cuda_graphs": True} if args.cuda_graphs else {}  # HAT's generate_stream has no such option
+            stream = model.generate_stream(ids, args.max_bytes, args.temperature, args.top_k, gen, **graphs)
             ids_out = (int(nxt) for nxt in stream)  # the separator (end of document) or a FIM sentinel ends it
             pieces = (bytes([i]) for i in itertools.takewhile(lambda i: i < 256 and i != separator, ids_out))
         t0, written = time.perf_counter(), 0
@@ -112,6 +118,20 @@ def token_pieces(model: torch.nn.Module, tok, prompt: bytes, separator: int, arg
         piece = tok.token_bytes(t)[: args.max_bytes - written]
         written += len(piece)
         yield piece
+
+
+def check_cuda_graphs(model: torch.nn.Module, other_sampler: bool) -> None:
+    """--cuda-graphs needs native sampling of a family with a static decoder; on CUDA it casts the weights to bf16."""
+    from hlm.models.generation import has_static_decoder
+
+    if other_sampler:
+        raise HLMError("--cuda-graphs applies to the native sampling of a byte model (not --byte-level, "
+                       "not token models)")
+    if not has_static_decoder(model):
+        raise HLMError(f"--cuda-graphs: the {model.cfg.family} family has no CUDA-graph decoder "
+                       "(gpt and hourglass have one)")
+    if next(model.parameters()).device.type == "cuda":
+        model.to(torch.bfloat16)
 
 
 def check_text_prompt(prompt: bytes) -> None:

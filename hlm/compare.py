@@ -18,7 +18,7 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
     seeds: [1337]                          # seeds of a budget that names none
     overrides: [train.ckpt_interval=1000000]   # for every run, before the model's own
     eval: {batch_size: 16}                 # eval.py --batch-size
-    generation: {prompt_tokens: 512, new_tokens: 256, batch_sizes: [1, 64]}
+    generation: {prompt_tokens: 512, new_tokens: 256, batch_sizes: [1, 64], cuda_graphs: false}
     device: auto                           # where generation speed and inference FLOPs are measured
     prepare:                               # shell commands run in order before the runs, each only while the
       - creates: data/enwiki_bytes/meta.json   # path it makes is missing (and, with `corpus`, only when a
@@ -55,7 +55,7 @@ from hlm.compare_report import EPOCH_FLAG, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"out", "corpora", "models", "budgets", "seeds", "overrides", "eval", "generation", "device", "prepare"}
-GENERATION_DEFAULTS = {"prompt_tokens": 512, "new_tokens": 256, "batch_sizes": [1, 64]}
+GENERATION_DEFAULTS = {"prompt_tokens": 512, "new_tokens": 256, "batch_sizes": [1, 64], "cuda_graphs": False}
 
 
 class CompareError(HLMError):
@@ -169,6 +169,7 @@ def load_grid(path: str | Path) -> Grid:
     generation = {**GENERATION_DEFAULTS, **(raw.get("generation") or {})}
     _require(set(generation) == set(GENERATION_DEFAULTS),
              f"generation: keys are {', '.join(GENERATION_DEFAULTS)}")
+    _require(isinstance(generation["cuda_graphs"], bool), "generation.cuda_graphs: true or false")
     prepare = []
     for i, step in enumerate(_list(raw.get("prepare", []), "prepare")):
         _require(isinstance(step, dict) and {"run", "creates"} <= set(step) <= {"run", "creates", "corpus"}
@@ -257,20 +258,22 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def generation_speed(model: torch.nn.Module, ids: np.ndarray, token_nbytes: torch.Tensor, batch: int,
-                     prompt_tokens: int, new_tokens: int, device: torch.device) -> dict:
+                     prompt_tokens: int, new_tokens: int, device: torch.device, cuda_graphs: bool = False) -> dict:
     """Cached generation through `model.generate_stream`: prefill bytes/s (the prompt's bytes over the
     time to the first new token) and decode bytes/s (the new tokens' bytes over the rest), for
-    `batch` rows prompted with consecutive slices of `ids`. Prompt and continuation fit one window."""
+    `batch` rows prompted with consecutive slices of `ids`. Prompt and continuation fit one window.
+    `cuda_graphs`: through the family's static decoder (the graph captures count in decode time)."""
+    stream_kw = {"cuda_graphs": True} if cuda_graphs else {}
     block = model.cfg.block_size
     prompt_tokens = max(1, min(prompt_tokens, block // 2))
     new_tokens = max(2, min(new_tokens, block - prompt_tokens))
     _require(len(ids) >= batch * prompt_tokens, f"test split too short for {batch} prompts of {prompt_tokens} tokens")
     prompt = torch.from_numpy(ids[: batch * prompt_tokens].astype(np.int64)).view(batch, prompt_tokens).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    list(model.generate_stream(prompt[:, :2], 2, generator=generator))  # warm-up
+    list(model.generate_stream(prompt[:, :2], 2, generator=generator, **stream_kw))  # warm-up
     _sync(device)
     t0 = time.perf_counter()
-    stream = model.generate_stream(prompt, new_tokens, generator=generator)
+    stream = model.generate_stream(prompt, new_tokens, generator=generator, **stream_kw)
     new = [next(stream)]
     _sync(device)
     t1 = time.perf_counter()
@@ -284,10 +287,13 @@ def generation_speed(model: torch.nn.Module, ids: np.ndarray, token_nbytes: torc
 
 
 def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str) -> dict:
-    """Parameters, inference FLOPs per byte and generation speed of a trained checkpoint."""
+    """Parameters, inference FLOPs per byte and generation speed of a trained checkpoint: eager, under
+    bf16 autocast on CUDA; and with `generation["cuda_graphs"]`, for families with a static decoder,
+    through CUDA graphs with the weights cast to bf16 on CUDA (`generation_graphs`)."""
     from hlm.checkpoint import load_model
     from hlm.data import Split
     from hlm.evaluate import inference_autocast
+    from hlm.models.generation import has_static_decoder
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, ckpt = load_model(ckpt_path, dev)
@@ -300,6 +306,12 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
     result = {"params": sum(p.numel() for p in model.parameters()),
               "inference_flops_per_byte": inference_flops_per_byte(model, window, nbytes),
               "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    if generation.get("cuda_graphs") and has_static_decoder(model):
+        if dev.type == "cuda":
+            model.to(torch.bfloat16)
+        result["generation_graphs"] = {
+            str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"], generation["new_tokens"],
+                                     dev, cuda_graphs=True) for b in generation["batch_sizes"]}
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the next run's train.py gets the whole GPU

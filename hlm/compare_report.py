@@ -41,6 +41,8 @@ def table(records: list[dict]) -> str:
     head = ["model", "corpus", "budget", "seeds", "steps", "train FLOPs", "train s", "epochs", "train bytes/s",
             "val bpb best (step)", "val bpb final", "**test bpb**", "infer MFLOP/byte"]
     head += [f"{kind} B/s @{b}" for b in gen_batches for kind in ("prefill", "decode")]
+    graph_batches = sorted({b for r in records for b in r.get("generation_graphs", {})}, key=int)
+    head += [f"graphed decode B/s @{b}" for b in graph_batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for (model, corpus, budget), rs in cells(records).items():
         mean = lambda key, rs=rs: statistics.fmean(r[key] for r in rs)  # noqa: E731
@@ -54,6 +56,9 @@ def table(records: list[dict]) -> str:
             for kind in ("prefill", "decode"):
                 vals = [r["generation"][b][f"{kind}_bytes_per_s"] for r in rs if b in r["generation"]]
                 row.append(f"{statistics.fmean(vals):,.0f}" if vals else "–")
+        for b in graph_batches:
+            vals = [r["generation_graphs"][b]["decode_bytes_per_s"] for r in rs if b in r.get("generation_graphs", {})]
+            row.append(f"{statistics.fmean(vals):,.0f}" if vals else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -107,7 +112,8 @@ def write_report(records: list[dict], out: Path, grid_path: str, say: Callable[[
         "train bytes/s: median of the training log. infer MFLOP/byte: one forward on a test window, per byte.",
         f"- epochs: bytes seen / bytes of the training split, one per seed; ⚑ past {EPOCH_FLAG:g} epochs.",
         "- generation: cached `generate_stream`; prefill = prompt bytes / time to the first new token, "
-        "decode = new bytes / the rest; @B = B rows.",
+        "decode = new bytes / the rest; @B = B rows. Eager steps under bf16 autocast; graphed decode "
+        "(grid `generation.cuda_graphs`, families with a static decoder): bf16 weights, one CUDA graph per step.",
     ]
     write_atomic(out / "results.md", ("\n".join(notes) + "\n").encode())
     try:

@@ -64,6 +64,16 @@ def test_sample_byte_model(byte_run):
     assert again == proc.stdout  # seeded sampling is reproducible
 
 
+def test_sample_with_cuda_graphs_takes_the_static_decoder(byte_run, bpe_run, capsys):
+    """Greedy bytes through the static decoder equal eager decoding's; a family or sampler without one is
+    one line. (Off CUDA the static steps run eagerly: BENCHMARKS.md times the graphs.)"""
+    args = (byte_run / "ckpt.pt", "--prompt", "ROMEO:", "--max-bytes", "30", "--temperature", "0")
+    assert run_sample_in_process(*args, "--cuda-graphs") == run_sample_in_process(*args)
+    for ckpt, extra in ((bpe_run / "ckpt.pt", ()), (byte_run / "ckpt.pt", ("--byte-level",))):
+        assert load_cli("sample").main([str(ckpt), "--prompt", "x", "--cuda-graphs", *extra]) == 1
+        assert_one_line_error(1, capsys.readouterr().err, "--cuda-graphs applies to the native sampling")
+
+
 def run_sample_in_process(*args) -> bytes:
     import io
     import sys

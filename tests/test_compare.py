@@ -42,7 +42,7 @@ def grid_file(tmp_path, byte_corpus):
         "models": {name: {"config": c, "overrides": o} for name, (c, o) in MODELS.items()},
         "budgets": [{"flops": budget}],
         "overrides": COMMON,
-        "generation": {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2]},
+        "generation": {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2], "cuda_graphs": True},
         "device": "cpu",
         "prepare": [{"creates": str(tmp_path / "made.txt"), "run": f"echo $((6 * 7)) > '{tmp_path}/made.txt'"}],
     }
@@ -68,6 +68,8 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
         assert r["inference_flops_per_byte"] > 0
         assert set(r["generation"]) == {"1", "2"}
         assert all(g["prefill_bytes_per_s"] > 0 and g["decode_bytes_per_s"] > 0 for g in r["generation"].values())
+        assert set(r["generation_graphs"]) == {"1", "2"}  # both families have a static decoder
+        assert all(g["decode_bytes_per_s"] > 0 for g in r["generation_graphs"].values())
     # a training step is one forward and its backward (2x the forward's matmuls, 2.5x its attention)
     # over batch_size x block_size bytes: 3 to 3.5 times the forward FLOPs per byte counted on a test window
     gpt = records[0]
@@ -75,6 +77,7 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     assert 3.0 <= train_per_byte / gpt["inference_flops_per_byte"] <= 3.5
     table = (out / "results.md").read_text()
     assert "| byte_gpt | shakespeare |" in table and "| spacebyte | shakespeare |" in table
+    assert "graphed decode B/s @2 |" in table
     for stem in ("bpb_vs_train_flops", "bpb_vs_wall_clock", "bpb_vs_inference_flops"):
         assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,9 @@
 A family gives `new_decoder(prompt [B, T]) -> IncrementalDecoder`: an object whose `logits` [B, V]
 predict each row's next id and whose `push(next_ids [B])` appends one id per row. `Generates`
 turns that into `generate_stream` (ids one step at a time) and `generate` (bytes or tensors in and
-out); sampling (temperature, top-k, greedy) is `sample_next`, the same for all.
+out); sampling (temperature, top-k, greedy) is `sample_next`, the same for all. A family may also
+give `new_static_decoder(prompt)`, the same decoder with fixed-shape steps that CUDA graphs replay
+(hlm/models/parts/static_decoding.py), taken with `cuda_graphs=True`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def generate_ids(model: torch.nn.Module, prompt: bytes | torch.Tensor,
     return bytes(out[0].tolist()) if as_bytes else torch.cat([ids, out], dim=1)
 
 
+def has_static_decoder(model: torch.nn.Module) -> bool:
+    """Whether the model's family gives `new_static_decoder` (decoding with `cuda_graphs=True`)."""
+    return type(model).new_static_decoder is not Generates.new_static_decoder
+
+
 class Generates:
     """Mixin for a model with `new_decoder(prompt)`: cached sampling through one loop."""
 
@@ -67,13 +74,18 @@ class Generates:
         """A decoder holding `prompt` [B, T] (its last block_size ids) as context."""
         raise NotImplementedError
 
+    def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> IncrementalDecoder:
+        """`new_decoder` with fixed-shape steps, replayed as CUDA graphs on CUDA where `graphs`."""
+        raise HLMError(f"{type(self).__name__} has no CUDA-graph decoder (gpt and hourglass have one)")
+
     @torch.no_grad()
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
-                        top_k: int | None = None, generator: torch.Generator | None = None
-                        ) -> Iterator[torch.Tensor]:
-        """Yield one new id per row [B] at a time (call in eval mode)."""
+                        top_k: int | None = None, generator: torch.Generator | None = None,
+                        cuda_graphs: bool = False) -> Iterator[torch.Tensor]:
+        """Yield one new id per row [B] at a time (call in eval mode). `cuda_graphs` decodes with the
+        family's static decoder, in the model's own dtype (cast it to bf16 for speed)."""
         with decoding_attention():
-            decoder = self.new_decoder(prompt)
+            decoder = self.new_static_decoder(prompt) if cuda_graphs else self.new_decoder(prompt)
         for _ in range(max_new):
             nxt = sample_next(decoder.logits, temperature, top_k, generator)
             yield nxt
@@ -82,7 +94,9 @@ class Generates:
 
     @torch.no_grad()
     def generate(self, prompt: bytes | torch.Tensor, max_new: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes | torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 cuda_graphs: bool = False) -> bytes | torch.Tensor:
         """Continue `prompt` by `max_new` ids: bytes in, bytes of the continuation out; or a
         LongTensor [B, T] in, the prompt with the continuation appended out."""
-        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k, generator))
+        return generate_ids(self, prompt, lambda ids: self.generate_stream(ids, max_new, temperature, top_k,
+                                                                           generator, cuda_graphs))

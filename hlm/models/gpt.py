@@ -18,6 +18,13 @@ from hlm.models.blocks import (
     init_weights,
 )
 from hlm.models.generation import decoding_attention
+from hlm.models.parts.static_decoding import (
+    StaticDecoder,
+    fill_static_cache,
+    key_bucket,
+    static_cache,
+    static_stack_step,
+)
 
 
 @dataclass
@@ -102,6 +109,9 @@ class GPT(LanguageModel):
     def new_decoder(self, prompt: torch.Tensor) -> GPTDecoder:
         return GPTDecoder(self, prompt)
 
+    def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> GPTStaticDecoder:
+        return GPTStaticDecoder(self, prompt, graphs)
+
 
 class KVWalk:
     """The one walk of a GPT's KV cache, for B rows fed in lockstep: `feed(ids)` appends ids and returns
@@ -164,3 +174,28 @@ class GPTDecoder:
             self.prefill(self.ids[:, -(T // 2) :])
         else:
             self.logits = self.walk.feed(nxt[:, None])[:, -1]
+
+
+class GPTStaticDecoder(StaticDecoder):
+    """`GPTDecoder` with fixed-shape steps, replayed as CUDA graphs (hlm/models/parts/static_decoding.py)."""
+
+    def __init__(self, model: GPT, prompt: torch.Tensor, graphs: bool = True):
+        super().__init__(model, prompt, model.cfg.block_size, graphs)
+
+    def eager(self, ids: torch.Tensor) -> GPTDecoder:
+        return GPTDecoder(self.model, ids)
+
+    def adopt(self, eager: GPTDecoder) -> None:
+        if not hasattr(self, "cache"):
+            self.cache = static_cache(self.model.transformer, eager.ids.size(0), self.block_size, eager.walk.cache.k)
+        fill_static_cache(self.cache, eager.walk.cache, len(eager.walk))
+
+    def bucket(self) -> int:
+        return key_bucket(self.length + 1, self.block_size)
+
+    def step(self, n_keys: int) -> None:
+        m = self.model
+        x = m.embed(self.next_id[:, None])
+        h = static_stack_step(m.transformer, self.cache, x, self.t.expand(x.size(0)), n_keys)
+        self.logits.copy_(m.head(m.norm(h[:, 0])))
+        self.t += 1

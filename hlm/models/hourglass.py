@@ -67,6 +67,14 @@ from hlm.models.parts.boundaries import (
 )
 from hlm.models.parts.decoding import GroupedDecoder, rows_step
 from hlm.models.parts.downsample import cap_metrics, pool_last, pool_mean
+from hlm.models.parts.static_decoding import (
+    StaticDecoder,
+    fill_static_cache,
+    key_bucket,
+    static_cache,
+    static_stack_step,
+    uses_ring,
+)
 from hlm.models.parts.upsample import feed_back_at_boundaries, upsample_groups
 
 BOUNDARY_TYPES = ("fixed", "whitespace", "spacebyte", "unigram", "entropy", "gumbel")
@@ -224,6 +232,10 @@ class Hourglass(LanguageModel):
         """All rows decode together with KV caches (`CachedDecoder`); rows close groups at different bytes."""
         return CachedDecoder(self, prompt)
 
+    def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> StaticCachedDecoder:
+        """`CachedDecoder` with fixed-shape steps, replayed as CUDA graphs (`StaticCachedDecoder`)."""
+        return StaticCachedDecoder(self, prompt, graphs)
+
 
 class CachedDecoder(GroupedDecoder):
     """Incremental decoding of B rows (`GroupedDecoder`): KV caches for the pre and post layers
@@ -288,3 +300,69 @@ class CachedDecoder(GroupedDecoder):
         if m.cfg.feedback == "boundary":  # only the byte that closes a group reads it
             fed_back = fed_back * new[:, None, None].to(fed_back.dtype)
         return m.head(m.norm(m.post(fed_back + h, self.post)[:, -1]))
+
+
+class StaticCachedDecoder(StaticDecoder):
+    """`CachedDecoder` with fixed-shape steps (hlm/models/parts/static_decoding.py): every row runs the
+    shortened layers at every byte, at the slot of its next group, and only the rows whose group closed
+    (under the cap) keep the result and move to the next slot. A row at the cap writes to a spare slot
+    past the last group."""
+
+    def __init__(self, model: Hourglass, prompt: torch.Tensor, graphs: bool = True):
+        super().__init__(model, prompt, model.cfg.block_size, graphs, HourglassError)
+
+    def eager(self, ids: torch.Tensor) -> CachedDecoder:
+        return CachedDecoder(self.model, ids)
+
+    def adopt(self, eager: CachedDecoder) -> None:
+        m, B, G = self.model, eager.ids.size(0), self.model.max_groups
+        if not hasattr(self, "pre"):
+            like = eager.pre.k
+            self.pre = static_cache(m.pre, B, self.block_size, like)
+            self.post = static_cache(m.post, B, self.block_size, like)
+            self.main = static_cache(m.short, B, G + 2, like)  # the null group, G groups, the spare slot
+            self.prev_id = torch.empty_like(self.next_id)
+            self.n_groups, self.open_len = torch.empty_like(eager.n_groups), torch.empty_like(eager.open_len)
+            self.last_group, self.open_sum = torch.empty_like(eager.last_group), torch.empty_like(eager.open_sum)
+        T = eager.ids.size(1)
+        fill_static_cache(self.pre, eager.pre, T)
+        fill_static_cache(self.post, eager.post, T)
+        fill_static_cache(self.main, eager.main_cache, G + 1)
+        for mine, theirs in ((self.prev_id, eager.ids[:, -1]), (self.n_groups, eager.n_groups),
+                             (self.open_len, eager.open_len), (self.last_group, eager.last_group),
+                             (self.open_sum, eager.open_sum)):
+            mine.copy_(theirs)
+        self.main_keys_after = int(eager.n_groups.max()) + 2  # slots some row may see after the next step
+
+    def bucket(self) -> tuple[int, int]:
+        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
+        byte_keys = self.pre.k.size(3) if uses_ring(self.model.pre, self.block_size) else self.length + 1
+        main_keys = self.main_keys_after + self.length - self.window_ids.size(1)
+        return (key_bucket(byte_keys, self.pre.k.size(3)), key_bucket(main_keys, self.main.k.size(3)))
+
+    def step(self, bucket: tuple[int, int]) -> None:
+        m, (byte_keys, main_keys) = self.model, bucket
+        B, G = self.next_id.size(0), m.max_groups
+        byte_pos = self.t.expand(B)
+        h = static_stack_step(m.pre, self.pre, m.embed(self.next_id[:, None]), byte_pos, byte_keys)
+        self.open_sum += at_least_fp32(h)
+        self.open_len += 1
+        if m.cfg.boundaries == "fixed":
+            closes = ((self.t + 1) % m.cfg.fixed_stride == 0).expand(B)
+        else:
+            closes = m.boundaries(torch.stack([self.prev_id, self.next_id], 1), h)[0][:, 0] > 0
+        new = closes & (self.n_groups < G)
+        group = h if m.cfg.pooling == "last" else (self.open_sum / self.open_len[:, None, None]).to(h.dtype)
+        slot = self.n_groups + CachedDecoder.main_offset  # G + 1, the spare slot, for a row at the cap
+        out = static_stack_step(m.short, self.main, m.down_norm(group), slot.clamp(max=G), main_keys, slot)
+        self.last_group.copy_(torch.where(new[:, None, None], out, self.last_group))
+        self.n_groups += new
+        self.open_sum.masked_fill_(closes[:, None, None], 0)
+        self.open_len.masked_fill_(closes, 0)
+        fed_back = self.last_group
+        if m.cfg.feedback == "boundary":
+            fed_back = fed_back * new[:, None, None].to(fed_back.dtype)
+        y = static_stack_step(m.post, self.post, fed_back + h, byte_pos, byte_keys)
+        self.logits.copy_(m.head(m.norm(y[:, -1])))
+        self.prev_id.copy_(self.next_id)
+        self.t += 1

@@ -1,0 +1,83 @@
+"""Static (CUDA-graph) decoding: the fixed-shape step of gpt and the hourglass gives the full forward's
+next-byte distribution at every step (fp64), through ring caches that wrap, groups capped, rows closing
+groups at different bytes, and window restarts; `generate(cuda_graphs=True)` samples what eager
+decoding samples. The graphs themselves replay these steps on CUDA (BENCHMARKS.md, "Generation")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import decode_against_teacher_forcing
+from test_hourglass import text_batch, tiny
+
+from hlm import HLMError
+from hlm.models import build_model
+from hlm.models.generation import has_static_decoder
+from hlm.models.gpt import GPTConfig
+from hlm.models.hnet import HNetConfig
+from hlm.models.hourglass import BOUNDARY_TYPES
+from hlm.models.parts.static_decoding import KEY_BUCKET, StepGraphs, key_bucket
+
+
+def tiny_gpt(block_size: int = 40):
+    torch.manual_seed(0)
+    return build_model(GPTConfig(block_size=block_size, n_layer=2, n_head=2, d_model=32)).double().eval()
+
+
+def test_gpt_static_decoder_matches_the_full_forward():
+    model = tiny_gpt()
+    seq = text_batch(3, 110, seed=14)
+    dec = model.new_static_decoder(seq[:, :5])
+    assert decode_against_teacher_forcing(model, dec, seq, 5) == 4  # at 40 bytes, then every 20
+
+
+@pytest.mark.parametrize("max_groups, byte_window", [(16, 8), (3, 0)])  # ring / full byte caches; roomy / capped
+@pytest.mark.parametrize("boundaries", BOUNDARY_TYPES)
+def test_hourglass_static_decoder_matches_the_full_forward(boundaries, max_groups, byte_window):
+    """Three rows that close groups at different bytes, past block_size (48) so the window restarts."""
+    model = tiny(boundaries, max_groups=max_groups, byte_window=byte_window).double().eval()
+    seq = text_batch(3, 110, seed=14)
+    ends = model.boundaries(seq, torch.zeros(3, 110, 32, dtype=torch.float64))[0]
+    if boundaries in ("whitespace", "spacebyte"):
+        assert not all(torch.equal(ends[0], ends[r]) for r in (1, 2))
+    dec = model.new_static_decoder(seq[:, :5])
+    assert decode_against_teacher_forcing(model, dec, seq, 5) == 3
+
+
+@pytest.mark.parametrize("kw", [dict(feedback="boundary"), dict(pooling="last")])
+def test_hourglass_static_decoder_feedback_and_pooling_variants(kw):
+    model = tiny("spacebyte", **kw).double().eval()
+    seq = text_batch(2, 70, seed=3)
+    dec = model.new_static_decoder(seq[:, :9])
+    assert decode_against_teacher_forcing(model, dec, seq, 9) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt", "hourglass"])
+def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples(family):
+    model = tiny_gpt() if family == "gpt" else tiny("whitespace").double().eval()
+    prompt = text_batch(4, 30, seed=2)
+    runs = [model.generate(prompt, 40, generator=torch.Generator().manual_seed(7), cuda_graphs=graphs)
+            for graphs in (False, True)]
+    assert torch.equal(runs[0], runs[1])
+    assert model.generate(b"\x00Fi", 5, temperature=0, cuda_graphs=True) == model.generate(b"\x00Fi", 5, temperature=0)
+
+
+def test_families_without_a_static_decoder_say_so():
+    model = build_model(HNetConfig(block_size=64, d_model=[32, 32], n_enc=[1], n_dec=[1], n_main=1,
+                                   head_dim=16, byte_window=8, max_chunks=[32], ratio_target=[4.0])).eval()
+    assert has_static_decoder(tiny_gpt()) and not has_static_decoder(model)
+    with pytest.raises(HLMError, match="no CUDA-graph decoder"):
+        model.generate(b"\x00ab", 2, cuda_graphs=True)
+
+
+def test_key_buckets_cover_every_row_and_stay_within_the_cache():
+    assert key_bucket(1, 4096) == KEY_BUCKET and key_bucket(KEY_BUCKET + 1, 4096) == 2 * KEY_BUCKET
+    assert key_bucket(1000, 1026) == 1024 and key_bucket(1025, 1026) == 1026
+
+
+def test_step_graphs_off_cuda_run_every_step():
+    calls = []
+    graphs = StepGraphs(torch.device("cpu"))
+    for key in (1, 1, 2, 1):
+        graphs.run(key, calls.append)
+    assert calls == [1, 1, 2, 1] and not graphs.graphs
