@@ -44,6 +44,21 @@ def test_hourglass_static_decoder_matches_the_full_forward(boundaries, max_group
     assert decode_against_teacher_forcing(model, dec, seq, 5) == 3
 
 
+@pytest.mark.parametrize("family", ["gpt", "hourglass"])
+def test_small_key_buckets_still_cover_every_row(family, monkeypatch):
+    """Buckets of 4 keys: the attended slots grow step by step, and the hourglass re-reads its rows'
+    group counts whenever its bound would cross into a larger bucket."""
+    monkeypatch.setattr("hlm.models.parts.static_decoding.KEY_BUCKET", 4)
+    model = tiny_gpt() if family == "gpt" else tiny("whitespace", max_groups=40, byte_window=0).double().eval()
+    seq = text_batch(3, 100, seed=4)
+    dec = model.new_static_decoder(seq[:, :3])
+    buckets = []
+    step = dec.step
+    dec.step = lambda bucket: (buckets.append(bucket), step(bucket))
+    decode_against_teacher_forcing(model, dec, seq, 3)
+    assert len(set(buckets)) > 5
+
+
 @pytest.mark.parametrize("kw", [dict(feedback="boundary"), dict(pooling="last")])
 def test_hourglass_static_decoder_feedback_and_pooling_variants(kw):
     model = tiny("spacebyte", **kw).double().eval()

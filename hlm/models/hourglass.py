@@ -332,13 +332,20 @@ class StaticCachedDecoder(StaticDecoder):
                              (self.open_len, eager.open_len), (self.last_group, eager.last_group),
                              (self.open_sum, eager.open_sum)):
             mine.copy_(theirs)
-        self.main_keys_after = int(eager.n_groups.max()) + 2  # slots some row may see after the next step
+        self.main_keys = int(eager.n_groups.max()) + 2  # main-network slots some row may see at the next step
+        self.main_bucket = key_bucket(self.main_keys, self.main.k.size(3))
 
     def bucket(self) -> tuple[int, int]:
-        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
+        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps. The main
+        network's bound grows by one per step (any row may close a group); when that would take it to a
+        larger bucket, the rows' group counts are read back instead (one sync per bucket crossing)."""
         byte_keys = self.pre.k.size(3) if uses_ring(self.model.pre, self.block_size) else self.length + 1
-        main_keys = self.main_keys_after + self.length - self.window_ids.size(1)
-        return (key_bucket(byte_keys, self.pre.k.size(3)), key_bucket(main_keys, self.main.k.size(3)))
+        main_slots = self.main.k.size(3)
+        if key_bucket(self.main_keys, main_slots) > self.main_bucket:
+            self.main_keys = int(self.n_groups.max()) + 2
+            self.main_bucket = key_bucket(self.main_keys, main_slots)
+        self.main_keys += 1  # the bound for the step after this one
+        return key_bucket(byte_keys, self.pre.k.size(3)), self.main_bucket
 
     def step(self, bucket: tuple[int, int]) -> None:
         m, (byte_keys, main_keys) = self.model, bucket

@@ -132,7 +132,7 @@ class StaticDecoder:
 
     A family's subclass gives `eager(ids)` (its eager decoder after a prefill of ids), `adopt(eager)`
     (copy that decoder's state into the fixed tensors, allocating them on the first call), `bucket()`
-    (the key-length bucket of the next step, from host-side counts) and `step(bucket)` (byte
+    (the key-length bucket of the next step, from host-side counts; called once per step) and `step(bucket)` (byte
     `next_id` at position `t`: update the state and `logits`, then advance `t` by one)."""
 
     def __init__(self, model: torch.nn.Module, prompt: torch.Tensor, block_size: int, graphs: bool = True,
