@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canonical-sampling", action="store_true",
                    help="token models: mask non-canonical next tokens while sampling")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="byte models of the gpt and hourglass families: decode with fixed-shape steps replayed as "
+                   help="byte models (gpt, hourglass, one-stage H-Net): decode with fixed-shape steps replayed as "
                         "CUDA graphs (bf16 weights on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -122,14 +122,12 @@ def token_pieces(model: torch.nn.Module, tok, prompt: bytes, separator: int, arg
 
 def check_cuda_graphs(model: torch.nn.Module, other_sampler: bool) -> None:
     """--cuda-graphs needs native sampling of a family with a static decoder; on CUDA it casts the weights to bf16."""
-    from hlm.models.generation import has_static_decoder
-
     if other_sampler:
         raise HLMError("--cuda-graphs applies to the native sampling of a byte model (not --byte-level, "
                        "not token models)")
-    if not has_static_decoder(model):
-        raise HLMError(f"--cuda-graphs: the {model.cfg.family} family has no CUDA-graph decoder "
-                       "(gpt and hourglass have one)")
+    if not model.has_static_decoder():
+        raise HLMError(f"--cuda-graphs: this {model.cfg.family} model has no CUDA-graph decoder "
+                       "(gpt, the hourglass and the one-stage H-Net have one)")
     if next(model.parameters()).device.type == "cuda":
         model.to(torch.bfloat16)
 

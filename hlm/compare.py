@@ -293,7 +293,6 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
     from hlm.checkpoint import load_model
     from hlm.data import Split
     from hlm.evaluate import inference_autocast
-    from hlm.models.generation import has_static_decoder
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, ckpt = load_model(ckpt_path, dev)
@@ -306,7 +305,7 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
     result = {"params": sum(p.numel() for p in model.parameters()),
               "inference_flops_per_byte": inference_flops_per_byte(model, window, nbytes),
               "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
-    if generation.get("cuda_graphs") and has_static_decoder(model):
+    if generation.get("cuda_graphs") and model.has_static_decoder():
         if dev.type == "cuda":
             model.to(torch.bfloat16)
         result["generation_graphs"] = {

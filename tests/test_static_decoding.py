@@ -1,20 +1,23 @@
-"""Static (CUDA-graph) decoding: the fixed-shape step of gpt and the hourglass gives the full forward's
-next-byte distribution at every step (fp64), through ring caches that wrap, groups capped, rows closing
-groups at different bytes, and window restarts; `generate(cuda_graphs=True)` samples what eager
-decoding samples. The graphs themselves replay these steps on CUDA (BENCHMARKS.md, "Generation")."""
+"""Static (CUDA-graph) decoding: the fixed-shape step of gpt, the hourglass and the one-stage H-Net
+gives the full forward's next-byte distribution at every step (fp64), through ring caches that wrap,
+groups capped, rows closing groups at different bytes, and window restarts; and
+`generate(cuda_graphs=True)` samples what eager decoding samples. That CUDA graphs replay these steps
+exactly is benchmarks/graph_check.py's check on the GPU (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import decode_against_teacher_forcing
+from test_hnet import ONE, TWO, stage_boundaries
+from test_hnet import tiny as tiny_hnet
 from test_hourglass import text_batch, tiny
 
 from hlm import HLMError
+from hlm.config import load_config
 from hlm.models import build_model
-from hlm.models.generation import has_static_decoder
 from hlm.models.gpt import GPTConfig
-from hlm.models.hnet import HNetConfig
+from hlm.models.hnet import HNetError
 from hlm.models.hourglass import BOUNDARY_TYPES
 from hlm.models.parts.static_decoding import KEY_BUCKET, StepGraphs, key_bucket
 
@@ -44,12 +47,24 @@ def test_hourglass_static_decoder_matches_the_full_forward(boundaries, max_group
     assert decode_against_teacher_forcing(model, dec, seq, 5) == 3
 
 
-@pytest.mark.parametrize("family", ["gpt", "hourglass"])
+@pytest.mark.parametrize("caps, byte_window", [([], 8), ([5], 0)])  # ring / full byte caches; roomy / capped
+def test_hnet_static_decoder_matches_the_full_forward(caps, byte_window):
+    """A one-stage H-Net, three rows starting chunks at different bytes, past block_size (48)."""
+    model = tiny_hnet(ONE, max_chunks=caps, byte_window=byte_window).double().eval()
+    seq = text_batch(3, 80, seed=14)
+    b = stage_boundaries(model, seq[:, :48])[0]
+    assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])
+    dec = model.new_static_decoder(seq[:, :5])
+    assert decode_against_teacher_forcing(model, dec, seq, 5) == 2
+
+
+@pytest.mark.parametrize("family", ["gpt", "hourglass", "hnet"])
 def test_small_key_buckets_still_cover_every_row(family, monkeypatch):
     """Buckets of 4 keys: the attended slots grow step by step, and the hourglass re-reads its rows'
     group counts whenever its bound would cross into a larger bucket."""
     monkeypatch.setattr("hlm.models.parts.static_decoding.KEY_BUCKET", 4)
-    model = tiny_gpt() if family == "gpt" else tiny("whitespace", max_groups=40, byte_window=0).double().eval()
+    model = {"gpt": tiny_gpt, "hourglass": lambda: tiny("whitespace", max_groups=40, byte_window=0).double().eval(),
+             "hnet": lambda: tiny_hnet(ONE, max_chunks=[40], byte_window=0).double().eval()}[family]()
     seq = text_batch(3, 100, seed=4)
     dec = model.new_static_decoder(seq[:, :3])
     buckets = []
@@ -67,9 +82,10 @@ def test_hourglass_static_decoder_feedback_and_pooling_variants(kw):
     assert decode_against_teacher_forcing(model, dec, seq, 9) == 1
 
 
-@pytest.mark.parametrize("family", ["gpt", "hourglass"])
+@pytest.mark.parametrize("family", ["gpt", "hourglass", "hnet"])
 def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples(family):
-    model = tiny_gpt() if family == "gpt" else tiny("whitespace").double().eval()
+    model = {"gpt": tiny_gpt, "hourglass": lambda: tiny("whitespace").double().eval(),
+             "hnet": lambda: tiny_hnet(ONE).double().eval()}[family]()
     prompt = text_batch(4, 30, seed=2)
     runs = [model.generate(prompt, 40, generator=torch.Generator().manual_seed(7), cuda_graphs=graphs)
             for graphs in (False, True)]
@@ -77,12 +93,15 @@ def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples(family):
     assert model.generate(b"\x00Fi", 5, temperature=0, cuda_graphs=True) == model.generate(b"\x00Fi", 5, temperature=0)
 
 
-def test_families_without_a_static_decoder_say_so():
-    model = build_model(HNetConfig(block_size=64, d_model=[32, 32], n_enc=[1], n_dec=[1], n_main=1,
-                                   head_dim=16, byte_window=8, max_chunks=[32], ratio_target=[4.0])).eval()
-    assert has_static_decoder(tiny_gpt()) and not has_static_decoder(model)
+def test_models_without_a_static_decoder_say_so():
+    hat = build_model(load_config("configs/smoke/hat.yaml").model).eval()
+    two_stage = tiny_hnet(TWO).eval()
+    assert tiny_gpt().has_static_decoder() and tiny_hnet(ONE).has_static_decoder()
+    assert not hat.has_static_decoder() and not two_stage.has_static_decoder()
     with pytest.raises(HLMError, match="no CUDA-graph decoder"):
-        model.generate(b"\x00ab", 2, cuda_graphs=True)
+        hat.new_static_decoder(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(HNetError, match="two-stage H-Net has no CUDA-graph decoder"):
+        two_stage.generate(b"\x00ab", 2, cuda_graphs=True)
 
 
 def test_key_buckets_cover_every_row_and_stay_within_the_cache():

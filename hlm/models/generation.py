@@ -62,11 +62,6 @@ def generate_ids(model: torch.nn.Module, prompt: bytes | torch.Tensor,
     return bytes(out[0].tolist()) if as_bytes else torch.cat([ids, out], dim=1)
 
 
-def has_static_decoder(model: torch.nn.Module) -> bool:
-    """Whether the model's family gives `new_static_decoder` (decoding with `cuda_graphs=True`)."""
-    return type(model).new_static_decoder is not Generates.new_static_decoder
-
-
 class Generates:
     """Mixin for a model with `new_decoder(prompt)`: cached sampling through one loop."""
 
@@ -74,9 +69,14 @@ class Generates:
         """A decoder holding `prompt` [B, T] (its last block_size ids) as context."""
         raise NotImplementedError
 
+    def has_static_decoder(self) -> bool:
+        """Whether `new_static_decoder` (decoding with `cuda_graphs=True`) works for this model."""
+        return type(self).new_static_decoder is not Generates.new_static_decoder
+
     def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> IncrementalDecoder:
         """`new_decoder` with fixed-shape steps, replayed as CUDA graphs on CUDA where `graphs`."""
-        raise HLMError(f"{type(self).__name__} has no CUDA-graph decoder (gpt and hourglass have one)")
+        raise HLMError(f"{type(self).__name__} has no CUDA-graph decoder "
+                       "(gpt, the hourglass and the one-stage H-Net have one)")
 
     @torch.no_grad()
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,

@@ -48,6 +48,15 @@ from hlm.models.blocks import KVCache, RMSNorm, Transformer, at_least_fp32, init
 from hlm.models.parts.boundaries import CosineRouter, ratio_loss, whitespace_starts
 from hlm.models.parts.decoding import GroupedDecoder, GroupSteps, rows_step
 from hlm.models.parts.downsample import cap_metrics, pool_first
+from hlm.models.parts.static_decoding import (
+    GroupKeyBound,
+    StaticDecoder,
+    fill_static_cache,
+    key_bucket,
+    static_cache,
+    static_stack_step,
+    uses_ring,
+)
 from hlm.models.parts.upsample import confidence, dechunk, smooth, smooth_step, ste
 
 
@@ -327,6 +336,15 @@ class HNet(LanguageModel):
         the last half of the window, as in gpt.py."""
         return CachedDecoder(self, prompt)
 
+    def has_static_decoder(self) -> bool:
+        return not isinstance(self.stage.main, HNetStage)
+
+    def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> StaticCachedDecoder:
+        """`CachedDecoder` with fixed-shape steps, replayed as CUDA graphs (one-stage H-Nets)."""
+        if not self.has_static_decoder():
+            raise HNetError("the two-stage H-Net has no CUDA-graph decoder (its inner stage steps row by row)")
+        return StaticCachedDecoder(self, prompt, graphs)
+
 
 class CachedDecoder(GroupedDecoder):
     """Incremental decoding of B rows; `logits` [B, V] predicts each row's next byte, equal to
@@ -343,3 +361,56 @@ class CachedDecoder(GroupedDecoder):
 
     def step(self, t: int) -> torch.Tensor:
         return self.model.head(self.stage.step(self.model.embed(self.ids[:, -1:]))[:, -1])
+
+
+class StaticCachedDecoder(StaticDecoder):
+    """A one-stage `CachedDecoder` with fixed-shape steps (hlm/models/parts/static_decoding.py): every row
+    runs the main network at every byte, at the slot of its next chunk, and only the rows whose byte
+    starts a chunk (under the cap) smooth the result into their chunk state and move to the next slot.
+    A row at the cap writes to a spare slot past the last chunk."""
+
+    def __init__(self, model: HNet, prompt: torch.Tensor, graphs: bool = True):
+        super().__init__(model, prompt, model.cfg.block_size, graphs, HNetError)
+
+    def eager(self, ids: torch.Tensor) -> CachedDecoder:
+        return CachedDecoder(self.model, ids)
+
+    def adopt(self, eager: CachedDecoder) -> None:
+        st, state, B = self.model.stage, eager.stage, eager.ids.size(0)
+        if not hasattr(self, "enc"):
+            like = state.enc.k
+            self.enc = static_cache(st.encoder, B, self.block_size, like)
+            self.dec = static_cache(st.decoder, B, self.block_size, like)
+            self.main = static_cache(st.main, B, st.cap + 1, like)  # cap chunks and the spare slot
+            self.n_groups, self.zbar = torch.empty_like(state.n_groups), torch.empty_like(state.zbar)
+            self.k_last = torch.empty_like(state.k_last)
+        T = eager.ids.size(1)
+        fill_static_cache(self.enc, state.enc, T)
+        fill_static_cache(self.dec, state.dec, T)
+        fill_static_cache(self.main, state.main_cache, st.cap)
+        for mine, theirs in ((self.n_groups, state.n_groups), (self.zbar, state.zbar), (self.k_last, state.k_last)):
+            mine.copy_(theirs)
+        self.main_bound = GroupKeyBound(self.n_groups, 0, st.cap + 1)
+
+    def bucket(self) -> tuple[int, int]:
+        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
+        byte_keys = self.enc.k.size(3) if uses_ring(self.model.stage.encoder, self.block_size) else self.length + 1
+        return key_bucket(byte_keys, self.enc.k.size(3)), self.main_bound.next_bucket(self.n_groups)
+
+    def step(self, bucket: tuple[int, int]) -> None:
+        m, st, (byte_keys, main_keys) = self.model, self.model.stage, bucket
+        B = self.next_id.size(0)
+        byte_pos = self.t.expand(B)
+        h = st.enc_norm(static_stack_step(st.encoder, self.enc, m.embed(self.next_id[:, None]), byte_pos, byte_keys))
+        p, k = st.routing.step(h, self.k_last)
+        self.k_last.copy_(k)
+        new = (p[:, 0] >= 0.5) & (self.n_groups < st.cap)
+        slot = self.n_groups  # st.cap, the spare slot, for a row at the cap
+        z = static_stack_step(st.main, self.main, st.widen(h), slot.clamp(max=st.cap - 1), main_keys, slot)
+        smoothed = smooth_step(self.zbar, st.narrow(z, h.size(-1)), p)
+        self.zbar.copy_(torch.where(new[:, None, None], smoothed, self.zbar))
+        self.n_groups += new
+        y = st.dec_norm(static_stack_step(st.decoder, self.dec, self.zbar.to(h.dtype) + st.residual(h), byte_pos,
+                                          byte_keys))
+        self.logits.copy_(m.head(y[:, -1]))
+        self.t += 1

@@ -68,6 +68,7 @@ from hlm.models.parts.boundaries import (
 from hlm.models.parts.decoding import GroupedDecoder, rows_step
 from hlm.models.parts.downsample import cap_metrics, pool_last, pool_mean
 from hlm.models.parts.static_decoding import (
+    GroupKeyBound,
     StaticDecoder,
     fill_static_cache,
     key_bucket,
@@ -332,20 +333,12 @@ class StaticCachedDecoder(StaticDecoder):
                              (self.open_len, eager.open_len), (self.last_group, eager.last_group),
                              (self.open_sum, eager.open_sum)):
             mine.copy_(theirs)
-        self.main_keys = int(eager.n_groups.max()) + 2  # main-network slots some row may see at the next step
-        self.main_bucket = key_bucket(self.main_keys, self.main.k.size(3))
+        self.main_bound = GroupKeyBound(self.n_groups, CachedDecoder.main_offset, G + 2)
 
     def bucket(self) -> tuple[int, int]:
-        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps. The main
-        network's bound grows by one per step (any row may close a group); when that would take it to a
-        larger bucket, the rows' group counts are read back instead (one sync per bucket crossing)."""
+        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
         byte_keys = self.pre.k.size(3) if uses_ring(self.model.pre, self.block_size) else self.length + 1
-        main_slots = self.main.k.size(3)
-        if key_bucket(self.main_keys, main_slots) > self.main_bucket:
-            self.main_keys = int(self.n_groups.max()) + 2
-            self.main_bucket = key_bucket(self.main_keys, main_slots)
-        self.main_keys += 1  # the bound for the step after this one
-        return key_bucket(byte_keys, self.pre.k.size(3)), self.main_bucket
+        return key_bucket(byte_keys, self.pre.k.size(3)), self.main_bound.next_bucket(self.n_groups)
 
     def step(self, bucket: tuple[int, int]) -> None:
         m, (byte_keys, main_keys) = self.model, bucket

@@ -94,6 +94,27 @@ def static_stack_step(stack: Transformer, cache: KVCache, x: torch.Tensor, posit
     return x
 
 
+class GroupKeyBound:
+    """For a grouped model's main network: a host-side bound on the cache slots any row may see at the next
+    step, without a sync per step. It grows by one per step (any row may take a group); when that would
+    take it into a larger bucket, the rows' group counts are read back instead (one sync per crossing)."""
+
+    def __init__(self, n_groups: torch.Tensor, first_slot: int, slots: int):
+        self.first_slot, self.slots = first_slot, slots
+        self.reset(n_groups)
+
+    def reset(self, n_groups: torch.Tensor) -> None:
+        self.keys = int(n_groups.max()) + self.first_slot + 1  # a row's next group may take slot first_slot + n
+        self.bucket = key_bucket(self.keys, self.slots)
+
+    def next_bucket(self, n_groups: torch.Tensor) -> int:
+        """The bucket of the next step (call once per step)."""
+        if key_bucket(self.keys, self.slots) > self.bucket:
+            self.reset(n_groups)
+        self.keys += 1
+        return self.bucket
+
+
 class StepGraphs:
     """Runs a step function (`step(key)`, touching only tensors allocated before it) as one CUDA graph
     per key: the key's first step runs eagerly on a side stream (the warm-up capture needs: lazy
