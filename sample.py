@@ -122,6 +122,8 @@ def token_pieces(model: torch.nn.Module, tok, prompt: bytes, separator: int, arg
 
 def check_cuda_graphs(model: torch.nn.Module, other_sampler: bool) -> None:
     """--cuda-graphs needs native sampling of a family with a static decoder; on CUDA it casts the weights to bf16."""
+    from hlm.models.parts.static_decoding import weights_to
+
     if other_sampler:
         raise HLMError("--cuda-graphs applies to the native sampling of a byte model (not --byte-level, "
                        "not token models)")
@@ -129,7 +131,7 @@ def check_cuda_graphs(model: torch.nn.Module, other_sampler: bool) -> None:
         raise HLMError(f"--cuda-graphs: this {model.cfg.family} model has no CUDA-graph decoder "
                        "(gpt, the hourglass and the one-stage H-Net have one)")
     if next(model.parameters()).device.type == "cuda":
-        model.to(torch.bfloat16)
+        weights_to(model, torch.bfloat16)
 
 
 def check_text_prompt(prompt: bytes) -> None:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hlm.checkpoint import load_model  # noqa: E402
 from hlm.data import Split  # noqa: E402
 from hlm.models.generation import decoding_attention  # noqa: E402
+from hlm.models.parts.static_decoding import weights_to  # noqa: E402
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def main() -> int:
     args = p.parse_args()
     ids = np.asarray(Split(args.data, "test").memmap())[: args.batch * args.prompt_tokens].astype(np.int64)
     for ckpt in args.checkpoints:
-        model = load_model(Path(ckpt), args.device)[0].to(torch.bfloat16)
+        model = weights_to(load_model(Path(ckpt), args.device)[0], torch.bfloat16)
         prompt = torch.from_numpy(ids).view(args.batch, args.prompt_tokens).to(args.device)
         graphed, eager = (greedy_logits(model, prompt, args.steps, g) for g in (True, False))
         row = {"checkpoint": ckpt, "batch": args.batch, "steps": args.steps,

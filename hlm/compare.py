@@ -293,6 +293,7 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
     from hlm.checkpoint import load_model
     from hlm.data import Split
     from hlm.evaluate import inference_autocast
+    from hlm.models.parts.static_decoding import weights_to
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, ckpt = load_model(ckpt_path, dev)
@@ -307,7 +308,7 @@ def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str
               "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     if generation.get("cuda_graphs") and model.has_static_decoder():
         if dev.type == "cuda":
-            model.to(torch.bfloat16)
+            weights_to(model, torch.bfloat16)
         result["generation_graphs"] = {
             str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"], generation["new_tokens"],
                                      dev, cuda_graphs=True) for b in generation["batch_sizes"]}

@@ -15,7 +15,7 @@ slot is rewritten before any query can see it.
 
 The prefill (and the refill when the window is full) is the family's eager decoder; `adopt` copies
 its state into the fixed tensors. The step runs in the model's own dtype (autocast off inside it:
-cast the model to bf16 for speed), and `logits` is rewritten in place by every push.
+cast the weights to bf16 for speed, `weights_to`), and `logits` is rewritten in place by every push.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from hlm.models.blocks import KVCache, Transformer, apply_rotary
 from hlm.models.generation import decoding_attention
 
 KEY_BUCKET = 128  # keys a full-cache stack attends over: the next multiple of this at or past the longest row
+
+
+def weights_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the parameters (not the buffers: rotary tables keep fp32) for decoding in `dtype` without autocast."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def key_bucket(n_keys: int, slots: int) -> int:
