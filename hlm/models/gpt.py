@@ -21,7 +21,6 @@ from hlm.models.generation import decoding_attention
 from hlm.models.parts.static_decoding import (
     StaticDecoder,
     fill_static_cache,
-    key_bucket,
     static_cache,
     static_stack_step,
 )
@@ -191,7 +190,7 @@ class GPTStaticDecoder(StaticDecoder):
         fill_static_cache(self.cache, eager.walk.cache, len(eager.walk))
 
     def bucket(self) -> int:
-        return key_bucket(self.length + 1, self.block_size)
+        return self.byte_bucket(self.cache)
 
     def step(self, n_keys: int) -> None:
         m = self.model

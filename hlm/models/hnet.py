@@ -52,10 +52,8 @@ from hlm.models.parts.static_decoding import (
     GroupKeyBound,
     StaticDecoder,
     fill_static_cache,
-    key_bucket,
     static_cache,
     static_stack_step,
-    uses_ring,
 )
 from hlm.models.parts.upsample import confidence, dechunk, smooth, smooth_step, ste
 
@@ -394,8 +392,7 @@ class StaticCachedDecoder(StaticDecoder):
 
     def bucket(self) -> tuple[int, int]:
         """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
-        byte_keys = self.enc.k.size(3) if uses_ring(self.model.stage.encoder, self.block_size) else self.length + 1
-        return key_bucket(byte_keys, self.enc.k.size(3)), self.main_bound.next_bucket(self.n_groups)
+        return self.byte_bucket(self.enc), self.main_bound.next_bucket(self.n_groups)
 
     def step(self, bucket: tuple[int, int]) -> None:
         m, st, (byte_keys, main_keys) = self.model, self.model.stage, bucket

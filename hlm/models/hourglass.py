@@ -71,10 +71,8 @@ from hlm.models.parts.static_decoding import (
     GroupKeyBound,
     StaticDecoder,
     fill_static_cache,
-    key_bucket,
     static_cache,
     static_stack_step,
-    uses_ring,
 )
 from hlm.models.parts.upsample import feed_back_at_boundaries, upsample_groups
 
@@ -337,8 +335,7 @@ class StaticCachedDecoder(StaticDecoder):
 
     def bucket(self) -> tuple[int, int]:
         """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
-        byte_keys = self.pre.k.size(3) if uses_ring(self.model.pre, self.block_size) else self.length + 1
-        return key_bucket(byte_keys, self.pre.k.size(3)), self.main_bound.next_bucket(self.n_groups)
+        return self.byte_bucket(self.pre), self.main_bound.next_bucket(self.n_groups)
 
     def step(self, bucket: tuple[int, int]) -> None:
         m, (byte_keys, main_keys) = self.model, bucket

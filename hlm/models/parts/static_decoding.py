@@ -44,15 +44,11 @@ def key_bucket(n_keys: int, slots: int) -> int:
     return min(slots, -(-n_keys // KEY_BUCKET) * KEY_BUCKET)
 
 
-def uses_ring(stack: Transformer, block_size: int) -> bool:
-    """Whether a stack's static cache is a ring of `window` slots (a local window shorter than the context)."""
-    window = stack.blocks[0].attn.window
-    return 0 < window < block_size
-
-
 def static_cache(stack: Transformer, batch: int, block_size: int, like: torch.Tensor) -> KVCache:
-    """An empty static cache for `stack`: a ring of `window` slots, or `block_size` slots."""
-    slots = stack.blocks[0].attn.window if uses_ring(stack, block_size) else block_size
+    """An empty static cache for `stack`: a ring of `window` slots (a local window shorter than the
+    context), or `block_size` slots."""
+    window = stack.blocks[0].attn.window
+    slots = window if 0 < window < block_size else block_size
     return stack.new_cache(batch, slots, like.device, like.dtype)
 
 
@@ -202,6 +198,12 @@ class StaticDecoder:
             self.graphs.run(self.bucket(), self.step)
         self.pushed.append(nxt)
         self.length += 1
+
+    def byte_bucket(self, cache: KVCache) -> int:
+        """The slots a byte stack's static cache attends over at the next step: a ring's all, else a
+        bucket covering the positions so far and the new one."""
+        slots = cache.k.size(3)
+        return slots if slots < self.block_size else key_bucket(self.length + 1, slots)
 
     def eager(self, ids: torch.Tensor):
         raise NotImplementedError
