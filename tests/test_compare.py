@@ -156,4 +156,8 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
                                    "models": {"m": {"config": "configs/byte_gpt.yaml"}},
                                    "budgets": [{"time_s": 1}], "prepare": [{"run": "true"}]}))
     assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "prepare[0]: give 'run'")
+    bad.write_text(yaml.safe_dump({"out": "o", "corpora": {"c": "d"},
+                                   "models": {"m": {"config": "configs/byte_gpt.yaml"}},
+                                   "budgets": [{"time_s": 1}], "generation": {"cuda_graphs": "yes"}}))
+    assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "generation.cuda_graphs: true or false")
     assert not (tmp_path / "o").exists()
