@@ -19,7 +19,7 @@ from hlm.models import build_model
 from hlm.models.gpt import GPTConfig
 from hlm.models.hnet import HNetError
 from hlm.models.hourglass import BOUNDARY_TYPES
-from hlm.models.parts.static_decoding import KEY_BUCKET, StepGraphs, key_bucket
+from hlm.models.parts.static_decoding import KEY_BUCKET, GroupKeyBound, StepGraphs, key_bucket, weights_to
 
 
 def tiny_gpt(block_size: int = 40):
@@ -115,3 +115,31 @@ def test_step_graphs_off_cuda_run_every_step():
     for key in (1, 1, 2, 1):
         graphs.run(key, calls.append)
     assert calls == [1, 1, 2, 1] and not graphs.graphs
+
+
+def test_group_key_bound_covers_every_row_and_reads_back_only_at_bucket_crossings(monkeypatch):
+    monkeypatch.setattr("hlm.models.parts.static_decoding.KEY_BUCKET", 8)
+    n_groups = torch.tensor([3, 0])
+    bound = GroupKeyBound(n_groups, first_slot=1, slots=64)
+    reads = 0
+    reset = bound.reset
+
+    def counted(n):
+        nonlocal reads
+        reads += 1
+        reset(n)
+
+    bound.reset = counted
+    for step in range(60):
+        bucket = bound.next_bucket(n_groups)
+        assert bucket >= int(n_groups.max()) + 2  # the slot of every row's next group is attended
+        if step % 3 == 0:  # one row takes a group every third byte
+            n_groups[0] += 1
+    assert bucket <= 32 and 0 < reads < 20  # about the slots used, not one per step
+
+
+def test_weights_to_casts_parameters_and_keeps_rotary_tables():
+    model = build_model(GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=32))
+    assert weights_to(model, torch.bfloat16) is model
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.transformer.rotary.cos.dtype == torch.float32
