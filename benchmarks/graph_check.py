@@ -22,20 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hlm.checkpoint import load_model  # noqa: E402
 from hlm.data import Split  # noqa: E402
-from hlm.models.generation import decoding_attention  # noqa: E402
-from hlm.models.parts.static_decoding import weights_to  # noqa: E402
-
-
-@torch.no_grad()
-def greedy_logits(model: torch.nn.Module, prompt: torch.Tensor, steps: int, graphs: bool) -> torch.Tensor:
-    """Logits [steps, B, V] of greedy decoding through the static decoder."""
-    with decoding_attention():
-        dec = model.new_static_decoder(prompt, graphs=graphs)
-    out = []
-    for _ in range(steps):
-        out.append(dec.logits.float().clone())
-        dec.push(dec.logits.argmax(-1))
-    return torch.stack(out)
+from hlm.models.parts.static_decoding import graphs_match, weights_to  # noqa: E402
 
 
 def main() -> int:
@@ -52,10 +39,7 @@ def main() -> int:
     for ckpt in args.checkpoints:
         model = weights_to(load_model(Path(ckpt), args.device)[0], torch.bfloat16)
         prompt = torch.from_numpy(ids).view(args.batch, args.prompt_tokens).to(args.device)
-        graphed, eager = (greedy_logits(model, prompt, args.steps, g) for g in (True, False))
-        row = {"checkpoint": ckpt, "batch": args.batch, "steps": args.steps,
-               "same_greedy_ids": bool(torch.equal(graphed.argmax(-1), eager.argmax(-1))),
-               "max_abs_logit_diff": float((graphed - eager).abs().max())}
+        row = {"checkpoint": ckpt, "batch": args.batch, "steps": args.steps, **graphs_match(model, prompt, args.steps)}
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:

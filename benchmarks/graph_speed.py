@@ -26,24 +26,7 @@ from hlm.compare import generation_speed  # noqa: E402
 from hlm.config import load_config  # noqa: E402
 from hlm.evaluate import inference_autocast  # noqa: E402
 from hlm.models import build_model  # noqa: E402
-from hlm.models.generation import decoding_attention  # noqa: E402
-from hlm.models.parts.static_decoding import weights_to  # noqa: E402
-
-
-@torch.no_grad()
-def graphs_match(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> dict:
-    """Greedy decoding through the static decoder with and without CUDA graphs, every step's logits compared."""
-    runs = []
-    for graphs in (True, False):
-        with decoding_attention():
-            dec = model.new_static_decoder(prompt, graphs=graphs)
-        logits = []
-        for _ in range(steps):
-            logits.append(dec.logits.float().clone())
-            dec.push(dec.logits.argmax(-1))
-        runs.append(torch.stack(logits))
-    return {"same_greedy_ids": bool(torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))),
-            "max_abs_logit_diff": float((runs[0] - runs[1]).abs().max())}
+from hlm.models.parts.static_decoding import graphs_match, weights_to  # noqa: E402
 
 
 def main() -> int:

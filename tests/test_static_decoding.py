@@ -19,7 +19,14 @@ from hlm.models import build_model
 from hlm.models.gpt import GPTConfig
 from hlm.models.hnet import HNetError
 from hlm.models.hourglass import BOUNDARY_TYPES
-from hlm.models.parts.static_decoding import KEY_BUCKET, GroupKeyBound, StepGraphs, key_bucket, weights_to
+from hlm.models.parts.static_decoding import (
+    KEY_BUCKET,
+    GroupKeyBound,
+    StepGraphs,
+    graphs_match,
+    key_bucket,
+    weights_to,
+)
 
 
 def tiny_gpt(block_size: int = 40):
@@ -115,6 +122,7 @@ def test_step_graphs_off_cuda_run_every_step():
     for key in (1, 1, 2, 1):
         graphs.run(key, calls.append)
     assert calls == [1, 1, 2, 1] and not graphs.graphs
+    assert graphs_match(tiny_gpt(), text_batch(2, 10), 5) == {"same_greedy_ids": True, "max_abs_logit_diff": 0.0}
 
 
 def test_group_key_bound_covers_every_row_and_reads_back_only_at_bucket_crossings(monkeypatch):
