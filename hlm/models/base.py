@@ -23,6 +23,9 @@ Optional on the model, with defaults here:
     extra_train_flops(tokens_per_step)  FLOPs of a frozen helper model run outside forward (BLT's
                          entropy patcher with precomputed entropies), counted toward FLOP budgets
     supports_patch_training  True where forward also takes `patch_size` (patch-level training, gpt)
+    new_static_decoder(prompt, graphs)  `new_decoder` with fixed-shape steps that CUDA graphs replay
+                         (hlm/models/parts/static_decoding.py; `generate(..., cuda_graphs=True)`), with
+                         `has_static_decoder()` true (gpt, the hourglass, the one-stage H-Net)
 """
 
 from __future__ import annotations
