@@ -251,9 +251,11 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
     if not requests:
         return []
     block, param = model.cfg.block_size, next(model.parameters())
-    if slide:  # how many positions to drop depends on the covers: plan them first
-        plans = [_fitted(p, block, slide) for p in (plans or plan_cuts(rules, start_id, requests))]
-        trunks, n_context = [p.ids[: p.n_trunk] for p in plans], [p.n_context for p in plans]
+    if plans is not None or slide:  # given, or needed first (how many positions to drop depends on the covers)
+        given = plans if plans is not None else plan_cuts(rules, start_id, requests)
+        fitted = [_fitted(p, block, slide) for p in given]
+        trunks, n_context = [p.ids[: p.n_trunk] for p in fitted], [p.n_context for p in fitted]
+        plan_of = fitted.__getitem__
     else:
         tokens = [_text_tokens(rules, r) for r in requests]
         trunks = [[*r.context, start_id, *t] for r, t in zip(requests, tokens, strict=True)]
@@ -261,11 +263,9 @@ def cut_logprobs_batch(model: torch.nn.Module, rules: ConversionRules, start_id:
         if max(map(len, trunks)) > block:
             raise MissingCoverError(f"{max(map(len, trunks))} positions do not fit the model's context of {block}")
 
-    def plan_of(i: int) -> CutPlan:
-        if plans is not None:
-            return _fitted(plans[i], block, slide)
-        r = requests[i]
-        return _fitted(plan_cut(rules, start_id, r.prefix, tokens[i], r.context), block, slide)
+        def plan_of(i: int) -> CutPlan:
+            r = requests[i]
+            return _fitted(plan_cut(rules, start_id, r.prefix, tokens[i], r.context), block, slide)
 
     order = sorted(range(len(trunks)), key=lambda i: len(trunks[i]))
     with autocast or contextlib.nullcontext():
