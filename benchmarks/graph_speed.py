@@ -5,9 +5,10 @@
 
 Prompts are consecutive slices of the raw bytes of FILE (the boundaries of the whitespace hourglass come from
 the bytes, not from training). Per config and batch: eager decoding under bf16 autocast (`generate_stream`),
-then with bf16 weights the static decoder with CUDA graphs; before timing the graphs, greedy decoding through
-the static decoder with and without graphs is compared step by step (`graphs_match`: the same greedy ids and
-a largest logit difference of 0). Decode bytes/s count the graph captures (one per key-length bucket).
+then with bf16 weights the static decoder with CUDA graphs (hlm.compare.generation_speeds, as the grid
+measures); then greedy decoding through the static decoder with and without graphs is compared step by
+step (`graphs_match`: the same greedy ids and a largest logit difference of 0). Decode bytes/s count the
+graph captures (one per key-length bucket).
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hlm.compare import generation_speed  # noqa: E402
+from hlm.compare import generation_speeds  # noqa: E402
 from hlm.config import load_config  # noqa: E402
-from hlm.evaluate import inference_autocast  # noqa: E402
 from hlm.models import build_model  # noqa: E402
-from hlm.models.parts.static_decoding import graphs_match, weights_to  # noqa: E402
+from hlm.models.parts.static_decoding import graphs_match  # noqa: E402
 
 
 def main() -> int:
@@ -43,19 +43,17 @@ def main() -> int:
     dev = torch.device(args.device)
     ids = np.frombuffer(Path(args.text).read_bytes(), dtype=np.uint8)
     nbytes = torch.ones(257)
+    generation = {"prompt_tokens": args.prompt_bytes, "new_tokens": args.new_bytes, "batch_sizes": args.batch,
+                  "cuda_graphs": True}
     for config in args.configs:
         torch.manual_seed(0)
         model = build_model(load_config(config).model).to(dev).eval()
-        row = {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-               "params": sum(q.numel() for q in model.parameters())}
-        with inference_autocast(dev):
-            row["eager"] = {str(b): generation_speed(model, ids, nbytes, b, args.prompt_bytes, args.new_bytes, dev)
-                            for b in args.batch}
-        weights_to(model, torch.bfloat16)
+        speeds = generation_speeds(model, ids, nbytes, generation, dev)  # leaves bf16 weights on CUDA
         prompt = torch.from_numpy(ids[: max(args.batch) * args.prompt_bytes].astype(np.int64))
-        row["graphs_match"] = graphs_match(model, prompt.view(max(args.batch), -1).to(dev), args.check_steps)
-        row["graphed"] = {str(b): generation_speed(model, ids, nbytes, b, args.prompt_bytes, args.new_bytes, dev,
-                                                   cuda_graphs=True) for b in args.batch}
+        row = {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "params": sum(q.numel() for q in model.parameters()), "eager": speeds["generation"],
+               "graphed": speeds["generation_graphs"],
+               "graphs_match": graphs_match(model, prompt.view(max(args.batch), -1).to(dev), args.check_steps)}
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:

@@ -286,32 +286,42 @@ def generation_speed(model: torch.nn.Module, ids: np.ndarray, token_nbytes: torc
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
 
-def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str) -> dict:
-    """Parameters, inference FLOPs per byte and generation speed of a trained checkpoint: eager, under
-    bf16 autocast on CUDA; and with `generation["cuda_graphs"]`, for families with a static decoder,
-    through CUDA graphs with the weights cast to bf16 on CUDA (`generation_graphs`)."""
-    from hlm.checkpoint import load_model
-    from hlm.data import Split
+def generation_speeds(model: torch.nn.Module, ids: np.ndarray, token_nbytes: torch.Tensor, generation: dict,
+                      device: torch.device) -> dict:
+    """`generation_speed` at each of `generation["batch_sizes"]`: eager, under bf16 autocast on CUDA
+    (`generation`); and with `generation["cuda_graphs"]`, for a model with a static decoder, through CUDA
+    graphs with the weights cast to bf16 on CUDA, which the model keeps (`generation_graphs`)."""
     from hlm.evaluate import inference_autocast
     from hlm.models.parts.static_decoding import weights_to
+
+    def speeds(cuda_graphs: bool) -> dict:
+        return {str(b): generation_speed(model, ids, token_nbytes, int(b), generation["prompt_tokens"],
+                                         generation["new_tokens"], device, cuda_graphs)
+                for b in generation["batch_sizes"]}
+
+    with inference_autocast(device):  # bf16 on CUDA, as eval.py scores
+        result = {"generation": speeds(False)}
+    if generation.get("cuda_graphs") and model.has_static_decoder():
+        if device.type == "cuda":
+            weights_to(model, torch.bfloat16)
+        result["generation_graphs"] = speeds(True)
+    return result
+
+
+def measure_checkpoint(ckpt_path: Path, data: str, generation: dict, device: str) -> dict:
+    """Parameters, inference FLOPs per byte and generation speed of a trained checkpoint (`generation_speeds`)."""
+    from hlm.checkpoint import load_model
+    from hlm.data import Split
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, cfg, ckpt = load_model(ckpt_path, dev)
     nbytes = ckpt["token_nbytes"].cpu()
     ids = np.asarray(Split(data, "test").memmap())
     window = torch.from_numpy(ids[: cfg.model.block_size + 1].astype(np.int64))[None].to(dev)
-    with inference_autocast(dev):  # bf16 on CUDA, as eval.py scores
-        speed = {str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"],
-                                          generation["new_tokens"], dev) for b in generation["batch_sizes"]}
     result = {"params": sum(p.numel() for p in model.parameters()),
               "inference_flops_per_byte": inference_flops_per_byte(model, window, nbytes),
-              "generation": speed, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
-    if generation.get("cuda_graphs") and model.has_static_decoder():
-        if dev.type == "cuda":
-            weights_to(model, torch.bfloat16)
-        result["generation_graphs"] = {
-            str(b): generation_speed(model, ids, nbytes, int(b), generation["prompt_tokens"], generation["new_tokens"],
-                                     dev, cuda_graphs=True) for b in generation["batch_sizes"]}
+              **generation_speeds(model, ids, nbytes, generation, dev),
+              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the next run's train.py gets the whole GPU

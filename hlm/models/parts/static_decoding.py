@@ -189,6 +189,11 @@ class StaticDecoder:
         self.load(prompt[:, -block_size:])
 
     @property
+    def length(self) -> int:
+        """Positions in the window so far."""
+        return self.window_ids.size(1) + len(self.pushed)
+
+    @property
     def ids(self) -> torch.Tensor:
         """The window the logits follow [B, T]."""
         return torch.cat([self.window_ids, *[n[:, None] for n in self.pushed]], dim=1)
@@ -202,7 +207,7 @@ class StaticDecoder:
             self.logits.copy_(eager.logits)
             self.t.fill_(ids.size(1))
             self.adopt(eager)
-        self.window_ids, self.pushed, self.length = ids, [], ids.size(1)
+        self.window_ids, self.pushed = ids, []
 
     def push(self, nxt: torch.Tensor) -> None:
         """Append one id per row (nxt [B]) and update `logits` in place."""
@@ -214,7 +219,6 @@ class StaticDecoder:
         with torch.no_grad(), decoding_attention(), torch.autocast(self.device.type, enabled=False):
             self.graphs.run(self.bucket(), self.step)
         self.pushed.append(nxt)
-        self.length += 1
 
     def byte_bucket(self, cache: KVCache) -> int:
         """The slots a byte stack's static cache attends over at the next step: a ring's all, else a
