@@ -15,7 +15,7 @@ from conftest import ROOT, decode_against_teacher_forcing, load_cli, run_cli
 
 from hlm.bytes import as_byte_lm
 from hlm.config import load_config
-from hlm.models.hnet import CachedDecoder, HNet, HNetConfig, HNetError
+from hlm.models.hnet import CachedDecoder, HNet, HNetConfig, HNetError, HNetStage
 from hlm.models.parts.boundaries import ratio_loss, whitespace_starts
 from hlm.models.parts.downsample import pool_first
 from hlm.models.parts.upsample import dechunk, smooth, ste
@@ -28,7 +28,10 @@ TWO = dict(d_model=[32, 48, 64], n_enc=[1, 1], n_dec=[1, 1], ratio_target=[2.0, 
 
 
 def tiny(stages: dict, **kw) -> HNet:
-    cfg = dict(block_size=48, n_main=1, head_dim=16, byte_window=8, **stages)
+    """A tiny H-Net; W_res starts at the identity so that the byte-level path (zero at the paper's
+    initialisation) counts in every causality and decoding check."""
+    cfg = dict(block_size=48, n_main=1, head_dim=16, byte_window=8, residual_init="identity")
+    cfg.update(stages)
     cfg.update(kw)
     torch.manual_seed(0)
     return HNet(HNetConfig(**cfg))
@@ -133,9 +136,21 @@ def test_whitespace_rule_and_metrics_with_every_byte_a_boundary():
 
 def test_bad_configs_raise():
     for bad in (dict(d_model=[32], n_enc=[], n_dec=[], ratio_target=[]), dict(ONE, d_model=[64, 32]),
-                dict(ONE, ratio_target=[1.0]), dict(ONE, lr_scale=[1.0])):
+                dict(ONE, ratio_target=[1.0]), dict(ONE, lr_scale=[1.0]), dict(ONE, residual_init="eye")):
         with pytest.raises(HNetError):
             tiny(bad)
+
+
+@pytest.mark.parametrize("stages", [ONE, TWO])
+def test_residual_starts_at_zero_or_the_identity(stages):
+    """The paper's W_res = 0 by default: at initialisation the decoder sees only the chunks; `identity`
+    passes each position's encoder state straight through, as the hourglass's skip does."""
+    for init, expected in (("zero", torch.zeros), ("identity", torch.eye)):
+        model = HNet(HNetConfig(block_size=48, n_main=1, head_dim=16, residual_init=init, **stages))
+        stages_ = [m for m in model.modules() if isinstance(m, HNetStage)]
+        assert len(stages_) == model.cfg.n_stages
+        for st in stages_:
+            assert torch.equal(st.residual.weight, expected(st.residual.in_features, st.residual.in_features))
 
 
 # ----- the model -----

@@ -79,6 +79,7 @@ class HNetConfig:
     ratio_target: list[float] = field(default_factory=lambda: [6.0])  # N per stage: positions per chunk
     ratio_weight: float = 0.03  # alpha: loss = LM loss + alpha * sum of the stages' ratio losses
     lr_scale: list[float] = field(default_factory=list)  # per stage then main network (empty: all 1)
+    residual_init: str = "zero"  # W_res at initialisation: "zero" (the paper's) or "identity" (the hourglass's skip)
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
@@ -267,6 +268,8 @@ class HNet(LanguageModel):
             raise HNetError("model.ratio_target: each N must be > 1")
         if cfg.lr_scale and len(cfg.lr_scale) != S + 1:
             raise HNetError("model.lr_scale: one multiplier per stage and one for the main network")
+        if cfg.residual_init not in ("zero", "identity"):
+            raise HNetError(f"model.residual_init must be zero or identity, not {cfg.residual_init!r}")
         self.cfg = cfg
         d = cfg.d_model[0]
         self.embed = nn.Embedding(cfg.vocab_size, d)
@@ -276,7 +279,11 @@ class HNet(LanguageModel):
         for m in self.modules():
             if isinstance(m, HNetStage):
                 m.routing.reset_parameters()
-                nn.init.zeros_(m.residual.weight)
+                if cfg.residual_init == "zero":
+                    nn.init.zeros_(m.residual.weight)
+                else:
+                    with torch.no_grad():
+                        m.residual.weight.copy_(torch.eye(m.residual.in_features))
                 if m.pad is not None:
                     nn.init.normal_(m.pad, std=cfg.init_std)
 
