@@ -106,7 +106,7 @@ def main() -> int:
                f"train.out_dir={run_dir}", f"train.max_steps={a.steps}", f"eval.interval={a.steps // 2}",
                *a.overrides]
         print(" ".join(cmd[1:]), flush=True)
-        with open(out / f"{variant}_train.log", "w") as log:
+        with open(out / f"{variant}_train.log", "a") as log:  # a resumed run adds to its log
             if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
                 print(f"{variant}: training failed, see {out / f'{variant}_train.log'}", file=sys.stderr)
                 return 1

@@ -146,7 +146,7 @@ def test_residual_starts_at_zero_or_the_identity(stages):
     """The paper's W_res = 0 by default: at initialisation the decoder sees only the chunks; `identity`
     passes each position's encoder state straight through, as the hourglass's skip does."""
     for init, expected in (("zero", torch.zeros), ("identity", torch.eye)):
-        model = HNet(HNetConfig(block_size=48, n_main=1, head_dim=16, residual_init=init, **stages))
+        model = tiny(stages, residual_init=init)
         stages_ = [m for m in model.modules() if isinstance(m, HNetStage)]
         assert len(stages_) == model.cfg.n_stages
         for st in stages_:

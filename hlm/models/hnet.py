@@ -279,11 +279,7 @@ class HNet(LanguageModel):
         for m in self.modules():
             if isinstance(m, HNetStage):
                 m.routing.reset_parameters()
-                if cfg.residual_init == "zero":
-                    nn.init.zeros_(m.residual.weight)
-                else:
-                    with torch.no_grad():
-                        m.residual.weight.copy_(torch.eye(m.residual.in_features))
+                (nn.init.zeros_ if cfg.residual_init == "zero" else nn.init.eye_)(m.residual.weight)
                 if m.pad is not None:
                     nn.init.normal_(m.pad, std=cfg.init_std)
 
