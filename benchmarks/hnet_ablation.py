@@ -18,6 +18,9 @@ Variants:
   hnet_ws_chunks            the router's decisions replaced by the whitespace rule (p = b, so the router and the
                             ratio loss get no gradient): the rest of H-Net on the hourglass's boundaries
   hnet_identity_ws_chunks   both
+  hnet2                     two stages (benchmarks/configs/tiny_hnet_2stage.yaml: 1+1+2+1+1 layers, 3 x 3 bytes
+                            per main position), W_res = 0 in both stages
+  hnet2_identity            two stages, W_res = I in both
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ VARIANTS = {
     "hnet_identity_lr1": ("tiny_hnet_1stage.yaml", ["model.residual_init=identity", "model.lr_scale=[1.0,1.0]"]),
     "hnet_ws_chunks": ("tiny_hnet_1stage.yaml", []),
     "hnet_identity_ws_chunks": ("tiny_hnet_1stage.yaml", ["model.residual_init=identity"]),
+    "hnet2": ("tiny_hnet_2stage.yaml", []),
+    "hnet2_identity": ("tiny_hnet_2stage.yaml", ["model.residual_init=identity"]),
 }
 
 
