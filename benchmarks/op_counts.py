@@ -1,7 +1,8 @@
 """Host work in eager inference, counted as aten ops dispatched (TorchDispatchMode): machine-independent, so a
 change that cuts kernel launches shows on any CPU before it is timed on a GPU.
 
-  python benchmarks/op_counts.py decode [CONFIG ...]                     ops per cached decoding step (batch 2)
+  python benchmarks/op_counts.py decode [CONFIG ...] [--batch 2] [--random-router]
+                                                                         ops per cached decoding step
   python benchmarks/op_counts.py push [CONFIG ...]                       ops of a batch-64 step without and with
                                                                          every row closing a word
   python benchmarks/op_counts.py cut --tokenizer M.model --docs D.jsonl.xz   ops per cut of the batched prefix
@@ -43,15 +44,21 @@ def count(fn) -> collections.Counter:
     return mode.ops
 
 
-def decode(configs: list[str]) -> None:
+def decode(configs: list[str], batch: int, random_router: bool) -> None:
     from hlm.config import load_config
     from hlm.models import build_model
+    from hlm.models.parts.boundaries import CosineRouter
 
-    print("| config | aten ops per decoding step (batch 2) |\n|---|---:|")
+    print(f"| config | aten ops per decoding step (batch {batch}) |\n|---|---:|")
     for name in configs:
         torch.manual_seed(0)
         model = build_model(load_config(f"configs/{name}.yaml").model).eval()
-        prompt = torch.randint(1, 256, (2, 64))
+        if random_router:
+            for m in model.modules():
+                if isinstance(m, CosineRouter):
+                    torch.nn.init.normal_(m.q.weight, std=m.q.in_features ** -0.5)
+                    torch.nn.init.normal_(m.k.weight, std=m.k.in_features ** -0.5)
+        prompt = torch.randint(1, 256, (batch, 64))
         steps = [sum(count(lambda m=model, x=prompt, n=n: list(m.generate_stream(x, n, temperature=0))).values())
                  for n in (1, 17)]
         print(f"| {name} | {(steps[1] - steps[0]) / 16:.0f} |")
@@ -118,12 +125,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["decode", "push", "cut"])
     p.add_argument("configs", nargs="*", default=["byte_gpt", "hourglass_whitespace", "hnet_1stage", "hat"])
+    p.add_argument("--batch", type=int, default=2, help="decode: rows decoded together")
+    p.add_argument("--random-router", action="store_true",
+                   help="decode: H-Net routers drawn at random instead of the identity, so that a random-weight "
+                        "model starts chunks at about half the positions (at the identity it starts almost none)")
     p.add_argument("--tokenizer")
     p.add_argument("--docs")
     p.add_argument("--docs-count", type=int, default=40)
     args = p.parse_args()
     if args.what == "decode":
-        decode(args.configs)
+        decode(args.configs, args.batch, args.random_router)
     elif args.what == "push":
         push(args.configs)
     else:

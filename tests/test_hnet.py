@@ -13,10 +13,13 @@ import torch
 import torch._inductor.config
 from conftest import ROOT, decode_against_teacher_forcing, load_cli, run_cli
 
+import hlm.models.hnet as hnet_module
+import hlm.models.parts.decoding as decoding_module
 from hlm.bytes import as_byte_lm
 from hlm.config import load_config
 from hlm.models.hnet import CachedDecoder, HNet, HNetConfig, HNetError, HNetStage
 from hlm.models.parts.boundaries import ratio_loss, whitespace_starts
+from hlm.models.parts.decoding import rows_step
 from hlm.models.parts.downsample import pool_first
 from hlm.models.parts.upsample import dechunk, smooth, ste
 from hlm.optim import make_optimizer
@@ -167,11 +170,13 @@ def test_causal_in_eval(stages, caps):
         assert not torch.equal(a[:, j - 1 :], c[:, j - 1 :])
 
 
-@pytest.mark.parametrize("stages, caps", [(ONE, []), (ONE, [5]), (TWO, [14, 4])])
-def test_cached_decoding_at_batch_3_matches_teacher_forcing(stages, caps):
+@pytest.mark.parametrize("stages, caps, inner_window", [(ONE, [], 0), (ONE, [5], 0), (TWO, [], 0), (TWO, [14, 4], 0),
+                                                      (TWO, [], 3)])
+def test_cached_decoding_at_batch_3_matches_teacher_forcing(stages, caps, inner_window):
     """Three rows that start chunks at different bytes, decoded byte by byte past block_size
-    (the window restarts), against the full forward on the same window."""
-    model = tiny(stages, max_chunks=caps).double().eval()
+    (the window restarts), against the full forward on the same window; the inner stage of a
+    two-stage model with full attention and with a local window."""
+    model = tiny(stages, max_chunks=caps, inner_window=inner_window).double().eval()
     seq = text_batch(3, 80, seed=14)
     bounds = stage_boundaries(model, seq[:, :48])
     for b in bounds:
@@ -181,6 +186,29 @@ def test_cached_decoding_at_batch_3_matches_teacher_forcing(stages, caps):
     assert all((metrics[f"chunk_cap_hit_s{s}"] > 0) == bool(caps) for s in range(len(bounds)))
     restarts = decode_against_teacher_forcing(model, CachedDecoder(model, seq[:, :5]), seq, 5)
     assert restarts == 2  # at 48 bytes, then 24 bytes later
+
+
+def test_a_two_stage_step_runs_each_inner_stack_once_for_all_rows(monkeypatch):
+    """The inner stage steps every row whose chunk starts in one call per stack (its encoder, the main
+    Transformer, its decoder), not one call per row."""
+    model = tiny(TWO).double().eval()
+    seq = text_batch(6, 30, seed=5)
+    decoder = CachedDecoder(model, seq[:, :10])
+    calls = []
+
+    def counted(stack, cache, x, rows, positions):
+        calls.append(len(rows))
+        return rows_step(stack, cache, x, rows, positions)
+
+    monkeypatch.setattr(hnet_module, "rows_step", counted)
+    monkeypatch.setattr(decoding_module, "rows_step", counted)
+    stepped = 0
+    for t in range(10, 30):
+        calls.clear()
+        decoder.push(seq[:, t])
+        assert len(calls) <= 3
+        stepped += max(calls, default=0) > 1
+    assert stepped > 0  # some bytes started chunks in several rows at once
 
 
 def test_generate_at_batch_2_and_as_byte_lm():

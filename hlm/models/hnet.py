@@ -28,8 +28,8 @@ hlm/models/parts/decoding.py) keeps KV caches for every stack, the router's last
 last smoothed chunk; a chunk enters the inner stage the moment its first position
 arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
 rows that start a chunk, one position of the inner network: the innermost Transformer steps
-all those rows in one call, each at its own chunk count (`rows_step`); an inner stage steps
-row by row.
+all those rows in one call, each at its own chunk count (`rows_step`), and so do an inner stage's
+encoder and decoder (`InnerStageDecoder`), each row at its own count of outer chunks.
 """
 
 from __future__ import annotations
@@ -156,11 +156,13 @@ class HNetStage(nn.Module):
     def encode(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return self.enc_norm(self.encoder(x, cache))
 
+    def decoder_input(self, h: torch.Tensor, read: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        """What each position read, scaled by STE(confidence), plus W_res h."""
+        return read * ste(conf).to(h.dtype)[..., None] + self.residual(h)
+
     def decode(self, h: torch.Tensor, read: torch.Tensor, conf: torch.Tensor,
                cache: KVCache | None = None) -> torch.Tensor:
-        """The decoder on what each position read, scaled by STE(confidence), plus W_res h."""
-        out = read * ste(conf).to(h.dtype)[..., None] + self.residual(h)
-        return self.dec_norm(self.decoder(out, cache))
+        return self.dec_norm(self.decoder(self.decoder_input(h, read, conf), cache))
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[StageOutput]]:
         """x [B, L, d_s] -> [B, L, d_s] and this stage's and inner stages' routing."""
@@ -172,12 +174,10 @@ class HNetStage(nn.Module):
         return self.decode(h, read, confidence(p, b)), [StageOutput(p, b, valid, pos, b.sum(1)), *inner]
 
 
-class StageDecoder(GroupSteps):
-    """Decoding state of one stage for B rows: batched KV caches of its encoder and decoder, the
-    inner network's state, the count of chunks, the router's last key and the last smoothed chunk
-    (fp32 or wider). Rows start chunks at different positions: an innermost Transformer keeps one
-    batched cache stepped by `rows_step` (each row at its own chunk count); an inner stage is one
-    decoder per row (its batched byte-stack caches assume every row at the same position). A chunk's first
+class ChunkState(GroupSteps):
+    """What a stage's decoder keeps for B rows: batched KV caches of its encoder and decoder, the inner
+    network's state (an `InnerStageDecoder`, or the innermost Transformer's batched cache, each row at its
+    own chunk count), the count of chunks and the last smoothed chunk (fp32 or wider). A chunk's first
     position is the one that enters the inner network and reads it."""
 
     def __init__(self, stage: HNetStage, batch: int, device, dtype):
@@ -185,7 +185,7 @@ class StageDecoder(GroupSteps):
         self.enc = stage.encoder.new_cache(batch, stage.length, device, dtype)
         self.dec = stage.decoder.new_cache(batch, stage.length, device, dtype)
         if isinstance(stage.main, HNetStage):
-            self.inner = [StageDecoder(stage.main, 1, device, dtype) for _ in range(batch)]
+            self.inner = InnerStageDecoder(stage.main, batch, device, dtype)
         else:
             self.inner, self.main = None, stage.main
             self.main_cache = stage.main.new_cache(batch, stage.cap, device, dtype)
@@ -193,45 +193,43 @@ class StageDecoder(GroupSteps):
         self.zbar = torch.zeros(batch, 1, d, device=device, dtype=torch.promote_types(dtype, torch.float32))
         self.n_groups = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def prefill(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The stage's forward on x [B, L, d_s] that fills the caches, sending each row's real
-        chunks, and only those, inward."""
+    def prefill_inward(self, h: torch.Tensor, p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Every row's real chunks of a prefill (h, p, b [B, L]) through the inner network in one call,
+        padded to the longest row's count (padding after a row's chunks: causal attention and the forward
+        smoothing scan leave its chunks alone, and its padded cache slots are rewritten before anything
+        reads them), then smoothed and dechunked: what each position reads [B, L, d]."""
         st = self.stage
-        h = st.encode(x, self.enc)
-        p, b = st.routing(h, valid)
         chunks, pos, _ = pool_first(h, b, self.cap)
-        P = p.gather(1, pos)
-        if self.inner is None:
-            read = self.prefill_main(chunks, P, b)
-        else:
-            read = torch.cat([self.prefill_row(chunks[r : r + 1], P[r : r + 1], b[r : r + 1], r)
-                              for r in range(h.size(0))])
-        self.k_last = st.routing.k(h[:, -1:])
-        return st.decode(h, read, confidence(p, b), self.dec)
-
-    def prefill_main(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """All rows of a prefill through the innermost Transformer in one call, each row's chunks padded to
-        the longest row's count (`rows_step`: a row's padded slots are rewritten before it can see them;
-        the smoothing scan runs forward, so padding after a row's chunks leaves them alone), then dechunked."""
-        st = self.stage
         n = b.sum(1).clamp(max=self.cap)
         N = int(n.max())
-        rows = torch.arange(b.size(0), device=b.device)
-        z = rows_step(self.main, self.main_cache, st.widen(chunks[:, :N]), rows,
-                      torch.arange(N, device=b.device).expand(b.size(0), N))
-        zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :N])
+        rows, slots = torch.arange(b.size(0), device=b.device), torch.arange(N, device=b.device)
+        x = st.widen(chunks[:, :N])
+        if self.inner is None:
+            z = rows_step(self.main, self.main_cache, x, rows, slots.expand(b.size(0), N))
+        else:
+            z = self.inner.prefill(x, slots < n[:, None])
+        zbar = smooth(st.narrow(z, h.size(-1)), p.gather(1, pos)[:, :N])
         self.zbar, self.n_groups = zbar[rows, n - 1, None].to(self.zbar.dtype), n
         return dechunk(zbar, b)
 
-    def prefill_row(self, chunks: torch.Tensor, P: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
-        """Row r of a prefill with an inner stage: its n real chunks through row r's inner decoder, then
-        dechunked."""
+    def main_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.inner is None:
+            return super().main_step(x, rows, positions)
+        return self.inner.step(x, rows)
+
+
+class StageDecoder(ChunkState):
+    """The outermost stage's decoder: every row at the same byte, so its byte stacks step all rows
+    together on plain KV caches; the rows whose byte starts a chunk step the inner network."""
+
+    def prefill(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The stage's forward on x [B, L, d_s] that fills the caches."""
         st = self.stage
-        n = int(b.sum().clamp(max=self.cap))
-        z = self.inner[r].prefill(st.widen(chunks[:, :n]), b.new_ones(1, n))
-        zbar = smooth(st.narrow(z, chunks.size(-1)), P[:, :n])
-        self.zbar[r : r + 1], self.n_groups[r] = zbar[:, -1:], n
-        return dechunk(zbar, b)
+        h = st.encode(x, self.enc)
+        p, b = st.routing(h, valid)
+        read = self.prefill_inward(h, p, b)
+        self.k_last = st.routing.k(h[:, -1:])
+        return st.decode(h, read, confidence(p, b), self.dec)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One new position x [B, 1, d_s] after a prefill: same result as the full forward."""
@@ -247,13 +245,49 @@ class StageDecoder(GroupSteps):
     def pool_open(self, rows: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
         return self.stage.widen(h[rows])
 
-    def main_step(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.inner is None:
-            return super().main_step(x, rows, positions)
-        return torch.cat([self.inner[r].step(x[i : i + 1]) for i, r in enumerate(rows.tolist())])
-
     def take_groups(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         self.zbar[rows] = smooth_step(self.zbar[rows], self.stage.narrow(out, self.zbar.size(-1)), self.p[rows])
+
+
+class InnerStageDecoder(ChunkState):
+    """An inner stage's decoder for B rows, each at its own position (its count of outer chunks): a
+    row steps only when its outer chunk starts, so the encoder and decoder stacks step the rows that
+    do, each at its own position (`rows_step`), as the innermost Transformer does."""
+
+    def __init__(self, stage: HNetStage, batch: int, device, dtype):
+        super().__init__(stage, batch, device, dtype)
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        self.k_last = torch.zeros(batch, 1, stage.residual.in_features, device=device, dtype=dtype)
+
+    def prefill(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The stage's forward on x [B, N, d_s] whose first valid.sum(1) positions per row are real."""
+        st = self.stage
+        rows = torch.arange(x.size(0), device=x.device)
+        positions = torch.arange(x.size(1), device=x.device).expand(x.size(0), -1)
+        h = st.enc_norm(rows_step(st.encoder, self.enc, x, rows, positions))
+        p, b = st.routing(h, valid)
+        read = self.prefill_inward(h, p, b)
+        self.length = valid.sum(1)
+        self.k_last = st.routing.k(h[rows, self.length - 1, None])
+        out = st.decoder_input(h, read, confidence(p, b))
+        return st.dec_norm(rows_step(st.decoder, self.dec, out, rows, positions))
+
+    def step(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """One new position x [n, 1, d_s] for each of `rows` [n] (sorted, distinct): same result as the
+        full forward."""
+        st = self.stage
+        positions = self.length[rows, None]
+        h = st.enc_norm(rows_step(st.encoder, self.enc, x, rows, positions))
+        p, self.k_last[rows] = st.routing.step(h, self.k_last[rows])
+        new = torch.nonzero((p[:, 0] >= 0.5) & (self.n_groups[rows] < self.cap)).flatten()
+        if len(new):
+            sub = rows[new]
+            out = self.main_step(st.widen(h[new]), sub, self.n_groups[sub, None])
+            self.zbar[sub] = smooth_step(self.zbar[sub], st.narrow(out, self.zbar.size(-1)), p[new])
+            self.n_groups[sub] += 1
+        self.length[rows] += 1
+        y = self.zbar[rows].to(h.dtype) + st.residual(h)
+        return st.dec_norm(rows_step(st.decoder, self.dec, y, rows, positions))
 
 
 class HNet(LanguageModel):
@@ -343,7 +377,8 @@ class HNet(LanguageModel):
     def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> StaticCachedDecoder:
         """`CachedDecoder` with fixed-shape steps, replayed as CUDA graphs (one-stage H-Nets)."""
         if not self.has_static_decoder():
-            raise HNetError("the two-stage H-Net has no CUDA-graph decoder (its inner stage steps row by row)")
+            raise HNetError("the two-stage H-Net has no CUDA-graph decoder (its inner stage steps only the rows whose "
+                           "chunk starts)")
         return StaticCachedDecoder(self, prompt, graphs)
 
 
