@@ -251,8 +251,8 @@ class StageDecoder(ChunkState):
 
 class InnerStageDecoder(ChunkState):
     """An inner stage's decoder for B rows, each at its own position (its count of outer chunks): a
-    row steps only when its outer chunk starts, so the encoder and decoder stacks step the rows that
-    do, each at its own position (`rows_step`), as the innermost Transformer does."""
+    row steps only when its outer chunk starts, so the encoder and decoder stacks step just the rows
+    that do, in one call (`rows_step`), as the innermost Transformer does."""
 
     def __init__(self, stage: HNetStage, batch: int, device, dtype):
         super().__init__(stage, batch, device, dtype)
