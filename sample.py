@@ -8,7 +8,7 @@ tokens). --byte-level samples any model byte by byte through its exact byte-leve
 temperature and top-k applied to the 257 next-byte outcomes. --canonical-sampling (token models)
 masks the next tokens that cannot occur in a canonical encoding, so the sampled tokens are the
 tokenizer's own encoding of the text (hlm/bytes/sampling.py). Output goes to stdout as raw bytes.
---cuda-graphs (byte models of gpt, the hourglass, the one-stage H-Net) decodes with one CUDA graph per
+--cuda-graphs (byte models of gpt, the hourglass, H-Net) decodes with one CUDA graph per
 byte, bf16 weights on CUDA. In a copy of hlm without hlm/bytes, token models fall back to plain token
 prompting (the prompt's own encoding, then tokens as sampled), and --byte-level and --canonical-sampling
 are refused.

@@ -5,7 +5,7 @@
 
 Prompts are consecutive slices of the data folder's test split (512 tokens each), then 256 new tokens
 (hlm.compare.generation_speed, the comparison runner's measurement). `--cuda-graphs` also decodes
-through the static decoder of models that have one (gpt, the hourglass, the one-stage H-Net): bf16
+through the static decoder of models that have one (gpt, the hourglass, H-Net): bf16
 weights, one CUDA graph per step ("graphed" rows).
 """
 

@@ -54,24 +54,28 @@ def test_hourglass_static_decoder_matches_the_full_forward(boundaries, max_group
     assert decode_against_teacher_forcing(model, dec, seq, 5) == 3
 
 
-@pytest.mark.parametrize("caps, byte_window", [([], 8), ([5], 0)])  # ring / full byte caches; roomy / capped
-def test_hnet_static_decoder_matches_the_full_forward(caps, byte_window):
-    """A one-stage H-Net, three rows starting chunks at different bytes, past block_size (48)."""
-    model = tiny_hnet(ONE, max_chunks=caps, byte_window=byte_window).double().eval()
+@pytest.mark.parametrize("stages, caps, byte_window", [
+    (ONE, [], 8), (ONE, [5], 0),  # ring / full byte caches; roomy / capped
+    (TWO, [], 8), (TWO, [14, 4], 0),  # an inner stage without and with caps
+])
+def test_hnet_static_decoder_matches_the_full_forward(stages, caps, byte_window):
+    """One and two stages, three rows starting chunks at different bytes (in every stage), past block_size (48)."""
+    model = tiny_hnet(stages, max_chunks=caps, byte_window=byte_window).double().eval()
     seq = text_batch(3, 80, seed=14)
-    b = stage_boundaries(model, seq[:, :48])[0]
-    assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])
+    for b in stage_boundaries(model, seq[:, :48]):
+        assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])
     dec = model.new_static_decoder(seq[:, :5])
     assert decode_against_teacher_forcing(model, dec, seq, 5) == 2
 
 
-@pytest.mark.parametrize("family", ["gpt", "hourglass", "hnet"])
+@pytest.mark.parametrize("family", ["gpt", "hourglass", "hnet", "hnet2"])
 def test_small_key_buckets_still_cover_every_row(family, monkeypatch):
-    """Buckets of 4 keys: the attended slots grow step by step, and the hourglass re-reads its rows'
-    group counts whenever its bound would cross into a larger bucket."""
+    """Buckets of 4 keys: the attended slots grow step by step, and the grouped models re-read their rows'
+    group counts whenever a bound would cross into a larger bucket (the two-stage H-Net has two bounds)."""
     monkeypatch.setattr("hlm.models.parts.static_decoding.KEY_BUCKET", 4)
     model = {"gpt": tiny_gpt, "hourglass": lambda: tiny("whitespace", max_groups=40, byte_window=0).double().eval(),
-             "hnet": lambda: tiny_hnet(ONE, max_chunks=[40], byte_window=0).double().eval()}[family]()
+             "hnet": lambda: tiny_hnet(ONE, max_chunks=[40], byte_window=0).double().eval(),
+             "hnet2": lambda: tiny_hnet(TWO, max_chunks=[40, 30], byte_window=0).double().eval()}[family]()
     seq = text_batch(3, 100, seed=4)
     dec = model.new_static_decoder(seq[:, :3])
     buckets = []
@@ -89,10 +93,10 @@ def test_hourglass_static_decoder_feedback_and_pooling_variants(kw):
     assert decode_against_teacher_forcing(model, dec, seq, 9) == 1
 
 
-@pytest.mark.parametrize("family", ["gpt", "hourglass", "hnet"])
+@pytest.mark.parametrize("family", ["gpt", "hourglass", "hnet", "hnet2"])
 def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples(family):
     model = {"gpt": tiny_gpt, "hourglass": lambda: tiny("whitespace").double().eval(),
-             "hnet": lambda: tiny_hnet(ONE).double().eval()}[family]()
+             "hnet": lambda: tiny_hnet(ONE).double().eval(), "hnet2": lambda: tiny_hnet(TWO).double().eval()}[family]()
     prompt = text_batch(4, 30, seed=2)
     runs = [model.generate(prompt, 40, generator=torch.Generator().manual_seed(7), cuda_graphs=graphs)
             for graphs in (False, True)]
@@ -102,13 +106,14 @@ def test_generate_with_cuda_graphs_samples_what_eager_decoding_samples(family):
 
 def test_models_without_a_static_decoder_say_so():
     hat = build_model(load_config("configs/smoke/hat.yaml").model).eval()
-    two_stage = tiny_hnet(TWO).eval()
+    short_inner_window = tiny_hnet(TWO, inner_window=4).eval()  # shorter than the outer stage's 48 chunks
     assert tiny_gpt().has_static_decoder() and tiny_hnet(ONE).has_static_decoder()
-    assert not hat.has_static_decoder() and not two_stage.has_static_decoder()
+    assert tiny_hnet(TWO).has_static_decoder() and tiny_hnet(TWO, inner_window=49).has_static_decoder()
+    assert not hat.has_static_decoder() and not short_inner_window.has_static_decoder()
     with pytest.raises(HLMError, match="no CUDA-graph decoder"):
         hat.new_static_decoder(torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(HNetError, match="two-stage H-Net has no CUDA-graph decoder"):
-        two_stage.generate(b"\x00ab", 2, cuda_graphs=True)
+    with pytest.raises(HNetError, match="inner_window is shorter"):
+        short_inner_window.generate(b"\x00ab", 2, cuda_graphs=True)
 
 
 def test_key_buckets_cover_every_row_and_stay_within_the_cache():
@@ -153,7 +158,7 @@ def test_weights_to_casts_parameters_and_keeps_rotary_tables():
     assert model.transformer.rotary.cos.dtype == torch.float32
 
 
-@pytest.mark.parametrize("family", ["gpt", "whitespace", "spacebyte", "hnet"])
+@pytest.mark.parametrize("family", ["gpt", "whitespace", "spacebyte", "hnet", "hnet2"])
 def test_bf16_weights_decode_without_autocast(family):
     """The GPU path: weights cast to bf16 and no autocast, through the eager prefill, the static steps and a
     window restart (block 48). Every step's log-probabilities stay within 0.03 nats (ten times the bf16
@@ -163,6 +168,8 @@ def test_bf16_weights_decode_without_autocast(family):
             return tiny_gpt(48).float()
         if family == "hnet":
             return tiny_hnet(ONE, max_chunks=[5], byte_window=8).float().eval()
+        if family == "hnet2":
+            return tiny_hnet(TWO, max_chunks=[14, 4], byte_window=8).float().eval()
         return tiny(family, max_groups=4, byte_window=8).float().eval()
 
     seq = text_batch(3, 70, seed=5)

@@ -25,7 +25,7 @@ Optional on the model, with defaults here:
     supports_patch_training  True where forward also takes `patch_size` (patch-level training, gpt)
     new_static_decoder(prompt, graphs)  `new_decoder` with fixed-shape steps that CUDA graphs replay
                          (hlm/models/parts/static_decoding.py; `generate(..., cuda_graphs=True)`), with
-                         `has_static_decoder()` true (gpt, the hourglass, the one-stage H-Net)
+                         `has_static_decoder()` true (gpt, the hourglass, H-Net)
 """
 
 from __future__ import annotations

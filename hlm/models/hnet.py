@@ -23,13 +23,14 @@ chunk, and the main network's output is cut back to its first d_s values (as the
 
 The router, chunking, smoothing and dechunking are hlm/models/parts; this file composes them.
 
-Generation (`CachedDecoder`, one `StageDecoder` per stage on the shared group step of
-hlm/models/parts/decoding.py) keeps KV caches for every stack, the router's last key and the
-last smoothed chunk; a chunk enters the inner stage the moment its first position
-arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
+Generation (`CachedDecoder`: a `StageDecoder` for the bytes on the shared group step of
+hlm/models/parts/decoding.py, an `InnerStageDecoder` per inner stage) keeps KV caches for every
+stack, the router's last key and the last smoothed chunk; a chunk enters the inner stage the
+moment its first position arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
 rows that start a chunk, one position of the inner network: the innermost Transformer steps
 all those rows in one call, each at its own chunk count (`rows_step`), and so do an inner stage's
 encoder and decoder (`InnerStageDecoder`), each row at its own count of outer chunks.
+`StaticCachedDecoder` is the same with fixed-shape steps for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -372,13 +373,15 @@ class HNet(LanguageModel):
         return CachedDecoder(self, prompt)
 
     def has_static_decoder(self) -> bool:
-        return not isinstance(self.stage.main, HNetStage)
+        """Every H-Net whose inner stages attend over all their positions or a window at least that long."""
+        w = self.cfg.inner_window
+        return not any(0 < w <= cap for cap in self.cfg.chunk_caps()[:-1])
 
     def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> StaticCachedDecoder:
-        """`CachedDecoder` with fixed-shape steps, replayed as CUDA graphs (one-stage H-Nets)."""
+        """`CachedDecoder` with fixed-shape steps, replayed as CUDA graphs."""
         if not self.has_static_decoder():
-            raise HNetError("the two-stage H-Net has no CUDA-graph decoder (its inner stage steps only the rows whose "
-                           "chunk starts)")
+            raise HNetError("this H-Net has no CUDA-graph decoder: model.inner_window is shorter than an inner "
+                            "stage's positions (use 0, full attention, or more than the outer max_chunks)")
         return StaticCachedDecoder(self, prompt, graphs)
 
 
@@ -400,10 +403,12 @@ class CachedDecoder(GroupedDecoder):
 
 
 class StaticCachedDecoder(StaticDecoder):
-    """A one-stage `CachedDecoder` with fixed-shape steps (hlm/models/parts/static_decoding.py): every row
-    runs the main network at every byte, at the slot of its next chunk, and only the rows whose byte
-    starts a chunk (under the cap) smooth the result into their chunk state and move to the next slot.
-    A row at the cap writes to a spare slot past the last chunk."""
+    """A `CachedDecoder` with fixed-shape steps (hlm/models/parts/static_decoding.py): every row runs every
+    stage at every byte, an inner stage at its next position (its count of outer chunks) and the main
+    network at the slot of its next chunk; only the rows whose position starts a chunk (under the cap)
+    move on, smooth the result into their chunk state and keep their router key. A row at a cap writes
+    to a spare slot past the last one. Inner stages keep every position (no ring: their rows sit at
+    different positions), so a two-stage model needs `inner_window` 0 or at least its outer cap + 1."""
 
     def __init__(self, model: HNet, prompt: torch.Tensor, graphs: bool = True):
         super().__init__(model, prompt, model.cfg.block_size, graphs, HNetError)
@@ -412,40 +417,59 @@ class StaticCachedDecoder(StaticDecoder):
         return CachedDecoder(self.model, ids)
 
     def adopt(self, eager: CachedDecoder) -> None:
-        st, state, B = self.model.stage, eager.stage, eager.ids.size(0)
+        states = [eager.stage]
+        while states[-1].inner is not None:
+            states.append(states[-1].inner)
+        stages, B = [state.stage for state in states], eager.ids.size(0)
+        lengths = [eager.ids.size(1)] + [st.cap for st in stages[:-1]]  # filled positions of each stage's stacks
         if not hasattr(self, "enc"):
-            like = state.enc.k
-            self.enc = static_cache(st.encoder, B, self.block_size, like)
-            self.dec = static_cache(st.decoder, B, self.block_size, like)
-            self.main = static_cache(st.main, B, st.cap + 1, like)  # cap chunks and the spare slot
-            self.n_groups, self.zbar = torch.empty_like(state.n_groups), torch.empty_like(state.zbar)
-            self.k_last = torch.empty_like(state.k_last)
-        T = eager.ids.size(1)
-        fill_static_cache(self.enc, state.enc, T)
-        fill_static_cache(self.dec, state.dec, T)
-        fill_static_cache(self.main, state.main_cache, st.cap)
-        for mine, theirs in ((self.n_groups, state.n_groups), (self.zbar, state.zbar), (self.k_last, state.k_last)):
-            mine.copy_(theirs)
-        self.main_bound = GroupKeyBound(self.n_groups, 0, st.cap + 1)
+            like, slots = states[0].enc.k, [self.block_size] + [n + 1 for n in lengths[1:]]  # + the spare slot
+            self.enc = [static_cache(st.encoder, B, n, like) for st, n in zip(stages, slots, strict=True)]
+            self.dec = [static_cache(st.decoder, B, n, like) for st, n in zip(stages, slots, strict=True)]
+            self.main = static_cache(stages[-1].main, B, stages[-1].cap + 1, like)
+            self.n_groups = [torch.empty_like(state.n_groups) for state in states]
+            self.zbar = [torch.empty_like(state.zbar) for state in states]
+            self.k_last = [torch.empty_like(state.k_last) for state in states]
+        for s, state in enumerate(states):
+            fill_static_cache(self.enc[s], state.enc, lengths[s])
+            fill_static_cache(self.dec[s], state.dec, lengths[s])
+            self.n_groups[s].copy_(state.n_groups)
+            self.zbar[s].copy_(state.zbar)
+            self.k_last[s].copy_(state.k_last)
+        fill_static_cache(self.main, states[-1].main_cache, stages[-1].cap)
+        self.bounds = [GroupKeyBound(n, 0, st.cap + 1) for n, st in zip(self.n_groups, stages, strict=True)]
 
-    def bucket(self) -> tuple[int, int]:
-        """(byte-stack keys, main-network keys) of the next step, from counts the host keeps."""
-        return self.byte_bucket(self.enc), self.main_bound.next_bucket(self.n_groups)
+    def bucket(self) -> tuple[int, ...]:
+        """Keys of the next step, from counts the host keeps: the byte stacks', each inner stage's stacks'
+        (bounded by the outer stage's chunk count), the main network's."""
+        inner = (bound.next_bucket(n) for bound, n in zip(self.bounds, self.n_groups, strict=True))
+        return self.byte_bucket(self.enc[0]), *inner
 
-    def step(self, bucket: tuple[int, int]) -> None:
-        m, st, (byte_keys, main_keys) = self.model, self.model.stage, bucket
-        B = self.next_id.size(0)
-        byte_pos = self.t.expand(B)
-        h = st.enc_norm(static_stack_step(st.encoder, self.enc, m.embed(self.next_id[:, None]), byte_pos, byte_keys))
-        p, k = st.routing.step(h, self.k_last)
-        self.k_last.copy_(k)
-        new = (p[:, 0] >= 0.5) & (self.n_groups < st.cap)
-        slot = self.n_groups  # st.cap, the spare slot, for a row at the cap
-        z = static_stack_step(st.main, self.main, st.widen(h), slot.clamp(max=st.cap - 1), main_keys, slot)
-        smoothed = smooth_step(self.zbar, st.narrow(z, h.size(-1)), p)
-        self.zbar.copy_(torch.where(new[:, None, None], smoothed, self.zbar))
-        self.n_groups += new
-        y = st.dec_norm(static_stack_step(st.decoder, self.dec, self.zbar.to(h.dtype) + st.residual(h), byte_pos,
-                                          byte_keys))
+    def step(self, bucket: tuple[int, ...]) -> None:
+        m, B = self.model, self.next_id.size(0)
+        y = self.stage_step(0, m.stage, m.embed(self.next_id[:, None]), self.t.expand(B), None, None, bucket)
         self.logits.copy_(m.head(y[:, -1]))
         self.t += 1
+
+    def stage_step(self, s: int, st: HNetStage, x: torch.Tensor, positions: torch.Tensor,
+                   slots: torch.Tensor | None, active: torch.Tensor | None, bucket: tuple[int, ...]) -> torch.Tensor:
+        """Stage s on one position per row, x [B, 1, d_s] at `positions` [B] written to cache `slots`
+        (None: the positions, in a ring where there is one); `active` [B] (None: all) marks the rows whose
+        position is real, the others' state stays as it was."""
+        h = st.enc_norm(static_stack_step(st.encoder, self.enc[s], x, positions, bucket[s], slots))
+        p, k = st.routing.step(h, self.k_last[s])
+        new = (p[:, 0] >= 0.5) & (self.n_groups[s] < st.cap)
+        if active is not None:
+            new &= active
+            k = torch.where(active[:, None, None], k, self.k_last[s])
+        self.k_last[s].copy_(k)
+        slot = self.n_groups[s]  # st.cap, the spare slot, for a row at the cap
+        if isinstance(st.main, HNetStage):
+            z = self.stage_step(s + 1, st.main, st.widen(h), slot.clamp(max=st.cap - 1), slot, new, bucket)
+        else:
+            z = static_stack_step(st.main, self.main, st.widen(h), slot.clamp(max=st.cap - 1), bucket[-1], slot)
+        smoothed = smooth_step(self.zbar[s], st.narrow(z, h.size(-1)), p)
+        self.zbar[s].copy_(torch.where(new[:, None, None], smoothed, self.zbar[s]))
+        self.n_groups[s] += new
+        out = self.zbar[s].to(h.dtype) + st.residual(h)
+        return st.dec_norm(static_stack_step(st.decoder, self.dec[s], out, positions, bucket[s], slots))
