@@ -26,10 +26,10 @@ The router, chunking, smoothing and dechunking are hlm/models/parts; this file c
 Generation (`CachedDecoder`: a `StageDecoder` for the bytes on the shared group step of
 hlm/models/parts/decoding.py, an `InnerStageDecoder` per inner stage) keeps KV caches for every
 stack, the router's last key and the last smoothed chunk; a chunk enters the inner stage the
-moment its first position arrives, so a byte costs one position of each byte stack (batched over rows) plus, for the
-rows that start a chunk, one position of the inner network: the innermost Transformer steps
-all those rows in one call, each at its own chunk count (`rows_step`), and so do an inner stage's
-encoder and decoder (`InnerStageDecoder`), each row at its own count of outer chunks.
+moment its first position arrives, so a byte costs one position of each byte stack (batched over
+rows) plus, for the rows that start a chunk, one position of the inner network: the innermost
+Transformer steps all those rows in one call, each at its own chunk count (`rows_step`), and so
+do an inner stage's encoder and decoder, each row at its own count of outer chunks.
 `StaticCachedDecoder` is the same with fixed-shape steps for CUDA graphs.
 """
 
