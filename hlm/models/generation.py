@@ -76,7 +76,7 @@ class Generates:
     def new_static_decoder(self, prompt: torch.Tensor, graphs: bool = True) -> IncrementalDecoder:
         """`new_decoder` with fixed-shape steps, replayed as CUDA graphs on CUDA where `graphs`."""
         raise HLMError(f"{type(self).__name__} has no CUDA-graph decoder "
-                       "(gpt, the hourglass and the one-stage H-Net have one)")
+                       "(gpt, the hourglass and H-Net have one)")
 
     @torch.no_grad()
     def generate_stream(self, prompt: torch.Tensor, max_new: int, temperature: float = 1.0,
