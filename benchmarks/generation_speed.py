@@ -34,14 +34,14 @@ def main() -> int:
     args = p.parse_args()
     generation = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch_sizes": args.batch,
                   "cuda_graphs": args.cuda_graphs}
-    print("| checkpoint | decoding | batch | prefill bytes/s | decode bytes/s |")
-    print("|---|---|---:|---:|---:|")
+    print("| checkpoint | decoding | batch | prefill bytes/s | decode bytes/s | decode bytes/s, median step |")
+    print("|---|---|---:|---:|---:|---:|")
     for ckpt in args.checkpoints:
         res = measure_checkpoint(Path(ckpt), args.data, generation, args.device)
         for mode, key in (("eager", "generation"), ("graphed", "generation_graphs")):
             for b, g in res.get(key, {}).items():
-                print(f"| {ckpt} | {mode} | {b} | {g['prefill_bytes_per_s']:,.0f} | {g['decode_bytes_per_s']:,.0f} |",
-                      flush=True)
+                print(f"| {ckpt} | {mode} | {b} | {g['prefill_bytes_per_s']:,.0f} | {g['decode_bytes_per_s']:,.0f} | "
+                      f"{g['decode_bytes_per_s_median_step']:,.0f} |", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"checkpoint": ckpt, **res}) + "\n")

@@ -37,6 +37,7 @@ next invocation tries it again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import subprocess
@@ -256,13 +257,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepClock:
+    """Marks the end of each decoding step without a host sync (CUDA events on the current stream; the
+    host clock elsewhere), so that the median step can be read once the stream is done: a steady-state
+    rate that leaves out the few slow steps (graph warm-ups and captures, bucket crossings)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        """Seconds between consecutive marks (after a sync)."""
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+def median_step_rate(step_bytes: float, step_seconds: list[float]) -> float:
+    """Bytes per second at the median step: `step_bytes` (bytes decoded per step, all rows) over the median
+    of `step_seconds`."""
+    return step_bytes / statistics.median(step_seconds)
+
+
 @torch.no_grad()
 def generation_speed(model: torch.nn.Module, ids: np.ndarray, token_nbytes: torch.Tensor, batch: int,
                      prompt_tokens: int, new_tokens: int, device: torch.device, cuda_graphs: bool = False) -> dict:
     """Cached generation through `model.generate_stream`: prefill bytes/s (the prompt's bytes over the
     time to the first new token) and decode bytes/s (the new tokens' bytes over the rest), for
     `batch` rows prompted with consecutive slices of `ids`. Prompt and continuation fit one window.
-    `cuda_graphs`: through the family's static decoder (the graph captures count in decode time)."""
+    `cuda_graphs`: through the family's static decoder (the graph captures count in decode time).
+    `decode_bytes_per_s_median_step`: the same bytes over the median step time (`StepClock`), the rate a
+    long generation approaches."""
     stream_kw = {"cuda_graphs": True} if cuda_graphs else {}
     block = model.cfg.block_size
     prompt_tokens = max(1, min(prompt_tokens, block // 2))
@@ -277,12 +309,17 @@ def generation_speed(model: torch.nn.Module, ids: np.ndarray, token_nbytes: torc
     new = [next(stream)]
     _sync(device)
     t1 = time.perf_counter()
-    new += list(stream)
+    clock = StepClock(device)
+    clock.mark()
+    for token in stream:
+        new.append(token)
+        clock.mark()
     _sync(device)
     t2 = time.perf_counter()
     prefill_bytes = float(token_nbytes[prompt.cpu()].sum())
     decode_bytes = float(token_nbytes[torch.stack(new[1:], 1).cpu()].sum())
     return {"prefill_bytes_per_s": prefill_bytes / (t1 - t0), "decode_bytes_per_s": decode_bytes / (t2 - t1),
+            "decode_bytes_per_s_median_step": median_step_rate(decode_bytes / (len(new) - 1), clock.step_seconds()),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
 
