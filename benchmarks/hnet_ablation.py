@@ -1,9 +1,10 @@
-"""Why the one-stage H-Net trails the whitespace hourglass: step-matched ablations of tiny models.
+"""Why H-Net trails the whitespace hourglass: step-matched ablations of tiny models.
 
   python benchmarks/hnet_ablation.py [--steps 400] [--out DIR] [--variants NAME ...] [overrides ...]
 
 Trains benchmarks/configs/tiny_hourglass_whitespace.yaml and variants of benchmarks/configs/tiny_hnet_1stage.yaml
-(1+4+1 layers at d=128, 512-byte windows, batch 16, on data/enwiki_bytes) for the same steps with the same seed,
+(1+4+1 layers at d=128, 512-byte windows, batch 16, on data/enwiki_bytes) and of tiny_hnet_2stage.yaml (the same
+six layers over two stages) for the same steps with the same seed,
 one train.py process per variant, and writes DIR/VARIANT_metrics.jsonl and DIR/table.md: val bpb at each
 evaluation and, for H-Net, the bytes per chunk and whitespace precision / recall of the last logged interval.
 Runs on any device; only quality at matched steps is compared (no speeds). Checkpoints go to

@@ -253,12 +253,8 @@ class StageDecoder(ChunkState):
 class InnerStageDecoder(ChunkState):
     """An inner stage's decoder for B rows, each at its own position (its count of outer chunks): a
     row steps only when its outer chunk starts, so the encoder and decoder stacks step just the rows
-    that do, in one call (`rows_step`), as the innermost Transformer does."""
-
-    def __init__(self, stage: HNetStage, batch: int, device, dtype):
-        super().__init__(stage, batch, device, dtype)
-        self.length = torch.zeros(batch, dtype=torch.long, device=device)
-        self.k_last = torch.zeros(batch, 1, stage.residual.in_features, device=device, dtype=dtype)
+    that do, in one call (`rows_step`), as the innermost Transformer does. `prefill` sets each row's
+    position (`length`) and router key before any `step`."""
 
     def prefill(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The stage's forward on x [B, N, d_s] whose first valid.sum(1) positions per row are real."""
