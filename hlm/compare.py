@@ -21,9 +21,13 @@ Grid file (every key but `out`, `corpora`, `models` and `budgets` optional):
     generation: {prompt_tokens: 512, new_tokens: 256, batch_sizes: [1, 64], cuda_graphs: false}
     device: auto                           # where generation speed and inference FLOPs are measured
     prepare:                               # shell commands run in order before the runs, each only while the
-      - creates: data/enwiki_bytes/meta.json   # path it makes is missing (and, with `corpus`, only when a
-        run: bash scripts/prepare_enwiki.sh    # run to do reads that corpus); output in <out>/prepare.log
+      - creates: data/enwiki_bytes/meta.json   # path it makes is missing (and, with `corpus` / `models`, only
+        run: bash scripts/prepare_enwiki.sh    # when a run to do reads that corpus / is of one of those
+        corpus: enwiki                         # models); output in <out>/prepare.log
+      - creates: runs/entropy/enwiki/ckpt.pt
+        run: python train.py configs/entropy_gpt.yaml data.path=data/enwiki_bytes train.out_dir=runs/entropy/enwiki
         corpus: enwiki
+        models: [blt]
 
 In every override, `{corpus}` stands for the corpus's name (per-corpus helper files such as BLT's
 entropy model). Every run is scored with eval.py on the test split of its corpus's `bytes` folder
@@ -89,11 +93,17 @@ class Run:
 @dataclass(frozen=True)
 class PrepareStep:
     """A shell command the grid's runs need first (data, a helper model), run only while `creates` is
-    missing; with `corpus`, only when a run to do reads that corpus."""
+    missing; with `corpus`, only when a run to do reads that corpus; with `models`, only when a run to do
+    is of one of those models (so a slice without BLT does not train BLT's entropy model)."""
 
     run: str
     creates: str
     corpus: str | None = None
+    models: tuple[str, ...] | None = None
+
+    def needed_by(self, runs: list[Run]) -> bool:
+        return any((self.corpus is None or r.corpus == self.corpus) and (self.models is None or r.model in self.models)
+                   for r in runs)
 
 
 @dataclass
@@ -173,21 +183,27 @@ def load_grid(path: str | Path) -> Grid:
     _require(isinstance(generation["cuda_graphs"], bool), "generation.cuda_graphs: true or false")
     prepare = []
     for i, step in enumerate(_list(raw.get("prepare", []), "prepare")):
-        _require(isinstance(step, dict) and {"run", "creates"} <= set(step) <= {"run", "creates", "corpus"}
-                 and all(isinstance(v, str) and v for v in step.values()),
-                 f"prepare[{i}]: give 'run' (a shell command) and 'creates' (the path it makes), optionally 'corpus'")
+        _require(isinstance(step, dict) and {"run", "creates"} <= set(step) <= {"run", "creates", "corpus", "models"}
+                 and all(isinstance(step[k], str) and step[k] for k in set(step) - {"models"}),
+                 f"prepare[{i}]: give 'run' (a shell command) and 'creates' (the path it makes), "
+                 "optionally 'corpus' and 'models'")
         _require(step.get("corpus") in (None, *corpora), f"prepare[{i}].corpus: no corpus '{step.get('corpus')}'")
-        prepare.append(PrepareStep(step["run"], step["creates"], step.get("corpus")))
+        models = step.get("models")
+        if models is not None:
+            _require(isinstance(models, list) and bool(models) and all(m in raw["models"] for m in models),
+                     f"prepare[{i}].models: a list of the grid's model names, got {models!r}")
+            models = tuple(models)
+        prepare.append(PrepareStep(step["run"], step["creates"], step.get("corpus"), models))
     return Grid(Path(raw["out"]), runs, int((raw.get("eval") or {}).get("batch_size", 8)), generation,
                 str(raw.get("device", "auto")), prepare)
 
 
-def prepare_steps(grid: Grid, corpora: set[str], say=print) -> None:
-    """Run the grid's `prepare` steps the runs to do (reading `corpora`) still need, in order; a step that fails
-    or does not make its path stops the grid before any run."""
+def prepare_steps(grid: Grid, todo: list[Run], say=print) -> None:
+    """Run the grid's `prepare` steps the runs in `todo` still need, in order; a step that fails or does not
+    make its path stops the grid before any run."""
     log = grid.out / "prepare.log"
     for i, step in enumerate(grid.prepare):
-        if Path(step.creates).exists() or (step.corpus is not None and step.corpus not in corpora):
+        if Path(step.creates).exists() or not step.needed_by(todo):
             continue
         say(f"prepare[{i}]: {step.run}")
         run_logged(["bash", "-c", step.run], log, f"prepare[{i}]")
@@ -416,7 +432,7 @@ def run_grid(grid_path: str | Path, say=print, only: list[str] = ()) -> dict:
     outside = f", {len(grid.runs) - len(chosen)} outside --only" if only else ""
     say(f"{len(grid.runs)} runs in {grid_path}: {len(chosen) - len(todo)} already done{outside}, {len(todo)} to run")
     if todo:
-        prepare_steps(grid, {r.corpus for r in todo}, say)
+        prepare_steps(grid, todo, say)
     failed = []
     for run in tqdm(todo, desc="grid", unit="run", file=sys.stderr, disable=not todo):
         try:
@@ -437,7 +453,9 @@ def run_grid(grid_path: str | Path, say=print, only: list[str] = ()) -> dict:
 def all_runs_listing(grid_path: str | Path) -> list[str]:
     """The prepare steps, then the train and eval commands of every run, for `compare.py --list`."""
     grid = load_grid(grid_path)
-    lines = [f"# prepare[{i}], while {step.creates} is missing\n{step.run}" for i, step in enumerate(grid.prepare)]
+    lines = [f"# prepare[{i}], while {step.creates} is missing"
+             + (f", for {', '.join(step.models)}" if step.models else "") + f"\n{step.run}"
+             for i, step in enumerate(grid.prepare)]
     for run in grid.runs:
         out_dir = grid.out / run.name
         lines += [f"# {run.name}"] + [shown(cmd) for cmd in (train_command(run, out_dir),

@@ -158,6 +158,27 @@ def test_prepare_steps_run_only_for_the_runs_to_do_and_stop_the_grid_on_failure(
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["prepare.log"]
 
 
+def test_a_prepare_step_for_some_models_runs_only_when_one_of_them_is_to_do(tmp_path, capsys, byte_corpus):
+    """`models` scopes a step to the runs that need it: a slice of other models skips it (and gets as far as
+    its own runs), a slice with one of them runs it first."""
+    compare = load_cli("compare")
+    grid = {"out": str(tmp_path / "o"), "corpora": {"c": str(byte_corpus)},
+            "models": {"a": {"config": "configs/smoke/byte_gpt.yaml", "overrides": ["model.n_layer=-1"]},
+                       "b": {"config": "configs/smoke/byte_gpt.yaml"}},
+            "budgets": [{"time_s": 1}],
+            "prepare": [{"creates": str(tmp_path / "for_b"), "run": "exit 3", "models": ["b"]}]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert compare.main([str(path), "--only", "a__"]) == 1
+    err = capsys.readouterr().err
+    assert "prepare[0]" not in err and "a__c__1s__seed1337" in err  # its own run was tried (and failed)
+    assert_one_line_error(compare.main([str(path), "--only", "b__"]), capsys.readouterr().err, "prepare[0] exited 3")
+    grid["prepare"][0]["models"] = ["z"]
+    path.write_text(yaml.safe_dump(grid))
+    assert_one_line_error(compare.main([str(path)]), capsys.readouterr().err,
+                          "prepare[0].models: a list of the grid's model names")
+
+
 def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
     compare = load_cli("compare")
     bad = tmp_path / "bad.yaml"
