@@ -63,30 +63,41 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chart_figure(records: list[dict], key: str, label: str, log_x: bool):
+    """Test bpb against `key`, a panel per corpus; each model family keeps one marker and colour in every
+    panel, and one legend names them all."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    corpora = list(dict.fromkeys(r["corpus"] for r in records))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    style = {m: {"marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}"} for i, m in enumerate(models)}
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora) + 2, 4.2), squeeze=False, layout="constrained")
+    for ax, corpus in zip(axes[0], corpora, strict=True):
+        for model in models:
+            pts = [(r[key], r["test_bpb"]) for r in records if r["corpus"] == corpus and r["model"] == model]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.scatter(xs, ys, label=model, **style[model])
+        ax.set(title=corpus, xlabel=label, ylabel="test bits per byte (final checkpoint)")
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], linestyle="", label=m, **style[m]) for m in models]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    return fig
+
+
 def charts(records: list[dict], out: Path) -> list[Path]:
-    """One PNG per chart, a panel per corpus, a marker per model family."""
+    """One PNG per chart (CHARTS)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    corpora = list(dict.fromkeys(r["corpus"] for r in records))
-    models = list(dict.fromkeys(r["model"] for r in records))
     paths = []
     for stem, (key, label, log_x) in CHARTS.items():
-        fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.2), squeeze=False)
-        for ax, corpus in zip(axes[0], corpora, strict=True):
-            for i, model in enumerate(models):
-                pts = [(r[key], r["test_bpb"]) for r in records if r["corpus"] == corpus and r["model"] == model]
-                if pts:
-                    xs, ys = zip(*pts, strict=True)
-                    ax.scatter(xs, ys, marker=MARKERS[i % len(MARKERS)], label=model)
-            ax.set(title=corpus, xlabel=label, ylabel="test bits per byte (final checkpoint)")
-            if log_x:
-                ax.set_xscale("log")
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize="small")
-        fig.tight_layout()
+        fig = chart_figure(records, key, label, log_x)
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -198,3 +198,35 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
                                    "budgets": [{"time_s": 1}], "generation": {"cuda_graphs": "yes"}}))
     assert_one_line_error(compare.main([str(bad)]), capsys.readouterr().err, "generation.cuda_graphs: true or false")
     assert not (tmp_path / "o").exists()
+
+
+def test_chart_keeps_each_family_s_marker_and_colour_across_corpora_and_names_all_in_one_legend():
+    """A family missing from the first corpus's runs must not shift the others' styles in the second panel,
+    and the legend must name families that only one panel shows."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from hlm.compare_report import chart_figure
+
+    def record(model, corpus, flops, bpb):
+        return {"model": model, "corpus": corpus, "flops_seen": flops, "test_bpb": bpb}
+
+    records = [record("a", "wiki", 1e16, 1.5), record("b", "wiki", 2e16, 1.4),
+               record("b", "code", 1e16, 0.8), record("c", "code", 3e16, 0.7), record("a", "code", 2e16, 0.9)]
+    fig = chart_figure(records, "flops_seen", "training FLOPs", True)
+    try:
+        styles = {}
+        for ax in fig.axes:
+            for points in ax.collections:
+                colour = tuple(points.get_facecolor()[0])
+                marker = points.get_paths()[0].vertices.round(6).tobytes()
+                styles.setdefault(points.get_label(), set()).add((colour, marker))
+        assert {m: len(s) for m, s in styles.items()} == {"a": 1, "b": 1, "c": 1}  # one style per family
+        assert len({s.pop() for s in styles.values()}) == 3  # and the families differ
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "c"]
+        colour_b = next(iter(c for ax in fig.axes for c in ax.collections if c.get_label() == "b"))
+        assert tuple(colour_b.get_facecolor()[0]) == to_rgba("C1")
+    finally:
+        plt.close(fig)
