@@ -72,7 +72,8 @@ def chart_figure(records: list[dict], key: str, label: str, log_x: bool):
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
     models = list(dict.fromkeys(r["model"] for r in records))
     style = {m: {"marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}"} for i, m in enumerate(models)}
-    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora) + 2, 4.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora) + 2, 4.2), squeeze=False,
+                             layout="constrained")
     for ax, corpus in zip(axes[0], corpora, strict=True):
         for model in models:
             pts = [(r[key], r["test_bpb"]) for r in records if r["corpus"] == corpus and r["model"] == model]
