@@ -63,9 +63,14 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def epochs_label(record: dict) -> str:
+    """How often the run read its training split, flagged past EPOCH_FLAG (its test bpb may be overfitted)."""
+    return f"{record['epochs']:.1f} ep" + (" ⚑" if record["over_epoch_flag"] else "")
+
+
 def chart_figure(records: list[dict], key: str, label: str, log_x: bool):
     """Test bpb against `key`, a panel per corpus; each model family keeps one marker and colour in every
-    panel, and one legend names them all."""
+    panel, and one legend names them all. Each point is labelled with the epochs its run saw."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
@@ -76,13 +81,17 @@ def chart_figure(records: list[dict], key: str, label: str, log_x: bool):
                              layout="constrained")
     for ax, corpus in zip(axes[0], corpora, strict=True):
         for model in models:
-            pts = [(r[key], r["test_bpb"]) for r in records if r["corpus"] == corpus and r["model"] == model]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.scatter(xs, ys, label=model, **style[model])
+            runs = [r for r in records if r["corpus"] == corpus and r["model"] == model]
+            if runs:
+                ax.scatter([r[key] for r in runs], [r["test_bpb"] for r in runs], label=model, **style[model])
+            for r in runs:
+                ax.annotate(epochs_label(r), (r[key], r["test_bpb"]), xytext=(4, 3), textcoords="offset points",
+                            fontsize="x-small", color="red" if r["over_epoch_flag"] else "0.35")
         ax.set(title=corpus, xlabel=label, ylabel="test bits per byte (final checkpoint)")
         if log_x:
             ax.set_xscale("log")
+        else:  # from 0: the runs of one time budget stand in one column, not spread over milliseconds
+            ax.set_xlim(0, 1.25 * max(r[key] for r in records if r["corpus"] == corpus))
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], linestyle="", label=m, **style[m]) for m in models]
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")

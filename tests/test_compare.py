@@ -200,7 +200,7 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
     assert not (tmp_path / "o").exists()
 
 
-def test_chart_keeps_each_family_s_marker_and_colour_across_corpora_and_names_all_in_one_legend():
+def test_chart_keeps_each_family_s_style_across_corpora_names_all_and_labels_epochs():
     """A family missing from the first corpus's runs must not shift the others' styles in the second panel,
     and the legend must name families that only one panel shows."""
     pytest.importorskip("matplotlib")
@@ -209,11 +209,13 @@ def test_chart_keeps_each_family_s_marker_and_colour_across_corpora_and_names_al
 
     from hlm.compare_report import chart_figure
 
-    def record(model, corpus, flops, bpb):
-        return {"model": model, "corpus": corpus, "flops_seen": flops, "test_bpb": bpb}
+    def record(model, corpus, flops, bpb, epochs=1.3):
+        return {"model": model, "corpus": corpus, "flops_seen": flops, "test_bpb": bpb, "epochs": epochs,
+                "over_epoch_flag": epochs > 4}
 
     records = [record("a", "wiki", 1e16, 1.5), record("b", "wiki", 2e16, 1.4),
-               record("b", "code", 1e16, 0.8), record("c", "code", 3e16, 0.7), record("a", "code", 2e16, 0.9)]
+               record("b", "code", 1e16, 0.8), record("c", "code", 3e16, 0.7, epochs=5.5),
+               record("a", "code", 2e16, 0.9)]
     fig = chart_figure(records, "flops_seen", "training FLOPs", True)
     try:
         styles = {}
@@ -228,5 +230,7 @@ def test_chart_keeps_each_family_s_marker_and_colour_across_corpora_and_names_al
         assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "c"]
         colour_b = next(iter(c for ax in fig.axes for c in ax.collections if c.get_label() == "b"))
         assert tuple(colour_b.get_facecolor()[0]) == to_rgba("C1")
+        labels = sorted(t.get_text() for ax in fig.axes for t in ax.texts)
+        assert labels == ["1.3 ep"] * 4 + ["5.5 ep ⚑"]  # every run says how often it read its split
     finally:
         plt.close(fig)
