@@ -68,9 +68,20 @@ def epochs_label(record: dict) -> str:
     return f"{record['epochs']:.1f} ep" + (" ⚑" if record["over_epoch_flag"] else "")
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (cost, bpb) that no other point beats on both: by rising cost, each with a lower bpb
+    than every cheaper one."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
 def chart_figure(records: list[dict], key: str, label: str, log_x: bool):
     """Test bpb against `key`, a panel per corpus; each model family keeps one marker and colour in every
-    panel, and one legend names them all. Each point is labelled with the epochs its run saw."""
+    panel, and one legend names them all. Each point is labelled with the epochs its run saw, and a
+    line joins each family's Pareto front where it has several points."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
@@ -84,6 +95,9 @@ def chart_figure(records: list[dict], key: str, label: str, log_x: bool):
             runs = [r for r in records if r["corpus"] == corpus and r["model"] == model]
             if runs:
                 ax.scatter([r[key] for r in runs], [r["test_bpb"] for r in runs], label=model, **style[model])
+                front = pareto_front([(r[key], r["test_bpb"]) for r in runs])
+                if len(front) > 1:
+                    ax.plot(*zip(*front, strict=True), color=style[model]["color"], linewidth=1, alpha=0.6)
             for r in runs:
                 ax.annotate(epochs_label(r), (r[key], r["test_bpb"]), xytext=(4, 3), textcoords="offset points",
                             fontsize="x-small", color="red" if r["over_epoch_flag"] else "0.35")

@@ -200,7 +200,15 @@ def test_bad_grid_is_one_line_error(tmp_path, capsys, byte_corpus):
     assert not (tmp_path / "o").exists()
 
 
-def test_chart_keeps_each_family_s_style_across_corpora_names_all_and_labels_epochs():
+def test_pareto_front_keeps_the_points_no_other_beats_on_cost_and_bpb():
+    from hlm.compare_report import pareto_front
+
+    points = [(3.0, 1.2), (1.0, 1.5), (2.0, 1.6), (4.0, 1.2), (5.0, 1.1), (2.5, 1.3)]
+    assert pareto_front(points) == [(1.0, 1.5), (2.5, 1.3), (3.0, 1.2), (5.0, 1.1)]
+    assert pareto_front([(1.0, 1.0)]) == [(1.0, 1.0)]
+
+
+def test_chart_keeps_family_styles_across_corpora_names_all_labels_epochs_and_joins_fronts():
     """A family missing from the first corpus's runs must not shift the others' styles in the second panel,
     and the legend must name families that only one panel shows."""
     pytest.importorskip("matplotlib")
@@ -232,5 +240,14 @@ def test_chart_keeps_each_family_s_style_across_corpora_names_all_and_labels_epo
         assert tuple(colour_b.get_facecolor()[0]) == to_rgba("C1")
         labels = sorted(t.get_text() for ax in fig.axes for t in ax.texts)
         assert labels == ["1.3 ep"] * 4 + ["5.5 ep ⚑"]  # every run says how often it read its split
+        assert [len(ax.lines) for ax in fig.axes] == [0, 0]  # one point per family and corpus: no front
+    finally:
+        plt.close(fig)
+    # a's three code runs: the dearest is worse than the middle one, so the front stops there
+    records += [record("a", "code", 4e16, 0.85), record("a", "code", 8e16, 0.87)]
+    fig = chart_figure(records, "flops_seen", "training FLOPs", True)
+    try:
+        (line,) = fig.axes[1].lines
+        assert line.get_xdata().tolist() == [2e16, 4e16] and line.get_ydata().tolist() == [0.9, 0.85]
     finally:
         plt.close(fig)
