@@ -4,6 +4,7 @@ FLOPs, wall-clock and inference FLOPs per byte (matplotlib, the `plot` extra).""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ def table(records: list[dict]) -> str:
             "val bpb best (step)", "val bpb final", "**test bpb**", "infer MFLOP/byte"]
     head += [f"{kind} B/s @{b}" for b in gen_batches for kind in ("prefill", "decode")]
     graph_batches = sorted({b for r in records for b in r.get("generation_graphs", {})}, key=int)
-    head += [f"graphed decode B/s @{b}" for b in graph_batches]
+    head += [f"graphed decode B/s @{b}, whole / median step" for b in graph_batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for (model, corpus, budget), rs in cells(records).items():
         mean = lambda key, rs=rs: statistics.fmean(r[key] for r in rs)  # noqa: E731
@@ -57,8 +58,10 @@ def table(records: list[dict]) -> str:
                 vals = [r["generation"][b][f"{kind}_bytes_per_s"] for r in rs if b in r["generation"]]
                 row.append(f"{statistics.fmean(vals):,.0f}" if vals else "–")
         for b in graph_batches:
-            vals = [r["generation_graphs"][b]["decode_bytes_per_s"] for r in rs if b in r.get("generation_graphs", {})]
-            row.append(f"{statistics.fmean(vals):,.0f}" if vals else "–")
+            runs = [r["generation_graphs"][b] for r in rs if b in r.get("generation_graphs", {})]
+            rates = [statistics.fmean(g.get(k, math.nan) for g in runs) if runs else math.nan
+                     for k in ("decode_bytes_per_s", "decode_bytes_per_s_median_step")]
+            row.append(" / ".join("–" if math.isnan(v) else f"{v:,.0f}" for v in rates) if runs else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -148,7 +151,9 @@ def write_report(records: list[dict], out: Path, grid_path: str, say: Callable[[
         f"- epochs: bytes seen / bytes of the training split, one per seed; ⚑ past {EPOCH_FLAG:g} epochs.",
         "- generation: cached `generate_stream`; prefill = prompt bytes / time to the first new token, "
         "decode = new bytes / the rest; @B = B rows. Eager steps under bf16 autocast; graphed decode "
-        "(grid `generation.cuda_graphs`, families with a static decoder): bf16 weights, one CUDA graph per step.",
+        "(grid `generation.cuda_graphs`, families with a static decoder): bf16 weights, one CUDA graph per step; "
+        "whole = new bytes / the whole decode (graph captures included), median step = one step's bytes / the "
+        "median step time (CUDA events between steps: the steady-state rate).",
     ]
     write_atomic(out / "results.md", ("\n".join(notes) + "\n").encode())
     try:

@@ -13,6 +13,7 @@ from conftest import assert_one_line_error, load_cli
 
 from hlm import HLMError
 from hlm.compare import StepClock, load_grid, median_step_rate, run_grid
+from hlm.compare_report import table as table_of
 from hlm.config import load_config
 from hlm.flops import count_flops
 from hlm.models import build_model
@@ -79,7 +80,13 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     assert 3.0 <= train_per_byte / gpt["inference_flops_per_byte"] <= 3.5
     table = (out / "results.md").read_text()
     assert "| byte_gpt | shakespeare |" in table and "| spacebyte | shakespeare |" in table
-    assert "graphed decode B/s @2 |" in table
+    assert "graphed decode B/s @2, whole / median step |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| byte_gpt |"))
+    graphed = records[0]["generation_graphs"]["2"]
+    assert row.endswith(f"| {graphed['decode_bytes_per_s']:,.0f} / {graphed['decode_bytes_per_s_median_step']:,.0f} |")
+    eager_only = {k: v for k, v in records[0].items() if k != "generation_graphs"} | {"model": "no_graphs"}
+    row = next(line for line in table_of([*records, eager_only]).splitlines() if line.startswith("| no_graphs |"))
+    assert row.endswith("| – | – |")  # a family without a static decoder has no graphed rates
     for stem in ("bpb_vs_train_flops", "bpb_vs_wall_clock", "bpb_vs_inference_flops"):
         assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
