@@ -59,9 +59,9 @@ def table(records: list[dict]) -> str:
                 row.append(f"{statistics.fmean(vals):,.0f}" if vals else "–")
         for b in graph_batches:
             runs = [r["generation_graphs"][b] for r in rs if b in r.get("generation_graphs", {})]
-            rates = [statistics.fmean(g.get(k, math.nan) for g in runs) if runs else math.nan
-                     for k in ("decode_bytes_per_s", "decode_bytes_per_s_median_step")]
-            row.append(" / ".join("–" if math.isnan(v) else f"{v:,.0f}" for v in rates) if runs else "–")
+            rates = [statistics.fmean(g.get(k, math.nan) for g in runs)
+                     for k in ("decode_bytes_per_s", "decode_bytes_per_s_median_step")] if runs else []
+            row.append(" / ".join("–" if math.isnan(v) else f"{v:,.0f}" for v in rates) or "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
