@@ -56,7 +56,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from hlm import HLMError
-from hlm.compare_report import EPOCH_FLAG, write_report
+from hlm.compare_report import EPOCH_FLAG, report_files, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"out", "corpora", "models", "budgets", "seeds", "overrides", "eval", "generation", "device", "prepare"}
@@ -423,8 +423,12 @@ def run_grid(grid_path: str | Path, say=print, only: list[str] = ()) -> dict:
     names = [r.name for r in grid.runs]
     duplicates = {n for n in names if names.count(n) > 1}
     _require(not duplicates, f"{grid_path}: runs repeat ({', '.join(sorted(duplicates))})")
-    grid.out.mkdir(parents=True, exist_ok=True)
     results_path = grid.out / "results.jsonl"
+    if not results_path.exists():  # the report's files would replace files this runner did not write
+        theirs = [name for name in report_files() if (grid.out / name).exists()]
+        _require(not theirs, f"out: {grid.out} already holds {', '.join(theirs)} but no results.jsonl; "
+                             "choose another out folder")
+    grid.out.mkdir(parents=True, exist_ok=True)
     finished = {r["run"] for r in read_results(results_path)}
     chosen = [r for r in grid.runs if all(part in r.name for part in only)]
     _require(bool(chosen), f"--only {' '.join(only)}: no run of {grid_path} is named so (see --list)")

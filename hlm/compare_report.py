@@ -132,6 +132,11 @@ def charts(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def report_files() -> list[str]:
+    """The names `write_report` (re)writes in the grid's out folder."""
+    return ["results.md", *(f"{stem}.png" for stem in CHARTS)]
+
+
 def write_report(records: list[dict], out: Path, grid_path: str, say: Callable[[str], object] = print) -> None:
     """results.md (table and notes) and the charts, rewritten from all records so far."""
     if not records:

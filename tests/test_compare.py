@@ -258,3 +258,20 @@ def test_chart_keeps_family_styles_across_corpora_names_all_labels_epochs_and_jo
         assert line.get_xdata().tolist() == [2e16, 4e16] and line.get_ydata().tolist() == [0.9, 0.85]
     finally:
         plt.close(fig)
+
+
+def test_an_out_folder_with_someone_else_s_report_files_is_refused_untouched(tmp_path, capsys, byte_corpus):
+    """results.md and the chart PNGs are rewritten after every run: in a folder without the runner's
+    results.jsonl they are someone else's, so the grid stops before writing anything there."""
+    compare = load_cli("compare")
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "bpb_vs_wall_clock.png").write_bytes(b"my figure")
+    grid = {"out": str(out), "corpora": {"c": str(byte_corpus)},
+            "models": {"m": {"config": "configs/smoke/byte_gpt.yaml"}}, "budgets": [{"time_s": 1}]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert_one_line_error(compare.main([str(path)]), capsys.readouterr().err,
+                          f"out: {out} already holds bpb_vs_wall_clock.png but no results.jsonl")
+    assert [p.name for p in out.iterdir()] == ["bpb_vs_wall_clock.png"]
+    assert (out / "bpb_vs_wall_clock.png").read_bytes() == b"my figure"
