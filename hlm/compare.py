@@ -215,13 +215,29 @@ def prepare_steps(grid: Grid, todo: list[Run], say=print) -> None:
 def train_command(run: Run, out_dir: Path) -> list[str]:
     budget = f"train.time_budget_s={run.budget}" if run.budget_kind == "time" else f"train.flop_budget={run.budget}"
     return [sys.executable, str(ROOT / "train.py"), run.config, *run.overrides, f"data.path={run.data}",
-            f"train.out_dir={out_dir}", f"train.seed={run.seed}", "train.max_steps=1000000000", budget]
+            f"train.out_dir={out_dir}", f"train.seed={run.seed}", "train.max_steps=1000000000", budget,
+            "train.keep_best=true"]
 
 
-def eval_command(out_dir: Path, run: Run, batch_size: int) -> list[str]:
-    return [sys.executable, str(ROOT / "eval.py"), str(out_dir / "ckpt.pt"), "--data", run.eval_data or run.data,
-            "--split", "test",
-            "--batch-size", str(batch_size), "--json", str(out_dir / "eval_test.json")]
+def eval_command(out_dir: Path, run: Run, batch_size: int, checkpoint: str = "ckpt.pt",
+                 result: str = "eval_test.json") -> list[str]:
+    return [sys.executable, str(ROOT / "eval.py"), str(out_dir / checkpoint), "--data", run.eval_data or run.data,
+            "--split", "test", "--batch-size", str(batch_size), "--json", str(out_dir / result)]
+
+
+def best_val_test_bpb(run: Run, out_dir: Path, summary: dict, final_bpb: float, batch_size: int) -> float | None:
+    """Test bpb of the checkpoint with the lowest val bpb (best.pt, `train.keep_best`): the final one's when
+    the last validation was the best, else eval.py on best.pt. An overfitting run is scored at its best too.
+    None when best.pt is not of that step (a run begun before the runner kept it)."""
+    from hlm.checkpoint import load_checkpoint
+
+    if summary["val_best_step"] == summary["steps"]:
+        return final_bpb
+    best = out_dir / "best.pt"
+    if not best.is_file() or load_checkpoint(best, mmap=True).get("step") != summary["val_best_step"]:
+        return None
+    run_logged(eval_command(out_dir, run, batch_size, "best.pt", "eval_test_best.json"), out_dir / "eval.log")
+    return json.loads((out_dir / "eval_test_best.json").read_text())[0]["bpb"]
 
 
 def shown(cmd: list[str]) -> str:
@@ -392,12 +408,14 @@ def execute(run: Run, grid: Grid) -> dict:
     run_logged(eval_cmd, out_dir / "eval.log")
     test = json.loads((out_dir / "eval_test.json").read_text())[0]
     summary = metrics_summary(out_dir)
+    test_best = best_val_test_bpb(run, out_dir, summary, test["bpb"], grid.eval_batch_size)
     train_bytes = read_meta(run.data)["splits"]["train"]["bytes"]
     epochs = summary["bytes_seen"] / train_bytes
     return {"run": run.name, "model": run.model, "config": run.config, "corpus": run.corpus, "data": run.data,
             "budget_kind": run.budget_kind, "budget": run.budget, "budget_label": run.budget_label,
             "seed": run.seed, "out_dir": str(out_dir), **summary, "train_split_bytes": train_bytes,
             "epochs": epochs, "over_epoch_flag": epochs > EPOCH_FLAG, "test_bpb": test["bpb"],
+            "test_bpb_best_val": test_best,
             "test_bytes": test["bytes"], **measure_checkpoint(out_dir / "ckpt.pt", run.data, grid.generation,
                                                               grid.device),
             "commands": [shown(train_cmd), shown(eval_cmd)],

@@ -40,7 +40,7 @@ def spread(values: list[float], digits: int = 4) -> str:
 def table(records: list[dict]) -> str:
     gen_batches = sorted({b for r in records for b in r["generation"]}, key=int)
     head = ["model", "corpus", "budget", "seeds", "steps", "train FLOPs", "train s", "epochs", "train bytes/s",
-            "val bpb best (step)", "val bpb final", "**test bpb**", "infer MFLOP/byte"]
+            "val bpb best (step)", "val bpb final", "**test bpb**", "test bpb, best-val ckpt", "infer MFLOP/byte"]
     head += [f"{kind} B/s @{b}" for b in gen_batches for kind in ("prefill", "decode")]
     graph_batches = sorted({b for r in records for b in r.get("generation_graphs", {})}, key=int)
     head += [f"graphed decode B/s @{b}, whole / median step" for b in graph_batches]
@@ -49,9 +49,11 @@ def table(records: list[dict]) -> str:
         mean = lambda key, rs=rs: statistics.fmean(r[key] for r in rs)  # noqa: E731
         epochs = ", ".join(f"{r['epochs']:.2f}" + (" ⚑" if r["over_epoch_flag"] else "") for r in rs)
         best = ", ".join(f"{r['val_bpb_best']:.4f} ({r['val_best_step']})" for r in rs)
+        at_best = [r.get("test_bpb_best_val") for r in rs]  # None: not measured (older records)
         row = [model, corpus, budget, str(len(rs)), f"{mean('steps'):,.0f}", f"{mean('flops_seen'):.3g}",
                f"{mean('train_time_s'):.1f}", epochs, f"{mean('train_bytes_per_s'):,.0f}", best,
                spread([r["val_bpb_final"] for r in rs]), f"**{spread([r['test_bpb'] for r in rs])}**",
+               spread(at_best) if None not in at_best else "–",
                f"{mean('inference_flops_per_byte') / 1e6:.4g}"]
         for b in gen_batches:
             for kind in ("prefill", "decode"):
@@ -150,7 +152,8 @@ def write_report(records: list[dict], out: Path, grid_path: str, say: Callable[[
         table(records),
         "",
         "- **test bpb**: eval.py on the whole test split with the *final* checkpoint; ± is half the range over "
-        "seeds. val bpb best is the lowest val bpb the trainer logged (with its step), one per seed.",
+        "seeds. val bpb best is the lowest val bpb the trainer logged (with its step), one per seed; test bpb, "
+        "best-val ckpt scores the checkpoint of that step (`train.keep_best`), the final one where they agree.",
         "- train FLOPs: forward+backward FLOPs as the training log counts them (FlopCounterMode), times steps. "
         "train bytes/s: median of the training log. infer MFLOP/byte: one forward on a test window, per byte.",
         f"- epochs: bytes seen / bytes of the training split, one per seed; ⚑ past {EPOCH_FLAG:g} epochs.",

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     parallel: str = "ddp"  # under torchrun: ddp (replicate the model) | fsdp (FSDP2: shard params, grads, optimizer)
     ckpt_interval: int = 1000
+    keep_best: bool = False  # also write out_dir/best.pt (weights only) at each new lowest val bpb
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     init_from: str = ""  # start from the weights of this checkpoint (new optimizer and schedule)
     patch_size: int = 1  # patch-level training: K tokens per patch (1 = off)

@@ -104,6 +104,12 @@ def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
 
 
+def full_model_state_dict(model: nn.Module) -> dict:
+    """The model's state dict in the plain single-process format; under FSDP2 a collective (call it on
+    every rank): rank 0 gets full tensors on CPU, the others an empty dict."""
+    return get_model_state_dict(model, options=FULL_ON_RANK0) if is_sharded(model) else model.state_dict()
+
+
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """(model, optimizer) state dicts in the plain single-process format. Under FSDP2 this is a
     collective (call it on every rank): rank 0 gets full tensors on CPU, the others empty dicts."""

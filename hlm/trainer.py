@@ -37,6 +37,7 @@ from hlm.parallel import (
     apply_fsdp,
     clip_grad_norm,
     from_rank0,
+    full_model_state_dict,
     full_state_dicts,
     gradient_sync,
     load_optimizer_state,
@@ -72,6 +73,7 @@ class Trainer:
         self.raw_model = build_model(cfg.model).to(rt.device)
         self.batches.use_model(self.raw_model)
         self.step, self.train_time, self.tokens_seen, self.bytes_seen = 0, 0.0, 0, 0
+        self.best_val_bpb = math.inf  # the lowest val bpb so far (train.keep_best: best.pt holds its weights)
         self._bytes_pending = torch.zeros((), device=rt.device, dtype=torch.float64)  # not yet in bytes_seen
         self.log_window = LogWindow(torch.zeros(2, device=rt.device, dtype=torch.float64))
         self.guard = FiniteGuard(tc.max_bad_steps, self.ckpt_path, rt)
@@ -117,6 +119,7 @@ class Trainer:
         if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         self.guard.bad_steps = ckpt.get("bad_steps", 0)
+        self.best_val_bpb = ckpt.get("best_val_bpb", math.inf)
         if "log_window" in ckpt:
             self.log_window.load_state_dict(ckpt["log_window"], with_stats=self.rt.master, world=self.rt.world)
 
@@ -199,6 +202,10 @@ class Trainer:
                 if rt.master:
                     print(f"step {self.step} | val bpb {last_val['bpb']:.4f} | val loss {last_val['loss']:.4f}",
                           flush=True)
+                if last_val["bpb"] < self.best_val_bpb:  # the same on every rank (all_sum)
+                    self.best_val_bpb = last_val["bpb"]
+                    if tc.keep_best:
+                        self.save_best()
                 window.restart_clock()
             if save_now:
                 self.save()
@@ -266,6 +273,22 @@ class Trainer:
         self.bytes_seen += int(all_sum(self._bytes_pending.clone(), self.rt.world).item())
         self._bytes_pending.zero_()
 
+    def save_best(self) -> None:
+        """Write out_dir/best.pt: the weights at the lowest val bpb so far, with what eval.py and sample.py
+        read (no optimizer: it does not resume), never non-finite (a collective: all ranks call it)."""
+        self.guard.check_steps()
+        self.guard.check_state(self.raw_model, self.optimizer, self.step)
+        model_state = full_model_state_dict(self.raw_model)  # FSDP: a collective
+        if self.rt.master:
+            save_atomic({"model": model_state, "step": self.step, "val_bpb": self.best_val_bpb,
+                         "config": config_to_dict(self.cfg), **self._data_entries()}, self.out_dir / "best.pt")
+
+    def _data_entries(self) -> dict:
+        """What a checkpoint needs to read and score text: the data folder's meta, bytes per token, tokenizer."""
+        meta, data_dir = self.batches.meta, self.batches.data_dir
+        return {"data_meta": meta, "token_nbytes": self.batches.token_nbytes.cpu(),
+                "tokenizer": file_tensor(data_dir / meta["tokenizer"]) if meta.get("tokenizer") else None}
+
     def save(self) -> None:
         """Write out_dir/ckpt.pt, never with non-finite weights (a collective: all ranks call it)."""
         self.guard.check_steps()
@@ -278,13 +301,13 @@ class Trainer:
         model_state, optimizer_state = full_state_dicts(self.raw_model, self.optimizer)  # FSDP: a collective
         if not self.rt.master:
             return
-        meta, data_dir = self.batches.meta, self.batches.data_dir
         save_atomic({
             "model": model_state,
             "optimizer": optimizer_state,
             "step": self.step,
             "train_time": self.train_time,
             "bad_steps": self.guard.bad_steps,
+            "best_val_bpb": self.best_val_bpb,
             "world": self.rt.world,  # ranks: a resume keeps the global batch, batch_size x world
             "log_window": self.log_window.state_dict(self.rt.world),
             "tokens_seen": self.tokens_seen,
@@ -292,9 +315,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if self.rt.device.type == "cuda" else None},
-            "data_meta": meta,
-            "token_nbytes": self.batches.token_nbytes.cpu(),
-            "tokenizer": file_tensor(data_dir / meta["tokenizer"]) if meta.get("tokenizer") else None,
+            **self._data_entries(),
         }, self.ckpt_path)
 
     def close(self, wait_for_ranks: bool = True) -> None:

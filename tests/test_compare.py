@@ -12,11 +12,13 @@ import yaml
 from conftest import assert_one_line_error, load_cli
 
 from hlm import HLMError
+from hlm.checkpoint import load_checkpoint
 from hlm.compare import StepClock, load_grid, median_step_rate, run_grid
 from hlm.compare_report import table as table_of
 from hlm.config import load_config
 from hlm.flops import count_flops
 from hlm.models import build_model
+from hlm.trainer import Trainer
 
 MODELS = {
     "byte_gpt": ("configs/smoke/byte_gpt.yaml", ["model.n_layer=1", "model.d_model=32", "model.block_size=32"]),
@@ -67,6 +69,12 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
         assert r["flops_seen"] * (r["steps"] - 1) < budget * r["steps"]  # ... not a step later
         assert r["steps"] >= 4 and 0 < r["epochs"] < 1 and not r["over_epoch_flag"]
         assert 0 < r["test_bpb"] < 9 and r["val_bpb_best"] <= r["val_bpb_final"]
+        best = load_checkpoint(out / r["run"] / "best.pt")  # train.keep_best: the weights of the lowest val bpb
+        assert best["step"] == r["val_best_step"] and best["val_bpb"] == r["val_bpb_best"]
+        if r["val_best_step"] == r["steps"]:
+            assert r["test_bpb_best_val"] == r["test_bpb"]
+        else:
+            assert r["test_bpb_best_val"] == json.loads((out / r["run"] / "eval_test_best.json").read_text())[0]["bpb"]
         assert r["inference_flops_per_byte"] > 0
         assert set(r["generation"]) == {"1", "2"}
         assert all(g["prefill_bytes_per_s"] > 0 and g["decode_bytes_per_s"] > 0 for g in r["generation"].values())
@@ -80,7 +88,7 @@ def test_runner_writes_results_table_and_charts_then_redoes_nothing(grid_file, m
     assert 3.0 <= train_per_byte / gpt["inference_flops_per_byte"] <= 3.5
     table = (out / "results.md").read_text()
     assert "| byte_gpt | shakespeare |" in table and "| spacebyte | shakespeare |" in table
-    assert "graphed decode B/s @2, whole / median step |" in table
+    assert "graphed decode B/s @2, whole / median step |" in table and "| test bpb, best-val ckpt |" in table
     row = next(line for line in table.splitlines() if line.startswith("| byte_gpt |"))
     graphed = records[0]["generation_graphs"]["2"]
     assert row.endswith(f"| {graphed['decode_bytes_per_s']:,.0f} / {graphed['decode_bytes_per_s_median_step']:,.0f} |")
@@ -275,3 +283,24 @@ def test_an_out_folder_with_someone_else_s_report_files_is_refused_untouched(tmp
                           f"out: {out} already holds bpb_vs_wall_clock.png but no results.jsonl")
     assert [p.name for p in out.iterdir()] == ["bpb_vs_wall_clock.png"]
     assert (out / "bpb_vs_wall_clock.png").read_bytes() == b"my figure"
+
+
+def test_best_val_checkpoint_is_scored_when_an_earlier_validation_was_the_best(tmp_path, byte_corpus):
+    """A run whose lowest val bpb came before its last step is scored on test with best.pt too; a best.pt of
+    another step (a run begun before the runner kept it) or none gives no number rather than a wrong one."""
+    from hlm.compare import Run, best_val_test_bpb
+
+    out = tmp_path / "run"
+    Trainer(load_config("configs/smoke/byte_gpt.yaml", [
+        f"data.path={byte_corpus}", f"train.out_dir={out}", *MODELS["byte_gpt"][1], *COMMON, "train.max_steps=4",
+        "eval.interval=2", "train.keep_best=true"])).fit()
+    step = load_checkpoint(out / "best.pt")["step"]
+    run = Run("byte_gpt", "configs/smoke/byte_gpt.yaml", "c", str(byte_corpus), "time", 1.0, 1337, ())
+    later = {"val_best_step": step, "steps": step + 3}  # as if three more steps had ended worse
+    bpb = best_val_test_bpb(run, out, later, final_bpb=-1.0, batch_size=4)
+    assert bpb == json.loads((out / "eval_test_best.json").read_text())[0]["bpb"] and 0 < bpb < 9
+    assert "best.pt" in (out / "eval.log").read_text()
+    assert best_val_test_bpb(run, out, {"val_best_step": step, "steps": step}, final_bpb=-1.0, batch_size=4) == -1.0
+    assert best_val_test_bpb(run, out, {"val_best_step": step - 2, "steps": step + 3}, -1.0, 4) is None
+    (out / "best.pt").unlink()
+    assert best_val_test_bpb(run, out, later, -1.0, 4) is None

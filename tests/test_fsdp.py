@@ -59,7 +59,7 @@ STEPS = 4
 COMMON = [*TINY_MODEL, *QUIET, f"train.max_steps={STEPS}", "train.grad_accum=2", "train.warmup_steps=1",
           "train.grad_clip=0.05", "train.ckpt_interval=2", "eval.interval=2", "eval.batches=3", "eval.batch_size=1",
           "log.interval=1"]
-FSDP = [*COMMON, "train.batch_size=4", "train.parallel=fsdp"]
+FSDP = [*COMMON, "train.batch_size=4", "train.parallel=fsdp", "train.keep_best=true"]
 
 
 def torchrun(tmp, run_dir, corpus, config=SMOKE_BYTE, overrides=FSDP, **env) -> None:
@@ -108,6 +108,12 @@ def test_ranks_agree_and_rank0_checkpoints(fsdp_run):
     assert ckpt["model"].keys() == w0.keys()
     assert all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     assert [r["step"] for r in records(run_dir, "val")] == [2, 4]  # written once, by rank 0
+    # train.keep_best: the sharded weights are gathered for best.pt too, at the step of the lowest val bpb
+    best, lowest = load_checkpoint(run_dir / "best.pt"), min(records(run_dir, "val"), key=lambda r: r["bpb"])
+    assert best["step"] == lowest["step"] and best["val_bpb"] == lowest["bpb"] == ckpt["best_val_bpb"]
+    assert best["model"].keys() == w0.keys()
+    if best["step"] == STEPS:
+        assert all(torch.equal(best["model"][k], w0[k]) for k in w0)
 
 
 def test_fsdp_matches_one_process_at_the_same_global_batch(fsdp_run, single_run):

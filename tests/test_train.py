@@ -113,6 +113,41 @@ def test_resume_is_bit_exact(tmp_path, byte_corpus):
     assert sorted(p.name for p in resumed.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]
 
 
+def test_keep_best_holds_the_weights_of_the_lowest_val_bpb_across_a_resume(tmp_path, byte_corpus, monkeypatch,
+                                                                           capsys):
+    """With validation scripted (bpb 3, 2, 2.5, 1.5 at steps 2, 4, 6, 8), best.pt is written at steps 2 and 4,
+    not at 6, and at 8, also when the run crashes at step 4 and resumes (its ckpt.pt carries the best so far);
+    best.pt then holds the weights of its step, and eval.py scores it."""
+    scripted = {2: 3.0, 4: 2.0, 6: 2.5, 8: 1.5}
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"bpb": scripted[self.step], "loss": 1.0, "bytes": 1})
+    written = []
+    save_best = Trainer.save_best
+
+    def recording(self):
+        save_best(self)
+        written.append((self.step, load_checkpoint(self.out_dir / "best.pt")["step"]))
+
+    monkeypatch.setattr(Trainer, "save_best", recording)
+    run = tmp_path / "run"
+    overrides = ["train.max_steps=8", "train.ckpt_interval=4", "eval.interval=2", "train.keep_best=true"]
+    with crash_after_save(4):
+        Trainer(tiny_config(byte_corpus, run, *overrides)).fit()
+    assert written == [(2, 2), (4, 4)]
+    at_4 = load_checkpoint(run / "ckpt.pt")
+    best = load_checkpoint(run / "best.pt")
+    assert best["step"] == 4 and best["val_bpb"] == 2.0 and "optimizer" not in best
+    assert all(torch.equal(best["model"][k], v) for k, v in at_4["model"].items())
+    Trainer(tiny_config(byte_corpus, run, *overrides)).fit()
+    assert written == [(2, 2), (4, 4), (8, 8)]  # step 6 (2.5) is worse than step 4's 2.0 from before the crash
+    final, best = load_checkpoint(run / "ckpt.pt"), load_checkpoint(run / "best.pt")
+    assert final["step"] == best["step"] == 8 and final["best_val_bpb"] == best["val_bpb"] == 1.5
+    assert all(torch.equal(best["model"][k], v) for k, v in final["model"].items())
+    out = tmp_path / "best_test.json"
+    assert load_cli("eval").main([str(run / "best.pt"), "--data", str(byte_corpus), "--split", "val",
+                                  "--json", str(out)]) == 0, capsys.readouterr().err
+    assert math.isfinite(json.loads(out.read_text())[0]["bpb"])
+
+
 def test_gradient_accumulation_matches_a_big_batch(tmp_path, byte_corpus):
     """batch 4 x 2 micro-steps sees the same windows as batch 8 and averages to the same gradient."""
     common = ["train.max_steps=3", "eval.interval=0", "train.warmup_steps=1"]
