@@ -22,6 +22,7 @@ Variants:
   hnet_identity_ratio0      W_res = I, model.ratio_weight=0: no ratio loss (the router learns from the LM loss
                             alone, through the confidence STE)
   hnet_identity_ratio0.1    W_res = I, model.ratio_weight=0.1 (the config has 0.03)
+  hnet_ratio0.1             W_res = 0, model.ratio_weight=0.1
   hnet2                     two stages (benchmarks/configs/tiny_hnet_2stage.yaml: 1+1+2+1+1 layers, 3 x 3 bytes
                             per main position), W_res = 0 in both stages
   hnet2_identity            two stages, W_res = I in both
@@ -49,6 +50,7 @@ VARIANTS = {
     "hnet_identity_ws_chunks": ("tiny_hnet_1stage.yaml", ["model.residual_init=identity"]),
     "hnet_identity_ratio0": ("tiny_hnet_1stage.yaml", ["model.residual_init=identity", "model.ratio_weight=0"]),
     "hnet_identity_ratio0.1": ("tiny_hnet_1stage.yaml", ["model.residual_init=identity", "model.ratio_weight=0.1"]),
+    "hnet_ratio0.1": ("tiny_hnet_1stage.yaml", ["model.ratio_weight=0.1"]),
     "hnet2": ("tiny_hnet_2stage.yaml", []),
     "hnet2_identity": ("tiny_hnet_2stage.yaml", ["model.residual_init=identity"]),
 }
