@@ -20,7 +20,7 @@ Variants:
                             ratio loss get no gradient): the rest of H-Net on the hourglass's boundaries
   hnet_identity_ws_chunks   both
   hnet_identity_ratio0      W_res = I, model.ratio_weight=0: no ratio loss (the router learns from the LM loss
-                            alone, through the confidence STE)
+                            alone, through the smoothing weights and the confidence STE)
   hnet_identity_ratio0.1    W_res = I, model.ratio_weight=0.1 (the config has 0.03)
   hnet_ratio0.1             W_res = 0, model.ratio_weight=0.1
   hnet2                     two stages (benchmarks/configs/tiny_hnet_2stage.yaml: 1+1+2+1+1 layers, 3 x 3 bytes
