@@ -161,6 +161,10 @@ class HNetStage(nn.Module):
         """What each position read, scaled by STE(confidence), plus W_res h."""
         return read * ste(conf).to(h.dtype)[..., None] + self.residual(h)
 
+    def step_input(self, h: torch.Tensor, zbar: torch.Tensor) -> torch.Tensor:
+        """`decoder_input` of one decoding step: the last smoothed chunk plus W_res h (STE(c) is 1 forward)."""
+        return zbar.to(h.dtype) + self.residual(h)
+
     def decode(self, h: torch.Tensor, read: torch.Tensor, conf: torch.Tensor,
                cache: KVCache | None = None) -> torch.Tensor:
         return self.dec_norm(self.decoder(self.decoder_input(h, read, conf), cache))
@@ -237,7 +241,7 @@ class StageDecoder(ChunkState):
         st = self.stage
         h = st.encode(x, self.enc)
         self.step_groups(h, self.enc.pos - 1)
-        return st.dec_norm(st.decoder(self.zbar.to(h.dtype) + st.residual(h), self.dec))
+        return st.dec_norm(st.decoder(st.step_input(h, self.zbar), self.dec))
 
     def closes(self, h: torch.Tensor, t: int) -> torch.Tensor:
         self.p, self.k_last = self.stage.routing.step(h, self.k_last)
@@ -283,7 +287,7 @@ class InnerStageDecoder(ChunkState):
             self.zbar[sub] = smooth_step(self.zbar[sub], st.narrow(out, self.zbar.size(-1)), p[new])
             self.n_groups[sub] += 1
         self.length[rows] += 1
-        y = self.zbar[rows].to(h.dtype) + st.residual(h)
+        y = st.step_input(h, self.zbar[rows])
         return st.dec_norm(rows_step(st.decoder, self.dec, y, rows, positions))
 
 
@@ -467,5 +471,5 @@ class StaticCachedDecoder(StaticDecoder):
         smoothed = smooth_step(self.zbar[s], st.narrow(z, h.size(-1)), p)
         self.zbar[s].copy_(torch.where(new[:, None, None], smoothed, self.zbar[s]))
         self.n_groups[s] += new
-        out = self.zbar[s].to(h.dtype) + st.residual(h)
+        out = st.step_input(h, self.zbar[s])
         return st.dec_norm(static_stack_step(st.decoder, self.dec[s], out, positions, bucket[s], slots))
